@@ -1,0 +1,5 @@
+import sys
+
+from latentformer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""The `latentformer` command: one subcommand per verb, each in its own module.
+
+A verb module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
+User errors (ValueError, FileNotFoundError, KeyboardInterrupt) become one line on stderr
+and a non-zero exit; `LATENTFORMER_DEBUG=1` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# verb -> module under latentformer.cli; a verb's heavy imports happen only when it runs
+VERBS = {
+    "prepare": "prepare",
+    "tokenizer": "tokenizer",
+    "train": "train",
+    "eval": "evaluate",
+    "generate": "generate",
+    "chat": "chat",
+    "convert": "convert",
+    "info": "info",
+}
+
+
+def _available_verbs() -> dict[str, object]:
+    mods = {}
+    for verb, mod in VERBS.items():
+        try:
+            mods[verb] = importlib.import_module(f"latentformer.cli.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"latentformer.cli.{mod}":
+                raise
+    return mods
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="latentformer",
+        description="Train, evaluate, compare and serve Multi-head Latent Attention language models.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, mod in _available_verbs().items():
+        p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("latentformer: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, OSError) as e:
+        if os.environ.get("LATENTFORMER_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"latentformer {args.verb}: error: {msg}", file=sys.stderr)
+        return 1

@@ -1,0 +1,356 @@
+"""Typed configuration: dataclasses, validation, presets, dict/JSON/YAML I/O.
+
+One config system serves YAML files, Python and the command line: every config is a
+dataclass; `from_dict` checks field names and types; `apply_overrides` takes dotted
+`section.field=value` strings (the CLI's `--model.n_layers 6`) and parses the value
+with the field's declared type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """Convert `value` (from YAML/JSON or a CLI string) to the field's declared type."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, inner[0], value)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name}: expected a list, got {value!r}")
+        out = [_coerce(name, args[0] if args else Any, v) for v in value]
+        return tuple(out) if origin is tuple else out
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{name}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                raise ValueError(f"{name}: expected an integer, got {value!r}") from None
+            if f.is_integer():
+                return int(f)
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a dict; unknown keys and bad types are ValueErrors naming the field."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = _type_hints(cls)
+    names = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config field {prefix}{unknown[0]!r} (valid: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = value if isinstance(value, hint) else from_dict(hint, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", hint, value)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain-dict form of a (nested) config dataclass, JSON/YAML-safe."""
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def apply_overrides(cfg: T, overrides: dict[str, Any]) -> T:
+    """Return a copy of `cfg` with dotted keys (`model.n_layers`) replaced; validation runs again."""
+    data = to_dict(cfg)
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"unknown config field {dotted!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ValueError(f"unknown config field {dotted!r}")
+        node[parts[-1]] = value
+    return from_dict(type(cfg), data)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _check(cond: bool, field_name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{field_name}: {msg}")
+
+
+def preset_names() -> list[str]:
+    root = resources.files("latentformer") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only transformer.
+
+    MLA head dims (DeepSeek-V2 §2.1): `qk_nope_head_dim` (per-head query/key part without
+    position), `qk_rope_head_dim` (per-head query rope part; the rope KEY is one vector
+    shared by all heads), `v_head_dim` (per-head value), `kv_lora_rank` (the cached latent).
+    """
+
+    # size
+    vocab_size: int = 4096
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    max_seq_len: int = 256
+    # attention
+    attention: str = "mla"  # mha | gqa | mqa | mla
+    n_kv_heads: int | None = None  # mha: n_heads; mqa: 1; gqa: required
+    head_dim: int | None = None  # mha/gqa/mqa; default d_model // n_heads
+    q_lora_rank: int = 0  # 0 = no query compression
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    mla_decode: str = "absorb"  # absorb | naive
+    # positions
+    rope: bool = True
+    rope_theta: float = 10000.0
+    rope_interleave: bool = False  # DeepSeek checkpoints rotate adjacent pairs (x0,x1),(x2,x3)...
+    yarn_factor: float = 1.0  # > 1 enables YaRN (Peng et al. 2023) context extension
+    yarn_original_max_seq_len: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 0.0
+    pos_embedding: str = "none"  # none | learned | sinusoid (learnable scale and shift)
+    # norm
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-6
+    norm_placement: str = "pre"  # pre | post
+    final_norm: bool = True
+    # feed-forward
+    ffn: str = "swiglu"  # swiglu | gelu
+    d_ff: int = 683
+    # mixture of experts
+    n_routed_experts: int = 0  # 0 = dense
+    n_shared_experts: int = 0
+    experts_per_token: int = 2
+    moe_d_ff: int = 256
+    router_scoring: str = "softmax"  # softmax | sigmoid
+    router_noise: bool = False  # noisy top-k gating (Shazeer et al. 2017), training only
+    n_expert_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    first_k_dense_layers: int = 0
+    aux_loss_coef: float = 0.0
+    router_bias_update_rate: float = 0.0  # auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2)
+    capacity_factor: float = 0.0  # 0 = never drop tokens
+    # regularization
+    dropout: float = 0.0
+    token_dropout: float = 0.0
+    # embeddings and init
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
+            _check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        _check(self.attention in ATTENTION_KINDS, "attention", f"unknown kind {self.attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+        if self.attention == "mla":
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+                _check(getattr(self, name) > 0, name, f"must be positive for MLA, got {getattr(self, name)}")
+            _check(self.q_lora_rank >= 0, "q_lora_rank", "must be >= 0 (0 = no query compression)")
+            _check(self.qk_rope_head_dim >= 0, "qk_rope_head_dim", "must be >= 0")
+            if self.rope:
+                _check(self.qk_rope_head_dim > 0, "qk_rope_head_dim", "must be positive when rope is on")
+                _check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", f"rope dim must be even, got {self.qk_rope_head_dim}")
+            else:
+                _check(self.qk_rope_head_dim == 0, "qk_rope_head_dim", "must be 0 when rope is off")
+            _check(self.mla_decode in ("absorb", "naive"), "mla_decode", f"must be 'absorb' or 'naive', got {self.mla_decode!r}")
+        else:
+            if self.head_dim is None:
+                _check(self.d_model % self.n_heads == 0, "d_model", f"{self.d_model} is not divisible by n_heads={self.n_heads}")
+                self.head_dim = self.d_model // self.n_heads
+            _check(self.head_dim > 0, "head_dim", "must be positive")
+            if self.attention == "mha":
+                if self.n_kv_heads is None:
+                    self.n_kv_heads = self.n_heads
+                _check(self.n_kv_heads == self.n_heads, "n_kv_heads", f"mha needs n_kv_heads == n_heads ({self.n_heads}); use attention: gqa")
+            elif self.attention == "mqa":
+                if self.n_kv_heads is None:
+                    self.n_kv_heads = 1
+                _check(self.n_kv_heads == 1, "n_kv_heads", "mqa needs n_kv_heads == 1")
+            else:
+                _check(self.n_kv_heads is not None, "n_kv_heads", "gqa needs n_kv_heads")
+            _check(self.n_kv_heads > 0, "n_kv_heads", "must be positive")
+            _check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+            if self.rope:
+                _check(self.head_dim % 2 == 0, "head_dim", f"rope dim must be even, got {self.head_dim}")
+        _check(self.rope or self.pos_embedding != "none", "rope", "a model needs positions: keep rope on or set pos_embedding")
+        _check(self.rope_theta > 0, "rope_theta", "must be positive")
+        _check(self.yarn_factor >= 1.0, "yarn_factor", "must be >= 1 (1 = no YaRN)")
+        _check(self.pos_embedding in ("none", "learned", "sinusoid"), "pos_embedding", f"must be none, learned or sinusoid, got {self.pos_embedding!r}")
+        _check(self.pos_embedding != "sinusoid" or self.d_model % 2 == 0, "d_model", "sinusoid positions need an even d_model")
+        _check(self.norm in ("rmsnorm", "layernorm"), "norm", f"must be rmsnorm or layernorm, got {self.norm!r}")
+        _check(self.norm_placement in ("pre", "post"), "norm_placement", f"must be pre or post, got {self.norm_placement!r}")
+        _check(self.norm_eps > 0, "norm_eps", "must be positive")
+        _check(self.ffn in ("swiglu", "gelu"), "ffn", f"must be swiglu or gelu, got {self.ffn!r}")
+        _check(self.d_ff > 0, "d_ff", "must be positive")
+        _check(self.n_routed_experts >= 0, "n_routed_experts", "must be >= 0")
+        if self.n_routed_experts > 0:
+            _check(self.experts_per_token >= 1, "experts_per_token", "must be >= 1")
+            _check(self.experts_per_token <= self.n_routed_experts, "experts_per_token", f"top-k {self.experts_per_token} > n_routed_experts {self.n_routed_experts}")
+            _check(self.moe_d_ff > 0, "moe_d_ff", "must be positive")
+            _check(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
+            _check(self.router_scoring in ("softmax", "sigmoid"), "router_scoring", f"must be softmax or sigmoid, got {self.router_scoring!r}")
+            _check(self.n_expert_groups >= 1 and self.n_routed_experts % self.n_expert_groups == 0, "n_expert_groups", f"n_routed_experts={self.n_routed_experts} is not divisible by n_expert_groups={self.n_expert_groups}")
+            _check(1 <= self.topk_groups <= self.n_expert_groups, "topk_groups", f"must be in [1, n_expert_groups={self.n_expert_groups}]")
+            per_group = self.n_routed_experts // self.n_expert_groups
+            _check(self.experts_per_token <= self.topk_groups * per_group, "topk_groups", f"top-{self.experts_per_token} cannot be chosen from {self.topk_groups} group(s) of {per_group} experts")
+            _check(0 <= self.first_k_dense_layers <= self.n_layers, "first_k_dense_layers", f"must be in [0, n_layers={self.n_layers}]")
+            _check(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be positive")
+        for name in ("aux_loss_coef", "router_bias_update_rate", "capacity_factor"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("dropout", "token_dropout"):
+            _check(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
+        _check(self.init_std > 0, "init_std", "must be positive")
+
+    # -- derived sizes -------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    def layer_is_moe(self, layer: int) -> bool:
+        return self.is_moe and layer >= self.first_k_dense_layers
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head query/key width: MLA nope + rope; MHA-family head_dim."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def v_dim(self) -> int:
+        """Per-head value width."""
+        return self.v_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        if not self.rope:
+            return 0
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(q/k dim), times mscale(factor, mscale_all_dim)^2 under YaRN (DeepSeek-V2 App. B)."""
+        scale = self.qk_head_dim ** -0.5
+        if self.rope and self.yarn_factor > 1 and self.yarn_mscale_all_dim:
+            m = 0.1 * self.yarn_mscale_all_dim * math.log(self.yarn_factor) + 1.0
+            scale *= m * m
+        return scale
+
+    # -- I/O -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return from_dict(cls, data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> ModelConfig:
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+    @classmethod
+    def preset(cls, name: str) -> ModelConfig:
+        """A shipped preset (`configs/<name>.yaml`): tiny, mla-125m, mha-125m, ..."""
+        names = preset_names()
+        if name not in names:
+            raise ValueError(f"unknown preset {name!r}; available: {', '.join(names)}")
+        text = (resources.files("latentformer") / "configs" / f"{name}.yaml").read_text(encoding="utf-8")
+        return cls.from_yaml(text)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)

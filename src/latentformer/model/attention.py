@@ -1,0 +1,177 @@
+"""Attention: MHA/GQA/MQA (one class, `n_kv_heads`) and Multi-head Latent Attention.
+
+Shape legend: B batch, T new tokens, S keys (cache slots 0..end), H query heads,
+Hk key/value heads, D head_dim. MLA dims (DeepSeek-V2 §2.1):
+  dn = qk_nope_head_dim  per-head query/key part without position
+  dr = qk_rope_head_dim  per-head query rope part; the rope KEY is one [dr] vector shared by all heads
+  dv = v_head_dim        per-head value
+  r  = kv_lora_rank      the cached latent c_kv
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentformer.config import ModelConfig
+from latentformer.model.norm import RMSNorm
+from latentformer.model.rope import apply_rope
+
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+@dataclass
+class AttnContext:
+    """What every layer needs for one forward, built once by the Transformer.
+
+    cos/sin: [B|1, T, rope_dim/2] or None (rope off).
+    start:   cache slot of the first new token (0 without a cache).
+    mask:    bool [B|1, 1, T, S], True = may attend; None means plain causal over the T new
+             tokens (start == 0) or everything cached (T == 1).
+    """
+
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    start: int
+    mask: torch.Tensor | None
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           mask: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T * scale) v with SDPA. q [B,H,T,Dq], k [B,Hk,S,Dq], v [B,Hk,S,Dv] -> [B,H,T,Dv]."""
+    H, Hk = q.shape[1], k.shape[1]
+    causal = mask is None and q.shape[2] > 1
+    if H != Hk and not _SDPA_GQA:
+        k = k.repeat_interleave(H // Hk, dim=1)
+        v = v.repeat_interleave(H // Hk, dim=1)
+    kwargs = {"enable_gqa": True} if H != Hk and _SDPA_GQA else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=causal, scale=scale, **kwargs)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with n_kv_heads key/value heads: MHA (Hk = H), GQA (1 < Hk < H), MQA (Hk = 1)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        H, Hk, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.d_model, (H + 2 * Hk) * D, bias=False)
+        self.o_proj = nn.Linear(H * D, cfg.d_model, bias=False)
+
+    def make_cache(self, batch: int, seq: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        shape = (batch, self.cfg.n_kv_heads, seq, self.cfg.head_dim)
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext, cache: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, Hk, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q, k, v = self.qkv_proj(x).view(B, T, H + 2 * Hk, D).split([H, Hk, Hk], dim=2)  # [B,T,*,D]
+        if ctx.cos is not None:  # rotate each head separately, after the head split
+            q = apply_rope(q, ctx.cos, ctx.sin, cfg.rope_interleave)
+            k = apply_rope(k, ctx.cos, ctx.sin, cfg.rope_interleave)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,*,T,D]
+        if cache is not None:
+            k_cache, v_cache = cache
+            end = ctx.start + T
+            k_cache[:, :, ctx.start:end] = k  # keys are stored rotated once, never re-rotated
+            v_cache[:, :, ctx.start:end] = v
+            if ctx.start > 0:
+                k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+        dropout = cfg.dropout if self.training else 0.0
+        out = attend(q, k, v, cfg.softmax_scale, ctx.mask, dropout)  # [B,H,T,D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2/V3), parameter names as in transformers' DeepseekV3.
+
+    q = q_b_proj(q_a_norm(q_a_proj(x))) if q_lora_rank else q_proj(x)      [B,T,H,dn+dr]
+    [c_kv, k_pe] = kv_a_proj(x); c_kv = kv_a_norm(c_kv)                    [B,T,r], [B,T,dr]
+    [k_nope, v] = kv_b_proj(c_kv) per head                                 [B,S,H,dn], [B,S,H,dv]
+    score_h = (q_nope_h . k_nope_h + rope(q_pe_h) . rope(k_pe)) * softmax_scale
+    Training and prefill use this expanded form. Decoding with `mla_decode="absorb"` folds
+    W_UK into the query and W_UV into the output and attends over the cached latent directly:
+    q_lat_h = W_UK_h^T q_nope_h [r]; score_h = q_lat_h . c_kv + q_pe_h . k_pe;
+    o_h = W_UV_h (softmax . c_kv). W_UK/W_UV are views of kv_b_proj.weight: nothing is duplicated.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        H, dn, dr, dv, r = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        if cfg.q_lora_rank > 0:
+            self.q_a_proj = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (dn + dr), bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.d_model, H * (dn + dr), bias=False)
+        self.kv_a_proj = nn.Linear(cfg.d_model, r + dr, bias=False)
+        self.kv_a_norm = RMSNorm(r, cfg.norm_eps)
+        self.kv_b_proj = nn.Linear(r, H * (dn + dv), bias=False)
+        self.o_proj = nn.Linear(H * dv, cfg.d_model, bias=False)
+
+    def make_cache(self, batch: int, seq: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        cfg = self.cfg
+        return (torch.zeros(batch, seq, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype=dtype, device=device),)
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.q_lora_rank > 0:
+            return self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        return self.q_proj(x)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext, cache: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, dn, dr, r = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        q = self._query(x).view(B, T, H, dn + dr)
+        q_nope, q_pe = q.split([dn, dr], dim=-1)  # [B,T,H,dn], [B,T,H,dr]
+        c_kv, k_pe = self.kv_a_proj(x).split([r, dr], dim=-1)  # [B,T,r], [B,T,dr]
+        c_kv = self.kv_a_norm(c_kv)
+        if ctx.cos is not None:  # per-head query rope; one shared rope key
+            q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, cfg.rope_interleave)
+            k_pe = apply_rope(k_pe[:, :, None, :], ctx.cos, ctx.sin, cfg.rope_interleave)[:, :, 0]
+        if cache is None or ctx.start == 0:
+            if cache is not None:
+                cache[0][:, :T] = torch.cat((c_kv, k_pe), dim=-1)
+            return self._expanded(q_nope, q_pe, c_kv, k_pe, ctx.mask)
+        latent = cache[0]
+        end = ctx.start + T
+        latent[:, ctx.start:end] = torch.cat((c_kv, k_pe), dim=-1)
+        c_all, pe_all = latent[:, :end].split([r, dr], dim=-1)  # [B,S,r], [B,S,dr]
+        if cfg.mla_decode == "naive":
+            return self._expanded(q_nope, q_pe, c_all, pe_all, ctx.mask)
+        return self._absorbed(q_nope, q_pe, latent[:, :end], ctx.mask)
+
+    def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        """Non-absorbed attention: expand the latent to per-head keys/values. Returns [B,T,d_model]."""
+        cfg = self.cfg
+        B, T, H = q_nope.shape[0], q_nope.shape[1], cfg.n_heads
+        dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        S = c_kv.shape[1]
+        k_nope, v = self.kv_b_proj(c_kv).view(B, S, H, dn + dv).split([dn, dv], dim=-1)  # [B,S,H,dn], [B,S,H,dv]
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # [B,H,T,dn+dr]
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, H, dr)), dim=-1).transpose(1, 2)  # [B,H,S,dn+dr]
+        dropout = cfg.dropout if self.training else 0.0
+        out = attend(q, k, v.transpose(1, 2), cfg.softmax_scale, mask, dropout)  # [B,H,T,dv]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * dv))
+
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention in the latent space over the cache latent [B,S,r+dr]. Returns [B,T,d_model]."""
+        cfg = self.cfg
+        B, T, H = q_nope.shape[0], q_nope.shape[1], cfg.n_heads
+        dn, dv, r = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, dn + dv, r)
+        w_uk, w_uv = w[:, :dn], w[:, dn:]  # [H,dn,r], [H,dv,r]
+        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)  # [B,H,T,r]
+        q = torch.cat((q_lat, q_pe.transpose(1, 2)), dim=-1)  # [B,H,T,r+dr]
+        kv = latent[:, None]  # [B,1,S,r+dr]: a single shared "head", keys = [c_kv, k_pe], values = c_kv
+        o_lat = attend(q, kv, kv[..., :r], cfg.softmax_scale, mask)  # [B,H,T,r]
+        out = torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)  # [B,T,H,dv]
+        return self.o_proj(out.reshape(B, T, H * dv))

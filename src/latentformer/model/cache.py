@@ -1,0 +1,44 @@
+"""Preallocated KV caches for incremental decoding.
+
+MHA/GQA/MQA layers cache K and V: 2 x [B, n_kv_heads, S, head_dim].
+MLA layers cache one tensor [B, S, kv_lora_rank + qk_rope_head_dim]: the normalized latent
+c_kv followed by the rotated shared rope key k_pe, and nothing else (DeepSeek-V2 §2.1.3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """All layers' buffers plus the fill position.
+
+    `pos` counts the slots written (the same for every row). Prompts of different lengths are
+    left-padded: `pad[b]` slots at the start of row b hold padding that is never attended to,
+    and row b's token in slot s has position s - pad[b].
+    """
+
+    def __init__(self, layers: list[tuple[torch.Tensor, ...]], batch_size: int, max_seq_len: int) -> None:
+        self.layers = layers
+        self.batch_size = batch_size
+        self.max_seq_len = max_seq_len
+        self.pos = 0
+        self.pad: torch.Tensor | None = None
+
+    def set_left_padding(self, pad: torch.Tensor | list[int]) -> None:
+        """Declare per-row left padding [B] before the first (prefill) forward."""
+        if self.pos != 0:
+            raise ValueError("left padding must be set on an empty cache")
+        pad = torch.as_tensor(pad, dtype=torch.long, device=self.layers[0][0].device)
+        if pad.shape != (self.batch_size,):
+            raise ValueError(f"pad must have shape [{self.batch_size}], got {list(pad.shape)}")
+        self.pad = pad if bool(pad.any()) else None
+
+    def reset(self) -> None:
+        self.pos = 0
+        self.pad = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated by the cache buffers."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)

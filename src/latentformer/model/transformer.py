@@ -1,0 +1,215 @@
+"""The decoder-only Transformer: blocks, initialization, accounting, incremental forward."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentformer.config import ModelConfig
+from latentformer.model.attention import MLA, Attention, AttnContext
+from latentformer.model.cache import KVCache
+from latentformer.model.ffn import make_ffn
+from latentformer.model.moe import MoE
+from latentformer.model.norm import RMSNorm, make_norm
+from latentformer.model.rope import LearnedPositions, RotaryEmbedding, ScaledSinusoidPositions
+
+IGNORE_INDEX = -100
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # [B, T, vocab]
+    loss: torch.Tensor  # mean cross-entropy over targets != IGNORE_INDEX
+    aux_loss: torch.Tensor | None  # MoE balance loss (already times its coefficient), or None
+
+
+class Block(nn.Module):
+    """Pre-norm: x + f(norm(x)); post-norm (original Transformer): norm(x + f(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.attn_norm = make_norm(cfg, cfg.d_model)
+        self.attn = MLA(cfg) if cfg.attention == "mla" else Attention(cfg)
+        self.ffn_norm = make_norm(cfg, cfg.d_model)
+        self.ffn = MoE(cfg) if cfg.layer_is_moe(layer) else make_ffn(cfg, cfg.d_ff)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext, cache: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        if self.cfg.norm_placement == "pre":
+            x = x + self.dropout(self.attn(self.attn_norm(x), ctx, cache))
+            return x + self.dropout(self.ffn(self.ffn_norm(x)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, ctx, cache)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+
+class Transformer(nn.Module):
+    """tokens [B, T] -> logits [B, T, vocab]; with `targets` -> ModelOutput(logits, loss, aux_loss).
+
+    With `cache` (from `make_cache`) the forward is incremental: the new tokens are written at
+    the cache's position and the logits of the new tokens only are returned.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = {"learned": LearnedPositions, "sinusoid": ScaledSinusoidPositions}.get(cfg.pos_embedding)
+        self.pos_embed = self.pos_embed(cfg) if self.pos_embed else None
+        self.rope = RotaryEmbedding(cfg) if cfg.rope else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg, cfg.d_model) if cfg.final_norm else None
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    # -- init ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, init_std) for matrices and embeddings, residual output projections
+        scaled by 1/sqrt(2 n_layers) (Radford et al. 2019), norms at 1, additive positions small."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[0].rsplit(".", 1)[-1] + "." + name.rsplit(".", 1)[-1]
+            if p.dim() >= 2:
+                is_residual = leaf in ("o_proj.weight", "down_proj.weight", "experts.down_proj")
+                nn.init.normal_(p, 0.0, residual_std if is_residual else std)
+            elif name.endswith("noise_weight"):
+                nn.init.zeros_(p)
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, ScaledSinusoidPositions):
+                nn.init.ones_(m.scale)
+                nn.init.zeros_(m.shift)
+            elif isinstance(m, MoE):
+                m.router.bias.zero_()
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor | ModelOutput:
+        cfg = self.config
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {list(tokens.shape)}")
+        B, T = tokens.shape
+        start = cache.pos if cache is not None else 0
+        end = start + T
+        limit = cache.max_seq_len if cache is not None else cfg.max_seq_len
+        if end > limit:
+            raise ValueError(f"sequence of {end} tokens exceeds the {'cache' if cache is not None else 'model'} limit of {limit}")
+        if cache is not None and B != cache.batch_size:
+            raise ValueError(f"batch of {B} does not match the cache's batch size {cache.batch_size}")
+
+        if self.training and cfg.token_dropout > 0:
+            tokens, targets = self._drop_tokens(tokens, targets)
+
+        positions = torch.arange(start, end, device=tokens.device)[None]  # [1, T]
+        pad = cache.pad if cache is not None else None
+        if pad is not None:
+            positions = (positions - pad[:, None]).clamp(min=0)  # [B, T]
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions).to(x.dtype)
+        x = self.dropout(x)
+        cos, sin = self.rope(positions) if self.rope is not None else (None, None)
+        ctx = AttnContext(cos, sin, start, self._mask(T, start, pad, tokens.device))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, cache.layers[i] if cache is not None else None)
+        if self.norm is not None:
+            x = self.norm(x)
+        logits = self.lm_head(x)
+        if cache is not None:
+            cache.pos = end
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return ModelOutput(logits, loss, torch.stack(aux).sum() if aux else None)
+
+    @staticmethod
+    def _mask(T: int, start: int, pad: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """Boolean attention mask [B|1, 1, T, S] for cached forwards; None when SDPA's causal flag suffices."""
+        if pad is None and (start == 0 or T == 1):
+            return None
+        S = start + T
+        q_slot = torch.arange(start, S, device=device)[:, None]  # [T, 1]
+        k_slot = torch.arange(S, device=device)[None]  # [1, S]
+        mask = (k_slot <= q_slot)[None, None]  # [1, 1, T, S]
+        if pad is not None:
+            # padding slots are never keys, except a padding query's own slot (keeps its softmax finite)
+            mask = mask & ((k_slot[None, None] >= pad[:, None, None, None]) | (k_slot == q_slot)[None, None])
+        return mask
+
+    def _drop_tokens(self, tokens: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Input-token dropout: replace a random p of the inputs by random tokens; their
+        positions are excluded from the loss."""
+        drop = torch.rand(tokens.shape, device=tokens.device) < self.config.token_dropout
+        tokens = torch.where(drop, torch.randint_like(tokens, self.config.vocab_size), tokens)
+        if targets is not None:
+            targets = targets.masked_fill(drop, IGNORE_INDEX)
+        return tokens, targets
+
+    # -- caches ----------------------------------------------------------------------------
+    def make_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """Preallocate a cache for `batch_size` rows of up to `max_seq_len` tokens (default: the model's)."""
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        if not 0 < max_seq_len <= self.config.max_seq_len:
+            raise ValueError(f"max_seq_len must be in [1, {self.config.max_seq_len}], got {max_seq_len}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        weight = self.embed.weight
+        dtype = dtype or weight.dtype
+        layers = [blk.attn.make_cache(batch_size, max_seq_len, dtype, weight.device) for blk in self.layers]
+        return KVCache(layers, batch_size, max_seq_len)
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Cache bytes per token over all layers: MLA (r + dr) x L, else 2 x Hk x D x L, times itemsize."""
+        cfg = self.config
+        itemsize = (dtype or self.embed.weight.dtype).itemsize
+        per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.attention == "mla" else 2 * cfg.n_kv_heads * cfg.head_dim
+        return per_layer * cfg.n_layers * itemsize
+
+    # -- accounting ------------------------------------------------------------------------
+    def moe_layers(self) -> list[MoE]:
+        return [blk.ffn for blk in self.layers if isinstance(blk.ffn, MoE)]
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameters (tied weights counted once). `active=True`: those one token uses
+        (MoE: shared experts + experts_per_token routed experts instead of all)."""
+        total = sum(p.numel() for p in self.parameters())
+        if active:
+            cfg = self.config
+            for moe in self.moe_layers():
+                per_expert = sum(p[0].numel() for p in moe.experts.parameters())
+                total -= (cfg.n_routed_experts - cfg.experts_per_token) * per_expert
+                if moe.router.noise_weight is not None:
+                    total -= moe.router.noise_weight.numel()  # used in training only
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), the PaLM convention (Chowdhery et al. 2022, App. B):
+        6 * N_matmul + 6 * L * H * (d_qk + d_v) * T, with N_matmul the active parameters that enter a
+        matmul (all but token/position embedding tables; the output layer counts even when tied) and
+        T = seq_len (default max_seq_len), attention counted over all T keys as in PaLM/nanoGPT."""
+        cfg = self.config
+        T = seq_len or cfg.max_seq_len
+        n = self.num_params(active=True) - sum(p.numel() for p in self.parameters() if p.dim() < 2)
+        n -= self.embed.weight.numel() * (not cfg.tie_embeddings)
+        if self.pos_embed is not None and isinstance(self.pos_embed, LearnedPositions):
+            n -= self.pos_embed.weight.numel()
+        return 6.0 * n + 6.0 * cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_dim) * T
+
+    @torch.no_grad()
+    def update_router_bias(self) -> None:
+        """Run the auxiliary-loss-free balancing update on every MoE layer (call after each optimizer step)."""
+        if self.config.router_bias_update_rate > 0:
+            for moe in self.moe_layers():
+                moe.update_bias()
