@@ -1,0 +1,117 @@
+"""Model checkpoints: a directory with `model.safetensors`, `config.json` and the tokenizer files.
+
+Training runs add `train_state.pt` (optimizer, scheduler, RNG and data position; see
+latentformer.train.checkpointing). Weights are never pickled; every write is atomic.
+
+A run directory holds `checkpoints/step_<N>/` (the last K) and `checkpoints/best/`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from latentformer.config import ModelConfig
+from latentformer.fsutil import atomic_directory
+from latentformer.model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from latentformer.data.tokenizer import Tokenizer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+FORMAT = "latentformer"
+
+
+def model_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """Persistent state without the tied output weight (safetensors refuses shared storage)."""
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def write_model(directory: Path, model: Transformer, tokenizer: Tokenizer | None = None, extra: dict | None = None) -> None:
+    """Write weights, config and tokenizer into an existing (temporary) directory."""
+    save_file(model_state(model), str(directory / WEIGHTS), metadata={"format": "pt"})
+    meta = {"format": FORMAT, "model": model.config.to_dict(), **(extra or {})}
+    (directory / CONFIG).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save(directory)
+
+
+def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer | None = None, extra: dict | None = None) -> Path:
+    """Atomically write a model checkpoint directory at `path`."""
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        write_model(tmp, model, tokenizer, extra)
+    return path
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    try:
+        meta = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} is not a latentformer checkpoint (no {CONFIG})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / CONFIG} is corrupt: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
+        raise ValueError(f"{path / CONFIG} is not a latentformer config (a Hugging Face checkpoint? use `latentformer convert --from hf`)")
+    return ModelConfig.from_dict(meta["model"])
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+    """Build the model from `config.json` and load `model.safetensors` strictly."""
+    path = Path(path)
+    cfg = read_config(path)
+    if not (path / WEIGHTS).is_file():
+        raise ValueError(f"{path} has no {WEIGHTS}")
+    try:
+        state = load_file(str(path / WEIGHTS), device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path / WEIGHTS} is corrupt: {e}") from None
+    with torch.device(device):
+        model = Transformer(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{path / WEIGHTS} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def find_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """A checkpoint directory itself, or in a run directory its `best` (default) or `latest` checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such checkpoint or run directory: {path}")
+    if (path / CONFIG).is_file():
+        return path
+    ckpts = path / "checkpoints"
+    steps = sorted(ckpts.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if ckpts.is_dir() else []
+    if which == "best" and (ckpts / "best" / CONFIG).is_file():
+        return ckpts / "best"
+    if steps:
+        return steps[-1]
+    raise ValueError(f"{path} holds no checkpoint (expected {CONFIG} or checkpoints/step_*/)")
+
+
+def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         which: str = "best") -> tuple[Transformer, Tokenizer]:
+    """(model, tokenizer) from a checkpoint directory or a run directory (its best, else latest, checkpoint)."""
+    from latentformer.data.tokenizer import load_tokenizer
+
+    ckpt = find_checkpoint(path, which)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(ckpt, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(ckpt)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{ckpt}: tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}")
+    return model, tokenizer
