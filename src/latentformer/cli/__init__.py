@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # verbs that take dotted config overrides (`--train.max_steps 100`) set `_overrides=True`
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
     if args.verb is None:
         parser.print_help()
         return 2
