@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentformer.config import ModelConfig
+from latentformer.kernels import mla_decode
 from latentformer.model.norm import RMSNorm
 from latentformer.model.rope import apply_rope
 
@@ -31,12 +32,14 @@ class AttnContext:
     start:   cache slot of the first new token (0 without a cache).
     mask:    bool [B|1, 1, T, S], True = may attend; None means plain causal over the T new
              tokens (start == 0) or everything cached (T == 1).
+    pad:     [B] left-padding slots per row (ragged batches), or None.
     """
 
     cos: torch.Tensor | None
     sin: torch.Tensor | None
     start: int
     mask: torch.Tensor | None
+    pad: torch.Tensor | None = None
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -145,7 +148,7 @@ class MLA(nn.Module):
         c_all, pe_all = latent[:, :end].split([r, dr], dim=-1)  # [B,S,r], [B,S,dr]
         if cfg.mla_decode == "naive":
             return self._expanded(q_nope, q_pe, c_all, pe_all, ctx.mask)
-        return self._absorbed(q_nope, q_pe, latent[:, :end], ctx.mask)
+        return self._absorbed(q_nope, q_pe, latent[:, :end], ctx.mask, ctx.pad)
 
     def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                   mask: torch.Tensor | None) -> torch.Tensor:
@@ -162,7 +165,7 @@ class MLA(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * dv))
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
-                  mask: torch.Tensor | None) -> torch.Tensor:
+                  mask: torch.Tensor | None, pad: torch.Tensor | None) -> torch.Tensor:
         """Attention in the latent space over the cache latent [B,S,r+dr]. Returns [B,T,d_model]."""
         cfg = self.cfg
         B, T, H = q_nope.shape[0], q_nope.shape[1], cfg.n_heads
@@ -170,8 +173,17 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(H, dn + dv, r)
         w_uk, w_uv = w[:, :dn], w[:, dn:]  # [H,dn,r], [H,dv,r]
         q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)  # [B,H,T,r]
-        q = torch.cat((q_lat, q_pe.transpose(1, 2)), dim=-1)  # [B,H,T,r+dr]
-        kv = latent[:, None]  # [B,1,S,r+dr]: a single shared "head", keys = [c_kv, k_pe], values = c_kv
-        o_lat = attend(q, kv, kv[..., :r], cfg.softmax_scale, mask)  # [B,H,T,r]
+        q_pe = q_pe.transpose(1, 2)  # [B,H,T,dr]
+        S, dr = latent.shape[1], latent.shape[2] - r
+        if mla_decode.supported(latent, r, dr, T):
+            o_lat = mla_decode.latent_decode_attention(q_lat[:, :, 0], q_pe[:, :, 0], latent, r, cfg.softmax_scale, pad)[:, :, None]
+        else:
+            # all heads share one key/value "head" (the latent): plain matmuls read the cache
+            # without expanding it per head; keys = [c_kv, k_pe], values = c_kv
+            q = torch.cat((q_lat, q_pe), dim=-1).reshape(B, H * T, r + dr)
+            scores = torch.matmul(q, latent.transpose(1, 2)).float() * cfg.softmax_scale  # [B,H*T,S]
+            if mask is not None:
+                scores = scores.view(B, H, T, S).masked_fill(~mask, float("-inf")).view(B, H * T, S)
+            o_lat = torch.matmul(scores.softmax(-1).to(latent.dtype), latent[..., :r]).view(B, H, T, r)
         out = torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)  # [B,T,H,dv]
         return self.o_proj(out.reshape(B, T, H * dv))

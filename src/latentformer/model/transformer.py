@@ -120,7 +120,7 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(positions).to(x.dtype)
         x = self.dropout(x)
         cos, sin = self.rope(positions) if self.rope is not None else (None, None)
-        ctx = AttnContext(cos, sin, start, self._mask(T, start, pad, tokens.device))
+        ctx = AttnContext(cos, sin, start, self._mask(T, start, pad, tokens.device), pad)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, cache.layers[i] if cache is not None else None)
         if self.norm is not None:

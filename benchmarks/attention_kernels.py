@@ -1,0 +1,118 @@
+"""GPU: choose MLA's training attention kernel and check/time the fused absorbed decode kernel.
+
+Run on a CUDA machine:  PYTHONPATH=src python benchmarks/attention_kernels.py
+Part A times causal attention forward+backward at MLA training shapes (q/k dim != v dim) for
+each SDPA backend (FLASH needs v padded to the q/k dim). Part B checks the Triton decode
+kernel against an fp32 reference and times it against the matmul path and the memory
+roofline (cache bytes / measured copy bandwidth). Prints tables; no assertion on time.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from latentformer.kernels.mla_decode import latent_decode_attention
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def bandwidth() -> float:
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    return 2 * x.numel() * 2 / (ms * 1e-3)  # read + write
+
+
+def attn_variant(name):
+    def run(q, k, v):
+        if name == "flash(v padded)":
+            vp = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, vp, is_causal=True)[..., : v.shape[-1]]
+        backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}.get(name)
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return run
+
+
+def part_a():
+    rows = []
+    for B, H, T, dqk, dv in [(16, 12, 1024, 96, 64), (4, 12, 4096, 96, 64), (8, 16, 1024, 96, 80)]:
+        q = torch.randn(B, H, T, dqk, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(B, H, T, dqk, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(B, H, T, dv, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(B, H, T, dv, device="cuda", dtype=torch.bfloat16)
+        # reference on a slice in fp32 math
+        sl = (slice(0, 1), slice(0, 2))
+        ref = F.scaled_dot_product_attention(q[sl].float(), k[sl].float(), v[sl].float(), is_causal=True)
+        flops = 4 * B * H * T * T * (dqk + dv) / 2 * 3.5 / 2  # causal fwd (2 matmuls) + bwd (2.5x fwd)
+        for name in ["default", "cudnn", "flash(v padded)", "efficient"]:
+            fn = attn_variant(name)
+            try:
+                out = fn(q, k, v)
+                err = rel(out[sl], ref)
+
+                def step():
+                    q.grad = k.grad = v.grad = None
+                    fn(q, k, v).backward(g)
+                ms = do_bench(step, warmup=20, rep=200, return_mode="median")
+                rows.append((f"B{B} H{H} T{T} {dqk}/{dv}", name, f"{ms:.3f}", f"{flops / ms / 1e9:.0f}", f"{err:.1e}"))
+            except RuntimeError as e:
+                rows.append((f"B{B} H{H} T{T} {dqk}/{dv}", name, "n/a", "", str(e).splitlines()[0][:40]))
+    print("\nA. causal attention fwd+bwd, bf16 (median ms; TFLOP/s; rel err vs fp32)")
+    print(f"{'shape':28} {'kernel':16} {'ms':>8} {'TFLOP/s':>8} {'rel err':>9}")
+    for r in rows:
+        print(f"{r[0]:28} {r[1]:16} {r[2]:>8} {r[3]:>8} {r[4]:>9}")
+
+
+def matmul_path(q_lat, q_pe, latent, r, scale):
+    B, H, _ = q_lat.shape
+    q = torch.cat((q_lat, q_pe), -1)
+    s = torch.matmul(q, latent.transpose(1, 2)).float() * scale
+    return torch.matmul(s.softmax(-1).to(latent.dtype), latent[..., :r])
+
+
+def part_b(bw):
+    H, r, dr = 12, 256, 32
+    scale = 96 ** -0.5
+    rows = []
+    for B in (1, 16, 64):
+        for S in (1024, 8192, 32768):
+            latent = torch.randn(B, S, r + dr, device="cuda", dtype=torch.bfloat16)
+            q_lat = torch.randn(B, H, r, device="cuda", dtype=torch.bfloat16)
+            q_pe = torch.randn(B, H, dr, device="cuda", dtype=torch.bfloat16)
+            out = latent_decode_attention(q_lat, q_pe, latent, r, scale, None)
+            ref = matmul_path(q_lat.float(), q_pe.float(), latent.float(), r, scale)
+            err = rel(out, ref)
+            pad = torch.randint(0, S // 2, (B,), device="cuda")
+            outp = latent_decode_attention(q_lat, q_pe, latent, r, scale, pad)
+            errp = max(rel(outp[b], matmul_path(q_lat[b:b + 1].float(), q_pe[b:b + 1].float(),
+                                                 latent[b:b + 1, pad[b]:].float(), r, scale)[0]) for b in range(min(B, 4)))
+            t_k = do_bench(lambda: latent_decode_attention(q_lat, q_pe, latent, r, scale, None), warmup=20, rep=100, return_mode="median")
+            t_m = do_bench(lambda: matmul_path(q_lat, q_pe, latent, r, scale), warmup=20, rep=100, return_mode="median")
+            roof = latent.numel() * 2 / bw * 1e3
+            rows.append((B, S, t_k, t_m, roof, err, errp))
+            del latent
+    print(f"\nB. absorbed MLA decode attention, H={H} r={r} dr={dr} bf16 (median ms; roofline = cache bytes / {bw / 1e12:.2f} TB/s)")
+    print(f"{'B':>3} {'S':>6} {'triton':>8} {'matmul':>8} {'roofline':>9} {'triton/roof':>11} {'err':>8} {'err pad':>8}")
+    for B, S, tk, tm, roof, err, errp in rows:
+        print(f"{B:>3} {S:>6} {tk:8.3f} {tm:8.3f} {roof:9.3f} {tk / roof:11.2f} {err:8.1e} {errp:8.1e}")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    print(torch.cuda.get_device_name(), torch.__version__)
+    bw = bandwidth()
+    print(f"copy bandwidth: {bw / 1e12:.2f} TB/s")
+    part_b(bw)
+    if "--decode-only" not in sys.argv:
+        part_a()

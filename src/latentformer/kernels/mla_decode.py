@@ -1,0 +1,111 @@
+"""Fused absorbed-MLA decode attention in Triton (flash-decoding: Dao et al. 2023).
+
+One query token per row attends over the cached latent [B, S, r + dr] that all H heads
+share. Each program takes one row and one slice of the cache, streams it through SRAM
+once (scores against [c_kv, k_pe], an online softmax, and the weighted sum of c_kv), and
+writes a partial result; a small torch epilogue merges the slices. The cache is read
+exactly once per step, which is what makes the decode step approach the memory roofline.
+
+Used on CUDA for T == 1 when r and dr are powers of two (>= 16); otherwise the portable
+matmul path in attention.py runs.
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: the portable path is used
+    triton = None
+
+
+def supported(latent: torch.Tensor, r: int, dr: int, T: int) -> bool:
+    def pow2(n: int) -> bool:
+        return n >= 16 and n & (n - 1) == 0
+
+    return (triton is not None and latent.is_cuda and T == 1 and pow2(r) and pow2(dr)
+            and latent.dtype in (torch.bfloat16, torch.float16))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(q_lat, q_pe, latent, pad, out, m_out, l_out,
+                       S, H, chunk, scale,
+                       stride_qb, stride_qh, stride_pb, stride_ph,
+                       stride_lb, stride_ls,
+                       stride_ob, stride_os, stride_oh,
+                       R: tl.constexpr, DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr):
+        b = tl.program_id(0)
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_r = tl.arange(0, R)
+        offs_dr = tl.arange(0, DR)
+        h_mask = offs_h < H
+        ql = tl.load(q_lat + b * stride_qb + offs_h[:, None] * stride_qh + offs_r[None, :], mask=h_mask[:, None], other=0.0)
+        qp = tl.load(q_pe + b * stride_pb + offs_h[:, None] * stride_ph + offs_dr[None, :], mask=h_mask[:, None], other=0.0)
+        first = tl.load(pad + b)  # left padding of this row: slots < first are never keys
+        lo = tl.maximum(split * chunk, first)
+        hi = tl.minimum((split + 1) * chunk, S)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, R], tl.float32)
+        base = latent + b * stride_lb
+        for start in range(lo, hi, BLOCK_S):
+            offs_s = start + tl.arange(0, BLOCK_S)
+            s_mask = offs_s < hi
+            c = tl.load(base + offs_s[:, None] * stride_ls + offs_r[None, :], mask=s_mask[:, None], other=0.0)
+            pe = tl.load(base + offs_s[:, None] * stride_ls + R + offs_dr[None, :], mask=s_mask[:, None], other=0.0)
+            s = tl.dot(ql, tl.trans(c)) + tl.dot(qp, tl.trans(pe))  # [BLOCK_H, BLOCK_S] fp32
+            s = tl.where(s_mask[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
+            m_i = m_new
+        o_ptr = out + b * stride_ob + split * stride_os + offs_h[:, None] * stride_oh + offs_r[None, :]
+        tl.store(o_ptr, acc, mask=h_mask[:, None])
+        ml = b * n_splits * H + split * H + offs_h
+        tl.store(m_out + ml, m_i, mask=h_mask)
+        tl.store(l_out + ml, l_i, mask=h_mask)
+
+
+def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, r: int,
+                            scale: float, pad: torch.Tensor | None) -> torch.Tensor:
+    """q_lat [B,H,r], q_pe [B,H,dr], latent [B,S,r+dr] (slots 0..S-1 valid) -> o_lat [B,H,r] in q's dtype."""
+    B, H, _ = q_lat.shape
+    S, dr = latent.shape[1], latent.shape[2] - r
+    q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
+    block_s = 64 if r <= 256 else 32
+    sms = torch.cuda.get_device_properties(latent.device).multi_processor_count
+    n_splits = max(1, min(triton.cdiv(S, 4 * block_s), triton.cdiv(2 * sms, B)))
+    chunk = triton.cdiv(triton.cdiv(S, n_splits), block_s) * block_s
+    n_splits = triton.cdiv(S, chunk)
+    out = torch.empty(B, n_splits, H, r, device=latent.device, dtype=torch.float32)
+    m = torch.empty(B, n_splits, H, device=latent.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    if pad is None:
+        pad = torch.zeros(B, dtype=torch.int32, device=latent.device)
+    _decode_kernel[(B, n_splits)](
+        q_lat, q_pe, latent, pad.to(torch.int32), out, m, l,
+        S, H, chunk, scale,
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
+        latent.stride(0), latent.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        R=r, DR=dr, BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_S=block_s,
+        num_warps=4 if r <= 256 else 8, num_stages=2,
+    )
+    # merge the slices: softmax over all keys = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i
+    m_max = m.amax(1, keepdim=True)
+    w = torch.exp(m - m_max)  # empty slices have m = -inf -> weight 0
+    num = (out * w[..., None]).sum(1)
+    den = (l * w).sum(1)
+    return (num / den[..., None]).to(q_lat.dtype)
+
+
+__all__ = ["supported", "latent_decode_attention"]
