@@ -83,6 +83,8 @@ class FilesSource(Source):
     def __init__(self, spec: str, files: list[Path], root: Path, extra_fp: object = None, stem_ids: bool = False) -> None:
         if not files:
             raise ValueError(f"source {spec!r}: no .txt files found under {root}")
+        if all(p.stat().st_size == 0 for p in files):
+            raise ValueError(f"source {spec!r} is empty ({len(files)} empty file(s))")
         self.spec, self.files, self.root, self._extra_fp, self._stem_ids = spec, files, root, extra_fp, stem_ids
 
     def _id(self, p: Path) -> str:
