@@ -1,0 +1,77 @@
+"""`latentformer info`: what a checkpoint holds (size, attention, cache cost, context, tokenizer)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from latentformer.cli.generate import add_model_arguments, load_from_args
+
+HELP = "describe a checkpoint: parameters, attention, KV-cache bytes per token, context, tokenizer, FLOPs"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def describe(model, tokenizer) -> dict:
+    """JSON-safe summary of a loaded (model, tokenizer)."""
+    import torch
+
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    attention = {"kind": cfg.attention, "n_heads": cfg.n_heads}
+    if cfg.attention == "mla":
+        attention.update(kv_lora_rank=cfg.kv_lora_rank, q_lora_rank=cfg.q_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+                         qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, decode=cfg.mla_decode)
+    else:
+        attention.update(n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
+    train_flops = model.flops_per_token()
+    return {
+        "parameters": model.num_params(),
+        "active_parameters": model.num_params(active=True),
+        "layers": cfg.n_layers,
+        "d_model": cfg.d_model,
+        "attention": attention,
+        "moe": {"routed_experts": cfg.n_routed_experts, "shared_experts": cfg.n_shared_experts,
+                "experts_per_token": cfg.experts_per_token} if cfg.is_moe else None,
+        "positions": {"rope": cfg.rope, "yarn_factor": cfg.yarn_factor, "pos_embedding": cfg.pos_embedding},
+        "dtype": str(dtype).removeprefix("torch."),
+        "kv_cache_bytes_per_token": model.kv_cache_bytes_per_token(dtype),
+        "kv_cache_bytes_per_token_bf16": model.kv_cache_bytes_per_token(torch.bfloat16),
+        "max_seq_len": cfg.max_seq_len,
+        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id},
+        "model_vocab_size": cfg.vocab_size,
+        # Transformer.flops_per_token: 6 N + attention at max_seq_len (training); a forward is a third
+        "flops_per_token_train": train_flops,
+        "flops_per_token_forward": train_flops / 3,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer = load_from_args(args)
+    info = describe(model, tokenizer)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    a = info["attention"]
+    detail = ", ".join(f"{k}={v}" for k, v in a.items() if k != "kind")
+    lines = [
+        f"checkpoint      {args.path}",
+        f"parameters      {info['parameters']:,} ({info['active_parameters']:,} active per token)",
+        f"layers          {info['layers']} x d_model {info['d_model']}",
+        f"attention       {a['kind']} ({detail})",
+    ]
+    if info["moe"]:
+        m = info["moe"]
+        lines.append(f"moe             {m['routed_experts']} routed + {m['shared_experts']} shared experts, top-{m['experts_per_token']}")
+    lines += [
+        f"kv cache        {info['kv_cache_bytes_per_token']:,} bytes/token ({info['dtype']}), "
+        f"{info['kv_cache_bytes_per_token_bf16']:,} bytes/token (bfloat16)",
+        f"max context     {info['max_seq_len']:,} tokens",
+        f"tokenizer       {info['tokenizer']['kind']} (vocab {info['tokenizer']['vocab_size']:,}; model vocab {info['model_vocab_size']:,})",
+        f"flops/token     {info['flops_per_token_forward']:.3g} forward, {info['flops_per_token_train']:.3g} training (at max context)",
+    ]
+    print("\n".join(lines))
+    return 0

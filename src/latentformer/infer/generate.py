@@ -1,0 +1,168 @@
+"""Batched, streaming text generation with a preallocated KV cache.
+
+Prompts of different lengths are left-padded into one batch (`KVCache.set_left_padding`),
+prefilled once, then decoded one token per step: the prompt is never recomputed. A row ends
+at end-of-text or at a stop string; finished rows stay in the batch (the cache keeps static
+shapes) but their tokens are discarded, and the loop ends when every row has finished.
+An empty prompt starts from the end-of-text token, which acts as beginning-of-sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from latentformer.infer.sampling import SamplingParams, sample
+from latentformer.model.transformer import Transformer
+
+REPLACEMENT = "\ufffd"  # what a decoder returns for an incomplete UTF-8 sequence
+
+
+def generate(model: Transformer, tokenizer, prompts: str | list[str], max_new_tokens: int = 64,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+             repetition_penalty: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None,
+             stream: bool = False, truncate: bool = False, compile: bool = False):
+    """Complete `prompts` (a str -> a str; a list -> a list, same order), without the prompt text.
+
+    temperature 0 is greedy; `seed` makes sampling reproducible; `stop` strings end a row and
+    are cut from its text. `truncate=True` keeps the last tokens of a prompt too long for
+    `max_new_tokens` within the model's max_seq_len (else ValueError). `compile=True` (CUDA only)
+    runs the decode step through `torch.compile`.
+    stream=True returns an iterator of text increments: str for a single prompt, (row, str)
+    for a list; the increments of a row concatenate to the text returned without streaming.
+    Argument errors raise ValueError at the call, also when streaming.
+    """
+    single = isinstance(prompts, str)
+    batch = [prompts] if single else list(prompts) if isinstance(prompts, (list, tuple)) else None
+    if batch is None or not all(isinstance(p, str) for p in batch):
+        raise ValueError("prompts must be a string or a list of strings")
+    if not batch:
+        raise ValueError("prompts is empty: give at least one prompt")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    device = next(model.parameters()).device
+    if compile and device.type != "cuda":
+        raise ValueError("compile=True needs a model on a CUDA device")
+    ids = [fit_prompt(tokenizer.encode(p) or [tokenizer.eot_id], max_new_tokens, model.config.max_seq_len, truncate, i)
+           for i, p in enumerate(batch)]
+
+    events = _decode(model, tokenizer, ids, max_new_tokens, params, seed, stops, stream, compile)
+    if stream:
+        return (text for _, text in events) if single else events
+    texts = [""] * len(batch)
+    for row, text in events:
+        texts[row] += text
+    return texts[0] if single else texts
+
+
+def fit_prompt(ids: list[int], max_new_tokens: int, max_seq_len: int, truncate: bool, index: int = 0) -> list[int]:
+    """The prompt's ids, checked (or, with `truncate`, cut from the left) so that prompt +
+    max_new_tokens fits the model's context."""
+    room = max_seq_len - max_new_tokens
+    if len(ids) <= room:
+        return ids
+    if room < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt within max_seq_len={max_seq_len}")
+    if truncate:
+        return ids[-room:]
+    raise ValueError(f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
+                     f"max_seq_len={max_seq_len} (shorten it or pass truncate=True to keep its last {room} tokens)")
+
+
+class _RowText:
+    """The completion of one row as text: token ids in, safe text increments out.
+
+    The whole row is decoded each time (a token can end in the middle of a UTF-8 character),
+    and what is emitted never ends in a replacement character or in a prefix of a stop
+    string, so streamed pieces concatenate to the final text.
+    """
+
+    def __init__(self, tokenizer, stops: list[str], incremental: bool) -> None:
+        self.tokenizer, self.stops, self.incremental = tokenizer, stops, incremental
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0  # characters of `text` already handed out
+        self.done = False
+
+    def push(self, token: int) -> str:
+        """Add one generated token; returns the new safe text (may be "")."""
+        if token == self.tokenizer.eot_id:
+            return self.finish()
+        self.ids.append(token)
+        if not (self.stops or self.incremental):
+            return ""
+        self.text = self.tokenizer.decode(self.ids)
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            return self.finish()
+        if not self.incremental:
+            return ""
+        safe = len(self.text) - self._stop_prefix_len()
+        while safe > self.emitted and self.text[safe - 1] == REPLACEMENT:
+            safe -= 1
+        piece, self.emitted = self.text[self.emitted:safe], max(self.emitted, safe)
+        return piece
+
+    def _stop_prefix_len(self) -> int:
+        """Length of the longest end of `text` that begins some stop string (held back)."""
+        longest = max((len(s) for s in self.stops), default=1)
+        for n in range(min(longest - 1, len(self.text)), 0, -1):
+            if any(s.startswith(self.text[-n:]) for s in self.stops):
+                return n
+        return 0
+
+    def finish(self) -> str:
+        """End the row; returns the text not yet emitted."""
+        if self.done:
+            return ""
+        self.done = True
+        if not (self.stops or self.incremental):
+            self.text = self.tokenizer.decode(self.ids)
+        piece, self.emitted = self.text[self.emitted:], len(self.text)
+        return piece
+
+
+@torch.inference_mode()
+def _decode(model: Transformer, tokenizer, ids: list[list[int]], max_new_tokens: int, params: SamplingParams,
+            seed: int | None, stops: list[str], incremental: bool, compile: bool) -> Iterator[tuple[int, str]]:
+    """Prefill once, then one token per step; yields (row, text increment)."""
+    device = next(model.parameters()).device
+    B, L = len(ids), max(len(r) for r in ids)
+    vocab = min(tokenizer.vocab_size, model.config.vocab_size)  # padded model vocab: never sample unused ids
+    cache = model.make_cache(B, L + max_new_tokens)
+    cache.set_left_padding([L - len(r) for r in ids])
+    tokens = torch.full((B, L), tokenizer.eot_id, dtype=torch.long, device=device)
+    for b, r in enumerate(ids):
+        tokens[b, L - len(r):] = torch.tensor(r, dtype=torch.long)
+    seen = None
+    if params.repetition_penalty != 1.0:  # tokens of the row so far: prompt (not its padding) + generated
+        seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
+        for b, r in enumerate(ids):
+            seen[b, torch.tensor(r, device=device).clamp(max=vocab - 1)] = True
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    step = torch.compile(model, dynamic=True) if compile else model  # shapes grow by one slot per step
+
+    rows = [_RowText(tokenizer, stops, incremental) for _ in ids]
+    logits = model(tokens, cache=cache)[:, -1, :vocab]  # [B, V]
+    for i in range(max_new_tokens):
+        nxt = sample(logits, params, seen, generator)  # [B]
+        for b, token in enumerate(nxt.tolist()):
+            if not rows[b].done:
+                piece = rows[b].push(token)
+                if piece:
+                    yield b, piece
+        if all(r.done for r in rows) or i == max_new_tokens - 1:
+            break
+        if seen is not None:
+            seen[torch.arange(B, device=device), nxt] = True
+        logits = step(nxt[:, None], cache=cache)[:, -1, :vocab]
+    for b, row in enumerate(rows):
+        piece = row.finish()
+        if piece:
+            yield b, piece
