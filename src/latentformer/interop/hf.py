@@ -1,0 +1,309 @@
+"""Hugging Face checkpoint import/export: `export_hf(model, tokenizer, out_dir)` and `import_hf(hf_dir)`.
+
+An exported directory loads with `transformers.AutoModelForCausalLM.from_pretrained` and gives our
+logits (DeepseekV3 / DeepseekV2 / Llama, see hf_config). Weights are safetensors only, in both
+directions: a pickle (`pytorch_model.bin`) is never opened.
+
+Parameter names (ours -> transformers), per layer i ("model.layers.i." prefix on the HF side):
+  attn_norm / ffn_norm            input_layernorm / post_attention_layernorm
+  MLA: q_proj | q_a_proj, q_a_norm, q_b_proj; kv_a_proj; kv_a_norm; kv_b_proj; o_proj
+       -> self_attn.{same, but q_a_layernorm, kv_a_proj_with_mqa, kv_a_layernorm}
+  MHA family: qkv_proj [(H+2Hk)D, d] -> self_attn.q_proj / k_proj / v_proj (row blocks)
+  dense FFN: ffn.{gate,up,down}_proj -> mlp.{gate,up,down}_proj
+  MoE: ffn.router.weight / .bias -> mlp.gate.weight / .e_score_correction_bias
+       ffn.experts.gate_up_proj [E,2f,d] -> mlp.experts.{e}.gate_proj.weight [f,d] + up_proj.weight [f,d]
+       ffn.experts.down_proj [E,d,f]     -> mlp.experts.{e}.down_proj.weight [d,f]
+       ffn.shared.*                      -> mlp.shared_experts.*  (zero-size when n_shared_experts = 0:
+                                            transformers' DeepSeek MoE always has that module)
+Experts are written per expert, the layout of DeepSeek's own checkpoints and of transformers'
+save_pretrained; the fused 3-D layout is accepted on import too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from latentformer.checkpoint import model_state
+from latentformer.config import ModelConfig
+from latentformer.data.tokenizer import EOT, Tokenizer, load_tokenizer
+from latentformer.fsutil import atomic_directory
+from latentformer.interop.hf_config import DEEPSEEK_V3, LLAMA, from_hf_config, hf_model_type, to_hf_config
+from latentformer.model.rope import RotaryEmbedding
+from latentformer.model.transformer import Transformer
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+_LAYER = {  # our suffix -> HF suffix, inside layers.i / model.layers.i
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.q_a_proj.weight": "self_attn.q_a_proj.weight",
+    "attn.q_a_norm.weight": "self_attn.q_a_layernorm.weight",
+    "attn.q_b_proj.weight": "self_attn.q_b_proj.weight",
+    "attn.kv_a_proj.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "attn.kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
+    "attn.kv_b_proj.weight": "self_attn.kv_b_proj.weight",
+    "attn.o_proj.weight": "self_attn.o_proj.weight",
+    "ffn.gate_proj.weight": "mlp.gate_proj.weight",
+    "ffn.up_proj.weight": "mlp.up_proj.weight",
+    "ffn.down_proj.weight": "mlp.down_proj.weight",
+    "ffn.router.weight": "mlp.gate.weight",
+    "ffn.router.bias": "mlp.gate.e_score_correction_bias",
+    "ffn.shared.gate_proj.weight": "mlp.shared_experts.gate_proj.weight",
+    "ffn.shared.up_proj.weight": "mlp.shared_experts.up_proj.weight",
+    "ffn.shared.down_proj.weight": "mlp.shared_experts.down_proj.weight",
+    "ffn.experts.gate_up_proj": "mlp.experts.gate_up_proj",  # fused layout; split per expert on export
+    "ffn.experts.down_proj": "mlp.experts.down_proj",
+}
+_LAYER_INV = {v: k for k, v in _LAYER.items()}
+_SHARED = ("gate_proj", "up_proj", "down_proj")
+
+
+# -- weights: ours <-> HF names ----------------------------------------------------------------
+
+def to_hf_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our persistent state under transformers' parameter names (see module docstring)."""
+    cfg = model.config
+    model_type = hf_model_type(cfg)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model_state(model).items():
+        if name in _TOP:
+            out[_TOP[name]] = t
+            continue
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+        if m is None:
+            raise ValueError(f"cannot convert parameter {name!r}: no Hugging Face counterpart")
+        pre, key = f"model.layers.{m[1]}.", m[2]
+        if key == "attn.qkv_proj.weight":
+            H, Hk, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+            for proj, part in zip(("q", "k", "v"), t.split([H * D, Hk * D, Hk * D])):
+                out[f"{pre}self_attn.{proj}_proj.weight"] = part.contiguous()
+        elif key == "ffn.experts.gate_up_proj":
+            for e, (gate, up) in enumerate(zip(*t.chunk(2, dim=1))):
+                out[f"{pre}mlp.experts.{e}.gate_proj.weight"] = gate.contiguous()
+                out[f"{pre}mlp.experts.{e}.up_proj.weight"] = up.contiguous()
+        elif key == "ffn.experts.down_proj":
+            for e, w in enumerate(t):
+                out[f"{pre}mlp.experts.{e}.down_proj.weight"] = w.contiguous()
+        elif key == "ffn.router.bias" and model_type != DEEPSEEK_V3:
+            if t.abs().max() > 0:
+                raise ValueError("cannot convert: a non-zero router bias with softmax scoring is not expressible in DeepseekV2ForCausalLM")
+        elif key in _LAYER:
+            out[pre + _LAYER[key]] = t
+        else:
+            raise ValueError(f"cannot convert parameter {name!r}: no Hugging Face counterpart")
+    # transformers' DeepSeek MoE always holds a shared-expert MLP (of width moe_d_ff * n_shared_experts)
+    if model_type != LLAMA and cfg.is_moe and cfg.n_shared_experts == 0:
+        d, dtype = cfg.d_model, model.embed.weight.dtype
+        for i in range(cfg.first_k_dense_layers, cfg.n_layers):
+            pre = f"model.layers.{i}.mlp.shared_experts."
+            out[pre + "gate_proj.weight"] = torch.zeros(0, d, dtype=dtype)
+            out[pre + "up_proj.weight"] = torch.zeros(0, d, dtype=dtype)
+            out[pre + "down_proj.weight"] = torch.zeros(d, 0, dtype=dtype)
+    return out
+
+
+def from_hf_state(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers' state (names as saved) -> our state dict for `Transformer(cfg)`."""
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[int, str, int], torch.Tensor] = {}
+    qkv: dict[int, dict[str, torch.Tensor]] = {}
+    inv_top = {v: k for k, v in _TOP.items()}
+    for name, t in hf.items():
+        if name in inv_top:
+            out[inv_top[name]] = t
+            continue
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+        if m is None:
+            raise ValueError(f"unexpected tensor {name!r} in the Hugging Face checkpoint")
+        i, key = int(m[1]), m[2]
+        if i >= cfg.n_layers:  # DeepSeek-V3's multi-token-prediction layers: not part of the decoder
+            continue
+        if key.endswith("rotary_emb.inv_freq"):  # derived buffer saved by old checkpoints
+            continue
+        pm = re.fullmatch(r"self_attn\.([qkv])_proj\.weight", key)
+        if pm and cfg.attention != "mla":
+            qkv.setdefault(i, {})[pm[1]] = t
+            continue
+        em = re.fullmatch(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", key)
+        if em:
+            experts[(i, em[2], int(em[1]))] = t
+            continue
+        if key.startswith("mlp.shared_experts.") and cfg.n_shared_experts == 0 and t.numel() == 0:
+            continue  # the empty shared-expert MLP of a model without shared experts
+        if key not in _LAYER_INV:
+            raise ValueError(f"unexpected tensor {name!r} in the Hugging Face checkpoint")
+        out[f"layers.{i}.{_LAYER_INV[key]}"] = t
+    for i, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise ValueError(f"layer {i}: q/k/v projections incomplete in the Hugging Face checkpoint")
+        out[f"layers.{i}.attn.qkv_proj.weight"] = torch.cat((parts["q"], parts["k"], parts["v"]))
+    if experts:
+        E = cfg.n_routed_experts
+        for i in sorted({k[0] for k in experts}):
+            try:
+                gate = torch.stack([experts[(i, "gate_proj", e)] for e in range(E)])
+                up = torch.stack([experts[(i, "up_proj", e)] for e in range(E)])
+                down = torch.stack([experts[(i, "down_proj", e)] for e in range(E)])
+            except KeyError as e:
+                raise ValueError(f"layer {i}: expert weight {e.args[0]} missing from the Hugging Face checkpoint") from None
+            out[f"layers.{i}.ffn.experts.gate_up_proj"] = torch.cat((gate, up), dim=1)
+            out[f"layers.{i}.ffn.experts.down_proj"] = down
+    if cfg.is_moe and cfg.router_scoring == "softmax":  # DeepseekV2 has no balancing bias: ours is zero
+        for i in range(cfg.first_k_dense_layers, cfg.n_layers):
+            out.setdefault(f"layers.{i}.ffn.router.bias", torch.zeros(cfg.n_routed_experts))
+    return out
+
+
+# -- tokenizer -------------------------------------------------------------------------------
+
+def _hf_tokenizer_json(tokenizer: Tokenizer) -> str | None:
+    """A `tokenizers` JSON equal to `tokenizer`, or None (byte tokenizer: no HF equivalent written)."""
+    if tokenizer.kind == "bpe":
+        return tokenizer._tk.to_str()
+    if tokenizer.kind == "gpt2":
+        from latentformer.data.tokenizer import GPT2Tokenizer
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        files = GPT2Tokenizer.data_files()
+        merges = [tuple(line.split()) for line in files["vocab.bpe"].read_text(encoding="utf-8").splitlines()[1:] if line]
+        vocab = json.loads(files["encoder.json"].read_text(encoding="utf-8"))
+        tk = HFTokenizer(models.BPE(vocab, merges))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tk.decoder = decoders.ByteLevel()
+        tk.add_special_tokens([EOT])
+        return tk.to_str()
+    return None
+
+
+def _write_tokenizer(directory: Path, tokenizer: Tokenizer, max_len: int) -> None:
+    text = _hf_tokenizer_json(tokenizer)
+    if text is None:
+        warnings.warn(f"the {tokenizer.kind} tokenizer has no Hugging Face tokenizer.json form; none written", stacklevel=3)
+        return
+    (directory / "tokenizer.json").write_text(text, encoding="utf-8")
+    tk_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT, "unk_token": None,
+              "model_max_length": max_len, "clean_up_tokenization_spaces": False, "add_prefix_space": False}
+    (directory / "tokenizer_config.json").write_text(json.dumps(tk_cfg, indent=2), encoding="utf-8")
+    tokenizer.save(directory)  # tokenizer_meta.json: `load_tokenizer(out_dir)` gives back the exact tokenizer
+
+
+# -- export / import -------------------------------------------------------------------------
+
+def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path, dtype: str | None = None) -> Path:
+    """Write `out_dir` as a transformers checkpoint (config.json, model.safetensors, tokenizer files).
+
+    dtype: "float32" | "bfloat16" | "float16" for the saved weights (default: the model's).
+    Raises ValueError naming any feature the target architecture cannot express.
+    """
+    cfg = model.config
+    dtype = dtype or str(model.embed.weight.dtype).removeprefix("torch.")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}")
+    eot = tokenizer.eot_id if tokenizer is not None else None
+    hf_cfg = to_hf_config(cfg, dtype, eot)
+    state = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in to_hf_state(model).items()}
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2), encoding="utf-8")
+        gen = {"do_sample": False, "bos_token_id": eot, "eos_token_id": eot}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
+        if tokenizer is not None:
+            _write_tokenizer(tmp, tokenizer, cfg.max_seq_len)
+    return out_dir
+
+
+def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    if (hf_dir / INDEX).is_file():
+        try:
+            weight_map = json.loads((hf_dir / INDEX).read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{hf_dir / INDEX} is not a safetensors index: {e}") from None
+        files = sorted(set(weight_map.values()))
+    elif (hf_dir / WEIGHTS).is_file():
+        files = [WEIGHTS]
+    elif any(hf_dir.glob("pytorch_model*.bin")) or any(hf_dir.glob("*.pt")):
+        raise ValueError(f"{hf_dir} has only pickled weights (pytorch_model.bin); latentformer never unpickles. "
+                         "Convert them to safetensors first (e.g. save_pretrained(..., safe_serialization=True))")
+    else:
+        raise ValueError(f"{hf_dir} has no {WEIGHTS} or {INDEX}")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            state.update(load_file(str(hf_dir / name)))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {hf_dir / name}: {e}") from None
+    return state
+
+
+def _read_tokenizer(hf_dir: Path) -> Tokenizer | None:
+    try:
+        if (hf_dir / "tokenizer_meta.json").is_file():  # written by export_hf: the exact original
+            return load_tokenizer(hf_dir)
+        if (hf_dir / "tokenizer.json").is_file():
+            return load_tokenizer(hf_dir / "tokenizer.json")
+    except ValueError as e:
+        warnings.warn(f"tokenizer not imported: {e}", stacklevel=3)
+        return None
+    warnings.warn(f"{hf_dir} has no tokenizer.json; no tokenizer imported", stacklevel=3)
+    return None
+
+
+def _materialize_derived_buffers(model: Transformer) -> None:
+    """Non-persistent buffers of a model built on the meta device: rope frequencies, MoE load counters."""
+    if model.rope is not None:
+        model.rope = RotaryEmbedding(model.config)
+    for moe in model.moe_layers():
+        moe.load_since_update = torch.zeros(model.config.n_routed_experts)
+    left = [n for n, t in model.named_buffers() if t.is_meta]
+    assert not left, f"buffers left on the meta device: {left}"
+
+
+def import_hf(hf_dir: str | Path, dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
+    """(model, tokenizer or None) from a local transformers checkpoint directory (DeepseekV2/V3, Llama).
+
+    The model has the same logits as transformers' (fp32); MLA models decode with the absorbed path.
+    Weights load in fp32 unless `dtype` is given.
+    """
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise ValueError(f"{hf_dir} is not a Hugging Face checkpoint directory (no config.json)")
+    try:
+        hf_cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{hf_dir / 'config.json'} is not valid JSON: {e}") from None
+    cfg = from_hf_config(hf_cfg)
+    state = from_hf_state(_read_hf_weights(hf_dir), cfg)
+    with torch.device("meta"):  # no random init of weights that are about to be replaced
+        model = Transformer(cfg)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{hf_dir}: weights do not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    _materialize_derived_buffers(model)
+    model = model.to(dtype or torch.float32)
+    tokenizer = _read_tokenizer(hf_dir)
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        warnings.warn(f"tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}; not imported", stacklevel=2)
+        tokenizer = None
+    return model.eval(), tokenizer
