@@ -126,6 +126,9 @@ class RandomWindows:
 class SequentialWindows:
     """Packed windows at starts 0, stride, 2*stride, ... (overlapping when stride < block_size).
 
+    Positional arguments match `RandomWindows`; `stride` (default block_size) and `shuffle`
+    are keyword-only.
+
     Windows per epoch: W = (N - T - 1) // stride + 1 over the split's N tokens (the tail that does
     not fill a whole window + target is left out; use `eval_batches` for exact coverage).
     With stride == T, every target position 1 .. W*T appears exactly once per epoch.
@@ -140,10 +143,11 @@ class SequentialWindows:
         tokens: np.ndarray,
         batch_size: int,
         block_size: int,
-        stride: int | None = None,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        *,
+        stride: int | None = None,
         shuffle: bool = False,
     ) -> None:
         _check(tokens, batch_size, block_size, rank, world_size)

@@ -371,6 +371,8 @@ def load_tokenizer(spec) -> Tokenizer:
         except json.JSONDecodeError as e:
             raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
         kind = meta.get("kind")
+        if kind == "gpt2" and meta.get("sha256") != _GPT2_SHA256:
+            raise ValueError(f"{meta_path}: gpt2 vocabulary hashes differ from OpenAI's gpt2 files")
         if kind in ("gpt2", "byte"):
             return load_tokenizer(kind)
         if kind == "bpe":
