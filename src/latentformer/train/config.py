@@ -1,0 +1,199 @@
+"""Run configuration: `RunConfig{model, data, train}`, built from a preset, a YAML file and
+dotted command-line overrides through the one config system of `latentformer.config`.
+
+The defaults of `TrainConfig` are the recipe of `latentformer train` with no arguments
+(tiny preset on sotu, 2-core CPU, under 10 minutes; see NOTES.md "Training").
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from latentformer.config import ModelConfig, _check, apply_overrides, from_dict, load_yaml, to_dict
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+PARALLEL = ("ddp", "fsdp")
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from: a prepared directory (`dir`), or a `source` prepared on first
+    use with `tokenizer` into `cache_dir/<source>-<tokenizer>` (default ~/.cache/latentformer/data)."""
+
+    dir: str | None = None
+    source: str = "sotu"
+    tokenizer: str = "bpe:4096"
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "data.source", "must not be empty")
+
+    def resolved_dir(self) -> Path:
+        if self.dir:
+            return Path(self.dir).expanduser()
+        root = Path(self.cache_dir or os.environ.get("LATENTFORMER_CACHE", "~/.cache/latentformer")).expanduser()
+        name = f"{self.source}-{self.tokenizer}".replace(":", "").replace("/", "_")
+        return (root / "data" / name) if not self.cache_dir else root / name
+
+
+@dataclass
+class TrainConfig:
+    # reproducibility and hardware
+    seed: int = 1337
+    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
+    threads: int = 0  # CPU intra-op threads (0 = all cores)
+    compile: bool = False
+    activation_checkpointing: bool = False
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block, then the root)
+    # batch: batch_tokens = micro_batch_size * seq_len * grad_accum * world_size
+    seq_len: int = 128
+    micro_batch_size: int = 32
+    batch_tokens: int = 4096
+    # length
+    max_steps: int = 2400
+    max_time_minutes: float = 0.0  # stop (and checkpoint) after this much training time; 0 = no limit
+    # optimizer
+    lr: float = 3e-3
+    min_lr: float = 1e-4  # floor of cosine / wsd
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    decay_embeddings: bool = False
+    # schedule (see latentformer.train.schedule)
+    schedule: str = "cosine"  # cosine | step | wsd | constant
+    warmup_steps: int = 100
+    milestones: list[int] = field(default_factory=list)  # step schedule
+    gamma: float = 0.1  # step schedule
+    decay_fraction: float = 0.2  # wsd: the final fraction of max_steps spent decaying
+    # evaluation, early stopping
+    eval_interval: int = 400  # steps; 0 = only at the end
+    eval_tokens: int = 0  # cap on validation tokens per periodic eval; 0 = the full split
+    eval_batch_size: int = 0  # 0 = micro_batch_size
+    early_stopping_patience: int = 0  # evals without a new best val loss before stopping; 0 = off
+    # checkpoints
+    checkpoint_interval: int = 0  # steps; 0 = at evals and at the end only
+    keep_last: int = 2
+    # logging
+    log_interval: int = 20
+    progress: bool = True
+    tensorboard: bool = True
+    # numerics
+    max_nonfinite_steps: int = 5  # consecutive non-finite steps before the run stops
+    # sample printed at the end
+    sample_tokens: int = 60
+    sample_prompt: str = "My fellow citizens,"
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "micro_batch_size", "batch_tokens", "keep_last", "log_interval", "max_nonfinite_steps"):
+            _check(getattr(self, name) > 0, f"train.{name}", f"must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "eval_interval", "eval_tokens", "eval_batch_size",
+                     "early_stopping_patience", "checkpoint_interval", "threads", "sample_tokens"):
+            _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "max_time_minutes", "eps"):
+            _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1", "betas must be in [0, 1)")
+        _check(self.gamma > 0, "train.gamma", "must be positive")
+        _check(0 < self.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
+        _check(self.dtype in DTYPES, "train.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check(self.parallel in PARALLEL, "train.parallel", f"must be ddp or fsdp, got {self.parallel!r}")
+        from latentformer.train.schedule import SCHEDULES
+
+        _check(self.schedule in SCHEDULES, "train.schedule", f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        _check(list(self.milestones) == sorted(self.milestones), "train.milestones", "must be increasing")
+
+    def grad_accum(self, world_size: int = 1) -> int:
+        """Micro-steps per optimizer step; ValueError when batch_tokens does not divide evenly."""
+        per_micro = self.micro_batch_size * self.seq_len * world_size
+        if self.batch_tokens % per_micro:
+            raise ValueError(
+                f"train.batch_tokens={self.batch_tokens} is not a multiple of micro_batch_size x seq_len x world_size "
+                f"= {self.micro_batch_size} x {self.seq_len} x {world_size} = {per_micro}")
+        return self.batch_tokens // per_micro
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.preset("tiny"))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def check(self) -> None:
+        """Cross-section checks that no single dataclass can make."""
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+
+def build_run_config(*, preset: str | None = None, yaml_path: str | Path | None = None,
+                     overrides: dict[str, Any] | None = None) -> tuple[RunConfig, bool]:
+    """Preset (model section), then the YAML file, then dotted overrides.
+
+    Returns (config, vocab_explicit): whether model.vocab_size was set by the YAML or an
+    override (otherwise it follows the data tokenizer). A YAML file may name `preset:` itself.
+    """
+    data = load_yaml(yaml_path) if yaml_path else {}
+    preset = preset or data.pop("preset", None) or "tiny"
+    data.pop("preset", None)
+    base = {"model": ModelConfig.preset(preset).to_dict()}
+    model_yaml = data.get("model") or {}
+    if not isinstance(model_yaml, dict):
+        raise ValueError("config file: `model` must be a mapping")
+    base["model"].update(model_yaml)
+    for section in ("data", "train"):
+        if section in data:
+            base[section] = data[section]
+    unknown = set(data) - {"model", "data", "train"}
+    if unknown:
+        raise ValueError(f"config file: unknown section {sorted(unknown)[0]!r} (valid: preset, model, data, train)")
+    cfg = from_dict(RunConfig, base)
+    overrides = overrides or {}
+    cfg = apply_overrides(cfg, overrides)
+    explicit = "vocab_size" in model_yaml or "model.vocab_size" in overrides
+    return cfg, explicit
+
+
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """A run directory's saved `config.yaml` (exactly as resolved), plus overrides."""
+    return apply_overrides(from_dict(RunConfig, load_yaml(path)), overrides or {})
+
+
+def parse_overrides(argv: list[str]) -> dict[str, str]:
+    """`--a.b value` / `--a.b=value` pairs -> {"a.b": "value"}; anything else is a ValueError."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ValueError(f"unrecognized argument {arg!r} (overrides look like --train.max_steps 100)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv) or (argv[i + 1].startswith("--") and not _is_number(argv[i + 1])):
+                raise ValueError(f"override --{key} needs a value")
+            value = argv[i + 1]
+            i += 1
+        if key.split(".", 1)[0] not in ("model", "data", "train"):
+            raise ValueError(f"unknown config field {key!r} (sections: model, data, train)")
+        out[key] = value
+        i += 1
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False

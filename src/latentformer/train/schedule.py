@@ -1,0 +1,44 @@
+"""Learning-rate schedules: pure functions of the optimizer step (no hidden state to checkpoint).
+
+`lr_at(cfg, step)` is the learning rate used for update number `step` (0-based):
+    warmup      linear from lr/warmup_steps up to lr over the first `warmup_steps` updates;
+    cosine      then half a cosine from lr down to the floor `min_lr` at `max_steps`;
+    step        then lr * gamma^(number of milestones <= step)  (the original Latentformer recipe);
+    wsd         warmup-stable-decay (Hu et al. 2024, MiniCPM): lr until the last
+                `decay_fraction` of max_steps, then linear down to `min_lr`;
+    constant    then lr.
+"""
+
+from __future__ import annotations
+
+import math
+
+from latentformer.train.config import TrainConfig
+
+SCHEDULES = ("cosine", "step", "wsd", "constant")
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    lr, floor, total = cfg.lr, cfg.min_lr, cfg.max_steps
+    if step < cfg.warmup_steps:
+        return lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return lr
+    if cfg.schedule == "step":
+        return lr * cfg.gamma ** sum(step >= m for m in cfg.milestones)
+    if cfg.schedule == "cosine":
+        span = max(total - cfg.warmup_steps, 1)
+        progress = min((step - cfg.warmup_steps) / span, 1.0)
+        return floor + 0.5 * (lr - floor) * (1.0 + math.cos(math.pi * progress))
+    if cfg.schedule == "wsd":
+        decay_steps = max(round(cfg.decay_fraction * total), 1)
+        decay_start = total - decay_steps
+        if step < decay_start:
+            return lr
+        return lr + (floor - lr) * min((step - decay_start) / decay_steps, 1.0)
+    raise ValueError(f"train.schedule: unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
