@@ -24,6 +24,7 @@ BOOKS = {
     1342: _book("Pride and Prejudice", "It is a truth universally acknowledged."),
 }
 FLAKY = {84: 1, 1342: 2}  # id -> number of 503s before success
+DROP = {11: 1}  # id -> number of connections closed without a response before success
 
 
 @pytest.fixture
@@ -36,6 +37,9 @@ def server(monkeypatch):
         def do_GET(self):
             hits[self.path] += 1
             book_id = int(self.path.rsplit("/pg", 1)[-1].removesuffix(".txt")) if "/pg" in self.path else -1
+            if book_id in DROP and hits[self.path] <= DROP[book_id]:
+                self.close_connection = True  # client sees RemoteDisconnected: transient
+                return
             if book_id in FLAKY and hits[self.path] <= FLAKY[book_id]:
                 self.send_error(503)
                 return
@@ -72,6 +76,7 @@ def test_download_retry_cache_and_failures(server, tmp_path, capsys):
     assert src.failed == {999: "HTTP 404"}
     assert "could not get 1 of 4 books (999: HTTP 404)" in capsys.readouterr().err
     assert hits["/cache/epub/84/pg84.txt"] == 2 and hits["/cache/epub/1342/pg1342.txt"] == 3  # retried 503s
+    assert hits["/cache/epub/11/pg11.txt"] == 2  # retried a dropped connection
     assert hits["/cache/epub/999/pg999.txt"] == 1  # 404 is not retried
     # second source over the same cache: no request for cached books
     before = sum(hits.values())
@@ -82,8 +87,8 @@ def test_download_retry_cache_and_failures(server, tmp_path, capsys):
 
 def test_retries_exhausted_reported(server, tmp_path):
     mirror, hits = server
-    src = GutenbergSource([11, 1342], mirror=mirror, cache_dir=tmp_path, retries=1, backoff=0.01)
-    assert src.doc_ids() == ["pg11"] and src.failed == {1342: "HTTP 503"}
+    src = GutenbergSource([84, 1342], mirror=mirror, cache_dir=tmp_path, retries=1, backoff=0.01)
+    assert src.doc_ids() == ["pg84"] and src.failed == {1342: "HTTP 503"}
 
 
 def test_all_failed_is_error(server, tmp_path):

@@ -14,6 +14,7 @@ exponential backoff; other failures (e.g. 404) are reported per id. All ids fail
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -62,7 +63,8 @@ def _transient(err: BaseException) -> bool:
     if isinstance(err, urllib.error.URLError):
         # DNS failure (gaierror) means no network or a wrong mirror: retrying will not help
         return isinstance(err.reason, OSError) and not isinstance(err.reason, socket.gaierror)
-    return isinstance(err, (TimeoutError, socket.timeout, ConnectionError))
+    # timeouts, resets, truncated bodies (http.client.IncompleteRead and friends)
+    return isinstance(err, (TimeoutError, ConnectionError, http.client.HTTPException))
 
 
 def _describe(err: BaseException) -> str:
@@ -73,13 +75,16 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+_NET_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException)
+
+
 def download(url: str, *, retries: int = 4, backoff: float = 1.0, timeout: float = 30.0) -> bytes:
     """GET `url`; retry transient errors `retries` times, sleeping backoff * 2**attempt seconds."""
     for attempt in range(retries + 1):
         try:
             with urllib.request.urlopen(url, timeout=timeout) as r:
                 return r.read()
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        except _NET_ERRORS as e:
             if attempt == retries or not _transient(e):
                 raise
             time.sleep(backoff * 2**attempt)
@@ -138,7 +143,7 @@ class GutenbergSource(Source):
             try:
                 data = download(url, retries=self.retries, backoff=self.backoff, timeout=self.timeout)
                 decode_text(data, url)  # refuse to cache binary / non-UTF-8 payloads
-            except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as e:
+            except (*_NET_ERRORS, ValueError) as e:
                 self.failed[book_id] = _describe(e) if not isinstance(e, ValueError) else str(e)
                 continue
             tmp = path.with_suffix(f".tmp{os.getpid()}")
