@@ -3,8 +3,10 @@
 One query token per row attends over the cached latent [B, S, r + dr] that all H heads
 share. Each program takes one row and one slice of the cache, streams it through SRAM
 once (scores against [c_kv, k_pe], an online softmax, and the weighted sum of c_kv), and
-writes a partial result; a small torch epilogue merges the slices. The cache is read
+writes a partial result; a second small kernel merges the slices. The cache is read
 exactly once per step, which is what makes the decode step approach the memory roofline.
+The number of valid slots is read from device memory, so one launch configuration serves
+every step of a CUDA-graph-captured decode loop (slices past the end exit at once).
 
 Used on CUDA for T == 1 when r and dr are powers of two (>= 16); otherwise the portable
 matmul path in attention.py runs.
@@ -12,6 +14,8 @@ matmul path in attention.py runs.
 
 from __future__ import annotations
 
+
+import functools
 
 import torch
 
@@ -33,12 +37,13 @@ def supported(latent: torch.Tensor, r: int, dr: int, T: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _decode_kernel(q_lat, q_pe, latent, pad, out, m_out, l_out,
-                       S, H, chunk, scale,
+    def _decode_kernel(q_lat, q_pe, latent, length, pad, out, m_out, l_out,
+                       H, chunk, scale,
                        stride_qb, stride_qh, stride_pb, stride_ph,
                        stride_lb, stride_ls,
                        stride_ob, stride_os, stride_oh,
-                       R: tl.constexpr, DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr):
+                       R: tl.constexpr, DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+                       HAS_PAD: tl.constexpr):
         b = tl.program_id(0)
         split = tl.program_id(1)
         n_splits = tl.num_programs(1)
@@ -48,8 +53,10 @@ if triton is not None:
         h_mask = offs_h < H
         ql = tl.load(q_lat + b * stride_qb + offs_h[:, None] * stride_qh + offs_r[None, :], mask=h_mask[:, None], other=0.0)
         qp = tl.load(q_pe + b * stride_pb + offs_h[:, None] * stride_ph + offs_dr[None, :], mask=h_mask[:, None], other=0.0)
-        first = tl.load(pad + b)  # left padding of this row: slots < first are never keys
-        lo = tl.maximum(split * chunk, first)
+        S = tl.load(length)  # valid slots 0..S-1
+        lo = split * chunk
+        if HAS_PAD:
+            lo = tl.maximum(lo, tl.load(pad + b))  # left padding of this row is never a key
         hi = tl.minimum((split + 1) * chunk, S)
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -75,37 +82,59 @@ if triton is not None:
         tl.store(l_out + ml, l_i, mask=h_mask)
 
 
-def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, r: int,
-                            scale: float, pad: torch.Tensor | None) -> torch.Tensor:
-    """q_lat [B,H,r], q_pe [B,H,dr], latent [B,S,r+dr] (slots 0..S-1 valid) -> o_lat [B,H,r] in q's dtype."""
+    @triton.jit
+    def _merge_kernel(out, m_in, l_in, o, n_splits, H, stride_ob, stride_os, stride_oh, R: tl.constexpr):
+        """softmax over all keys = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i (empty slices: m = -inf)."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs_r = tl.arange(0, R)
+        m_max = float("-inf")
+        for i in range(n_splits):
+            m_max = tl.maximum(m_max, tl.load(m_in + (b * n_splits + i) * H + h))
+        num = tl.zeros([R], tl.float32)
+        den = 0.0
+        for i in range(n_splits):
+            m_i = tl.load(m_in + (b * n_splits + i) * H + h)
+            w = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - m_max))
+            den += w * tl.load(l_in + (b * n_splits + i) * H + h)
+            num += w * tl.load(out + b * stride_ob + i * stride_os + h * stride_oh + offs_r)
+        tl.store(o + (b * H + h) * R + offs_r, (num / den).to(o.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, r: int, scale: float,
+                            pad: torch.Tensor | None, length: torch.Tensor | None = None) -> torch.Tensor:
+    """q_lat [B,H,r], q_pe [B,H,dr], latent [B,S,r+dr] -> o_lat [B,H,r] in q's dtype.
+
+    Keys are slots [pad[b], length) of row b; `length` is a device int scalar (default S)."""
     B, H, _ = q_lat.shape
     S, dr = latent.shape[1], latent.shape[2] - r
     q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
+    if length is None:
+        length = torch.full((), S, dtype=torch.int32, device=latent.device)
     block_s = 64 if r <= 256 else 32
-    sms = torch.cuda.get_device_properties(latent.device).multi_processor_count
-    n_splits = max(1, min(triton.cdiv(S, 4 * block_s), triton.cdiv(2 * sms, B)))
+    n_splits = max(1, min(triton.cdiv(S, 4 * block_s), triton.cdiv(2 * _sm_count(latent.device), B)))
     chunk = triton.cdiv(triton.cdiv(S, n_splits), block_s) * block_s
     n_splits = triton.cdiv(S, chunk)
     out = torch.empty(B, n_splits, H, r, device=latent.device, dtype=torch.float32)
     m = torch.empty(B, n_splits, H, device=latent.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    if pad is None:
-        pad = torch.zeros(B, dtype=torch.int32, device=latent.device)
     _decode_kernel[(B, n_splits)](
-        q_lat, q_pe, latent, pad.to(torch.int32), out, m, l,
-        S, H, chunk, scale,
+        q_lat, q_pe, latent, length, pad if pad is not None else length, out, m, l,
+        H, chunk, scale,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
         latent.stride(0), latent.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        R=r, DR=dr, BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_S=block_s,
+        R=r, DR=dr, BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_S=block_s, HAS_PAD=pad is not None,
         num_warps=4 if r <= 256 else 8, num_stages=2,
     )
-    # merge the slices: softmax over all keys = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i
-    m_max = m.amax(1, keepdim=True)
-    w = torch.exp(m - m_max)  # empty slices have m = -inf -> weight 0
-    num = (out * w[..., None]).sum(1)
-    den = (l * w).sum(1)
-    return (num / den[..., None]).to(q_lat.dtype)
+    o = torch.empty(B, H, r, device=latent.device, dtype=q_lat.dtype)
+    _merge_kernel[(B, H)](out, m, l, o, n_splits, H, out.stride(0), out.stride(1), out.stride(2), R=r, num_warps=1)
+    return o
 
 
 __all__ = ["supported", "latent_decode_attention"]

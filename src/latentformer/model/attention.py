@@ -33,6 +33,9 @@ class AttnContext:
     mask:    bool [B|1, 1, T, S], True = may attend; None means plain causal over the T new
              tokens (start == 0) or everything cached (T == 1).
     pad:     [B] left-padding slots per row (ragged batches), or None.
+    slots/end: static addressing for CUDA-graph capture: the new tokens go to the device index
+             tensor `slots` [T], attention covers the whole buffer, masked to the device scalar
+             `end` (valid slots after the write); `start` is then unused. None otherwise.
     """
 
     cos: torch.Tensor | None
@@ -40,6 +43,21 @@ class AttnContext:
     start: int
     mask: torch.Tensor | None
     pad: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+    end: torch.Tensor | None = None
+
+    def write(self, buf: torch.Tensor, dim: int, new: torch.Tensor) -> torch.Tensor:
+        """Store `new` (T tokens along `dim`) in the cache buffer; return the slots to attend over."""
+        if self.slots is not None:
+            return buf.index_copy_(dim, self.slots, new)
+        T = new.shape[dim]
+        buf.narrow(dim, self.start, T).copy_(new)  # written once, rotated once: never re-rotated
+        return buf.narrow(dim, 0, self.start + T)
+
+    @property
+    def reads_cache(self) -> bool:
+        """False for a prefill from an empty cache: attention needs only the new tokens."""
+        return self.slots is not None or self.start > 0
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -79,12 +97,9 @@ class Attention(nn.Module):
             k = apply_rope(k, ctx.cos, ctx.sin, cfg.rope_interleave)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,*,T,D]
         if cache is not None:
-            k_cache, v_cache = cache
-            end = ctx.start + T
-            k_cache[:, :, ctx.start:end] = k  # keys are stored rotated once, never re-rotated
-            v_cache[:, :, ctx.start:end] = v
-            if ctx.start > 0:
-                k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+            k_all, v_all = ctx.write(cache[0], 2, k), ctx.write(cache[1], 2, v)
+            if ctx.reads_cache:
+                k, v = k_all, v_all
         dropout = cfg.dropout if self.training else 0.0
         out = attend(q, k, v, cfg.softmax_scale, ctx.mask, dropout)  # [B,H,T,D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
@@ -138,17 +153,14 @@ class MLA(nn.Module):
         if ctx.cos is not None:  # per-head query rope; one shared rope key
             q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, cfg.rope_interleave)
             k_pe = apply_rope(k_pe[:, :, None, :], ctx.cos, ctx.sin, cfg.rope_interleave)[:, :, 0]
-        if cache is None or ctx.start == 0:
-            if cache is not None:
-                cache[0][:, :T] = torch.cat((c_kv, k_pe), dim=-1)
+        if cache is not None:
+            latent = ctx.write(cache[0], 1, torch.cat((c_kv, k_pe), dim=-1))  # [B,S,r+dr]
+        if cache is None or not ctx.reads_cache:
             return self._expanded(q_nope, q_pe, c_kv, k_pe, ctx.mask)
-        latent = cache[0]
-        end = ctx.start + T
-        latent[:, ctx.start:end] = torch.cat((c_kv, k_pe), dim=-1)
-        c_all, pe_all = latent[:, :end].split([r, dr], dim=-1)  # [B,S,r], [B,S,dr]
         if cfg.mla_decode == "naive":
+            c_all, pe_all = latent.split([r, dr], dim=-1)  # [B,S,r], [B,S,dr]
             return self._expanded(q_nope, q_pe, c_all, pe_all, ctx.mask)
-        return self._absorbed(q_nope, q_pe, latent[:, :end], ctx.mask, ctx.pad)
+        return self._absorbed(q_nope, q_pe, latent, ctx)
 
     def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                   mask: torch.Tensor | None) -> torch.Tensor:
@@ -164,8 +176,7 @@ class MLA(nn.Module):
         out = attend(q, k, v.transpose(1, 2), cfg.softmax_scale, mask, dropout)  # [B,H,T,dv]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * dv))
 
-    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
-                  mask: torch.Tensor | None, pad: torch.Tensor | None) -> torch.Tensor:
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         """Attention in the latent space over the cache latent [B,S,r+dr]. Returns [B,T,d_model]."""
         cfg = self.cfg
         B, T, H = q_nope.shape[0], q_nope.shape[1], cfg.n_heads
@@ -176,14 +187,15 @@ class MLA(nn.Module):
         q_pe = q_pe.transpose(1, 2)  # [B,H,T,dr]
         S, dr = latent.shape[1], latent.shape[2] - r
         if mla_decode.supported(latent, r, dr, T):
-            o_lat = mla_decode.latent_decode_attention(q_lat[:, :, 0], q_pe[:, :, 0], latent, r, cfg.softmax_scale, pad)[:, :, None]
+            o_lat = mla_decode.latent_decode_attention(q_lat[:, :, 0], q_pe[:, :, 0], latent, r, cfg.softmax_scale,
+                                                       ctx.pad, ctx.end)[:, :, None]
         else:
             # all heads share one key/value "head" (the latent): plain matmuls read the cache
             # without expanding it per head; keys = [c_kv, k_pe], values = c_kv
             q = torch.cat((q_lat, q_pe), dim=-1).reshape(B, H * T, r + dr)
             scores = torch.matmul(q, latent.transpose(1, 2)).float() * cfg.softmax_scale  # [B,H*T,S]
-            if mask is not None:
-                scores = scores.view(B, H, T, S).masked_fill(~mask, float("-inf")).view(B, H * T, S)
+            if ctx.mask is not None:
+                scores = scores.view(B, H, T, S).masked_fill(~ctx.mask, float("-inf")).view(B, H * T, S)
             o_lat = torch.matmul(scores.softmax(-1).to(latent.dtype), latent[..., :r]).view(B, H, T, r)
         out = torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)  # [B,T,H,dv]
         return self.o_proj(out.reshape(B, T, H * dv))

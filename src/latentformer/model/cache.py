@@ -16,6 +16,10 @@ class KVCache:
     `pos` counts the slots written (the same for every row). Prompts of different lengths are
     left-padded: `pad[b]` slots at the start of row b hold padding that is never attended to,
     and row b's token in slot s has position s - pad[b].
+
+    `static=True` switches to device-side addressing (`length`, a device counter kept equal to
+    `pos`) so that one decode step can be captured in a CUDA graph and replayed: shapes and
+    launch arguments then no longer depend on the position.
     """
 
     def __init__(self, layers: list[tuple[torch.Tensor, ...]], batch_size: int, max_seq_len: int) -> None:
@@ -24,6 +28,8 @@ class KVCache:
         self.max_seq_len = max_seq_len
         self.pos = 0
         self.pad: torch.Tensor | None = None
+        self.static = False
+        self.length = torch.zeros((), dtype=torch.long, device=layers[0][0].device)
 
     def set_left_padding(self, pad: torch.Tensor | list[int]) -> None:
         """Declare per-row left padding [B] before the first (prefill) forward."""
@@ -37,6 +43,7 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
         self.pad = None
+        self.length.zero_()
 
     @property
     def nbytes(self) -> int:

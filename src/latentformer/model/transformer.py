@@ -111,8 +111,12 @@ class Transformer(nn.Module):
         if self.training and cfg.token_dropout > 0:
             tokens, targets = self._drop_tokens(tokens, targets)
 
-        positions = torch.arange(start, end, device=tokens.device)[None]  # [1, T]
         pad = cache.pad if cache is not None else None
+        if cache is not None and cache.static:
+            slots = cache.length + torch.arange(T, device=tokens.device)  # [T], device-side
+            positions = slots[None]
+        else:
+            positions = torch.arange(start, end, device=tokens.device)[None]  # [1, T]
         if pad is not None:
             positions = (positions - pad[:, None]).clamp(min=0)  # [B, T]
         x = self.embed(tokens)
@@ -120,7 +124,10 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(positions).to(x.dtype)
         x = self.dropout(x)
         cos, sin = self.rope(positions) if self.rope is not None else (None, None)
-        ctx = AttnContext(cos, sin, start, self._mask(T, start, pad, tokens.device), pad)
+        if cache is not None and cache.static:
+            ctx = AttnContext(cos, sin, start, self._static_mask(slots, cache.max_seq_len, pad), pad, slots, slots[-1] + 1)
+        else:
+            ctx = AttnContext(cos, sin, start, self._mask(T, start, pad, tokens.device), pad)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, cache.layers[i] if cache is not None else None)
         if self.norm is not None:
@@ -128,6 +135,7 @@ class Transformer(nn.Module):
         logits = self.lm_head(x)
         if cache is not None:
             cache.pos = end
+            cache.length += T
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
@@ -146,6 +154,15 @@ class Transformer(nn.Module):
         if pad is not None:
             # padding slots are never keys, except a padding query's own slot (keeps its softmax finite)
             mask = mask & ((k_slot[None, None] >= pad[:, None, None, None]) | (k_slot == q_slot)[None, None])
+        return mask
+
+    @staticmethod
+    def _static_mask(slots: torch.Tensor, S: int, pad: torch.Tensor | None) -> torch.Tensor:
+        """Mask [B|1, 1, T, S] over the whole cache buffer from device-side slot indices."""
+        k_slot = torch.arange(S, device=slots.device)[None]  # [1, S]
+        mask = (k_slot <= slots[:, None])[None, None]  # [1, 1, T, S]
+        if pad is not None:
+            mask = mask & ((k_slot[None, None] >= pad[:, None, None, None]) | (k_slot == slots[:, None])[None, None])
         return mask
 
     def _drop_tokens(self, tokens: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,0 +1,53 @@
+"""One-token decode step captured in a CUDA graph and replayed.
+
+At small batch a decode step is hundreds of tiny kernel launches; the CPU cannot issue them
+as fast as the GPU runs them. Capturing the step once and replaying it removes that
+overhead. The cache runs in static mode (device-side position counter, whole-buffer
+attention masked to the valid length), so the same graph serves every position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from latentformer.model.cache import KVCache
+from latentformer.model.transformer import Transformer
+
+
+class GraphDecodeStep:
+    """`step(tokens [B, 1]) -> logits [B, 1, vocab]` for `model` over `cache` (CUDA only).
+
+    The returned logits tensor is reused by the next call: copy it if you keep it."""
+
+    def __init__(self, model: Transformer, cache: KVCache, warmup: int = 2) -> None:
+        device = cache.length.device
+        if device.type != "cuda":
+            raise ValueError("CUDA-graph decoding needs a CUDA device")
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
+        cache.static = True
+        pos, length = cache.pos, cache.length.clone()
+
+        def restore() -> None:  # warm-up and capture write one garbage slot that the first real step overwrites
+            cache.pos = pos
+            cache.length.copy_(length)
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(warmup):  # compile Triton kernels, init cuBLAS workspaces outside the capture
+                model(self.tokens, cache=cache)
+                restore()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.logits = model(self.tokens, cache=cache)
+        restore()
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cache.pos + 1 > self.cache.max_seq_len:
+            raise ValueError(f"the cache is full ({self.cache.max_seq_len} tokens)")
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        self.cache.pos += 1
+        return self.logits
