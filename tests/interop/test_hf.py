@@ -48,7 +48,7 @@ def _hf_model(config):
     return model
 
 
-def _tokens(n=12, seed=1):
+def _tokens(n=20, seed=1):
     return torch.randint(0, V, (2, n), generator=torch.Generator().manual_seed(seed))
 
 
@@ -95,7 +95,7 @@ V3_CASES = {
                               routed_scaling_factor=1.5, norm_topk_prob=False,
                               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
-                                               "mscale": 1.0, "mscale_all_dim": 1.0}),
+                                               "mscale": 1.0, "mscale_all_dim": 0.707}),
     # dense (every layer a dense MLP), query compression, half-split rope
     "dense-qlora": dict(q_lora_rank=12, rope_interleave=False, n_routed_experts=4, first_k_dense_replace=2),
 }
@@ -178,12 +178,13 @@ EXPORT_CASES = {
                             routed_scaling_factor=2.0, first_k_dense_layers=1, moe_d_ff=16),
     "mla-moe-noshared-yarn": dict(attention="mla", n_routed_experts=4, n_shared_experts=0, experts_per_token=2,
                                   router_scoring="sigmoid", norm_topk_prob=False, moe_d_ff=16, yarn_factor=4.0,
-                                  yarn_original_max_seq_len=16, yarn_mscale_all_dim=1.0),
+                                  yarn_original_max_seq_len=16, yarn_mscale=0.707, yarn_mscale_all_dim=1.0),
     "mla-dense-tied": dict(attention="mla", tie_embeddings=True),
     "mla-moe-softmax-v2": dict(attention="mla", rope_interleave=True, n_routed_experts=4, n_shared_experts=1,
                                experts_per_token=2, router_scoring="softmax", norm_topk_prob=False,
                                n_expert_groups=2, topk_groups=1, moe_d_ff=16),
-    "gqa-llama": dict(attention="gqa", n_kv_heads=2, head_dim=8, norm_eps=1e-5),
+    "gqa-llama-yarn": dict(attention="gqa", n_kv_heads=2, head_dim=8, norm_eps=1e-5, yarn_factor=4.0,
+                           yarn_original_max_seq_len=16),
 }
 BASE = dict(vocab_size=V, n_layers=2, d_model=32, n_heads=4, max_seq_len=64, kv_lora_rank=16, qk_nope_head_dim=8,
             qk_rope_head_dim=8, v_head_dim=12, d_ff=48)

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                 tokenizer = None
                 print(f"note: no tokenizer exported ({e})", file=sys.stderr)
             export_hf(model, tokenizer, args.out, dtype=args.dtype or "float32")
-            print(f"wrote {args.out} ({type(model).__name__} -> {_architecture(args.out)})")
+            print(f"wrote {args.out} ({_architecture(args.out)})")
         else:
             src = Path(args.source)
             hf_dir = src if src.exists() else _hub_snapshot(args.source)

