@@ -52,7 +52,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
         raise ValueError(f"train.device={device}: CUDA is not available on this machine")
     if kind == "mps" and best_device() != "mps":
         raise ValueError("train.device=mps: MPS is not available on this machine")
-    if kind == "cuda" and world > 1:
+    if kind == "cuda":  # set_device needs an index; under torchrun each rank takes its local GPU
         kind = f"cuda:{local_rank}"
     dev = torch.device(kind)
     if dev.type == "cuda":

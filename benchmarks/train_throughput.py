@@ -1,0 +1,112 @@
+"""GPU training throughput through `latentformer train`'s own step, side by side with
+transformers' DeepseekV3ForCausalLM at the same shape (same batch, AdamW, bf16 autocast).
+
+Run on a CUDA machine:  PYTHONPATH=src python benchmarks/train_throughput.py --data DIR
+DIR is a prepared GPT-2 data set (`latentformer prepare --source sotu --tokenizer gpt2`).
+Tokens/s is the median over timed optimizer steps after warm-up (compilation excluded);
+MFU = flops_per_token(seq_len) x tokens/s / dense bf16 peak (H100 SXM: 989 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from latentformer.train.config import build_run_config
+from latentformer.train.trainer import Trainer
+
+
+def ours(preset: str, data: str, seq_len: int, micro: int, compile: bool, steps: int) -> dict:
+    overrides = {"data.dir": data, "train.seq_len": seq_len, "train.micro_batch_size": micro,
+                 "train.batch_tokens": seq_len * micro, "train.compile": compile, "train.progress": False,
+                 "train.tensorboard": False, "train.warmup_steps": 10, "model.max_seq_len": max(seq_len, 1024),
+                 "train.max_steps": 10**6}
+    cfg, explicit = build_run_config(preset=preset, overrides=overrides)
+    torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as run:
+        tr = Trainer(cfg, run, vocab_explicit=explicit)
+        times = []
+        for i in range(steps + 5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            tr.train_step()  # ends in a host sync (the loss)
+            if i >= 5:
+                times.append(time.perf_counter() - t0)
+        tps = seq_len * micro / statistics.median(times)
+        mfu = tr.flops_per_token * tps / tr.peak if tr.peak else float("nan")
+        out = {"tokens/s": tps, "mfu": mfu, "mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+               "params": tr.model.num_params(), "flops_per_token": tr.flops_per_token, "peak": tr.peak}
+        del tr
+    torch.cuda.empty_cache()
+    return out
+
+
+def transformers_v3(preset: str, seq_len: int, micro: int, compile: bool, steps: int) -> dict:
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from latentformer import ModelConfig
+    from latentformer.interop.hf_config import to_hf_config
+
+    hf = to_hf_config(ModelConfig.preset(preset).replace(max_seq_len=max(seq_len, 1024)), dtype="float32")
+    hf = {k: v for k, v in hf.items() if k not in ("architectures", "model_type", "torch_dtype", "transformers_version")}
+    config = DeepseekV3Config(**hf)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = DeepseekV3ForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    fwd = torch.compile(model) if compile else model
+    x = torch.randint(0, 50257, (micro, seq_len + 1), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps + 5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fwd(input_ids=x[:, :-1], labels=x[:, 1:]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        if i >= 5:
+            times.append(time.perf_counter() - t0)
+    out = {"tokens/s": seq_len * micro / statistics.median(times), "mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+    del model, opt, fwd
+    torch.cuda.empty_cache()
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--no-hf", action="store_true")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    runs = [  # (preset, seq_len, micro batch)
+        ("mla-125m", 1024, 32), ("mha-125m", 1024, 32), ("latentformer-348m", 1024, 16),
+        ("moe-mla-small", 1024, 32), ("mla-125m", 4096, 8),
+    ]
+    rows = []
+    for preset, T, B in runs:
+        for comp in (True,) if preset != "mla-125m" or T != 1024 else (True, False):
+            r = ours(preset, args.data, T, B, comp, args.steps)
+            rows.append((f"latentformer {preset}", T, B, "compiled" if comp else "eager", r["tokens/s"], r["mfu"], r["mem_gb"]))
+            print(rows[-1], flush=True)
+    if not args.no_hf:
+        for comp in (False, True):
+            try:
+                r = transformers_v3("mla-125m", 1024, 32, comp, args.steps)
+                rows.append(("transformers DeepseekV3 @mla-125m", 1024, 32, "compiled" if comp else "eager", r["tokens/s"], float("nan"), r["mem_gb"]))
+            except Exception as e:  # report, keep the table
+                print(f"transformers DeepseekV3 ({'compiled' if comp else 'eager'}) failed: {type(e).__name__}: {str(e)[:200]}")
+            print(rows[-1], flush=True)
+    print(f"\n{'model':36} {'T':>5} {'B':>3} {'mode':9} {'tokens/s':>10} {'MFU':>6} {'peak GB':>8}")
+    for name, T, B, mode, tps, mfu, mem in rows:
+        print(f"{name:36} {T:>5} {B:>3} {mode:9} {tps:10.0f} {mfu * 100:5.1f}% {mem:8.1f}")
