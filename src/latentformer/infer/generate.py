@@ -28,7 +28,8 @@ def generate(model: Transformer, tokenizer, prompts: str | list[str], max_new_to
     temperature 0 is greedy; `seed` makes sampling reproducible; `stop` strings end a row and
     are cut from its text. `truncate=True` keeps the last tokens of a prompt too long for
     `max_new_tokens` within the model's max_seq_len (else ValueError). `compile=True` (CUDA only)
-    runs the decode step through `torch.compile`.
+    fuses the one-token decode step with torch.compile and replays it as a CUDA graph over the
+    cache in static mode (`latentformer.infer.cuda_graph.GraphDecodeStep`); the prefill runs eagerly.
     stream=True returns an iterator of text increments: str for a single prompt, (row, str)
     for a list; the increments of a row concatenate to the text returned without streaming.
     Argument errors raise ValueError at the call, also when streaming.
@@ -128,6 +129,16 @@ class _RowText:
         return piece
 
 
+def _decode_step(model: Transformer, cache, compile: bool):
+    """tokens [B, 1] -> logits [B, 1, V] through `cache`: eager, or (compile) a captured CUDA graph
+    whose output buffer is reused by the next call (the loop consumes it before that)."""
+    if not compile:
+        return lambda tokens: model(tokens, cache=cache)
+    from latentformer.infer.cuda_graph import GraphDecodeStep
+
+    return GraphDecodeStep(model, cache, compile=True)  # switches the cache to static addressing
+
+
 @torch.inference_mode()
 def _decode(model: Transformer, tokenizer, ids: list[list[int]], max_new_tokens: int, params: SamplingParams,
             seed: int | None, stops: list[str], incremental: bool, compile: bool) -> Iterator[tuple[int, str]]:
@@ -146,10 +157,9 @@ def _decode(model: Transformer, tokenizer, ids: list[list[int]], max_new_tokens:
         for b, r in enumerate(ids):
             seen[b, torch.tensor(r, device=device).clamp(max=vocab - 1)] = True
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    step = torch.compile(model, dynamic=True) if compile else model  # shapes grow by one slot per step
-
     rows = [_RowText(tokenizer, stops, incremental) for _ in ids]
     logits = model(tokens, cache=cache)[:, -1, :vocab]  # [B, V]
+    step = _decode_step(model, cache, compile and max_new_tokens > 1)
     for i in range(max_new_tokens):
         nxt = sample(logits, params, seen, generator)  # [B]
         for b, token in enumerate(nxt.tolist()):
@@ -161,7 +171,7 @@ def _decode(model: Transformer, tokenizer, ids: list[list[int]], max_new_tokens:
             break
         if seen is not None:
             seen[torch.arange(B, device=device), nxt] = True
-        logits = step(nxt[:, None], cache=cache)[:, -1, :vocab]
+        logits = step(nxt[:, None])[:, -1, :vocab]
     for b, row in enumerate(rows):
         piece = row.finish()
         if piece:
