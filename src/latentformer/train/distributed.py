@@ -93,10 +93,11 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = forward
 
 
-def compile_blocks(model: nn.Module) -> None:
-    """torch.compile each Block in place (per-block compile: fast to build, names unchanged)."""
-    for block in model.layers:
-        block.compile()
+def compile_model(model: nn.Module) -> None:
+    """torch.compile the whole model in place (parameter names unchanged). Whole-model rather
+    than per-block: the output layer and the fp32 cross-entropy fuse, which per-block
+    compilation leaves eager (measured on an H100: benchmarks/RESULTS.md)."""
+    model.compile()
 
 
 def wrap_model(model: nn.Module, env: DistEnv, parallel: str) -> nn.Module:

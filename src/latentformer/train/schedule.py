@@ -7,6 +7,9 @@
     wsd         warmup-stable-decay (Hu et al. 2024, MiniCPM): lr until the last
                 `decay_fraction` of max_steps, then linear down to `min_lr`;
     constant    then lr.
+With a time budget (`train.max_time_minutes`) the position in the schedule is the larger of
+step/max_steps and elapsed/budget: the run anneals fully whichever limit comes first (such runs
+depend on wall time, so they are not bit-reproducible; step-limited runs are).
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ from latentformer.train.config import TrainConfig
 SCHEDULES = ("cosine", "step", "wsd", "constant")
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
+def lr_at(cfg: TrainConfig, step: int, time_fraction: float = 0.0) -> float:
+    """`time_fraction` (elapsed / train.max_time_minutes, used when a time budget is set): the decay
+    follows whichever of steps and time is further along, so a time-limited run still anneals."""
     lr, floor, total = cfg.lr, cfg.min_lr, cfg.max_steps
+    if time_fraction > 0:
+        step = max(step, min(round(time_fraction * total), total))
     if step < cfg.warmup_steps:
         return lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":

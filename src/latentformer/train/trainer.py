@@ -107,7 +107,7 @@ class Trainer:
         if t.activation_checkpointing:
             D.apply_activation_checkpointing(self.model)
         if t.compile:
-            D.compile_blocks(self.model)
+            D.compile_model(self.model)
         self.wrapped = D.wrap_model(self.model, env, t.parallel)
         self.peak = peak_flops(env.device)
         self.flops_per_token = self.model.flops_per_token(t.seq_len)
@@ -207,10 +207,15 @@ class Trainer:
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return out.loss.detach()
 
+    def lr(self) -> float:
+        t = self.cfg.train
+        budget = 60 * t.max_time_minutes
+        return lr_at(t, self.step, self.train_seconds / budget if budget else 0.0)
+
     def train_step(self) -> tuple[float, float, bool]:
         """One optimizer step; returns (global mean loss, grad norm, finite)."""
         t, env = self.cfg.train, self.env
-        set_lr(self.optimizer, lr_at(t, self.step))
+        set_lr(self.optimizer, self.lr())
         x, y = next(self.train_iter)  # [micro_batch * accum * world, seq_len], the global batch
         mine = slice(env.rank * self.rank_rows, (env.rank + 1) * self.rank_rows)
         x = x[mine].to(env.device, non_blocking=True)
@@ -304,7 +309,7 @@ class Trainer:
                 "skipped_steps": self.skipped_steps, "train_seconds": self.train_seconds}
 
     def _step_record(self, loss: float, norm: float, tokens_per_s: float) -> dict[str, Any]:
-        record = {"step": self.step, "loss": loss, "lr": lr_at(self.cfg.train, self.step - 1), "grad_norm": norm,
+        record = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm,
                   "tokens_per_s": tokens_per_s, "skipped_steps": self.skipped_steps,
                   "elapsed_s": round(self.train_seconds, 3)}
         if self.peak is not None:

@@ -1,0 +1,73 @@
+"""LR schedules against hand-computed values; AdamW parameter groups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from latentformer.config import ModelConfig
+from latentformer.model.transformer import Transformer
+from latentformer.train.config import TrainConfig
+from latentformer.train.optim import param_groups
+from latentformer.train.schedule import lr_at
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"lr": 1.0, "min_lr": 0.1, "max_steps": 110, "warmup_steps": 10, **kw})
+
+
+def test_warmup_is_linear_from_lr_over_warmup():
+    c = cfg(schedule="cosine")
+    assert [lr_at(c, s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+
+
+def test_cosine_to_floor():
+    c = cfg(schedule="cosine")
+    # progress p = (step - 10) / 100; lr = 0.1 + 0.45 (1 + cos(pi p))
+    assert lr_at(c, 10) == pytest.approx(1.0)
+    assert lr_at(c, 35) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(c, 60) == pytest.approx(0.55)
+    assert lr_at(c, 110) == pytest.approx(0.1)
+    assert lr_at(c, 500) == pytest.approx(0.1)
+
+
+def test_step_decay_at_milestones():
+    c = cfg(schedule="step", milestones=[50, 80], gamma=0.5)
+    assert [lr_at(c, s) for s in (10, 49, 50, 79, 80, 109)] == pytest.approx([1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
+
+
+def test_warmup_stable_decay():
+    c = cfg(schedule="wsd", decay_fraction=0.2)  # decay over the last 22 steps: 88 .. 110
+    assert [lr_at(c, s) for s in (10, 87, 88, 99, 110)] == pytest.approx([1.0, 1.0, 1.0, 1.0 - 0.9 * 11 / 22, 0.1])
+
+
+def test_constant():
+    c = cfg(schedule="constant")
+    assert [lr_at(c, s) for s in (9, 10, 1000)] == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_time_budget_moves_the_schedule_forward():
+    c = cfg(schedule="cosine")
+    assert lr_at(c, 20, time_fraction=0.6) == pytest.approx(lr_at(c, 66))
+    assert lr_at(c, 20, time_fraction=1.0) == pytest.approx(0.1)
+
+
+def test_unknown_schedule_is_a_clear_error():
+    with pytest.raises(ValueError, match="train.schedule"):
+        cfg(schedule="linear")
+
+
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_weight_decay_on_matrices_only(decay_embeddings):
+    model = Transformer(ModelConfig(vocab_size=64, n_layers=1, d_model=32, n_heads=2, max_seq_len=16,
+                                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                                    d_ff=64, tie_embeddings=True, norm="layernorm"))
+    decay, no_decay = param_groups(model, TrainConfig(decay_embeddings=decay_embeddings))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # tied weight once
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert not any("norm" in n or n.endswith(".bias") for n in decayed)
+    assert ("embed.weight" in decayed) == decay_embeddings
+    assert no_decay["weight_decay"] == 0.0

@@ -1,0 +1,145 @@
+"""The training loop: learning, exact resume, early stopping, atomic checkpoints, non-finite steps."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from latentformer.checkpoint import load_model
+from latentformer.model.transformer import ModelOutput, Transformer
+from latentformer.train.trainer import NonFiniteError, Trainer
+
+from .conftest import run_config
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_loss_falls_on_sotu(sotu_dir, tmp_path):
+    cfg = run_config(sotu_dir, max_steps=60, batch_tokens=1024, micro_batch_size=16, eval_interval=30, warmup_steps=5)
+    trainer = Trainer(cfg, tmp_path / "run")
+    initial = trainer.evaluate()["loss"]
+    summary = trainer.fit()
+    assert initial == pytest.approx(math.log(512), abs=0.3)  # a fresh model is near uniform
+    assert summary["val"]["loss"] < initial - 1.0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if not r.get("eval")]
+    assert train[-1]["loss"] < train[0]["loss"] - 1.0
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(train[0])
+    assert [r["step"] for r in records if r.get("eval")] == [30, 60]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_kill_and_resume_is_bit_identical(sotu_dir, tmp_path):
+    cfg = run_config(sotu_dir, max_steps=10, checkpoint_interval=4, eval_interval=5)
+    cfg.model.dropout = 0.1  # dropout draws from the torch RNG: resume must restore it
+    full = Trainer(cfg, tmp_path / "a")
+    full.fit()
+
+    def crash(trainer, step):
+        if step == 7:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        Trainer(cfg, tmp_path / "b", on_step=[crash]).fit()
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["best", "step_4"]
+    resumed = Trainer(cfg, tmp_path / "b", resume=True)
+    assert resumed.step == 4
+    resumed.fit()
+    a, b = weights(full.model), weights(resumed.model)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert torch.equal(full.optimizer.state_dict()["state"][0]["exp_avg_sq"], resumed.optimizer.state_dict()["state"][0]["exp_avg_sq"])
+    # keep_last=2: only the newest two step checkpoints remain
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["best", "step_10", "step_8"]
+
+
+def test_early_stopping_triggers(sotu_dir, tmp_path):
+    # lr 0 after warmup: the val loss stops improving, patience 2 stops at the third eval
+    cfg = run_config(sotu_dir, max_steps=100, schedule="step", milestones=[1], gamma=1e-30, warmup_steps=1,
+                     eval_interval=2, early_stopping_patience=2)
+    summary = Trainer(cfg, tmp_path / "run").fit()
+    assert summary["stop_reason"] == "early_stopping"
+    assert summary["step"] == 6
+    assert (tmp_path / "run" / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step_6").is_dir()
+
+
+def test_interrupted_checkpoint_write_leaves_previous_loadable(sotu_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    trainer = Trainer(run_config(sotu_dir, max_steps=2), run)
+    trainer.fit()
+    before = weights(load_model(run / "checkpoints" / "step_2"))
+
+    import latentformer.checkpoint as checkpoint
+
+    def half_write(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", half_write)
+    trainer.step = 3
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save()
+    entries = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert entries == ["best", "step_2"]  # no partial step_3, no temporary directory
+    after = weights(load_model(run / "checkpoints" / "step_2"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _nan_forward_on(steps: set[int], counter: list[int]):
+    real = Transformer.forward
+
+    def forward(self, tokens, targets=None, cache=None):
+        out = real(self, tokens, targets, cache)
+        if targets is not None and self.training:
+            counter[0] += 1
+            if counter[0] in steps:
+                return ModelOutput(out.logits, out.loss * float("nan"), out.aux_loss)
+        return out
+
+    return forward
+
+
+def test_nonfinite_step_is_skipped_and_counted(sotu_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(Transformer, "forward", _nan_forward_on({3}, [0]))
+    trainer = Trainer(run_config(sotu_dir, max_steps=5), tmp_path / "run")
+    before = {}
+
+    def snapshot(t, step):
+        before[step] = weights(t.model)
+
+    trainer.on_step.append(snapshot)
+    summary = trainer.fit()
+    assert summary["skipped_steps"] == 1
+    assert all(torch.equal(before[2][k], before[3][k]) for k in before[2])  # step 3 changed nothing
+    assert not all(torch.equal(before[3][k], before[4][k]) for k in before[3])  # training went on
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(sotu_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(Transformer, "forward", _nan_forward_on(set(range(2, 100)), [0]))
+    trainer = Trainer(run_config(sotu_dir, max_steps=20, max_nonfinite_steps=3), tmp_path / "run")
+    with pytest.raises(NonFiniteError, match="3 consecutive non-finite steps at step 4"):
+        trainer.fit()
+    assert trainer.skipped_steps == 3
+
+
+def test_nonfinite_cli_exit_code(sotu_dir, tmp_path, monkeypatch, capsys):
+    from latentformer.cli import main
+
+    from .conftest import TINY_MODEL_ARGS
+
+    monkeypatch.setattr(Transformer, "forward", _nan_forward_on(set(range(1, 100)), [0]))
+    code = main(["train", "--data", str(sotu_dir), "--out", str(tmp_path / "run"), *TINY_MODEL_ARGS, "--train.device", "cpu",
+                 "--train.seq_len", "32", "--train.micro_batch_size", "8", "--train.batch_tokens", "256",
+                 "--train.progress", "false", "--train.max_nonfinite_steps", "2", "--no-sample"])
+    assert code == 1
+    assert "consecutive non-finite steps" in capsys.readouterr().err.strip().splitlines()[-1]
