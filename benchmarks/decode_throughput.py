@@ -11,6 +11,7 @@ the largest batch at 8k context whose cache fits in memory, MLA vs MHA.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import sys
 
@@ -80,8 +81,8 @@ def bench(preset: str, B: int, ctx: int, bw: float, modes) -> list[tuple]:
         tok = torch.randint(0, 50000, (B, 1), device="cuda")
         try:
             with torch.no_grad():
-                if mode.endswith("graph"):
-                    step = GraphDecodeStep(model, cache)
+                if "graph" in mode:
+                    step = GraphDecodeStep(model, cache, compile=mode.endswith("compiled"))
                     step.tokens.copy_(tok)
                     ms = time_steps(step.graph.replay, cache, ctx)
                 else:
@@ -97,26 +98,33 @@ def bench(preset: str, B: int, ctx: int, bw: float, modes) -> list[tuple]:
     return rows
 
 
-def check_numerics() -> float:
-    """Graph-captured absorbed decode vs eager naive decode after a real prefill (bf16)."""
-    torch.manual_seed(0)
-    outs = []
+def check_numerics() -> dict[str, float]:
+    """Decode logits after a real prefill, each mode in bf16 vs the fp32 naive eager decode:
+    rel err = ||out - ref|| / ||ref||. Absorbed and naive should sit at the same bf16 level."""
     x = torch.randint(0, 50000, (4, 300), device="cuda")
-    for mode in ("absorb", "naive"):
-        model = build("mla-125m", 512, mode)
+    errs, ref = {}, None
+    for mode, decode, dtype in [("fp32 naive eager", "naive", torch.float32), ("bf16 naive eager", "naive", torch.bfloat16),
+                                ("bf16 absorb eager", "absorb", torch.bfloat16), ("bf16 absorb graph+compiled", "absorb", torch.bfloat16)]:
+        model = build("mla-125m", 512, decode).to(dtype)
         cache = model.make_cache(4, 512)
         with torch.no_grad():
             model(x[:, :256], cache=cache)
-            if mode == "absorb":
-                step = GraphDecodeStep(model, cache)
+            if "graph" in mode:
+                step = GraphDecodeStep(model, cache, compile=True)
                 logits = [step(x[:, t:t + 1]).clone() for t in range(256, 300)]
             else:
                 logits = [model(x[:, t:t + 1], cache=cache) for t in range(256, 300)]
-        outs.append(torch.cat(logits, 1).float())
-    return ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
+        out = torch.cat(logits, 1).float()
+        if ref is None:
+            ref = out
+        else:
+            errs[mode] = ((out - ref).norm() / ref.norm()).item()
+    return errs
 
 
 def max_batch(preset: str, ctx: int = 8192) -> int:
+    gc.collect()
+    torch.cuda.empty_cache()
     model = build(preset, ctx)
     per_row = model.kv_cache_bytes_per_token(torch.bfloat16) * ctx
     free = torch.cuda.mem_get_info()[0] - 2 * 1024**3  # leave 2 GiB for activations
@@ -132,20 +140,20 @@ if __name__ == "__main__":
     print(torch.cuda.get_device_name(), torch.__version__)
     bw = bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    print(f"numerics: graph absorbed vs eager naive, mla-125m bf16, rel err {check_numerics():.1e}")
-    rows = []
-    sizes = [(1, 1024), (64, 8192)] if quick else [(1, 1024), (1, 8192), (16, 1024), (16, 8192), (16, 32768), (64, 1024), (64, 8192), (64, 32768)]
-    for B, ctx in sizes:
-        rows += bench("mla-125m", B, ctx, bw, ["absorb graph", "naive graph", "absorb eager"])
-        rows += bench("mha-125m", B, ctx, bw, ["graph", "eager"])
-        if not quick:
-            rows += bench("latentformer-348m", B, ctx, bw, ["absorb graph", "naive graph"])
     b_mla, b_mha = max_batch("mla-125m"), max_batch("mha-125m")
+    for mode, err in check_numerics().items():
+        print(f"numerics, mla-125m decode vs fp32 naive: {mode:28} rel err {err:.1e}")
+    rows = []
+    sizes = [(1, 1024), (64, 8192)] if quick else [(1, 1024), (16, 8192), (64, 1024), (64, 8192), (64, 32768)]
+    for B, ctx in sizes:
+        rows += bench("mla-125m", B, ctx, bw, ["absorb graph+compiled", "absorb graph", "absorb eager"] + (["naive graph"] * (ctx <= 8192)))
+        rows += bench("mha-125m", B, ctx, bw, ["graph+compiled", "graph"])
+        rows += bench("latentformer-348m", B, ctx, bw, ["absorb graph+compiled"])
     print(f"\nlargest batch at 8k context whose cache fits: mla-125m {b_mla}, mha-125m {b_mha} ({b_mla / b_mha:.1f}x)")
     print("\ndecode step, bf16 (median ms per step; tokens/s = batch / step; x roof = step / roofline)")
-    print(f"{'model':18} {'B':>3} {'ctx':>6} {'mode':13} {'ms':>8} {'tok/s':>9} {'x roof':>7}")
+    print(f"{'model':18} {'B':>3} {'ctx':>6} {'mode':22} {'ms':>8} {'tok/s':>9} {'x roof':>7}")
     for p, B, ctx, mode, ms, tps, xr in rows:
         if ms is None:
-            print(f"{p:18} {B:>3} {ctx:>6} {mode:13} {'OOM':>8}")
+            print(f"{p:18} {B:>3} {ctx:>6} {mode:22} {'OOM':>8}")
         else:
-            print(f"{p:18} {B:>3} {ctx:>6} {mode:13} {ms:8.3f} {tps:9.0f} {xr:7.2f}")
+            print(f"{p:18} {B:>3} {ctx:>6} {mode:22} {ms:8.3f} {tps:9.0f} {xr:7.2f}")

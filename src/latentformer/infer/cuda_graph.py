@@ -17,13 +17,16 @@ from latentformer.model.transformer import Transformer
 class GraphDecodeStep:
     """`step(tokens [B, 1]) -> logits [B, 1, vocab]` for `model` over `cache` (CUDA only).
 
+    `compile=True` first fuses the step's elementwise work with torch.compile (fewer, larger
+    kernels: inside a graph each kernel still costs a few microseconds), then captures that.
     The returned logits tensor is reused by the next call: copy it if you keep it."""
 
-    def __init__(self, model: Transformer, cache: KVCache, warmup: int = 2) -> None:
+    def __init__(self, model: Transformer, cache: KVCache, warmup: int = 2, compile: bool = False) -> None:
         device = cache.length.device
         if device.type != "cuda":
             raise ValueError("CUDA-graph decoding needs a CUDA device")
         self.model, self.cache = model, cache
+        fn = torch.compile(model, dynamic=False) if compile else model
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
         cache.static = True
         pos, length = cache.pos, cache.length.clone()
@@ -36,12 +39,12 @@ class GraphDecodeStep:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.no_grad():
             for _ in range(warmup):  # compile Triton kernels, init cuBLAS workspaces outside the capture
-                model(self.tokens, cache=cache)
+                fn(self.tokens, cache=cache)
                 restore()
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = model(self.tokens, cache=cache)
+            self.logits = fn(self.tokens, cache=cache)
         restore()
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:

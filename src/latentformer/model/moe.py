@@ -80,11 +80,13 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, d] sorted by expert, counts [E] rows per expert -> [M, d]."""
-        if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-            # one grouped GEMM per projection (Hopper+); offsets are the cumulative row counts
+        dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+        if x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+            # one grouped GEMM per projection (Hopper+), no host sync; offsets = cumulative row counts
             offs = counts.cumsum(0).to(torch.int32)
-            h = torch._grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offs)
-            return torch._grouped_mm(self._act(h), self.down_proj.transpose(-2, -1), offs=offs)
+            w1, w2 = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
+            h = torch._grouped_mm(x.to(dtype), w1.transpose(-2, -1), offs=offs)
+            return torch._grouped_mm(self._act(h), w2.transpose(-2, -1), offs=offs)
         # portable path: one GEMM per expert over its contiguous slice of rows
         outs = []
         for e, xe in enumerate(torch.split(x, counts.tolist())):
@@ -119,7 +121,8 @@ class MoE(nn.Module):
 
         flat_expert = idx.reshape(-1)  # [N*k], assignment a belongs to token a // k
         order = torch.argsort(flat_expert, stable=True)  # grouped by expert, token order kept
-        counts = torch.bincount(flat_expert, minlength=E)
+        # (scatter_add rather than bincount: a static output shape, so the step compiles as one graph)
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
         sorted_expert = flat_expert[order]
         if cfg.capacity_factor > 0:
             capacity = math.ceil(cfg.capacity_factor * N * k / E)
@@ -133,7 +136,7 @@ class MoE(nn.Module):
         token = order // k
         y = self.experts(xf[token], kept_counts)
         w = weights.reshape(-1)[order].to(y.dtype)
-        out = torch.zeros_like(xf).index_add_(0, token, y * w[:, None])
+        out = torch.zeros_like(xf).index_add_(0, token, (y * w[:, None]).to(xf.dtype))
         if self.shared is not None:
             out = out + self.shared(xf)
 
