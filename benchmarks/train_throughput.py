@@ -85,28 +85,32 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--presets", default="mla-125m,mha-125m,latentformer-348m,moe-mla-small,mla-125m@4096",
+                    help="comma-separated presets (preset@seq_len for another sequence length)")
+    ap.add_argument("--eager", action="store_true", help="also time mla-125m uncompiled")
+    ap.add_argument("--hf", default="eager,compiled", help="transformers DeepseekV3 modes to time ('' = none)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    runs = [  # (preset, seq_len, micro batch)
-        ("mla-125m", 1024, 32), ("mha-125m", 1024, 32), ("latentformer-348m", 1024, 16),
-        ("moe-mla-small", 1024, 32), ("mla-125m", 4096, 8),
-    ]
+    micro = {"latentformer-348m": 16}
+    runs = []  # (preset, seq_len, micro batch)
+    for item in args.presets.split(","):
+        preset, _, T = item.partition("@")
+        T = int(T or 1024)
+        runs.append((preset, T, micro.get(preset, 32) * 1024 // T))
     rows = []
     for preset, T, B in runs:
-        for comp in (True,) if preset != "mla-125m" or T != 1024 else (True, False):
+        for comp in (True, False) if args.eager and (preset, T) == ("mla-125m", 1024) else (True,):
             r = ours(preset, args.data, T, B, comp, args.steps)
             rows.append((f"latentformer {preset}", T, B, "compiled" if comp else "eager", r["tokens/s"], r["mfu"], r["mem_gb"]))
             print(rows[-1], flush=True)
-    if not args.no_hf:
-        for comp in (False, True):
-            try:
-                r = transformers_v3("mla-125m", 1024, 32, comp, args.steps)
-                rows.append(("transformers DeepseekV3 @mla-125m", 1024, 32, "compiled" if comp else "eager", r["tokens/s"], float("nan"), r["mem_gb"]))
-            except Exception as e:  # report, keep the table
-                print(f"transformers DeepseekV3 ({'compiled' if comp else 'eager'}) failed: {type(e).__name__}: {str(e)[:200]}")
+    for mode in filter(None, args.hf.split(",")):
+        try:
+            r = transformers_v3("mla-125m", 1024, 32, mode == "compiled", args.steps)
+            rows.append(("transformers DeepseekV3 @mla-125m", 1024, 32, mode, r["tokens/s"], float("nan"), r["mem_gb"]))
             print(rows[-1], flush=True)
+        except Exception as e:  # report, keep the table
+            print(f"transformers DeepseekV3 ({mode}) failed: {type(e).__name__}: {str(e)[:200]}")
     print(f"\n{'model':36} {'T':>5} {'B':>3} {'mode':9} {'tokens/s':>10} {'MFU':>6} {'peak GB':>8}")
     for name, T, B, mode, tps, mfu, mem in rows:
         print(f"{name:36} {T:>5} {B:>3} {mode:9} {tps:10.0f} {mfu * 100:5.1f}% {mem:8.1f}")
