@@ -49,8 +49,11 @@ def test_constant():
 
 def test_time_budget_moves_the_schedule_forward():
     c = cfg(schedule="cosine")
-    assert lr_at(c, 20, time_fraction=0.6) == pytest.approx(lr_at(c, 66))
+    assert lr_at(c, 20, time_fraction=0.6) == pytest.approx(lr_at(c, 70))  # decay progress 0.6
     assert lr_at(c, 20, time_fraction=1.0) == pytest.approx(0.1)
+    assert lr_at(c, 3, time_fraction=0.9) == pytest.approx(0.4)  # warmup counts steps only
+    w = cfg(schedule="wsd", decay_fraction=0.2)
+    assert lr_at(w, 20, time_fraction=0.9) == pytest.approx(0.55)
 
 
 def test_unknown_schedule_is_a_clear_error():

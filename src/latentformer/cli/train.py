@@ -83,10 +83,9 @@ def _sample(run_dir: Path, cfg) -> None:
     from latentformer.checkpoint import load
 
     model, tokenizer = load(run_dir, device="cpu")
-    text = generate(model, tokenizer, cfg.train.sample_prompt, max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=cfg.train.seed)
-    if isinstance(text, list):
-        text = text[0]
-    print(f"\nsample: {cfg.train.sample_prompt}{text if isinstance(text, str) else getattr(text, 'text', text)}\n")
+    text = generate(model, tokenizer, cfg.train.sample_prompt, max_new_tokens=cfg.train.sample_tokens,
+                    temperature=0.8, top_k=50, seed=cfg.train.seed)
+    print(f"\nsample: {cfg.train.sample_prompt}{text}\n")
 
 
 def run(args: argparse.Namespace) -> int:

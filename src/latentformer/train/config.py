@@ -53,13 +53,13 @@ class TrainConfig:
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block, then the root)
     # batch: batch_tokens = micro_batch_size * seq_len * grad_accum * world_size
     seq_len: int = 128
-    micro_batch_size: int = 32
-    batch_tokens: int = 4096
+    micro_batch_size: int = 16
+    batch_tokens: int = 2048
     # length
-    max_steps: int = 2400
-    max_time_minutes: float = 0.0  # stop (and checkpoint) after this much training time; 0 = no limit
+    max_steps: int = 2000
+    max_time_minutes: float = 7.5  # training-time budget (the schedule anneals by it too); 0 = none
     # optimizer
-    lr: float = 3e-3
+    lr: float = 2e-3
     min_lr: float = 1e-4  # floor of cosine / wsd
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -69,12 +69,12 @@ class TrainConfig:
     decay_embeddings: bool = False
     # schedule (see latentformer.train.schedule)
     schedule: str = "cosine"  # cosine | step | wsd | constant
-    warmup_steps: int = 100
+    warmup_steps: int = 30
     milestones: list[int] = field(default_factory=list)  # step schedule
     gamma: float = 0.1  # step schedule
     decay_fraction: float = 0.2  # wsd: the final fraction of max_steps spent decaying
     # evaluation, early stopping
-    eval_interval: int = 400  # steps; 0 = only at the end
+    eval_interval: int = 250  # steps; 0 = only at the end
     eval_tokens: int = 0  # cap on validation tokens per periodic eval; 0 = the full split
     eval_batch_size: int = 0  # 0 = micro_batch_size
     early_stopping_patience: int = 0  # evals without a new best val loss before stopping; 0 = off
@@ -82,7 +82,7 @@ class TrainConfig:
     checkpoint_interval: int = 0  # steps; 0 = at evals and at the end only
     keep_last: int = 2
     # logging
-    log_interval: int = 20
+    log_interval: int = 10
     progress: bool = True
     tensorboard: bool = True
     # numerics

@@ -5,11 +5,11 @@
     cosine      then half a cosine from lr down to the floor `min_lr` at `max_steps`;
     step        then lr * gamma^(number of milestones <= step)  (the original Latentformer recipe);
     wsd         warmup-stable-decay (Hu et al. 2024, MiniCPM): lr until the last
-                `decay_fraction` of max_steps, then linear down to `min_lr`;
+                `decay_fraction` of the run, then linear down to `min_lr`;
     constant    then lr.
-With a time budget (`train.max_time_minutes`) the position in the schedule is the larger of
-step/max_steps and elapsed/budget: the run anneals fully whichever limit comes first (such runs
-depend on wall time, so they are not bit-reproducible; step-limited runs are).
+With a time budget (`train.max_time_minutes`) the decay's position is the larger of the step
+fraction and elapsed/budget: the run anneals fully whichever limit comes first (such runs depend
+on wall time, so they are not bit-reproducible; set max_time_minutes 0 for exact resume).
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ SCHEDULES = ("cosine", "step", "wsd", "constant")
 
 
 def lr_at(cfg: TrainConfig, step: int, time_fraction: float = 0.0) -> float:
-    """`time_fraction` (elapsed / train.max_time_minutes, used when a time budget is set): the decay
-    follows whichever of steps and time is further along, so a time-limited run still anneals."""
+    """`time_fraction` (elapsed / train.max_time_minutes, when a time budget is set): the decay
+    follows whichever of steps and time is further along, so a time-limited run still anneals.
+    Warmup and the step schedule count optimizer steps only."""
     lr, floor, total = cfg.lr, cfg.min_lr, cfg.max_steps
-    if time_fraction > 0:
-        step = max(step, min(round(time_fraction * total), total))
     if step < cfg.warmup_steps:
         return lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
@@ -34,15 +33,14 @@ def lr_at(cfg: TrainConfig, step: int, time_fraction: float = 0.0) -> float:
     if cfg.schedule == "step":
         return lr * cfg.gamma ** sum(step >= m for m in cfg.milestones)
     if cfg.schedule == "cosine":
-        span = max(total - cfg.warmup_steps, 1)
-        progress = min((step - cfg.warmup_steps) / span, 1.0)
+        progress = min(max((step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1), time_fraction), 1.0)
         return floor + 0.5 * (lr - floor) * (1.0 + math.cos(math.pi * progress))
     if cfg.schedule == "wsd":
-        decay_steps = max(round(cfg.decay_fraction * total), 1)
-        decay_start = total - decay_steps
-        if step < decay_start:
+        position = max(step / max(total, 1), time_fraction)
+        decay_start = 1.0 - cfg.decay_fraction
+        if position < decay_start:
             return lr
-        return lr + (floor - lr) * min((step - decay_start) / decay_steps, 1.0)
+        return lr + (floor - lr) * min((position - decay_start) / cfg.decay_fraction, 1.0)
     raise ValueError(f"train.schedule: unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
