@@ -68,7 +68,8 @@ if triton is not None:
             c = tl.load(base + offs_s[:, None] * stride_ls + offs_r[None, :], mask=s_mask[:, None], other=0.0)
             pe = tl.load(base + offs_s[:, None] * stride_ls + R + offs_dr[None, :], mask=s_mask[:, None], other=0.0)
             s = tl.dot(ql, tl.trans(c)) + tl.dot(qp, tl.trans(pe))  # [BLOCK_H, BLOCK_S] fp32
-            s = tl.where(s_mask[None, :], s * scale, float("-inf"))
+            # the cast keeps the loop-carried softmax state fp32 when torch.compile passes `scale` as fp64
+            s = tl.where(s_mask[None, :], s * scale, float("-inf")).to(tl.float32)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
