@@ -115,3 +115,14 @@ def test_cli_bad_sampling_flag_is_one_line(ckpt, capsys):
     assert main(["generate", str(path), "--prompt", "x", "--top-p", "0", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert err == "latentformer generate: error: top_p must be in (0, 1] (1 = off), got 0.0\n"
+
+
+def test_cli_info_presets(capsys):
+    assert main(["info", "--presets", "--json"]) == 0
+    rows = {r["preset"]: r for r in json.loads(capsys.readouterr().out)}
+    with torch.device("meta"):
+        tiny = lf.Transformer(lf.ModelConfig.preset("tiny"))
+    assert rows["tiny"]["parameters"] == tiny.num_params()
+    assert rows["mla-125m"]["kv_cache_bytes_per_token_bf16"] < rows["mha-125m"]["kv_cache_bytes_per_token_bf16"] / 8
+    assert main(["info"]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

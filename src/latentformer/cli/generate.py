@@ -10,9 +10,10 @@ HELP = "complete prompts with a trained checkpoint (batched, sampling controls, 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, path_optional: bool = False) -> None:
     """PATH, --device and --dtype: shared by generate, chat and info."""
-    parser.add_argument("path", help="checkpoint directory, or a run directory (its best, else latest, checkpoint)")
+    parser.add_argument("path", nargs="?" if path_optional else None,
+                        help="checkpoint directory, or a run directory (its best, else latest, checkpoint)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights and cache dtype (default: as loaded, float32)")
 

@@ -1,4 +1,5 @@
-"""`latentformer info`: what a checkpoint holds (size, attention, cache cost, context, tokenizer)."""
+"""`latentformer info`: what a checkpoint holds (size, attention, cache cost, context, tokenizer),
+or with `--presets` a table of the shipped model presets."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ HELP = "describe a checkpoint: parameters, attention, KV-cache bytes per token, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    add_model_arguments(parser, path_optional=True)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--presets", action="store_true", help="list the shipped model presets instead (no PATH)")
 
 
 def describe(model, tokenizer) -> dict:
@@ -49,7 +51,38 @@ def describe(model, tokenizer) -> dict:
     }
 
 
+def preset_table() -> list[dict]:
+    """Size and cache cost of every shipped preset (built on the meta device: no memory)."""
+    import torch
+
+    from latentformer import ModelConfig, Transformer
+    from latentformer.config import preset_names
+
+    rows = []
+    for name in preset_names():
+        cfg = ModelConfig.preset(name)
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        rows.append({"preset": name, "attention": cfg.attention, "layers": cfg.n_layers, "d_model": cfg.d_model,
+                     "parameters": model.num_params(), "active_parameters": model.num_params(active=True),
+                     "kv_cache_bytes_per_token_bf16": model.kv_cache_bytes_per_token(torch.bfloat16),
+                     "max_seq_len": cfg.max_seq_len, "vocab_size": cfg.vocab_size})
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.presets:
+        rows = preset_table()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"{'preset':18} {'attn':4} {'layers':>6} {'d_model':>7} {'params':>9} {'active':>9} {'KV B/tok':>9} {'context':>8}")
+        for r in rows:
+            print(f"{r['preset']:18} {r['attention']:4} {r['layers']:>6} {r['d_model']:>7} {r['parameters'] / 1e6:8.1f}M "
+                  f"{r['active_parameters'] / 1e6:8.1f}M {r['kv_cache_bytes_per_token_bf16']:>9,} {r['max_seq_len']:>8,}")
+        return 0
+    if args.path is None:
+        raise ValueError("give a checkpoint or run directory, or --presets")
     model, tokenizer = load_from_args(args)
     info = describe(model, tokenizer)
     if args.json:
