@@ -84,7 +84,7 @@ class RunLogger:
         if self._bar is not None:
             self._bar.update(self._task, completed=record["step"], info=info)
         else:
-            self.console.print(f"step {record['step']}  {info}", highlight=False)
+            self.console.print(f"step {record['step']}  {info}", highlight=False, soft_wrap=True)
 
     def advance(self, step: int) -> None:
         if self._bar is not None:
@@ -99,7 +99,7 @@ class RunLogger:
 
     def message(self, text: str) -> None:
         if self.enabled:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self._bar is not None:

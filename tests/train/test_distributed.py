@@ -1,0 +1,35 @@
+"""DDP on 2 CPU processes (torchrun, gloo) == one process with grad_accum=2 at the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from latentformer.checkpoint import load_model
+from latentformer.cli import main
+
+from .conftest import TINY_MODEL_ARGS
+
+ARGS = [*TINY_MODEL_ARGS, "--train.device", "cpu", "--train.threads", "1", "--train.seq_len", "32",
+        "--train.micro_batch_size", "4", "--train.batch_tokens", "256", "--train.max_steps", "4",
+        "--train.warmup_steps", "1", "--train.eval_interval", "2", "--train.max_time_minutes", "0",
+        "--train.progress", "false", "--train.tensorboard", "false", "--no-sample"]
+
+
+def test_ddp_two_processes_match_one_process(sotu_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+         "-m", "latentformer", "train", "--data", str(sotu_dir), "--out", str(tmp_path / "ddp"), *ARGS],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "4 x 32 x 1 accum x 2 ranks" in ddp.stdout + ddp.stderr
+    assert main(["train", "--data", str(sotu_dir), "--out", str(tmp_path / "one"), *ARGS]) == 0
+
+    a = load_model(tmp_path / "ddp" / "checkpoints" / "step_4").state_dict()
+    b = load_model(tmp_path / "one" / "checkpoints" / "step_4").state_dict()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff < 1e-5, diff
