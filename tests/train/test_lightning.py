@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 pl = pytest.importorskip("lightning.pytorch")
 
@@ -19,8 +20,9 @@ def test_lightning_module_learns(sotu_dir, tmp_path):
     torch.manual_seed(0)
     data = TokenData(sotu_dir)
     train = RandomWindows(data.tokens("train"), batch_size=16, block_size=32, seed=0)
-    batches = [next(train) for _ in range(40)]
-    val = list(eval_batches(data.tokens("val"), 16, 32))
+    # batch_size=None: the loaders hand over the prepared batches as they are
+    batches = DataLoader([next(train) for _ in range(40)], batch_size=None)
+    val = DataLoader(list(eval_batches(data.tokens("val"), 16, 32)), batch_size=None)
     module = LatentformerModule(ModelConfig(**TINY_MODEL), TrainConfig(lr=3e-3, warmup_steps=2, max_steps=40))
     trainer = pl.Trainer(max_steps=40, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
