@@ -31,7 +31,8 @@ def sotu_dir(tmp_path_factory):
 
 
 def run_config(data_dir, **train) -> RunConfig:
-    base = dict(device="cpu", threads=2, seq_len=32, micro_batch_size=8, batch_tokens=256, max_steps=8, lr=3e-3,
+    base = dict(device="cpu", threads=2, max_time_minutes=0, seq_len=32, micro_batch_size=8, eval_batch_size=64,
+                batch_tokens=256, max_steps=8, lr=3e-3,
                 warmup_steps=2, eval_interval=0, log_interval=2, progress=False, tensorboard=False, sample_tokens=0)
     base.update(train)
     return RunConfig(ModelConfig(**TINY_MODEL), DataConfig(dir=str(data_dir)), TrainConfig(**base))

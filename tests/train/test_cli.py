@@ -14,8 +14,8 @@ from latentformer.data.dataset import TokenData
 
 from .conftest import TINY_MODEL_ARGS
 
-FAST = ["--train.device", "cpu", "--train.seq_len", "32", "--train.micro_batch_size", "8", "--train.batch_tokens", "256",
-        "--train.warmup_steps", "2", "--train.progress", "false", "--train.tensorboard", "false", "--no-sample"]
+FAST = ["--train.device", "cpu", "--train.eval_batch_size", "64", "--train.seq_len", "32", "--train.micro_batch_size", "8", "--train.batch_tokens", "256",
+        "--train.warmup_steps", "2", "--train.max_time_minutes", "0", "--train.progress", "false", "--train.tensorboard", "false", "--no-sample"]
 
 
 @pytest.mark.parametrize("extra, message", [

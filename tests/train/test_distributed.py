@@ -13,7 +13,7 @@ from latentformer.cli import main
 
 from .conftest import TINY_MODEL_ARGS
 
-ARGS = [*TINY_MODEL_ARGS, "--train.device", "cpu", "--train.threads", "1", "--train.seq_len", "32",
+ARGS = [*TINY_MODEL_ARGS, "--train.device", "cpu", "--train.eval_batch_size", "64", "--train.threads", "1", "--train.seq_len", "32",
         "--train.micro_batch_size", "4", "--train.batch_tokens", "256", "--train.max_steps", "4",
         "--train.warmup_steps", "1", "--train.eval_interval", "2", "--train.max_time_minutes", "0",
         "--train.progress", "false", "--train.tensorboard", "false", "--no-sample"]

@@ -261,7 +261,7 @@ class Trainer:
             log.message(f"model {self.model.num_params() / 1e6:.2f}M params ({self.cfg.model.attention}), "
                         f"{env.world_size} x {env.device.type} {self.dtype}, batch {tokens_per_step} tokens "
                         f"= {t.micro_batch_size} x {t.seq_len} x {self.accum} accum x {env.world_size} ranks")
-            window_t0, window_steps = time.perf_counter(), 0
+            window_start, window_steps = self.train_seconds, 0  # tokens/s over step time only (no evals)
             while self.step < t.max_steps:
                 if t.max_time_minutes and self.train_seconds >= 60 * t.max_time_minutes:
                     stop_reason = "max_time"
@@ -282,10 +282,10 @@ class Trainer:
                 else:
                     self.nonfinite_run = 0
                 if self.step % t.log_interval == 0 or self.step == t.max_steps:
-                    elapsed = time.perf_counter() - window_t0
+                    elapsed = self.train_seconds - window_start
                     record = self._step_record(loss, norm, window_steps * tokens_per_step / max(elapsed, 1e-9))
                     log.log_step(record)
-                    window_t0, window_steps = time.perf_counter(), 0
+                    window_start, window_steps = self.train_seconds, 0
                 else:
                     log.advance(self.step)
                 for fn in self.on_step:
