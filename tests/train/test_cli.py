@@ -72,7 +72,8 @@ def test_eval_equals_hand_computed_full_split_loss(sotu_dir, tmp_path, capsys):
     model, _ = load(run, device="cpu")
     data = TokenData(sotu_dir)
     tokens = torch.from_numpy(data.tokens("val").astype("int64"))
-    T = model.config.max_seq_len
+    T = 32  # the run's training context, the eval default (the model allows 64)
+    assert got["seq_len"] == T
     total, n = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(tokens) - 1, T):

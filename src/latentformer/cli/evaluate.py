@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="prepared data directory (from `latentformer prepare`)")
     parser.add_argument("--split", default="val", choices=("val", "train"), help="split to evaluate (default: val)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default: 8)")
-    parser.add_argument("--seq-len", type=int, default=0, help="window length (default: the model's max_seq_len)")
+    parser.add_argument("--seq-len", type=int, default=0, help="window length (default: the training context, else the model's max_seq_len)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="autocast dtype (default: fp32)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from latentformer.checkpoint import find_checkpoint, load
+    from latentformer.checkpoint import CONFIG, find_checkpoint, load
     from latentformer.data.dataset import TokenData
     from latentformer.data.tokenizer import check_vocab_fits
     from latentformer.train.distributed import best_device
@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if [tokenizer.describe().get(k) for k in same] != [data.tokenizer.describe().get(k) for k in same]:
         raise ValueError(f"{ckpt} was trained with another tokenizer than {args.data} ({tokenizer.kind} vs {data.tokenizer.kind}); "
                          "prepare the data with the checkpoint's tokenizer directory")
-    seq_len = args.seq_len or model.config.max_seq_len
+    # default context: what the run trained at (config.json `train_seq_len`), else max_seq_len
+    seq_len = args.seq_len or json.loads((ckpt / CONFIG).read_text()).get("train_seq_len") or model.config.max_seq_len
     if not 0 < seq_len <= model.config.max_seq_len:
         raise ValueError(f"--seq-len must be in [1, {model.config.max_seq_len}], got {seq_len}")
     autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if args.dtype == "bf16" else contextlib.nullcontext

@@ -177,7 +177,7 @@ class Trainer:
         state = self.train_state()
         if self.env.is_main:
             ckpt.save_step(self.run_dir, self.step, model, self.tokenizer, state, self.cfg.train.keep_last,
-                           {"best_val_loss": self.best_val})
+                           {"best_val_loss": self.best_val, "train_seq_len": self.cfg.train.seq_len})
         D.barrier()
 
     # -- evaluation --------------------------------------------------------------------------
@@ -329,7 +329,8 @@ class Trainer:
             model = self._full_model()
             if self.env.is_main:
                 ckpt.save_best(self.run_dir, model, self.tokenizer,
-                               {"step": self.step, "val_loss": result["loss"], "val_bpb": result["bpb"]})
+                               {"step": self.step, "val_loss": result["loss"], "val_bpb": result["bpb"],
+                                "train_seq_len": self.cfg.train.seq_len})
             D.barrier()
         else:
             self.bad_evals += 1
