@@ -1,4 +1,4 @@
-"""DDP on 2 CPU processes (torchrun, gloo) == one process with grad_accum=2 at the same global batch."""
+"""DDP / FSDP2 on 2 CPU processes (torchrun, gloo) == one process with grad_accum=2 at the same global batch."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-import torch
+import pytest
 
 from latentformer.checkpoint import load_model
 from latentformer.cli import main
@@ -19,11 +19,13 @@ ARGS = [*TINY_MODEL_ARGS, "--train.device", "cpu", "--train.eval_batch_size", "6
         "--train.progress", "false", "--train.tensorboard", "false", "--no-sample"]
 
 
-def test_ddp_two_processes_match_one_process(sotu_dir, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(sotu_dir, tmp_path, parallel):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
-         "-m", "latentformer", "train", "--data", str(sotu_dir), "--out", str(tmp_path / "ddp"), *ARGS],
+         "-m", "latentformer", "train", "--data", str(sotu_dir), "--out", str(tmp_path / "ddp"), *ARGS,
+         "--train.parallel", parallel],
         env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "4 x 32 x 1 accum x 2 ranks" in ddp.stdout + ddp.stderr

@@ -83,8 +83,8 @@ def _sample(run_dir: Path, cfg) -> None:
     from latentformer.checkpoint import load
 
     model, tokenizer = load(run_dir, device="cpu")
-    text = generate(model, tokenizer, cfg.train.sample_prompt, max_new_tokens=cfg.train.sample_tokens,
-                    temperature=0.8, top_k=50, seed=cfg.train.seed)
+    text = generate(model, tokenizer, cfg.train.sample_prompt, max_new_tokens=min(cfg.train.sample_tokens, model.config.max_seq_len // 2),
+                    temperature=0.8, top_k=50, seed=cfg.train.seed, truncate=True)
     print(f"\nsample: {cfg.train.sample_prompt}{text}\n")
 
 

@@ -86,7 +86,6 @@ class Trainer:
         seed_everything(t.seed)
         with torch.device(env.device):
             self.model = Transformer(cfg.model)
-        self.optimizer = build_optimizer(self.model, t, env.device.type)
         self.scaler = torch.amp.GradScaler(env.device.type) if self.dtype == "fp16" else None
         self.step = 0
         self.best_val = math.inf
@@ -100,15 +99,19 @@ class Trainer:
         self.rank_rows = t.micro_batch_size * self.accum
         self.train_iter = RandomWindows(self.data.tokens("train"), batch_size=self.rank_rows * env.world_size,
                                         block_size=t.seq_len, seed=t.seed)
-        self.resumed_from = None
-        if resume:
-            self._restore(ckpt.latest_step_dir(self.run_dir))
+        self.resumed_from = ckpt.latest_step_dir(self.run_dir) if resume else None
+        if self.resumed_from is not None:
+            self._load_weights(self.resumed_from)
 
         if t.activation_checkpointing:
             D.apply_activation_checkpointing(self.model)
         if t.compile:
             D.compile_model(self.model)
         self.wrapped = D.wrap_model(self.model, env, t.parallel)
+        # after wrapping: fully_shard replaces the parameters by sharded DTensors
+        self.optimizer = build_optimizer(self.model, t, env.device.type)
+        if self.resumed_from is not None:
+            self._restore(self.resumed_from)
         self.peak = peak_flops(env.device)
         self.flops_per_token = self.model.flops_per_token(t.seq_len)
 
@@ -140,13 +143,21 @@ class Trainer:
             return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.optimizer.state_dict()
 
-    def _restore(self, path: Path) -> None:
-        state = ckpt.load_train_state(path)
+    def _load_weights(self, path: Path) -> None:
         weights = load_file(str(path / WEIGHTS), device=str(self.env.device))
         missing, unexpected = self.model.load_state_dict(weights, strict=False)
         if unexpected or [k for k in missing if k != "lm_head.weight"]:
             raise ValueError(f"--resume: {path} does not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        self.optimizer.load_state_dict(state["optimizer"])
+
+    def _restore(self, path: Path) -> None:
+        """Optimizer, scaler, data position, RNG and counters (the weights are loaded before wrapping)."""
+        state = ckpt.load_train_state(path)
+        if self.cfg.train.parallel == "fsdp" and self.env.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.train_iter.load_state_dict(state["data"])
@@ -157,7 +168,6 @@ class Trainer:
         self.skipped_steps = state["skipped_steps"]
         self.nonfinite_run = state["nonfinite_run"]
         self.train_seconds = state["train_seconds"]
-        self.resumed_from = path
 
     def _full_model(self) -> Transformer:
         """A Transformer with full (unsharded, CPU-gatherable) weights for writing checkpoints."""
