@@ -20,7 +20,9 @@ HELP = "train a model (default: the tiny MLA preset on the embedded sotu corpus)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML run config with sections model/data/train (and optional preset:)")
-    parser.add_argument("--preset", default=None, help="model preset (default: tiny); see `latentformer info --presets`")
+    from latentformer.config import preset_names
+
+    parser.add_argument("--preset", default=None, help=f"model preset: {', '.join(preset_names())} (default: tiny)")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--data", default=None, help="prepared data directory (from `latentformer prepare`)")
     src.add_argument("--source", default=None, help="corpus prepared on first use into the cache (default: sotu)")
