@@ -85,6 +85,11 @@ class Tokenizer:
 
     def describe(self) -> dict:
         """JSON-safe summary: kind, vocab_size, eot_id, sha256 of the vocabulary files."""
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id,
+                "special_tokens": {EOT: self.eot_id}, **self._identity()}
+
+    def _identity(self) -> dict:
+        """What pins the exact vocabulary (hashes, file name) for `describe`."""
         raise NotImplementedError
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -171,14 +176,8 @@ class GPT2Tokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
 
-    def describe(self) -> dict:
-        return {
-            "kind": self.kind,
-            "vocab_size": self.vocab_size,
-            "eot_id": self.eot_id,
-            "special_tokens": {EOT: self.eot_id},
-            "sha256": dict(_GPT2_SHA256),
-        }
+    def _identity(self) -> dict:
+        return {"sha256": dict(_GPT2_SHA256)}
 
 
 def _as_tiktoken(tk, eot_id: int):
@@ -268,15 +267,8 @@ class BPETokenizer(Tokenizer):
             return self._fast.decode([int(i) for i in ids])
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def describe(self) -> dict:
-        return {
-            "kind": self.kind,
-            "vocab_size": self.vocab_size,
-            "eot_id": self.eot_id,
-            "special_tokens": {EOT: self.eot_id},
-            "sha256": self._sha,
-            "file": BPE_FILE,
-        }
+    def _identity(self) -> dict:
+        return {"sha256": self._sha, "file": BPE_FILE}
 
     def to_json(self) -> str:
         """The HF `tokenizer.json` text (loadable by `load_tokenizer(path)` and by transformers)."""
@@ -312,8 +304,8 @@ class ByteTokenizer(Tokenizer):
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
 
-    def describe(self) -> dict:
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, "special_tokens": {EOT: self.eot_id}, "sha256": None}
+    def _identity(self) -> dict:
+        return {"sha256": None}
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
