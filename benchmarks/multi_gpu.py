@@ -54,7 +54,7 @@ if __name__ == "__main__":
             print(preset, parallel, g, f"{tps[g]:.0f} tokens/s", flush=True)
         for g, v in tps.items():
             rows.append((preset, parallel, g, v, v / g))
-    print(f"\nthroughput, global batch 65536 tokens, seq 1024, bf16 eager (median tokens/s after warm-up)")
+    print("\nthroughput, global batch 65536 tokens, seq 1024, bf16 eager (median tokens/s after warm-up)")
     print(f"{'model':20} {'mode':5} {'GPUs':>4} {'tokens/s':>10} {'per GPU':>9} {'scaling':>8}")
     base = {}
     for preset, parallel, g, v, per in rows:
