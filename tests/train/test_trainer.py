@@ -143,3 +143,15 @@ def test_nonfinite_cli_exit_code(sotu_dir, tmp_path, monkeypatch, capsys):
                  "--train.progress", "false", "--train.max_nonfinite_steps", "2", "--no-sample"])
     assert code == 1
     assert "consecutive non-finite steps" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_gradients_are_cleared_inside_the_step(sotu_dir, tmp_path):
+    """A known defect of earlier trainers: zero_grad outside the step lets gradients of one
+    step leak into the next. Here every step (with accumulation inside it) ends holding no
+    gradient, so the next step starts from zero."""
+    cfg = run_config(sotu_dir, batch_tokens=512)  # grad_accum 2
+    trainer = Trainer(cfg, tmp_path / "run")
+    for _ in range(2):
+        _, norm, finite = trainer.train_step()
+        assert finite and norm > 0
+        assert all(p.grad is None for p in trainer.model.parameters())
