@@ -83,6 +83,8 @@ def bench(preset: str, B: int, ctx: int, bw: float, modes) -> list[tuple]:
             with torch.no_grad():
                 if "graph" in mode:
                     step = GraphDecodeStep(model, cache, compile=mode.endswith("compiled"))
+                    if mode.endswith("compiled") and not step.compiled:
+                        mode += " (compile failed: uncompiled)"
                     step.tokens.copy_(tok)
                     ms = time_steps(step.graph.replay, cache, ctx)
                 else:

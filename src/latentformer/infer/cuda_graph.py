@@ -8,6 +8,8 @@ attention masked to the valid length), so the same graph serves every position.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from latentformer.model.cache import KVCache
@@ -38,14 +40,27 @@ class GraphDecodeStep:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(warmup):  # compile Triton kernels, init cuBLAS workspaces outside the capture
-                fn(self.tokens, cache=cache)
+            try:
+                self._warm_up(fn, warmup, restore)
+            except Exception as e:  # an inductor/Triton failure must not take decoding down with it
+                if fn is model:
+                    raise
+                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "capturing the uncompiled step instead", RuntimeWarning, stacklevel=2)
                 restore()
+                fn = model
+                self._warm_up(fn, warmup, restore)
         torch.cuda.current_stream(device).wait_stream(side)
+        self.compiled = fn is not model  # False after a fallback
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
             self.logits = fn(self.tokens, cache=cache)
         restore()
+
+    def _warm_up(self, fn, n: int, restore) -> None:
+        for _ in range(n):  # compile kernels, init cuBLAS workspaces outside the capture
+            fn(self.tokens, cache=self.cache)
+            restore()
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.cache.pos + 1 > self.cache.max_seq_len:
