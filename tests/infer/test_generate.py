@@ -32,9 +32,9 @@ class Scripted(lf.Transformer):
                                         kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8))
         self.scripts, self.step = scripts, 0
 
-    def forward(self, tokens, targets=None, cache=None):
-        super().forward(tokens, cache=cache)
-        logits = torch.zeros(tokens.shape[0], tokens.shape[1], 257)
+    def forward(self, tokens, targets=None, cache=None, last_only=False):
+        super().forward(tokens, cache=cache, last_only=last_only)
+        logits = torch.zeros(tokens.shape[0], 1 if last_only else tokens.shape[1], 257)
         for b, script in enumerate(self.scripts):
             logits[b, -1, script[min(self.step, len(script) - 1)]] = 10.0
         self.step += 1

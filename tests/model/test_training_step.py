@@ -49,3 +49,17 @@ def test_token_dropout_replaces_inputs_and_masks_their_targets():
     model.eval()  # inference never drops
     with torch.no_grad():
         assert torch.equal(model(x), model(x))
+
+
+def test_last_only_equals_the_last_position_of_the_full_output():
+    model = Transformer(small(n_routed_experts=4, experts_per_token=2)).eval()
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        full = model(x)
+        last = model(x, last_only=True)
+        cache = model.make_cache(2, 16)
+        cached = model(x, cache=cache, last_only=True)
+    assert last.shape == (2, 1, 97)
+    assert torch.allclose(last, full[:, -1:], atol=1e-6) and torch.allclose(cached, full[:, -1:], atol=1e-5)
+    with pytest.raises(ValueError, match="last_only"):
+        model(x, x, last_only=True)

@@ -95,8 +95,12 @@ class Transformer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor | ModelOutput:
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor | ModelOutput:
+        """`last_only=True` (inference) computes the output layer for the last position only:
+        logits [B, 1, vocab] — a prompt prefill then never materializes [B, T, vocab]."""
         cfg = self.config
+        if last_only and targets is not None:
+            raise ValueError("last_only=True is for inference: it cannot be combined with targets")
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {list(tokens.shape)}")
         B, T = tokens.shape
@@ -130,6 +134,8 @@ class Transformer(nn.Module):
             ctx = AttnContext(cos, sin, start, self._mask(T, start, pad, tokens.device), pad)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, cache.layers[i] if cache is not None else None)
+        if last_only:
+            x = x[:, -1:]
         if self.norm is not None:
             x = self.norm(x)
         logits = self.lm_head(x)
