@@ -129,9 +129,11 @@ class Transformer(nn.Module):
         x = self.dropout(x)
         cos, sin = self.rope(positions) if self.rope is not None else (None, None)
         if cache is not None and cache.static:
-            ctx = AttnContext(cos, sin, start, self._static_mask(slots, cache.max_seq_len, pad), pad, slots, slots[-1] + 1)
+            ctx = AttnContext(cos, sin, start, self._mask(slots, cache.max_seq_len, pad), pad, slots, slots[-1] + 1)
+        elif pad is None and (start == 0 or T == 1):  # SDPA's causal flag (or no mask at all) suffices
+            ctx = AttnContext(cos, sin, start, None, pad)
         else:
-            ctx = AttnContext(cos, sin, start, self._mask(T, start, pad, tokens.device), pad)
+            ctx = AttnContext(cos, sin, start, self._mask(torch.arange(start, end, device=tokens.device), end, pad), pad)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, cache.layers[i] if cache is not None else None)
         if last_only:
@@ -149,26 +151,15 @@ class Transformer(nn.Module):
         return ModelOutput(logits, loss, torch.stack(aux).sum() if aux else None)
 
     @staticmethod
-    def _mask(T: int, start: int, pad: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-        """Boolean attention mask [B|1, 1, T, S] for cached forwards; None when SDPA's causal flag suffices."""
-        if pad is None and (start == 0 or T == 1):
-            return None
-        S = start + T
-        q_slot = torch.arange(start, S, device=device)[:, None]  # [T, 1]
-        k_slot = torch.arange(S, device=device)[None]  # [1, S]
+    def _mask(slots: torch.Tensor, S: int, pad: torch.Tensor | None) -> torch.Tensor:
+        """Boolean attention mask [B|1, 1, T, S] (True = may attend) for queries in cache `slots` [T]
+        over keys 0..S-1: causal, and padding slots are never keys except a padding query's own
+        slot (which keeps its softmax finite)."""
+        k_slot = torch.arange(S, device=slots.device)[None]  # [1, S]
+        q_slot = slots[:, None]  # [T, 1]
         mask = (k_slot <= q_slot)[None, None]  # [1, 1, T, S]
         if pad is not None:
-            # padding slots are never keys, except a padding query's own slot (keeps its softmax finite)
             mask = mask & ((k_slot[None, None] >= pad[:, None, None, None]) | (k_slot == q_slot)[None, None])
-        return mask
-
-    @staticmethod
-    def _static_mask(slots: torch.Tensor, S: int, pad: torch.Tensor | None) -> torch.Tensor:
-        """Mask [B|1, 1, T, S] over the whole cache buffer from device-side slot indices."""
-        k_slot = torch.arange(S, device=slots.device)[None]  # [1, S]
-        mask = (k_slot <= slots[:, None])[None, None]  # [1, 1, T, S]
-        if pad is not None:
-            mask = mask & ((k_slot[None, None] >= pad[:, None, None, None]) | (k_slot == slots[:, None])[None, None])
         return mask
 
     def _drop_tokens(self, tokens: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
