@@ -76,12 +76,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         state = load_file(str(path / WEIGHTS), device=str(device))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ValueError(f"{path / WEIGHTS} is corrupt: {e}") from None
-    with torch.device(device):
+    with torch.device("meta"):  # no random init of weights that are about to be replaced
         model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise ValueError(f"{path / WEIGHTS} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.init_derived_buffers()
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()

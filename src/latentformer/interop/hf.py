@@ -35,7 +35,6 @@ from latentformer.config import ModelConfig
 from latentformer.data.tokenizer import EOT, Tokenizer, load_tokenizer
 from latentformer.fsutil import atomic_directory
 from latentformer.interop.hf_config import DEEPSEEK_V3, LLAMA, from_hf_config, hf_model_type, to_hf_config
-from latentformer.model.rope import RotaryEmbedding
 from latentformer.model.transformer import Transformer
 
 WEIGHTS = "model.safetensors"
@@ -267,16 +266,6 @@ def _read_tokenizer(hf_dir: Path) -> Tokenizer | None:
     return None
 
 
-def _materialize_derived_buffers(model: Transformer) -> None:
-    """Non-persistent buffers of a model built on the meta device: rope frequencies, MoE load counters."""
-    if model.rope is not None:
-        model.rope = RotaryEmbedding(model.config)
-    for moe in model.moe_layers():
-        moe.load_since_update = torch.zeros(model.config.n_routed_experts)
-    left = [n for n, t in model.named_buffers() if t.is_meta]
-    assert not left, f"buffers left on the meta device: {left}"
-
-
 def import_hf(hf_dir: str | Path, dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
     """(model, tokenizer or None) from a local transformers checkpoint directory (DeepseekV2/V3, Llama).
 
@@ -302,7 +291,7 @@ def import_hf(hf_dir: str | Path, dtype: torch.dtype | None = None) -> tuple[Tra
         raise ValueError(f"{hf_dir}: weights do not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    _materialize_derived_buffers(model)
+    model.init_derived_buffers()
     model = model.to(dtype or torch.float32)
     tokenizer = _read_tokenizer(hf_dir)
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:

@@ -74,6 +74,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+def sinusoid_inv_freq(d_model: int) -> torch.Tensor:
+    """Frequencies [d_model/2] of the Vaswani et al. sin/cos table."""
+    return torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+
+
 class LearnedPositions(nn.Module):
     """Absolute learned position embeddings: positions [B|1, T] -> [B|1, T, d_model]."""
 
@@ -92,8 +97,7 @@ class ScaledSinusoidPositions(nn.Module):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(cfg.d_model))
         self.shift = nn.Parameter(torch.zeros(cfg.d_model))
-        inv = torch.exp(torch.arange(0, cfg.d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / cfg.d_model))
-        self.register_buffer("inv_freq", inv, persistent=False)
+        self.register_buffer("inv_freq", sinusoid_inv_freq(cfg.d_model), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         ang = positions[..., None].float() * self.inv_freq

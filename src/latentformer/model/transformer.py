@@ -15,7 +15,7 @@ from latentformer.model.cache import KVCache
 from latentformer.model.ffn import make_ffn
 from latentformer.model.moe import MoE
 from latentformer.model.norm import RMSNorm, make_norm
-from latentformer.model.rope import LearnedPositions, RotaryEmbedding, ScaledSinusoidPositions
+from latentformer.model.rope import LearnedPositions, RotaryEmbedding, ScaledSinusoidPositions, rope_inv_freq, sinusoid_inv_freq
 
 IGNORE_INDEX = -100
 
@@ -92,6 +92,21 @@ class Transformer(nn.Module):
                 nn.init.zeros_(m.shift)
             elif isinstance(m, MoE):
                 m.router.bias.zero_()
+
+    @torch.no_grad()
+    def init_derived_buffers(self) -> None:
+        """Recompute the non-persistent buffers (rope and sinusoid frequencies, MoE load counters)
+        on the parameters' device. For a model built on the meta device whose weights were then
+        loaded with `load_state_dict(..., assign=True)`: no random init of large models."""
+        cfg = self.config
+        with torch.device(self.embed.weight.device):
+            if self.rope is not None:
+                self.rope.inv_freq = rope_inv_freq(cfg)[0]
+            if isinstance(self.pos_embed, ScaledSinusoidPositions):
+                self.pos_embed.inv_freq = sinusoid_inv_freq(cfg.d_model)
+            for moe in self.moe_layers():
+                moe.load_since_update = torch.zeros(cfg.n_routed_experts)
+        assert not any(b.is_meta for b in self.buffers()), "a derived buffer was left on the meta device"
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
