@@ -1,19 +1,24 @@
 """GPU decode throughput: MLA absorbed vs naive vs the MHA baseline, against the memory roofline.
 
-Run on a CUDA machine:  PYTHONPATH=src python benchmarks/decode_throughput.py [--quick]
+Run on a CUDA machine:  PYTHONPATH=src python benchmarks/decode_throughput.py [--quick] [--data DIR]
 For each preset, batch and context: the cache is filled with random values up to the
 context (decode time does not depend on them), then one-token decode steps are timed
 (median over replays) as a CUDA graph (latentformer.infer.cuda_graph) and eagerly.
 Roofline = (weight bytes + cache bytes read per step) / measured copy bandwidth.
 Also: correctness of the graph-captured absorbed step against the eager naive one, and
-the largest batch at 8k context whose cache fits in memory, MLA vs MHA.
+the largest batch at 8k context whose cache fits in memory, MLA vs MHA. With --data (a prepared
+GPT-2 data set) also: `latentformer.generate(compile=True)` against transformers'
+`DeepseekV3ForCausalLM.generate` on the same weights (exported with `export_hf`), batch 64,
+4k-token prompts of real text, greedy.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import statistics
-import sys
+import tempfile
+import time
 
 import torch
 
@@ -137,24 +142,89 @@ def max_batch(preset: str, ctx: int = 8192) -> int:
     return b
 
 
+def prompts(data_dir: str, tokenizer, B: int, n_tokens: int) -> list[str]:
+    """B texts of about n_tokens tokens each, cut from the corpus's training split."""
+    from latentformer.data.dataset import TokenData
+
+    toks = TokenData(data_dir).tokens("train")
+    step = (len(toks) - n_tokens) // B
+    return [tokenizer.decode(toks[i * step:i * step + n_tokens].tolist()) for i in range(B)]
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def generate_vs_transformers(data_dir: str, preset: str = "mla-125m", B: int = 64, ctx: int = 4096, new: int = 128) -> list[tuple]:
+    """Decode tokens/s of both libraries' generate: (time of new+1 tokens - time of 1 token) per
+    new token x B, so prefill and (ours) the one-time compilation stay out; greedy on both sides."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from latentformer.data.tokenizer import load_tokenizer
+    from latentformer.infer.generate import generate
+    from latentformer.interop.hf import export_hf
+
+    tok = load_tokenizer("gpt2")
+    texts = prompts(data_dir, tok, B, ctx - 8)
+    model = build(preset, ctx + new)
+    lengths = [len(tok.encode(t)) for t in texts]
+    rows = []
+    ours = lambda n: generate(model, tok, texts, max_new_tokens=n, temperature=0.0, compile=True)  # noqa: E731
+    first_ours = ours(1)
+    ours(new + 1)  # compiles the step (excluded)
+    t = timed(lambda: ours(new + 1)) - timed(lambda: ours(1))
+    rows.append(("latentformer generate(compile=True)", B, max(lengths), new, B * new / t))
+    with tempfile.TemporaryDirectory() as d:
+        export_hf(model, tok, d)
+        del model
+        torch.cuda.empty_cache()
+        hf = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
+    enc = [tok.encode(t) for t in texts]
+    L = max(lengths)
+    ids = torch.tensor([[tok.eot_id] * (L - len(e)) + e for e in enc], device="cuda")
+    mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc], device="cuda")
+
+    def theirs(n: int) -> torch.Tensor:
+        with torch.no_grad():
+            return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=tok.eot_id)
+
+    first_hf = theirs(1)[:, L]
+    theirs(2)
+    t = timed(lambda: theirs(new + 1)) - timed(lambda: theirs(1))
+    rows.append(("transformers DeepseekV3 generate", B, L, new, B * new / t))
+    agree = sum(a == tok.decode([b]) for a, b in zip(first_ours, first_hf.tolist()))
+    print(f"first greedy token, ours vs transformers: {agree}/{B} rows agree")
+    del hf
+    torch.cuda.empty_cache()
+    return rows
+
+
 if __name__ == "__main__":
-    quick = "--quick" in sys.argv
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="only batch 64, 8k context (the target point)")
+    ap.add_argument("--data", help="prepared GPT-2 data set: adds the transformers generate comparison")
+    args = ap.parse_args()
+    quick = args.quick
     print(torch.cuda.get_device_name(), torch.__version__)
     bw = bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     b_mla, b_mha = max_batch("mla-125m"), max_batch("mha-125m")
     for mode, err in check_numerics().items():
         print(f"numerics, mla-125m decode vs fp32 naive: {mode:28} rel err {err:.1e}")
+    gen_rows = generate_vs_transformers(args.data) if args.data else []
     rows = []
     sizes = [(64, 8192)] if quick else [(1, 1024), (16, 8192), (64, 1024), (64, 8192), (64, 32768)]
     for B, ctx in sizes:
-        if quick:
-            rows += bench("mla-125m", B, ctx, bw, ["absorb graph+compiled", "absorb graph"])
-            rows += bench("mha-125m", B, ctx, bw, ["graph+compiled"])
-            continue
-        rows += bench("mla-125m", B, ctx, bw, ["absorb graph+compiled", "absorb graph", "absorb eager"] + (["naive graph"] * (ctx <= 8192)))
-        rows += bench("mha-125m", B, ctx, bw, ["graph+compiled", "graph"])
-        rows += bench("latentformer-348m", B, ctx, bw, ["absorb graph+compiled"])
+        target = (B, ctx) == (64, 8192)
+        rows += bench("mla-125m", B, ctx, bw, ["absorb graph+compiled"] + ["absorb graph", "absorb eager", "naive graph+compiled"] * target)
+        rows += bench("mha-125m", B, ctx, bw, ["graph+compiled"] + ["graph"] * target)
+        if not quick:
+            rows += bench("latentformer-348m", B, ctx, bw, ["absorb graph+compiled"])
     print(f"\nlargest batch at 8k context whose cache fits: mla-125m {b_mla}, mha-125m {b_mha} ({b_mla / b_mha:.1f}x)")
     print("\ndecode step, bf16 (median ms per step; tokens/s = batch / step; x roof = step / roofline)")
     print(f"{'model':18} {'B':>3} {'ctx':>6} {'mode':22} {'ms':>8} {'tok/s':>9} {'x roof':>7}")
@@ -163,3 +233,8 @@ if __name__ == "__main__":
             print(f"{p:18} {B:>3} {ctx:>6} {mode:22} {'OOM':>8}")
         else:
             print(f"{p:18} {B:>3} {ctx:>6} {mode:22} {ms:8.3f} {tps:9.0f} {xr:7.2f}")
+    if gen_rows:
+        print("\ngenerate, greedy, decode tokens/s (prefill and compilation excluded)")
+        print(f"{'':38} {'B':>3} {'prompt':>6} {'new':>4} {'tok/s':>9} {'ratio':>6}")
+        for name, B, L, new, tps in gen_rows:
+            print(f"{name:38} {B:>3} {L:>6} {new:>4} {tps:9.0f} {tps / gen_rows[-1][4]:6.1f}")

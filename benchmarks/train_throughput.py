@@ -20,9 +20,40 @@ from latentformer.train.config import build_run_config
 from latentformer.train.trainer import Trainer
 
 
-def ours(preset: str, data: str, seq_len: int, micro: int, compile: bool, steps: int) -> dict:
+def kernel_table(fn, title: str, top: int = 25) -> None:
+    """Profile one call of `fn` and print its GPU kernels by total time, grouped by kind first."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            totals[e.name[:80]][0] += e.device_time_total / 1e3
+            totals[e.name[:80]][1] += 1
+    total = sum(t[0] for t in totals.values())
+    kinds = collections.Counter()
+    for name, (ms, _) in totals.items():
+        low = name.lower()
+        kind = ("attention" if any(k in low for k in ("flash", "cudnn", "fmha", "attention", "sdpa"))
+                else "gemm" if any(k in low for k in ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas"))
+                else "optimizer" if any(k in low for k in ("adam", "multi_tensor", "foreach"))
+                else "triton (fused elementwise/reductions)" if low.startswith("triton") else "other")
+        kinds[kind] += ms
+    print(f"\n{title}: {total:.1f} ms of kernels")
+    for kind, ms in kinds.most_common():
+        print(f"  {kind:40} {ms:8.2f} ms {ms / total:6.1%}")
+    for name, (ms, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {name:80} {n:>5} {ms:8.2f} {ms / total:6.1%}")
+
+
+def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: bool, steps: int,
+         profile: bool = False) -> dict:
     overrides = {"data.dir": data, "train.seq_len": seq_len, "train.micro_batch_size": micro,
-                 "train.batch_tokens": seq_len * micro, "train.compile": compile, "train.progress": False,
+                 "train.batch_tokens": seq_len * micro * accum, "train.compile": compile, "train.progress": False,
                  "train.tensorboard": False, "train.warmup_steps": 10, "model.max_seq_len": max(seq_len, 1024),
                  "train.max_steps": 10**6}
     cfg, explicit = build_run_config(preset=preset, overrides=overrides)
@@ -36,7 +67,9 @@ def ours(preset: str, data: str, seq_len: int, micro: int, compile: bool, steps:
             tr.train_step()  # ends in a host sync (the loss)
             if i >= 5:
                 times.append(time.perf_counter() - t0)
-        tps = seq_len * micro / statistics.median(times)
+        tps = seq_len * micro * accum / statistics.median(times)
+        if profile:
+            kernel_table(tr.train_step, f"{preset} T{seq_len}: one optimizer step")
         mfu = tr.flops_per_token * tps / tr.peak if tr.peak else float("nan")
         out = {"tokens/s": tps, "mfu": mfu, "mem_gb": torch.cuda.max_memory_allocated() / 1e9,
                "params": tr.model.num_params(), "flops_per_token": tr.flops_per_token, "peak": tr.peak}
@@ -45,7 +78,7 @@ def ours(preset: str, data: str, seq_len: int, micro: int, compile: bool, steps:
     return out
 
 
-def transformers_v3(preset: str, seq_len: int, micro: int, compile: bool, steps: int) -> dict:
+def transformers_v3(preset: str, seq_len: int, micro: int, accum: int, compile: bool, steps: int) -> dict:
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     from latentformer import ModelConfig
@@ -66,16 +99,17 @@ def transformers_v3(preset: str, seq_len: int, micro: int, compile: bool, steps:
     for i in range(steps + 5):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = fwd(input_ids=x[:, :-1], labels=x[:, 1:]).loss
-        loss.backward()
+        for _ in range(accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = fwd(input_ids=x[:, :-1], labels=x[:, 1:]).loss
+            (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()
         if i >= 5:
             times.append(time.perf_counter() - t0)
-    out = {"tokens/s": seq_len * micro / statistics.median(times), "mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+    out = {"tokens/s": seq_len * micro * accum / statistics.median(times), "mem_gb": torch.cuda.max_memory_allocated() / 1e9}
     del model, opt, fwd
     torch.cuda.empty_cache()
     return out
@@ -87,11 +121,13 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--presets", default="mla-125m,mha-125m,latentformer-348m,moe-mla-small,mla-125m@4096",
                     help="comma-separated presets (preset@seq_len for another sequence length)")
+    ap.add_argument("--accum", type=int, default=4, help="micro-batches per optimizer step (both libraries)")
+    ap.add_argument("--profile", action="store_true", help="print a kernel table of one step per preset")
     ap.add_argument("--eager", action="store_true", help="also time mla-125m uncompiled")
     ap.add_argument("--hf", default="eager,compiled", help="transformers DeepseekV3 modes to time ('' = none)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, f"accum {args.accum}")
     micro = {"latentformer-348m": 16}
     runs = []  # (preset, seq_len, micro batch)
     for item in args.presets.split(","):
@@ -101,12 +137,12 @@ if __name__ == "__main__":
     rows = []
     for preset, T, B in runs:
         for comp in (True, False) if args.eager and (preset, T) == ("mla-125m", 1024) else (True,):
-            r = ours(preset, args.data, T, B, comp, args.steps)
+            r = ours(preset, args.data, T, B, args.accum, comp, args.steps, args.profile)
             rows.append((f"latentformer {preset}", T, B, "compiled" if comp else "eager", r["tokens/s"], r["mfu"], r["mem_gb"]))
             print(rows[-1], flush=True)
     for mode in filter(None, args.hf.split(",")):
         try:
-            r = transformers_v3("mla-125m", 1024, 32, mode == "compiled", args.steps)
+            r = transformers_v3("mla-125m", 1024, 32, args.accum, mode == "compiled", args.steps)
             rows.append(("transformers DeepseekV3 @mla-125m", 1024, 32, mode, r["tokens/s"], float("nan"), r["mem_gb"]))
             print(rows[-1], flush=True)
         except Exception as e:  # report, keep the table

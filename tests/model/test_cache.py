@@ -140,3 +140,44 @@ def test_left_padded_batch_equals_unpadded_rows(name):
         for b, (row, n) in enumerate(zip(rows, lengths)):
             alone = model(row[None])[0]  # [n + steps, V]
             assert rel_err(batched[b, L - n:], alone) < 1e-4, f"row {b}"
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "separate"])
+@pytest.mark.parametrize("name", ["mla|rope", "mla-q|rope"])
+def test_absorbed_decode_weights_merged_or_separate_equal_naive(name, merge, monkeypatch):
+    """Both forms of the absorbed decode path (W_UK/W_UV folded into the projections, or applied
+    per step) reproduce the naive decode; the size rule picks between them."""
+    from latentformer.model import attention
+
+    monkeypatch.setattr(attention, "MERGE_MAX_EXTRA_BYTES", 10**12 if merge else -(10**12))
+    absorb = build(**CASES[name], mla_decode="absorb")
+    naive = build(**CASES[name], mla_decode="naive")
+    naive.load_state_dict(absorb.state_dict())
+    tokens = torch.randint(0, 97, (2, TOTAL))
+    a, _ = incremental(absorb, tokens)
+    n, _ = incremental(naive, tokens)
+    assert all(blk.attn.decode_weights().merged == merge for blk in absorb.layers)
+    assert rel_err(a, n) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["mla|rope", "mla-q|rope"])
+def test_absorbed_decode_follows_weight_changes(name):
+    """The derived decode weights are rebuilt when parameters change in place (an optimizer
+    step) or are replaced (load_state_dict(assign=True)), so decoding never uses stale weights."""
+    absorb = build(**CASES[name], mla_decode="absorb")
+    naive = build(**CASES[name], mla_decode="naive")
+    tokens = torch.randint(0, 97, (2, TOTAL))
+    incremental(absorb, tokens)  # builds the decode weights
+    with torch.no_grad():
+        for p in absorb.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    naive.load_state_dict(absorb.state_dict())
+    a, _ = incremental(absorb, tokens)
+    n, _ = incremental(naive, tokens)
+    assert rel_err(a, n) < 1e-4
+    other = build(seed=1, **CASES[name])
+    absorb.load_state_dict(other.state_dict(), assign=True)
+    naive.load_state_dict(other.state_dict())
+    a, _ = incremental(absorb, tokens)
+    n, _ = incremental(naive, tokens)
+    assert rel_err(a, n) < 1e-4

@@ -14,9 +14,6 @@ matmul path in attention.py runs.
 
 from __future__ import annotations
 
-
-import functools
-
 import torch
 
 try:
@@ -102,23 +99,24 @@ if triton is not None:
         tl.store(o + (b * H + h) * R + offs_r, (num / den).to(o.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, r: int, scale: float,
-                            pad: torch.Tensor | None, length: torch.Tensor | None = None) -> torch.Tensor:
+                            pad: torch.Tensor | None, length: torch.Tensor | None = None, *,
+                            n_splits: int | None = None, num_stages: int = 2) -> torch.Tensor:
     """q_lat [B,H,r], q_pe [B,H,dr], latent [B,S,r+dr] -> o_lat [B,H,r] in q's dtype.
 
-    Keys are slots [pad[b], length) of row b; `length` is a device int scalar (default S)."""
+    Keys are slots [pad[b], length) of row b; `length` is a device int scalar (default S).
+    `n_splits` (slices of the cache per row; default: a heuristic) and `num_stages` (Triton
+    pipelining depth) are exposed for the tuning benchmark."""
     B, H, _ = q_lat.shape
     S, dr = latent.shape[1], latent.shape[2] - r
-    q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
+    if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1:  # rows and heads may be strided (views of a projection)
+        q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
     if length is None:
         length = torch.full((), S, dtype=torch.int32, device=latent.device)
     block_s = 64 if r <= 256 else 32
-    n_splits = max(1, min(triton.cdiv(S, 4 * block_s), triton.cdiv(2 * _sm_count(latent.device), B)))
+    if n_splits is None:
+        sms = torch.cuda.get_device_properties(latent.device).multi_processor_count
+        n_splits = max(1, min(triton.cdiv(S, 4 * block_s), triton.cdiv(2 * sms, B)))
     chunk = triton.cdiv(triton.cdiv(S, n_splits), block_s) * block_s
     n_splits = triton.cdiv(S, chunk)
     out = torch.empty(B, n_splits, H, r, device=latent.device, dtype=torch.float32)
@@ -131,7 +129,7 @@ def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: tor
         latent.stride(0), latent.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         R=r, DR=dr, BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_S=block_s, HAS_PAD=pad is not None,
-        num_warps=4 if r <= 256 else 8, num_stages=2,
+        num_warps=4 if r <= 256 else 8, num_stages=num_stages,
     )
     o = torch.empty(B, H, r, device=latent.device, dtype=q_lat.dtype)
     _merge_kernel[(B, H)](out, m, l, o, n_splits, H, out.stride(0), out.stride(1), out.stride(2), R=r, num_warps=1)

@@ -11,6 +11,7 @@ Hk key/value heads, D head_dim. MLA dims (DeepSeek-V2 §2.1):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +106,30 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
 
 
+# Decoding can fold W_UK into the query projection and W_UV into o_proj ("merged" weights):
+# two fewer matrix products per layer and step, for more weight bytes when r > dn, dv. At
+# decode batch sizes a kernel costs a few microseconds, about what reading 8 MB takes at
+# ~3 TB/s, so layers merge when that adds at most this many bytes (mla-125m: 1 MB, merged;
+# DeepSeek-V2-Lite: 23 MB, not merged).
+MERGE_MAX_EXTRA_BYTES = 8 * 2**20
+
+
+class DecodeWeights(NamedTuple):
+    """Weights of the absorbed decode path, built from the parameters (see MLA.decode_weights).
+
+    w_in:  [rows, d_model] the query (or q_a) and kv_a projections as one matrix (one GEMM).
+    w_q:   q_lora only: [H*(dq+dr), q_lora_rank], the query up-projection.
+    w_out: merged only: [d_model, H*r] = o_proj o W_UV.
+    merged: the query part yields q_lat directly (dq = r; W_UK folded in) instead of q_nope (dq = dn).
+    """
+
+    source: tuple
+    w_in: torch.Tensor
+    w_q: torch.Tensor | None
+    w_out: torch.Tensor | None
+    merged: bool
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention (DeepSeek-V2/V3), parameter names as in transformers' DeepseekV3.
 
@@ -115,7 +140,8 @@ class MLA(nn.Module):
     Training and prefill use this expanded form. Decoding with `mla_decode="absorb"` folds
     W_UK into the query and W_UV into the output and attends over the cached latent directly:
     q_lat_h = W_UK_h^T q_nope_h [r]; score_h = q_lat_h . c_kv + q_pe_h . k_pe;
-    o_h = W_UV_h (softmax . c_kv). W_UK/W_UV are views of kv_b_proj.weight: nothing is duplicated.
+    o_h = W_UV_h (softmax . c_kv). The projections it needs are rebuilt from the parameters
+    whenever those change (`decode_weights`); they are not saved and carry no gradient.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -132,6 +158,7 @@ class MLA(nn.Module):
         self.kv_a_norm = RMSNorm(r, cfg.norm_eps)
         self.kv_b_proj = nn.Linear(r, H * (dn + dv), bias=False)
         self.o_proj = nn.Linear(H * dv, cfg.d_model, bias=False)
+        self._decode_weights: DecodeWeights | None = None
 
     def make_cache(self, batch: int, seq: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
         cfg = self.cfg
@@ -142,25 +169,29 @@ class MLA(nn.Module):
             return self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
         return self.q_proj(x)
 
+    def _norm_rope(self, c_kv: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor,
+                   ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latent norm; per-head query rope and the one shared rope key."""
+        c_kv = self.kv_a_norm(c_kv)
+        if ctx.cos is not None:
+            q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, self.cfg.rope_interleave)
+            k_pe = apply_rope(k_pe[:, :, None, :], ctx.cos, ctx.sin, self.cfg.rope_interleave)[:, :, 0]
+        return c_kv, q_pe, k_pe
+
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         cfg = self.cfg
+        if cache is not None and ctx.reads_cache and cfg.mla_decode == "absorb":
+            return self._absorbed(x, ctx, cache[0])
         B, T, _ = x.shape
         H, dn, dr, r = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-        q = self._query(x).view(B, T, H, dn + dr)
-        q_nope, q_pe = q.split([dn, dr], dim=-1)  # [B,T,H,dn], [B,T,H,dr]
+        q_nope, q_pe = self._query(x).view(B, T, H, dn + dr).split([dn, dr], dim=-1)  # [B,T,H,dn], [B,T,H,dr]
         c_kv, k_pe = self.kv_a_proj(x).split([r, dr], dim=-1)  # [B,T,r], [B,T,dr]
-        c_kv = self.kv_a_norm(c_kv)
-        if ctx.cos is not None:  # per-head query rope; one shared rope key
-            q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, cfg.rope_interleave)
-            k_pe = apply_rope(k_pe[:, :, None, :], ctx.cos, ctx.sin, cfg.rope_interleave)[:, :, 0]
+        c_kv, q_pe, k_pe = self._norm_rope(c_kv, q_pe, k_pe, ctx)
         if cache is not None:
             latent = ctx.write(cache[0], 1, torch.cat((c_kv, k_pe), dim=-1))  # [B,S,r+dr]
-        if cache is None or not ctx.reads_cache:
-            return self._expanded(q_nope, q_pe, c_kv, k_pe, ctx.mask)
-        if cfg.mla_decode == "naive":
-            c_all, pe_all = latent.split([r, dr], dim=-1)  # [B,S,r], [B,S,dr]
-            return self._expanded(q_nope, q_pe, c_all, pe_all, ctx.mask)
-        return self._absorbed(q_nope, q_pe, latent, ctx)
+            if ctx.reads_cache:  # naive decode: expand the whole cached latent
+                c_kv, k_pe = latent.split([r, dr], dim=-1)
+        return self._expanded(q_nope, q_pe, c_kv, k_pe, ctx.mask)
 
     def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                   mask: torch.Tensor | None) -> torch.Tensor:
@@ -176,26 +207,77 @@ class MLA(nn.Module):
         out = attend(q, k, v.transpose(1, 2), cfg.softmax_scale, mask, dropout)  # [B,H,T,dv]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * dv))
 
-    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        """Attention in the latent space over the cache latent [B,S,r+dr]. Returns [B,T,d_model]."""
+    def _merge(self, dtype: torch.dtype) -> bool:
         cfg = self.cfg
-        B, T, H = q_nope.shape[0], q_nope.shape[1], cfg.n_heads
-        dn, dv, r = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-        w = self.kv_b_proj.weight.view(H, dn + dv, r)
-        w_uk, w_uv = w[:, :dn], w[:, dn:]  # [H,dn,r], [H,dv,r]
-        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)  # [B,H,T,r]
+        H, dn, dv, r, d = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.d_model
+        q_in = cfg.q_lora_rank or d
+        extra = H * q_in * (r - dn) - H * dn * r + d * H * (r - dv) - H * dv * r  # merged - separate elements
+        return extra * torch.empty((), dtype=dtype).element_size() <= MERGE_MAX_EXTRA_BYTES
+
+    def decode_weights(self) -> DecodeWeights:
+        """The absorbed decode path's weights, rebuilt (in fp32, stored in the parameters' dtype)
+        when a parameter they derive from was replaced, moved or modified in place since the last build.
+        Inside torch.compile the last build is used as is (GraphDecodeStep builds it first)."""
+        cfg = self.cfg
+        params = [p.weight for p in (getattr(self, "q_a_proj", None), getattr(self, "q_b_proj", None),
+                                     getattr(self, "q_proj", None), self.kv_a_proj, self.kv_b_proj, self.o_proj) if p is not None]
+        cached = self._decode_weights
+        if cached is not None and (torch.compiler.is_compiling() or all(
+                a is p and ptr == p.data_ptr() and ver == p._version for (a, ptr, ver), p in zip(cached.source, params))):
+            return cached
+        H, dn, dr, dv, r, d = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.d_model
+        dtype = self.kv_b_proj.weight.dtype
+        merged = self._merge(dtype)
+        with torch.no_grad():
+            q_up = (self.q_b_proj if cfg.q_lora_rank else self.q_proj).weight.float()
+            wq = q_up.view(H, dn + dr, -1)  # [H, dn+dr, in]
+            w_out = None
+            if merged:
+                kv_b = self.kv_b_proj.weight.float().view(H, dn + dv, r)
+                q_lat = torch.einsum("hnr,hni->hri", kv_b[:, :dn], wq[:, :dn])  # [H, r, in]
+                wq = torch.cat((q_lat, wq[:, dn:]), dim=1)  # [H, r+dr, in]
+                w_o = self.o_proj.weight.float().view(d, H, dv)
+                w_out = torch.einsum("dhv,hvr->dhr", w_o, kv_b[:, dn:]).reshape(d, H * r).to(dtype)
+            wq = wq.reshape(-1, wq.shape[-1]).to(dtype)
+            if cfg.q_lora_rank:
+                w_in, w_q = torch.cat((self.q_a_proj.weight, self.kv_a_proj.weight)), wq
+            else:
+                w_in, w_q = torch.cat((wq, self.kv_a_proj.weight)), None
+        source = tuple((p, p.data_ptr(), p._version) for p in params)
+        self._decode_weights = DecodeWeights(source, w_in, w_q, w_out, merged)
+        return self._decode_weights
+
+    def _absorbed(self, x: torch.Tensor, ctx: AttnContext, buf: torch.Tensor) -> torch.Tensor:
+        """Attention in the latent space over the cache buffer [B,S_max,r+dr]. Returns [B,T,d_model]."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, dn, dr, dv, r = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        w = self.decode_weights()
+        h = F.linear(x, w.w_in)
+        q_rows = h.shape[-1] - r - dr
+        q, c_kv, k_pe = h.split([q_rows, r, dr], dim=-1)
+        if w.w_q is not None:
+            q = F.linear(self.q_a_norm(q), w.w_q)
+        dq = r if w.merged else dn
+        q_x, q_pe = q.view(B, T, H, dq + dr).split([dq, dr], dim=-1)  # [B,T,H,dq], [B,T,H,dr]
+        c_kv, q_pe, k_pe = self._norm_rope(c_kv, q_pe, k_pe, ctx)
+        latent = ctx.write(buf, 1, torch.cat((c_kv, k_pe), dim=-1))  # [B,S,r+dr]
+        kv_b = self.kv_b_proj.weight.view(H, dn + dv, r)  # W_UK = kv_b[:, :dn], W_UV = kv_b[:, dn:]
+        q_lat = q_x.transpose(1, 2) if w.merged else torch.einsum("bthn,hnr->bhtr", q_x, kv_b[:, :dn])  # [B,H,T,r]
         q_pe = q_pe.transpose(1, 2)  # [B,H,T,dr]
-        S, dr = latent.shape[1], latent.shape[2] - r
         if mla_decode.supported(latent, r, dr, T):
             o_lat = mla_decode.latent_decode_attention(q_lat[:, :, 0], q_pe[:, :, 0], latent, r, cfg.softmax_scale,
                                                        ctx.pad, ctx.end)[:, :, None]
         else:
             # all heads share one key/value "head" (the latent): plain matmuls read the cache
             # without expanding it per head; keys = [c_kv, k_pe], values = c_kv
-            q = torch.cat((q_lat, q_pe), dim=-1).reshape(B, H * T, r + dr)
-            scores = torch.matmul(q, latent.transpose(1, 2)).float() * cfg.softmax_scale  # [B,H*T,S]
+            S = latent.shape[1]
+            qk = torch.cat((q_lat, q_pe), dim=-1).reshape(B, H * T, r + dr)
+            scores = torch.matmul(qk, latent.transpose(1, 2)).float() * cfg.softmax_scale  # [B,H*T,S]
             if ctx.mask is not None:
                 scores = scores.view(B, H, T, S).masked_fill(~ctx.mask, float("-inf")).view(B, H * T, S)
             o_lat = torch.matmul(scores.softmax(-1).to(latent.dtype), latent[..., :r]).view(B, H, T, r)
-        out = torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)  # [B,T,H,dv]
+        if w.merged:
+            return F.linear(o_lat.transpose(1, 2).reshape(B, T, H * r), w.w_out)
+        out = torch.einsum("bhtr,hvr->bthv", o_lat, kv_b[:, dn:])  # [B,T,H,dv]
         return self.o_proj(out.reshape(B, T, H * dv))
