@@ -113,7 +113,7 @@ def part_c(bw):
     pipelining stages, against the default heuristic."""
     scale = 96 ** -0.5
     print(f"\nC. decode kernel sweep (median ms; x roof = time / (cache bytes / {bw / 1e12:.2f} TB/s))")
-    print(f"{'shape':24} {'splits':>6} {'stages':>6} {'ms':>8} {'x roof':>7}")
+    print(f"{'shape':24} {'splits/stages/S/w':>16} {'ms':>8} {'x roof':>7}")
     for H, r, B, S in ((12, 128, 64, 8192), (12, 128, 16, 32768), (12, 128, 64, 32768), (16, 256, 64, 8192)):
         dr = 32
         latent = torch.randn(B, S, r + dr, device="cuda", dtype=torch.bfloat16)
@@ -122,18 +122,20 @@ def part_c(bw):
         ref = matmul_path(q_lat.float(), q_pe.float(), latent.float(), r, scale)
         roof = latent.numel() * 2 / bw * 1e3
         best = None
-        for splits in (None, 2, 4, 8, 16, 32):
-            for stages in (2, 3, 4):
-                if splits is not None and splits * 64 * 4 > S:
-                    continue
-                def run(splits=splits, stages=stages):
-                    return latent_decode_attention(q_lat, q_pe, latent, r, scale, None, n_splits=splits, num_stages=stages)
-                err = rel(run(), ref)
-                assert err < 1e-2, (splits, stages, err)
-                ms = do_bench(run, warmup=20, rep=100, return_mode="median")
-                best = min(best or (ms, splits or 0, stages), (ms, splits or 0, stages))
-                print(f"{f'H{H} r{r} B{B} S{S}':24} {splits or 'heur':>6} {stages:>6} {ms:8.3f} {ms / roof:7.2f}", flush=True)
-        print(f"  best: splits {best[1] or 'heur'}, stages {best[2]}: {best[0]:.3f} ms ({best[0] / roof:.2f}x roof)")
+        for splits, stages, block_s, warps in [(sp, st, 64, 4) for sp in (None, 4, 16) for st in (2, 3)] + [
+                (None, st, bs, w) for st in (2, 3) for bs, w in ((32, 4), (64, 8), (128, 4), (128, 8))]:
+            if splits is not None and splits * 64 * 4 > S:
+                continue
+            def run(splits=splits, stages=stages, block_s=block_s, warps=warps):
+                return latent_decode_attention(q_lat, q_pe, latent, r, scale, None, n_splits=splits, num_stages=stages,
+                                               block_s=block_s, num_warps=warps)
+            err = rel(run(), ref)
+            assert err < 1e-2, (splits, stages, block_s, warps, err)
+            ms = do_bench(run, warmup=20, rep=100, return_mode="median")
+            cfg = f"{splits or 'heur'}/{stages}/{block_s}/{warps}"
+            best = min(best or (ms, cfg), (ms, cfg))
+            print(f"{f'H{H} r{r} B{B} S{S}':24} {cfg:>16} {ms:8.3f} {ms / roof:7.2f}", flush=True)
+        print(f"  best: splits/stages/block/warps {best[1]}: {best[0]:.3f} ms ({best[0] / roof:.2f}x roof)")
         del latent
 
 

@@ -129,17 +129,22 @@ def check_numerics() -> dict[str, float]:
     return errs
 
 
-def max_batch(preset: str, ctx: int = 8192) -> int:
+def max_batch(preset: str, ctx: int = 8192) -> tuple[int, int, int]:
+    """Largest batch whose bf16 cache at `ctx` fits beside the weights (2 GiB kept for activations);
+    returns (batch, bytes the allocation measured, bytes by kv_cache_bytes_per_token x tokens)."""
     gc.collect()
     torch.cuda.empty_cache()
     model = build(preset, ctx)
     per_row = model.kv_cache_bytes_per_token(torch.bfloat16) * ctx
-    free = torch.cuda.mem_get_info()[0] - 2 * 1024**3  # leave 2 GiB for activations
+    free = torch.cuda.mem_get_info()[0] - 2 * 1024**3
     b = int(free // per_row)
+    model.make_cache(1, 1)  # builds the absorbed-decode weights now: they are not cache memory
+    before = torch.cuda.memory_allocated()
     cache = model.make_cache(b, ctx)  # must succeed
-    del cache
+    measured = torch.cuda.memory_allocated() - before
+    del cache, model
     torch.cuda.empty_cache()
-    return b
+    return b, measured, per_row * b
 
 
 def prompts(data_dir: str, tokenizer, B: int, n_tokens: int) -> list[str]:
@@ -208,24 +213,29 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only batch 64, 8k context (the target point)")
     ap.add_argument("--data", help="prepared GPT-2 data set: adds the transformers generate comparison")
+    ap.add_argument("--sizes", default="1x1024,16x8192,64x1024,64x8192,64x32768", help="batch x context points")
+    ap.add_argument("--no-checks", action="store_true", help="skip the numerics check and the max-batch probe")
     args = ap.parse_args()
     quick = args.quick
     print(torch.cuda.get_device_name(), torch.__version__)
     bw = bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    b_mla, b_mha = max_batch("mla-125m"), max_batch("mha-125m")
-    for mode, err in check_numerics().items():
-        print(f"numerics, mla-125m decode vs fp32 naive: {mode:28} rel err {err:.1e}")
+    if not args.no_checks:
+        (b_mla, got_mla, want_mla), (b_mha, got_mha, want_mha) = max_batch("mla-125m"), max_batch("mha-125m")
+        print(f"largest batch at 8k context whose cache fits: mla-125m {b_mla}, mha-125m {b_mha} ({b_mla / b_mha:.1f}x)")
+        print(f"cache allocation measured / formula: mla-125m {got_mla:,} / {want_mla:,} bytes, "
+              f"mha-125m {got_mha:,} / {want_mha:,} bytes")
+        for mode, err in check_numerics().items():
+            print(f"numerics, mla-125m decode vs fp32 naive: {mode:28} rel err {err:.1e}")
     gen_rows = generate_vs_transformers(args.data) if args.data else []
     rows = []
-    sizes = [(64, 8192)] if quick else [(1, 1024), (16, 8192), (64, 1024), (64, 8192), (64, 32768)]
+    sizes = [(64, 8192)] if quick else [tuple(int(v) for v in item.split("x")) for item in args.sizes.split(",")]
     for B, ctx in sizes:
         target = (B, ctx) == (64, 8192)
         rows += bench("mla-125m", B, ctx, bw, ["absorb graph+compiled"] + ["absorb graph", "absorb eager", "naive graph+compiled"] * target)
         rows += bench("mha-125m", B, ctx, bw, ["graph+compiled"] + ["graph"] * target)
         if not quick:
             rows += bench("latentformer-348m", B, ctx, bw, ["absorb graph+compiled"])
-    print(f"\nlargest batch at 8k context whose cache fits: mla-125m {b_mla}, mha-125m {b_mha} ({b_mla / b_mha:.1f}x)")
     print("\ndecode step, bf16 (median ms per step; tokens/s = batch / step; x roof = step / roofline)")
     print(f"{'model':18} {'B':>3} {'ctx':>6} {'mode':22} {'ms':>8} {'tok/s':>9} {'x roof':>7}")
     for p, B, ctx, mode, ms, tps, xr in rows:

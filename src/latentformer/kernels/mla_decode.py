@@ -101,19 +101,22 @@ if triton is not None:
 
 def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, r: int, scale: float,
                             pad: torch.Tensor | None, length: torch.Tensor | None = None, *,
-                            n_splits: int | None = None, num_stages: int = 2) -> torch.Tensor:
+                            n_splits: int | None = None, num_stages: int = 2, block_s: int | None = None,
+                            num_warps: int | None = None) -> torch.Tensor:
     """q_lat [B,H,r], q_pe [B,H,dr], latent [B,S,r+dr] -> o_lat [B,H,r] in q's dtype.
 
     Keys are slots [pad[b], length) of row b; `length` is a device int scalar (default S).
-    `n_splits` (slices of the cache per row; default: a heuristic) and `num_stages` (Triton
-    pipelining depth) are exposed for the tuning benchmark."""
+    `n_splits` (slices of the cache per row), `num_stages` (Triton pipelining depth), `block_s`
+    (cache slots per iteration) and `num_warps` are exposed for the tuning benchmark; the
+    defaults were chosen with it (benchmarks/attention_kernels.py --sweep)."""
     B, H, _ = q_lat.shape
     S, dr = latent.shape[1], latent.shape[2] - r
     if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1:  # rows and heads may be strided (views of a projection)
         q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
     if length is None:
         length = torch.full((), S, dtype=torch.int32, device=latent.device)
-    block_s = 64 if r <= 256 else 32
+    block_s = block_s or (64 if r <= 256 else 32)
+    num_warps = num_warps or (4 if r <= 256 else 8)
     if n_splits is None:
         sms = torch.cuda.get_device_properties(latent.device).multi_processor_count
         n_splits = max(1, min(triton.cdiv(S, 4 * block_s), triton.cdiv(2 * sms, B)))
@@ -129,7 +132,7 @@ def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: tor
         latent.stride(0), latent.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         R=r, DR=dr, BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_S=block_s, HAS_PAD=pad is not None,
-        num_warps=4 if r <= 256 else 8, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     o = torch.empty(B, H, r, device=latent.device, dtype=q_lat.dtype)
     _merge_kernel[(B, H)](out, m, l, o, n_splits, H, out.stride(0), out.stride(1), out.stride(2), R=r, num_warps=1)
