@@ -87,6 +87,7 @@ def bench(preset: str, B: int, ctx: int, bw: float, modes) -> list[tuple]:
         try:
             with torch.no_grad():
                 if "graph" in mode:
+                    torch._dynamo.reset()  # every (model, B, ctx) is a new specialization: stay under the recompile limit
                     step = GraphDecodeStep(model, cache, compile=mode.endswith("compiled"))
                     if mode.endswith("compiled") and not step.compiled:
                         mode += " (compile failed: uncompiled)"
