@@ -28,6 +28,7 @@ class GraphDecodeStep:
         if device.type != "cuda":
             raise ValueError("CUDA-graph decoding needs a CUDA device")
         self.model, self.cache = model, cache
+        model.prepare_decode()
         fn = torch.compile(model, dynamic=False) if compile else model
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
         cache.static = True

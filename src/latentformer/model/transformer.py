@@ -190,8 +190,7 @@ class Transformer(nn.Module):
     def make_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """Preallocate a cache for `batch_size` rows of up to `max_seq_len` tokens (default: the model's).
 
-        Also builds absorbed-MLA decode weights from the current parameters (`MLA.decode_weights`):
-        a compiled decode step uses this build, eager decoding rebuilds it if the parameters change."""
+        Also builds the absorbed-MLA decode weights (`prepare_decode`)."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         if not 0 < max_seq_len <= self.config.max_seq_len:
             raise ValueError(f"max_seq_len must be in [1, {self.config.max_seq_len}], got {max_seq_len}")
@@ -200,10 +199,16 @@ class Transformer(nn.Module):
         weight = self.embed.weight
         dtype = dtype or weight.dtype
         layers = [blk.attn.make_cache(batch_size, max_seq_len, dtype, weight.device) for blk in self.layers]
+        self.prepare_decode()
+        return KVCache(layers, batch_size, max_seq_len)
+
+    def prepare_decode(self) -> None:
+        """(Re)build absorbed-MLA decode weights from the current parameters (`MLA.decode_weights`).
+        Eager decoding does this itself when parameters change; a compiled step uses the build
+        that exists when it is traced, so `GraphDecodeStep` calls this first."""
         if self.config.attention == "mla" and self.config.mla_decode == "absorb":
             for blk in self.layers:
                 blk.attn.decode_weights()
-        return KVCache(layers, batch_size, max_seq_len)
 
     def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         """Cache bytes per token over all layers: MLA (r + dr) x L, else 2 x Hk x D x L, times itemsize."""
