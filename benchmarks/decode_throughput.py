@@ -139,7 +139,6 @@ def max_batch(preset: str, ctx: int = 8192) -> tuple[int, int, int]:
     per_row = model.kv_cache_bytes_per_token(torch.bfloat16) * ctx
     free = torch.cuda.mem_get_info()[0] - 2 * 1024**3
     b = int(free // per_row)
-    model.make_cache(1, 1)  # builds the absorbed-decode weights now: they are not cache memory
     before = torch.cuda.memory_allocated()
     cache = model.make_cache(b, ctx)  # must succeed
     measured = torch.cuda.memory_allocated() - before

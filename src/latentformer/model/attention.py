@@ -119,15 +119,18 @@ class DecodeWeights(NamedTuple):
 
     w_in:  [rows, d_model] the query (or q_a) and kv_a projections as one matrix (one GEMM).
     w_q:   q_lora only: [H*(dq+dr), q_lora_rank], the query up-projection.
-    w_out: merged only: [d_model, H*r] = o_proj o W_UV.
-    merged: the query part yields q_lat directly (dq = r; W_UK folded in) instead of q_nope (dq = dn).
+    w_out: merged only: [d_model, H*r] = o_proj o W_UV; None when W_UK/W_UV stay separate.
     """
 
     source: tuple
     w_in: torch.Tensor
     w_q: torch.Tensor | None
     w_out: torch.Tensor | None
-    merged: bool
+
+    @property
+    def merged(self) -> bool:
+        """The query part yields q_lat directly (dq = r; W_UK folded in), not q_nope (dq = dn)."""
+        return self.w_out is not None
 
 
 class MLA(nn.Module):
@@ -212,12 +215,12 @@ class MLA(nn.Module):
         H, dn, dv, r, d = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.d_model
         q_in = cfg.q_lora_rank or d
         extra = H * q_in * (r - dn) - H * dn * r + d * H * (r - dv) - H * dv * r  # merged - separate elements
-        return extra * torch.empty((), dtype=dtype).element_size() <= MERGE_MAX_EXTRA_BYTES
+        return extra * dtype.itemsize <= MERGE_MAX_EXTRA_BYTES
 
     def decode_weights(self) -> DecodeWeights:
         """The absorbed decode path's weights, rebuilt (in fp32, stored in the parameters' dtype)
         when a parameter they derive from was replaced, moved or modified in place since the last build.
-        Inside torch.compile the last build is used as is (GraphDecodeStep builds it first)."""
+        Inside torch.compile the last build is used as is (`Transformer.prepare_decode` builds it first)."""
         cfg = self.cfg
         params = [p.weight for p in (getattr(self, "q_a_proj", None), getattr(self, "q_b_proj", None),
                                      getattr(self, "q_proj", None), self.kv_a_proj, self.kv_b_proj, self.o_proj) if p is not None]
@@ -227,12 +230,11 @@ class MLA(nn.Module):
             return cached
         H, dn, dr, dv, r, d = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.d_model
         dtype = self.kv_b_proj.weight.dtype
-        merged = self._merge(dtype)
         with torch.no_grad():
             q_up = (self.q_b_proj if cfg.q_lora_rank else self.q_proj).weight.float()
             wq = q_up.view(H, dn + dr, -1)  # [H, dn+dr, in]
             w_out = None
-            if merged:
+            if self._merge(dtype):
                 kv_b = self.kv_b_proj.weight.float().view(H, dn + dv, r)
                 q_lat = torch.einsum("hnr,hni->hri", kv_b[:, :dn], wq[:, :dn])  # [H, r, in]
                 wq = torch.cat((q_lat, wq[:, dn:]), dim=1)  # [H, r+dr, in]
@@ -244,7 +246,7 @@ class MLA(nn.Module):
             else:
                 w_in, w_q = torch.cat((wq, self.kv_a_proj.weight)), None
         source = tuple((p, p.data_ptr(), p._version) for p in params)
-        self._decode_weights = DecodeWeights(source, w_in, w_q, w_out, merged)
+        self._decode_weights = DecodeWeights(source, w_in, w_q, w_out)
         return self._decode_weights
 
     def _absorbed(self, x: torch.Tensor, ctx: AttnContext, buf: torch.Tensor) -> torch.Tensor:

@@ -188,9 +188,7 @@ class Transformer(nn.Module):
 
     # -- caches ----------------------------------------------------------------------------
     def make_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """Preallocate a cache for `batch_size` rows of up to `max_seq_len` tokens (default: the model's).
-
-        Also builds the absorbed-MLA decode weights (`prepare_decode`)."""
+        """Preallocate a cache for `batch_size` rows of up to `max_seq_len` tokens (default: the model's)."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         if not 0 < max_seq_len <= self.config.max_seq_len:
             raise ValueError(f"max_seq_len must be in [1, {self.config.max_seq_len}], got {max_seq_len}")
@@ -199,7 +197,6 @@ class Transformer(nn.Module):
         weight = self.embed.weight
         dtype = dtype or weight.dtype
         layers = [blk.attn.make_cache(batch_size, max_seq_len, dtype, weight.device) for blk in self.layers]
-        self.prepare_decode()
         return KVCache(layers, batch_size, max_seq_len)
 
     def prepare_decode(self) -> None:
