@@ -9,12 +9,11 @@ is printed beside the kernels' sum, so the difference is what launches and gaps 
 from __future__ import annotations
 
 import argparse
-import collections
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from decode_throughput import build, filled_cache, time_steps
+from kernel_table import kernel_table
+
 from latentformer.infer.cuda_graph import GraphDecodeStep
 
 if __name__ == "__main__":
@@ -32,20 +31,5 @@ if __name__ == "__main__":
     with torch.no_grad():
         for _ in range(3):
             fn(tok, cache=cache)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn(tok, cache=cache)
-            torch.cuda.synchronize()
-    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            t = totals[e.name[:70]]
-            t[0] += e.device_time_total / 1e3
-            t[1] += 1
-    kernel_ms = sum(t[0] for t in totals.values())
-    launches = sum(t[1] for t in totals.values())
-    print(f"\n{args.preset} B{args.batch} ctx {args.ctx}: graph replay {replay_ms:.3f} ms; "
-          f"{launches} kernels summing to {kernel_ms:.3f} ms")
-    print(f"{'kernel':70} {'calls':>5} {'ms':>7} {'share':>6}")
-    for name, (ms, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:25]:
-        print(f"{name:70} {n:>5} {ms:7.3f} {ms / kernel_ms:6.1%}")
+        print(f"\n{args.preset} B{args.batch} ctx {args.ctx}: graph replay {replay_ms:.3f} ms")
+        kernel_table(lambda: fn(tok, cache=cache), "the same step outside the graph")

@@ -16,38 +16,9 @@ import time
 
 import torch
 
+from kernel_table import kernel_table
 from latentformer.train.config import build_run_config
 from latentformer.train.trainer import Trainer
-
-
-def kernel_table(fn, title: str, top: int = 25) -> None:
-    """Profile one call of `fn` and print its GPU kernels by total time, grouped by kind first."""
-    import collections
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            totals[e.name[:80]][0] += e.device_time_total / 1e3
-            totals[e.name[:80]][1] += 1
-    total = sum(t[0] for t in totals.values())
-    kinds = collections.Counter()
-    for name, (ms, _) in totals.items():
-        low = name.lower()
-        kind = ("attention" if any(k in low for k in ("flash", "cudnn", "fmha", "attention", "sdpa"))
-                else "gemm" if any(k in low for k in ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas"))
-                else "optimizer" if any(k in low for k in ("adam", "multi_tensor", "foreach"))
-                else "triton (fused elementwise/reductions)" if low.startswith("triton") else "other")
-        kinds[kind] += ms
-    print(f"\n{title}: {total:.1f} ms of kernels")
-    for kind, ms in kinds.most_common():
-        print(f"  {kind:40} {ms:8.2f} ms {ms / total:6.1%}")
-    for name, (ms, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
-        print(f"  {name:80} {n:>5} {ms:8.2f} {ms / total:6.1%}")
 
 
 def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: bool, steps: int,
