@@ -127,34 +127,50 @@ def part_b(bw):
 
 
 def part_c(bw):
-    """Launch-parameter sweep for the decode kernel at the presets' shapes: slices per row x
-    pipelining stages, against the default heuristic."""
+    """Launch-parameter sweep of the decode kernel at the presets' decode shapes, timed as inside a
+    decode step: one CUDA graph of n_layers launches over n_layers distinct caches (nothing stays in
+    L2); variants interleaved over 3 rounds (median of the rounds' medians) so drift hits them alike."""
     scale = 96 ** -0.5
-    print(f"\nC. decode kernel sweep (median ms; x roof = time / (cache bytes / {bw / 1e12:.2f} TB/s))")
-    print(f"{'shape':24} {'splits/stages/S/w':>16} {'ms':>8} {'x roof':>7}")
-    for H, r, B, S in ((12, 128, 64, 8192), (12, 128, 16, 32768), (12, 128, 64, 32768), (16, 256, 64, 8192)):
-        dr = 32
-        latent = torch.randn(B, S, r + dr, device="cuda", dtype=torch.bfloat16)
+    dr, L = 32, 12
+    variants = [(sp, st, 64, 4) for sp in (None, 2, 3, 4, 6, 8) for st in (2, 3, 4)]
+    variants += [(sp, 3, bs, w) for sp in (None, 4) for bs, w in ((32, 4), (64, 8), (128, 4), (128, 8))]
+    print(f"\nC. decode kernel sweep, {L} launches per graph (median ms per launch; x roof = time / (cache bytes / {bw / 1e12:.2f} TB/s))")
+    print(f"{'shape':26} {'splits/stages/S/w':>23} {'ms':>8} {'x roof':>7} {'spread':>7}")
+    for label, H, r, B, S in (("mla-125m B64 8k", 12, 128, 64, 8192), ("latentformer-348m B64 8k", 16, 256, 64, 8192),
+                              ("mla-125m B16 32k", 12, 128, 16, 32768)):
+        latents = [torch.randn(B, S, r + dr, device="cuda", dtype=torch.bfloat16) for _ in range(L)]
         q_lat = torch.randn(B, H, r, device="cuda", dtype=torch.bfloat16)
         q_pe = torch.randn(B, H, dr, device="cuda", dtype=torch.bfloat16)
-        ref = matmul_path(q_lat.float(), q_pe.float(), latent.float(), r, scale)
-        roof = latent.numel() * 2 / bw * 1e3
-        best = None
-        for splits, stages, block_s, warps in [(sp, st, 64, 4) for sp in (None, 4, 16) for st in (2, 3)] + [
-                (None, st, bs, w) for st in (2, 3) for bs, w in ((32, 4), (64, 8), (128, 4), (128, 8))]:
-            if splits is not None and splits * 64 * 4 > S:
-                continue
-            def run(splits=splits, stages=stages, block_s=block_s, warps=warps):
-                return latent_decode_attention(q_lat, q_pe, latent, r, scale, None, n_splits=splits, num_stages=stages,
-                                               block_s=block_s, num_warps=warps)
-            err = rel(run(), ref)
-            assert err < 1e-2, (splits, stages, block_s, warps, err)
-            ms = do_bench(run, warmup=20, rep=100, return_mode="median")
-            cfg = f"{splits or 'heur'}/{stages}/{block_s}/{warps}"
-            best = min(best or (ms, cfg), (ms, cfg))
-            print(f"{f'H{H} r{r} B{B} S{S}':24} {cfg:>16} {ms:8.3f} {ms / roof:7.2f}", flush=True)
-        print(f"  best: splits/stages/block/warps {best[1]}: {best[0]:.3f} ms ({best[0] / roof:.2f}x roof)")
-        del latent
+        length = torch.full((), S, dtype=torch.int32, device="cuda")
+        ref = matmul_path(q_lat.float(), q_pe.float(), latents[0].float(), r, scale)
+        roof = latents[0].numel() * 2 / bw * 1e3
+        graphs = {}
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        previous = (max(1, min(-(-S // 256), -(-2 * sms // B))), 2, 64, 4)  # the defaults before 2026-11-25
+        for splits, stages, block_s, warps in variants + [previous]:
+            kw = dict(n_splits=splits, num_stages=stages, block_s=block_s, num_warps=warps)
+            err = rel(latent_decode_attention(q_lat, q_pe, latents[0], r, scale, None, length, **kw), ref)
+            assert err < 1e-2, (kw, err)
+            for _ in range(2):
+                [latent_decode_attention(q_lat, q_pe, lat, r, scale, None, length, **kw) for lat in latents]
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                [latent_decode_attention(q_lat, q_pe, lat, r, scale, None, length, **kw) for lat in latents]
+            graphs[f"{splits or 'default'}/{stages}/{block_s}/{warps}" + (" (old)" if (splits, stages, block_s, warps) == previous else "")] = g
+        rounds: dict = {k: [] for k in graphs}
+        for _ in range(3):
+            for cfg, g in graphs.items():
+                times = []
+                for _ in range(15):
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record(); g.replay(); b.record(); torch.cuda.synchronize()
+                    times.append(a.elapsed_time(b) / L)
+                rounds[cfg].append(sorted(times)[len(times) // 2])
+        for cfg, ms in sorted(rounds.items(), key=lambda kv: sorted(kv[1])[1]):
+            med = sorted(ms)[1]
+            print(f"{label:26} {cfg:>23} {med:8.4f} {med / roof:7.2f} {(max(ms) - min(ms)) / med:7.1%}")
+        del latents, graphs
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -10,39 +10,68 @@ MFU = flops_per_token(seq_len) x tokens/s / dense bf16 peak (H100 SXM: 989 TFLOP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 from kernel_table import kernel_table
 from latentformer.train.config import build_run_config
 from latentformer.train.trainer import Trainer
 
 
+def unfused_cross_entropy(x, weight, targets, ignore_index=-100, chunk_rows=None):
+    """The loss as computed before the fused output layer (2026-11-25): full logits, then F.cross_entropy."""
+    return F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=ignore_index)
+
+
+@contextlib.contextmanager
+def variant(name: str, trainer: Trainer):
+    """'fused' = the trainer as shipped; 'unfused-ce' = the previous loss path; 'bf16-residual' =
+    the residual stream in bf16 (the embedding output cast to the autocast dtype), an experiment."""
+    import latentformer.model.transformer as T
+
+    orig_ce, embed = T.linear_cross_entropy, trainer.model.embed
+    if name == "unfused-ce":
+        T.linear_cross_entropy = unfused_cross_entropy
+    elif name == "bf16-residual":
+        embed.register_forward_hook(lambda m, i, out: out.to(torch.bfloat16))
+    elif name != "fused":
+        raise ValueError(f"unknown variant {name!r}")
+    try:
+        yield
+    finally:
+        T.linear_cross_entropy = orig_ce
+        embed._forward_hooks.clear()
+
+
 def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: bool, steps: int,
-         profile: bool = False) -> dict:
+         profile: bool = False, name: str = "fused") -> dict:
     overrides = {"data.dir": data, "train.seq_len": seq_len, "train.micro_batch_size": micro,
                  "train.batch_tokens": seq_len * micro * accum, "train.compile": compile, "train.progress": False,
                  "train.tensorboard": False, "train.warmup_steps": 10, "model.max_seq_len": max(seq_len, 1024),
                  "train.max_steps": 10**6}
     cfg, explicit = build_run_config(preset=preset, overrides=overrides)
+    torch._dynamo.reset()  # each run is a new model: stay under dynamo's recompile limit
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as run:
         tr = Trainer(cfg, run, vocab_explicit=explicit)
-        times = []
-        for i in range(steps + 5):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            tr.train_step()  # ends in a host sync (the loss)
-            if i >= 5:
-                times.append(time.perf_counter() - t0)
+        times, losses = [], []
+        with variant(name, tr):
+            for i in range(steps + 5):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                losses.append(tr.train_step()[0])  # ends in a host sync (the loss)
+                if i >= 5:
+                    times.append(time.perf_counter() - t0)
+            if profile:
+                kernel_table(tr.train_step, f"{preset} T{seq_len} ({name}): one optimizer step")
         tps = seq_len * micro * accum / statistics.median(times)
-        if profile:
-            kernel_table(tr.train_step, f"{preset} T{seq_len}: one optimizer step")
         mfu = tr.flops_per_token * tps / tr.peak if tr.peak else float("nan")
-        out = {"tokens/s": tps, "mfu": mfu, "mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+        out = {"tokens/s": tps, "mfu": mfu, "loss": losses[-1], "mem_gb": torch.cuda.max_memory_allocated() / 1e9,
                "params": tr.model.num_params(), "flops_per_token": tr.flops_per_token, "peak": tr.peak}
         del tr
     torch.cuda.empty_cache()
@@ -91,7 +120,8 @@ if __name__ == "__main__":
     ap.add_argument("--data", required=True)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--presets", default="mla-125m,mha-125m,latentformer-348m,moe-mla-small,mla-125m@4096",
-                    help="comma-separated presets (preset@seq_len for another sequence length)")
+                    help="comma-separated presets (preset@seq_len, preset@seq_lenxmicro_batch for other shapes)")
+    ap.add_argument("--variants", default="fused", help="comma-separated: fused (as shipped), unfused-ce, bf16-residual")
     ap.add_argument("--accum", type=int, default=4, help="micro-batches per optimizer step (both libraries)")
     ap.add_argument("--profile", action="store_true", help="print a kernel table of one step per preset")
     ap.add_argument("--eager", action="store_true", help="also time mla-125m uncompiled")
@@ -102,15 +132,18 @@ if __name__ == "__main__":
     micro = {"latentformer-348m": 16}
     runs = []  # (preset, seq_len, micro batch)
     for item in args.presets.split(","):
-        preset, _, T = item.partition("@")
+        preset, _, shape = item.partition("@")
+        T, _, B = shape.partition("x")
         T = int(T or 1024)
-        runs.append((preset, T, micro.get(preset, 32) * 1024 // T))
+        runs.append((preset, T, int(B or micro.get(preset, 32) * 1024 // T)))
     rows = []
     for preset, T, B in runs:
-        for comp in (True, False) if args.eager and (preset, T) == ("mla-125m", 1024) else (True,):
-            r = ours(preset, args.data, T, B, args.accum, comp, args.steps, args.profile)
-            rows.append((f"latentformer {preset}", T, B, "compiled" if comp else "eager", r["tokens/s"], r["mfu"], r["mem_gb"]))
-            print(rows[-1], flush=True)
+        for name in args.variants.split(","):
+            for comp in (True, False) if args.eager and (preset, T) == ("mla-125m", 1024) else (True,):
+                r = ours(preset, args.data, T, B, args.accum, comp, args.steps, args.profile, name)
+                mode = ("compiled" if comp else "eager") + ("" if name == "fused" else f", {name}")
+                rows.append((f"latentformer {preset}", T, B, mode, r["tokens/s"], r["mfu"], r["mem_gb"]))
+                print(rows[-1], f"loss {r['loss']:.4f}", flush=True)
     for mode in filter(None, args.hf.split(",")):
         try:
             r = transformers_v3("mla-125m", 1024, 32, args.accum, mode == "compiled", args.steps)
@@ -118,6 +151,6 @@ if __name__ == "__main__":
             print(rows[-1], flush=True)
         except Exception as e:  # report, keep the table
             print(f"transformers DeepseekV3 ({mode}) failed: {type(e).__name__}: {str(e)[:200]}")
-    print(f"\n{'model':36} {'T':>5} {'B':>3} {'mode':9} {'tokens/s':>10} {'MFU':>6} {'peak GB':>8}")
+    print(f"\n{'model':36} {'T':>5} {'B':>3} {'mode':24} {'tokens/s':>10} {'MFU':>6} {'peak GB':>8}")
     for name, T, B, mode, tps, mfu, mem in rows:
-        print(f"{name:36} {T:>5} {B:>3} {mode:9} {tps:10.0f} {mfu * 100:5.1f}% {mem:8.1f}")
+        print(f"{name:36} {T:>5} {B:>3} {mode:24} {tps:10.0f} {mfu * 100:5.1f}% {mem:8.1f}")

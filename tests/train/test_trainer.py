@@ -98,8 +98,8 @@ def test_interrupted_checkpoint_write_leaves_previous_loadable(sotu_dir, tmp_pat
 def _nan_forward_on(steps: set[int], counter: list[int]):
     real = Transformer.forward
 
-    def forward(self, tokens, targets=None, cache=None):
-        out = real(self, tokens, targets, cache)
+    def forward(self, tokens, targets=None, **kwargs):
+        out = real(self, tokens, targets, **kwargs)
         if targets is not None and self.training:
             counter[0] += 1
             if counter[0] in steps:

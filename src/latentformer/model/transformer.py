@@ -13,6 +13,7 @@ from latentformer.config import ModelConfig
 from latentformer.model.attention import MLA, Attention, AttnContext
 from latentformer.model.cache import KVCache
 from latentformer.model.ffn import make_ffn
+from latentformer.model.loss import linear_cross_entropy
 from latentformer.model.moe import MoE
 from latentformer.model.norm import RMSNorm, make_norm
 from latentformer.model.rope import LearnedPositions, RotaryEmbedding, ScaledSinusoidPositions, rope_inv_freq, sinusoid_inv_freq
@@ -21,7 +22,7 @@ IGNORE_INDEX = -100
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor  # [B, T, vocab]
+    logits: torch.Tensor | None  # [B, T, vocab]; None when return_logits=False
     loss: torch.Tensor  # mean cross-entropy over targets != IGNORE_INDEX
     aux_loss: torch.Tensor | None  # MoE balance loss (already times its coefficient), or None
 
@@ -110,12 +111,16 @@ class Transformer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor | ModelOutput:
+                cache: KVCache | None = None, last_only: bool = False, return_logits: bool = True) -> torch.Tensor | ModelOutput:
         """`last_only=True` (inference) computes the output layer for the last position only:
-        logits [B, 1, vocab] — a prompt prefill then never materializes [B, T, vocab]."""
+        logits [B, 1, vocab] — a prompt prefill then never materializes [B, T, vocab].
+        `return_logits=False` (training, with targets) fuses the output layer into the loss
+        (`linear_cross_entropy`): ModelOutput(None, loss, aux_loss), no [B, T, vocab] tensor."""
         cfg = self.config
         if last_only and targets is not None:
             raise ValueError("last_only=True is for inference: it cannot be combined with targets")
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False needs targets: it computes the loss without the logits")
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {list(tokens.shape)}")
         B, T = tokens.shape
@@ -155,13 +160,16 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         if self.norm is not None:
             x = self.norm(x)
-        logits = self.lm_head(x)
+        logits = self.lm_head(x) if return_logits else None
         if cache is not None:
             cache.pos = end
             cache.length += T
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        if logits is None:
+            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX)
+        else:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         return ModelOutput(logits, loss, torch.stack(aux).sum() if aux else None)
 

@@ -95,7 +95,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 def compile_model(model: nn.Module) -> None:
     """torch.compile the whole model in place (parameter names unchanged). Whole-model rather
-    than per-block: the output layer and the fp32 cross-entropy fuse, which per-block
+    than per-block: the output layer and the loss fuse with the last block, which per-block
     compilation leaves eager (measured on an H100: benchmarks/RESULTS.md)."""
     model.compile()
 

@@ -1,0 +1,152 @@
+"""Fused output layer + cross-entropy: equal to F.cross_entropy(F.linear(x, w)) in loss and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from latentformer import Transformer
+from latentformer.model.loss import default_chunk_rows, linear_cross_entropy
+from latentformer.model.transformer import IGNORE_INDEX
+
+from .helpers import ATTENTION, FFNS, small
+
+N, D, V = 45, 24, 67
+
+
+def inputs(dtype=torch.float32):
+    x = torch.randn(N, D, dtype=dtype, requires_grad=True)
+    w = (0.3 * torch.randn(V, D, dtype=dtype)).requires_grad_()
+    t = torch.randint(0, V, (N,))
+    t[::4] = IGNORE_INDEX
+    return x, w, t
+
+
+def loss_and_grads(loss_fn, x, w, t):
+    loss = loss_fn(x, w, t)
+    return (loss.detach(), *torch.autograd.grad(loss, (x, w)))
+
+
+def reference(x, w, t):
+    return F.cross_entropy(F.linear(x, w).float(), t, ignore_index=IGNORE_INDEX)
+
+
+def assert_close(got, want, rel):
+    """Max |got - want| within rel x max |want| (elementwise relative error is meaningless near 0)."""
+    assert got.dtype == want.dtype
+    err, scale = (got - want).abs().max().item(), want.abs().max().item()
+    assert err <= rel * scale, f"max error {err:.3g} > {rel} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 8, 16, N, 1000, None])  # 16 does not divide 45
+def test_matches_cross_entropy_fp32(chunk_rows):
+    x, w, t = inputs()
+    want = loss_and_grads(reference, x, w, t)
+    got = loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=chunk_rows), x, w, t)
+    for g, r in zip(got, want):
+        assert_close(g, r, 1e-6)
+
+
+def test_all_targets_ignored_gives_nan_loss_and_zero_grads():
+    x, w, _ = inputs()
+    t = torch.full((N,), IGNORE_INDEX)
+    want = loss_and_grads(reference, x, w, t)
+    loss, gx, gw = loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=16), x, w, t)
+    assert want[0].isnan() and loss.isnan()
+    assert torch.equal(gx, want[1]) and torch.equal(gw, want[2]) and not gx.any() and not gw.any()
+
+
+def test_bf16_autocast_matches_autocast_reference():
+    """Both compute bf16 logits and bf16 gradient matmuls (fp32 softmax): within a few bf16 ulps
+    (2**-8 = 0.4%) of the largest value; the loss itself within 1e-3 relative."""
+    x, w, t = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = loss_and_grads(reference, x, w, t)
+        got = loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=16), x, w, t)
+    assert_close(got[0], want[0], 1e-3)
+    assert_close(got[1], want[1], 1e-2)  # grad x: fp32 like x
+    assert_close(got[2], want[2], 1e-2)  # grad w: fp32 like w
+
+
+def test_grad_output_scales_the_gradients():
+    x, w, t = inputs()
+    (3 * linear_cross_entropy(x, w, t, chunk_rows=16)).backward()
+    gx3, gw3 = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    linear_cross_entropy(x, w, t, chunk_rows=16).backward()
+    assert_close(gx3, 3 * x.grad, 1e-6)
+    assert_close(gw3, 3 * w.grad, 1e-6)
+
+
+def test_frozen_weight_still_gives_grad_x():
+    x, w, t = inputs()
+    w.requires_grad_(False)
+    (gx,) = torch.autograd.grad(linear_cross_entropy(x, w, t, chunk_rows=16), x)
+    (want,) = torch.autograd.grad(reference(x, w, t), x)
+    assert_close(gx, want, 1e-6)
+
+
+def test_no_grad_gives_the_loss_only():
+    x, w, t = inputs()
+    with torch.no_grad():
+        loss = linear_cross_entropy(x, w, t, chunk_rows=16)
+    assert not loss.requires_grad
+    assert_close(loss, reference(x, w, t).detach(), 1e-6)
+
+
+def test_default_chunks_are_even_bounded_and_multiples_of_8():
+    assert default_chunk_rows(16 * 1024, 50304) == 2344  # 7 chunks of <= 2**27 logits, not 6 + a stub
+    assert default_chunk_rows(5, 50304) == 5
+    assert default_chunk_rows(10**6, 2**30) == 8  # a row exceeds the budget: 8 rows
+
+
+def test_user_errors():
+    x, w, t = inputs()
+    with pytest.raises(ValueError, match="chunk_rows"):
+        linear_cross_entropy(x, w, t, chunk_rows=0)
+    with pytest.raises(ValueError, match="targets"):
+        linear_cross_entropy(x, w, t[:-1])
+    with pytest.raises(ValueError, match="weight"):
+        linear_cross_entropy(x, w[:, :-1], t)
+    with pytest.raises(ValueError, match="return_logits=False needs targets"):
+        Transformer(small())(t[None, :8], return_logits=False)
+
+
+def train_step(model, x, y, **kwargs):
+    model.zero_grad()
+    torch.manual_seed(1)
+    out = model(x, y, **kwargs)
+    loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+    loss.backward()
+    return out, {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("tied", dict(tie_embeddings=True)),
+    ("untied", dict()),
+    ("mla-tied", dict(ATTENTION["mla"], tie_embeddings=True)),
+    ("mla-moe", dict(ATTENTION["mla-q"], **FFNS["moe"], aux_loss_coef=0.01)),
+])
+def test_transformer_fused_loss_equals_logits_path(name, overrides):
+    model = Transformer(small(**overrides)).train()
+    x, y = torch.randint(0, 97, (3, 20)), torch.randint(0, 97, (3, 20))
+    y[0, :7] = IGNORE_INDEX
+    want, want_grads = train_step(model, x, y)
+    got, got_grads = train_step(model, x, y, return_logits=False)
+    assert got.logits is None
+    assert_close(got.loss, want.loss, 1e-6)
+    if want.aux_loss is not None:
+        assert_close(got.aux_loss, want.aux_loss, 1e-6)
+    for n in want_grads:
+        assert_close(got_grads[n], want_grads[n], 1e-5)
+
+
+def test_compiled_fused_training_step_equals_eager():
+    model = Transformer(small(n_layers=1, tie_embeddings=True)).train()
+    x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    y[1, :3] = IGNORE_INDEX
+    want, want_grads = train_step(model, x, y, return_logits=False)
+    compiled = torch.compile(model, fullgraph=True)  # no graph break around the autograd.Function
+    got, got_grads = train_step(compiled, x, y, return_logits=False)
+    assert_close(got.loss, want.loss, 1e-5)
+    for n in want_grads:
+        assert_close(got_grads[n], want_grads[n], 1e-5)
