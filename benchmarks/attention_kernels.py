@@ -4,7 +4,9 @@ Run on a CUDA machine:  PYTHONPATH=src python benchmarks/attention_kernels.py
 Part A times causal attention forward+backward at MLA training shapes (q/k dim != v dim) for
 each SDPA backend (FLASH needs v padded to the q/k dim) and FlexAttention. Part B checks the Triton decode
 kernel against an fp32 reference and times it against the matmul path and the memory
-roofline (cache bytes / measured copy bandwidth). Prints tables; no assertion on time.
+roofline (cache bytes / measured copy bandwidth). `--sweep` (part C) times the decode kernel's
+launch parameters as a decode step runs it (one CUDA graph over 12 layers' caches) against the
+defaults. Prints tables; no assertion on time.
 """
 
 from __future__ import annotations

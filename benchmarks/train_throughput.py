@@ -28,39 +28,38 @@ def unfused_cross_entropy(x, weight, targets, ignore_index=-100, chunk_rows=None
     return F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=ignore_index)
 
 
+VARIANTS = {  # name -> config overrides; 'unfused-ce' also swaps the loss (see `variant`)
+    "shipped": {}, "unfused-ce": {}, "fp32-residual": {"train.low_precision_residual": False}, "seed2": {"train.seed": 1338},
+}
+
+
 @contextlib.contextmanager
-def variant(name: str, trainer: Trainer):
-    """'fused' = the trainer as shipped; 'unfused-ce' = the previous loss path; 'bf16-residual' =
-    the residual stream in bf16 (the embedding output cast to the autocast dtype), an experiment."""
+def variant(name: str):
+    """'unfused-ce' = the loss path before 2026-11-25 (full logits, then F.cross_entropy)."""
     import latentformer.model.transformer as T
 
-    orig_ce, embed = T.linear_cross_entropy, trainer.model.embed
+    orig_ce = T.linear_cross_entropy
     if name == "unfused-ce":
         T.linear_cross_entropy = unfused_cross_entropy
-    elif name == "bf16-residual":
-        embed.register_forward_hook(lambda m, i, out: out.to(torch.bfloat16))
-    elif name != "fused":
-        raise ValueError(f"unknown variant {name!r}")
     try:
         yield
     finally:
         T.linear_cross_entropy = orig_ce
-        embed._forward_hooks.clear()
 
 
 def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: bool, steps: int,
-         profile: bool = False, name: str = "fused") -> dict:
+         profile: bool = False, name: str = "shipped") -> dict:
     overrides = {"data.dir": data, "train.seq_len": seq_len, "train.micro_batch_size": micro,
                  "train.batch_tokens": seq_len * micro * accum, "train.compile": compile, "train.progress": False,
                  "train.tensorboard": False, "train.warmup_steps": 10, "model.max_seq_len": max(seq_len, 1024),
-                 "train.max_steps": 10**6}
+                 "train.max_steps": 10**6, "train.lr": 6e-4, "train.min_lr": 6e-4, **VARIANTS[name]}
     cfg, explicit = build_run_config(preset=preset, overrides=overrides)
     torch._dynamo.reset()  # each run is a new model: stay under dynamo's recompile limit
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as run:
         tr = Trainer(cfg, run, vocab_explicit=explicit)
         times, losses = [], []
-        with variant(name, tr):
+        with variant(name):
             for i in range(steps + 5):
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -71,7 +70,7 @@ def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: 
                 kernel_table(tr.train_step, f"{preset} T{seq_len} ({name}): one optimizer step")
         tps = seq_len * micro * accum / statistics.median(times)
         mfu = tr.flops_per_token * tps / tr.peak if tr.peak else float("nan")
-        out = {"tokens/s": tps, "mfu": mfu, "loss": losses[-1], "mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+        out = {"tokens/s": tps, "mfu": mfu, "loss": losses[-1], "losses": losses, "mem_gb": torch.cuda.max_memory_allocated() / 1e9,
                "params": tr.model.num_params(), "flops_per_token": tr.flops_per_token, "peak": tr.peak}
         del tr
     torch.cuda.empty_cache()
@@ -121,10 +120,11 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--presets", default="mla-125m,mha-125m,latentformer-348m,moe-mla-small,mla-125m@4096",
                     help="comma-separated presets (preset@seq_len, preset@seq_lenxmicro_batch for other shapes)")
-    ap.add_argument("--variants", default="fused", help="comma-separated: fused (as shipped), unfused-ce, bf16-residual")
+    ap.add_argument("--variants", default="shipped", help=f"comma-separated: {', '.join(VARIANTS)}")
+    ap.add_argument("--curve", type=int, default=0, help="also print the loss every 20 steps of a run this long, per variant")
     ap.add_argument("--accum", type=int, default=4, help="micro-batches per optimizer step (both libraries)")
     ap.add_argument("--profile", action="store_true", help="print a kernel table of one step per preset")
-    ap.add_argument("--eager", action="store_true", help="also time mla-125m uncompiled")
+    ap.add_argument("--modes", default="compiled", help="comma-separated: compiled, eager")
     ap.add_argument("--hf", default="eager,compiled", help="transformers DeepseekV3 modes to time ('' = none)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -136,12 +136,13 @@ if __name__ == "__main__":
         T, _, B = shape.partition("x")
         T = int(T or 1024)
         runs.append((preset, T, int(B or micro.get(preset, 32) * 1024 // T)))
-    rows = []
+    rows, curves = [], {}
     for preset, T, B in runs:
         for name in args.variants.split(","):
-            for comp in (True, False) if args.eager and (preset, T) == ("mla-125m", 1024) else (True,):
-                r = ours(preset, args.data, T, B, args.accum, comp, args.steps, args.profile, name)
-                mode = ("compiled" if comp else "eager") + ("" if name == "fused" else f", {name}")
+            for comp in [m == "compiled" for m in args.modes.split(",")]:
+                r = ours(preset, args.data, T, B, args.accum, comp, args.curve or args.steps, args.profile, name)
+                curves[f"{preset} {name}"] = r["losses"]
+                mode = ("compiled" if comp else "eager") + ("" if name == "shipped" else f", {name}")
                 rows.append((f"latentformer {preset}", T, B, mode, r["tokens/s"], r["mfu"], r["mem_gb"]))
                 print(rows[-1], f"loss {r['loss']:.4f}", flush=True)
     for mode in filter(None, args.hf.split(",")):
@@ -151,6 +152,11 @@ if __name__ == "__main__":
             print(rows[-1], flush=True)
         except Exception as e:  # report, keep the table
             print(f"transformers DeepseekV3 ({mode}) failed: {type(e).__name__}: {str(e)[:200]}")
+    if args.curve:
+        print(f"\ntraining loss (lr 6e-4 constant after 10 warm-up steps; {args.accum} x micro-batch per step)")
+        print(f"{'step':>5} " + " ".join(f"{k[-24:]:>24}" for k in curves))
+        for i in range(19, args.curve + 5, 20):
+            print(f"{i + 1:>5} " + " ".join(f"{v[i]:24.4f}" for v in curves.values()))
     print(f"\n{'model':36} {'T':>5} {'B':>3} {'mode':24} {'tokens/s':>10} {'MFU':>6} {'peak GB':>8}")
     for name, T, B, mode, tps, mfu, mem in rows:
         print(f"{name:36} {T:>5} {B:>3} {mode:24} {tps:10.0f} {mfu * 100:5.1f}% {mem:8.1f}")

@@ -155,3 +155,29 @@ def test_gradients_are_cleared_inside_the_step(sotu_dir, tmp_path):
         _, norm, finite = trainer.train_step()
         assert finite and norm > 0
         assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def block_input_dtypes(trainer) -> list[torch.dtype]:
+    seen = []
+    hooks = [blk.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype)) for blk in trainer.model.layers]
+    trainer.train_step()
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_low_precision_residual_carries_the_stream_in_the_autocast_dtype(sotu_dir, tmp_path):
+    """bf16 autocast: the residual stream is bf16 by default (low_precision_residual) and fp32 without;
+    the first step's loss agrees to bf16 accuracy and the run still learns."""
+    base = Trainer(run_config(sotu_dir, dtype="bf16", low_precision_residual=False), tmp_path / "a")
+    low = Trainer(run_config(sotu_dir, dtype="bf16", max_steps=30), tmp_path / "b")
+    assert set(block_input_dtypes(base)) == {torch.float32}
+    assert set(block_input_dtypes(low)) == {torch.bfloat16}
+    torch.manual_seed(0)
+    x = torch.randint(0, 512, (4, 32))
+    with base._autocast(), torch.no_grad():
+        want = base.model(x, x).loss
+        got = low.model(x, x).loss
+    assert got.item() == pytest.approx(want.item(), rel=2e-2)  # both models drew the same init, one step each
+    start = low.evaluate()["loss"]
+    assert low.fit()["val"]["loss"] < start - 0.5

@@ -1,13 +1,13 @@
-"""Output layer + cross-entropy with the gradient computed in the forward pass.
+"""Output layer + cross-entropy with the gradient computed in the forward pass (eager mode).
 
 The idea is Liger-Kernel's FusedLinearCrossEntropy (Hsu et al. 2024, "Liger Kernel: Efficient
 Triton Kernels for LLM Training"): as soon as the logits exist, turn them into the gradient of
 the loss w.r.t. themselves, (softmax - onehot) / n_valid, in place, and push it through the two
-matmuls (grad_x = G W, grad_W = G^T x). Backward then only scales the stored gradients. The
-[N, V] logits are written once by the matmul, read for the log-sum-exp, read and overwritten by
-their gradient: no fp32 copy of them, no separate softmax and scatter passes over [N, V] (the
-compiled `F.cross_entropy(logits.float())` backward spends several: 5.3 ms of a 74.6 ms
-latentformer-348m step on an H100). Plain torch ops; inductor fuses the per-row work.
+matmuls (grad_x = G W, grad_W = G^T x). Backward then only scales the stored gradients. Eager
+`F.cross_entropy(logits.float())` keeps an fp32 copy of the [N, V] logits, their fp32
+log-softmax for backward and an fp32 gradient (~10 GB at 16k tokens x 50k vocabulary); here the
+[N, V] logits exist once, in the compute dtype, and turn into their own gradient chunk by chunk.
+Under torch.compile the plain composition is returned: inductor fuses it as well (measured).
 
 Legend: N rows (B*T tokens), d model width, V vocabulary, C rows per chunk.
 """
@@ -15,10 +15,10 @@ Legend: N rows (B*T tokens), d model width, V vocabulary, C rows per chunk.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx
 
-# Eager mode converts one chunk of rows to fp32 at a time: ~2**27 values, 512 MB. Under
-# torch.compile the rows are one chunk: the fused kernels never materialize the fp32 values.
+# One chunk of rows is converted to fp32 at a time: ~2**27 values, 512 MB.
 CHUNK_VALUES = 2**27
 
 
@@ -46,10 +46,13 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"targets must be [N] = [{x.shape[0]}], got {list(targets.shape)}")
     if chunk_rows is not None and chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    if torch.compiler.is_compiling():
+        # inductor already fuses cross-entropy (an online-softmax pass forward, one pass backward) and
+        # plans its memory: on an H100 this path was no faster under torch.compile and held 3 GB more
+        # at mla-125m's batch (benchmarks/RESULTS.md, 2026-11-25)
+        return F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=ignore_index)
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    if torch.compiler.is_compiling():
-        chunk_rows = x.shape[0]
     chunk_rows = chunk_rows or default_chunk_rows(x.shape[0], weight.shape[0])
     grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, chunk_rows, dtype, grads)
@@ -67,16 +70,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_valid = valid.sum()
         # d(mean loss)/d(row loss): 1/n_valid on counted rows, 0 on ignored ones (all 0 if none counts)
         row_scale = (valid.float() / n_valid.clamp(min=1))[:, None]  # [N, 1]
-        vocab = torch.arange(logits.shape[1], device=x.device)  # [V]
         loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, N, chunk_rows):  # trip count depends on shapes only
             rows = slice(start, min(start + chunk_rows, N))
-            z = logits[rows].float()  # [C, V] fp32
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [C, 1]
-            loss_sum = loss_sum + ((lse - z.gather(1, safe_targets[rows])).squeeze(1) * valid[rows]).sum()
-            if grads:
-                onehot = vocab == safe_targets[rows]  # [C, V]
-                logits[rows] = ((z - lse).exp() - onehot.float()) * row_scale[rows]
+            logp = torch.log_softmax(logits[rows], dim=-1, dtype=torch.float32)  # [C, V] fp32
+            loss_sum = loss_sum - (logp.gather(1, safe_targets[rows]).squeeze(1) * valid[rows]).sum()
+            if grads:  # softmax - onehot, scaled, in place: no further [C, V] buffers
+                grad = logp.exp_().scatter_add_(1, safe_targets[rows], torch.full_like(logp[:, :1], -1.0))
+                logits[rows] = grad.mul_(row_scale[rows])
         if grads:
             ctx.save_for_backward((logits @ w).to(x.dtype) if ctx.needs_input_grad[0] else None,  # grad_x [N, d]
                                   (logits.t() @ x_c).to(weight.dtype) if ctx.needs_input_grad[1] else None)  # grad_W [V, d]

@@ -93,6 +93,14 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = forward
 
 
+def cast_residual_stream(model: nn.Module, dtype: torch.dtype) -> None:
+    """Carry the residual stream in `dtype` (the autocast dtype) instead of the embedding's fp32:
+    the embedding output is cast, and every block's `x + f(x)` then stays in `dtype` (Megatron's
+    default, fp32_residual_connection=False). Norms still compute in fp32. A forward hook, so
+    parameters and checkpoints are unchanged."""
+    model.embed.register_forward_hook(lambda module, args, out: out.to(dtype))
+
+
 def compile_model(model: nn.Module) -> None:
     """torch.compile the whole model in place (parameter names unchanged). Whole-model rather
     than per-block: the output layer and the loss fuse with the last block, which per-block
