@@ -119,7 +119,7 @@ if __name__ == "__main__":
     ap.add_argument("--data", required=True)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--presets", default="mla-125m,mha-125m,latentformer-348m,moe-mla-small,mla-125m@4096",
-                    help="comma-separated presets (preset@seq_len, preset@seq_lenxmicro_batch for other shapes)")
+                    help="comma-separated presets; preset@T[xB[xA]] sets seq_len, micro batch, accumulation")
     ap.add_argument("--variants", default="shipped", help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--curve", type=int, default=0, help="also print the loss every 20 steps of a run this long, per variant")
     ap.add_argument("--accum", type=int, default=4, help="micro-batches per optimizer step (both libraries)")
@@ -130,25 +130,25 @@ if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = True
     print(torch.cuda.get_device_name(), "torch", torch.__version__, f"accum {args.accum}")
     micro = {"latentformer-348m": 16}
-    runs = []  # (preset, seq_len, micro batch)
+    runs = []  # (preset, seq_len, micro batch, accumulation)
     for item in args.presets.split(","):
         preset, _, shape = item.partition("@")
-        T, _, B = shape.partition("x")
+        T, B, A = (shape.split("x") + ["", "", ""])[:3]
         T = int(T or 1024)
-        runs.append((preset, T, int(B or micro.get(preset, 32) * 1024 // T)))
+        runs.append((preset, T, int(B or micro.get(preset, 32) * 1024 // T), int(A or args.accum)))
     rows, curves = [], {}
-    for preset, T, B in runs:
+    for preset, T, B, A in runs:
         for name in args.variants.split(","):
             for comp in [m == "compiled" for m in args.modes.split(",")]:
-                r = ours(preset, args.data, T, B, args.accum, comp, args.curve or args.steps, args.profile, name)
+                r = ours(preset, args.data, T, B, A, comp, args.curve or args.steps, args.profile, name)
                 curves[f"{preset} {name}"] = r["losses"]
                 mode = ("compiled" if comp else "eager") + ("" if name == "shipped" else f", {name}")
-                rows.append((f"latentformer {preset}", T, B, mode, r["tokens/s"], r["mfu"], r["mem_gb"]))
+                rows.append((f"latentformer {preset}", T, f"{B}x{A}", mode, r["tokens/s"], r["mfu"], r["mem_gb"]))
                 print(rows[-1], f"loss {r['loss']:.4f}", flush=True)
     for mode in filter(None, args.hf.split(",")):
         try:
             r = transformers_v3("mla-125m", 1024, 32, args.accum, mode == "compiled", args.steps)
-            rows.append(("transformers DeepseekV3 @mla-125m", 1024, 32, mode, r["tokens/s"], float("nan"), r["mem_gb"]))
+            rows.append(("transformers DeepseekV3 @mla-125m", 1024, f"32x{args.accum}", mode, r["tokens/s"], float("nan"), r["mem_gb"]))
             print(rows[-1], flush=True)
         except Exception as e:  # report, keep the table
             print(f"transformers DeepseekV3 ({mode}) failed: {type(e).__name__}: {str(e)[:200]}")
@@ -157,6 +157,6 @@ if __name__ == "__main__":
         print(f"{'step':>5} " + " ".join(f"{k[-24:]:>24}" for k in curves))
         for i in range(19, args.curve + 5, 20):
             print(f"{i + 1:>5} " + " ".join(f"{v[i]:24.4f}" for v in curves.values()))
-    print(f"\n{'model':36} {'T':>5} {'B':>3} {'mode':24} {'tokens/s':>10} {'MFU':>6} {'peak GB':>8}")
+    print(f"\n{'model':36} {'T':>5} {'BxA':>5} {'mode':24} {'tokens/s':>10} {'MFU':>6} {'peak GB':>8}")
     for name, T, B, mode, tps, mfu, mem in rows:
-        print(f"{name:36} {T:>5} {B:>3} {mode:24} {tps:10.0f} {mfu * 100:5.1f}% {mem:8.1f}")
+        print(f"{name:36} {T:>5} {B:>5} {mode:24} {tps:10.0f} {mfu * 100:5.1f}% {mem:8.1f}")
