@@ -16,6 +16,7 @@ import tempfile
 import time
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 
 from kernel_table import kernel_table
@@ -30,19 +31,23 @@ def unfused_cross_entropy(x, weight, targets, ignore_index=-100, chunk_rows=None
 
 VARIANTS = {  # name -> config overrides; 'unfused-ce' also swaps the loss (see `variant`)
     "shipped": {}, "unfused-ce": {}, "fp32-residual": {"train.low_precision_residual": False}, "seed2": {"train.seed": 1338},
+    "coordinate-descent": {},
 }
 
 
 @contextlib.contextmanager
 def variant(name: str):
-    """'unfused-ce' = the loss path before 2026-11-25 (full logits, then F.cross_entropy)."""
+    """'unfused-ce' = the loss path before 2026-11-25 (full logits, then F.cross_entropy);
+    'coordinate-descent' = inductor tunes each generated kernel's launch configuration."""
     import latentformer.model.transformer as T
 
     orig_ce = T.linear_cross_entropy
     if name == "unfused-ce":
         T.linear_cross_entropy = unfused_cross_entropy
+    tuning = torch._inductor.config.patch(coordinate_descent_tuning=name == "coordinate-descent")
     try:
-        yield
+        with tuning:
+            yield
     finally:
         T.linear_cross_entropy = orig_ce
 
