@@ -50,8 +50,9 @@ class TrainConfig:
     threads: int = 0  # CPU intra-op threads (0 = all cores)
     compile: bool = False
     activation_checkpointing: bool = False
-    # bf16/fp16 autocast: carry the residual stream in that dtype instead of fp32 (Megatron's default):
-    # +2-4% tokens/s and less memory on an H100, loss within 3e-4 of fp32 over 200 steps (benchmarks/RESULTS.md)
+    # bf16 autocast: carry the residual stream in bf16 instead of fp32 (Megatron's default): +2-4%
+    # tokens/s and less memory on an H100, loss within 3e-4 of fp32 over 200 steps (benchmarks/RESULTS.md);
+    # not applied under fp16, whose range a residual stream can exceed
     low_precision_residual: bool = True
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block, then the root)
     # batch: batch_tokens = micro_batch_size * seq_len * grad_accum * world_size

@@ -103,8 +103,8 @@ class Trainer:
         if self.resumed_from is not None:
             self._load_weights(self.resumed_from)
 
-        if t.low_precision_residual and self.dtype != "fp32":
-            D.cast_residual_stream(self.model, DTYPES[self.dtype])
+        if t.low_precision_residual and self.dtype == "bf16":
+            D.cast_residual_stream(self.model, torch.bfloat16)
         if t.activation_checkpointing:
             D.apply_activation_checkpointing(self.model)
         if t.compile:
