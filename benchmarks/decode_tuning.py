@@ -3,7 +3,8 @@
 Run on a CUDA machine:  PYTHONPATH=src python benchmarks/decode_tuning.py [--preset P] [--batch B] [--ctx S]
 Each row rebuilds `GraphDecodeStep(compile=True)` under one variant and times graph replays
 (median of 100); the baseline runs first and last, so its two figures give the run's spread.
-Variants: the decode kernel's cache slices per row, inductor's GEMM autotuning.
+Variants: the decode kernel's cache slices per row, SwiGLU's gate and up as one GEMM, inductor's
+GEMM autotuning (results and why none helped: benchmarks/RESULTS.md, 2026-11-25).
 """
 
 from __future__ import annotations
