@@ -61,7 +61,7 @@ def autotune(on: bool):
         yield
 
 
-def run(model, B: int, ctx: int, variant, profile: bool = False) -> float:
+def run(model, B: int, ctx: int, name: str, variant, profile: bool = False) -> float:
     torch._dynamo.reset()
     cache = filled_cache(model, B, ctx)
     with variant(), torch.no_grad():
@@ -72,7 +72,7 @@ def run(model, B: int, ctx: int, variant, profile: bool = False) -> float:
             fn = torch.compile(model, dynamic=False)
             for _ in range(3):
                 fn(step.tokens, cache=cache)
-            kernel_table(lambda: fn(step.tokens, cache=cache), f"kernels of one step ({variant.__name__ if hasattr(variant, '__name__') else ''})")
+            kernel_table(lambda: fn(step.tokens, cache=cache), f"kernels of one step ({name})")
     del step, cache
     torch.cuda.empty_cache()
     return ms
@@ -97,7 +97,7 @@ if __name__ == "__main__":
     rows = []
     for name, variant in variants:
         try:
-            ms = run(model, args.batch, args.ctx, variant, profile=args.profile and name in ("baseline", "gemm autotune"))
+            ms = run(model, args.batch, args.ctx, name, variant, profile=args.profile and name in ("baseline", "gemm autotune"))
         except Exception as e:  # keep the table
             print(f"{name}: {type(e).__name__}: {str(e)[:300]}")
             continue

@@ -17,16 +17,11 @@ import time
 
 import torch
 import torch._inductor.config
-import torch.nn.functional as F
 
 from kernel_table import kernel_table
+from latentformer.model.loss import plain_linear_cross_entropy
 from latentformer.train.config import build_run_config
 from latentformer.train.trainer import Trainer
-
-
-def unfused_cross_entropy(x, weight, targets, ignore_index=-100, chunk_rows=None):
-    """The loss as computed before the fused output layer (2026-11-25): full logits, then F.cross_entropy."""
-    return F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=ignore_index)
 
 
 VARIANTS = {  # name -> config overrides; 'unfused-ce' also swaps the loss (see `variant`)
@@ -43,7 +38,7 @@ def variant(name: str):
 
     orig_ce = T.linear_cross_entropy
     if name == "unfused-ce":
-        T.linear_cross_entropy = unfused_cross_entropy
+        T.linear_cross_entropy = plain_linear_cross_entropy
     tuning = torch._inductor.config.patch(coordinate_descent_tuning=name == "coordinate-descent")
     try:
         with tuning:

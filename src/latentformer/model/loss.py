@@ -30,6 +30,12 @@ def default_chunk_rows(n_rows: int, vocab: int) -> int:
     return max(1, min(n_rows, -(-rows // 8) * 8))
 
 
+def plain_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               ignore_index: int = -100) -> torch.Tensor:
+    """The unfused composition: full [N, V] logits, then F.cross_entropy in fp32."""
+    return F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=ignore_index)
+
+
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, chunk_rows: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of logits = x @ weight^T over the targets != ignore_index, as
@@ -50,7 +56,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         # inductor already fuses cross-entropy (an online-softmax pass forward, one pass backward) and
         # plans its memory: on an H100 this path was no faster under torch.compile and held 3 GB more
         # at mla-125m's batch (benchmarks/RESULTS.md, 2026-11-25)
-        return F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=ignore_index)
+        return plain_linear_cross_entropy(x, weight, targets, ignore_index)
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     chunk_rows = chunk_rows or default_chunk_rows(x.shape[0], weight.shape[0])
