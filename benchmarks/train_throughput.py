@@ -32,7 +32,8 @@ VARIANTS = {  # name -> config overrides; 'unfused-ce' also swaps the loss (see 
 
 @contextlib.contextmanager
 def variant(name: str):
-    """'unfused-ce' = the loss path before 2026-11-25 (full logits, then F.cross_entropy);
+    """'unfused-ce' = the plain composition (full logits, then F.cross_entropy; what inductor fused
+    under torch.compile until the Triton rows kernel, 2026-11-25);
     'coordinate-descent' = inductor tunes each generated kernel's launch configuration."""
     import latentformer.model.transformer as T
 
@@ -56,6 +57,7 @@ def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: 
     cfg, explicit = build_run_config(preset=preset, overrides=overrides)
     torch._dynamo.reset()  # each run is a new model: stay under dynamo's recompile limit
     torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_accumulated_memory_stats()
     with tempfile.TemporaryDirectory() as run:
         tr = Trainer(cfg, run, vocab_explicit=explicit)
         times, losses = [], []
@@ -71,6 +73,9 @@ def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: 
         tps = seq_len * micro * accum / statistics.median(times)
         mfu = tr.flops_per_token * tps / tr.peak if tr.peak else float("nan")
         out = {"tokens/s": tps, "mfu": mfu, "loss": losses[-1], "losses": losses, "mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+               "reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
+               # > 0: the caching allocator ran out, freed its cache and retried (slow; a fragmentation sign)
+               "alloc_retries": torch.cuda.memory_stats()["num_alloc_retries"],
                "params": tr.model.num_params(), "flops_per_token": tr.flops_per_token, "peak": tr.peak}
         del tr
     torch.cuda.empty_cache()
@@ -144,7 +149,8 @@ if __name__ == "__main__":
                 curves[f"{preset} {name}"] = r["losses"]
                 mode = ("compiled" if comp else "eager") + ("" if name == "shipped" else f", {name}")
                 rows.append((f"latentformer {preset}", T, f"{B}x{A}", mode, r["tokens/s"], r["mfu"], r["mem_gb"]))
-                print(rows[-1], f"loss {r['loss']:.4f}", flush=True)
+                print(rows[-1], f"loss {r['loss']:.4f}, reserved {r['reserved_gb']:.1f} GB, "
+                      f"allocator retries {r['alloc_retries']}", flush=True)
     for mode in filter(None, args.hf.split(",")):
         try:
             r = transformers_v3("mla-125m", 1024, 32, args.accum, mode == "compiled", args.steps)

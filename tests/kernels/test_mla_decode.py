@@ -1,5 +1,5 @@
-"""The decode kernel's launch heuristic (the kernel itself needs CUDA: benchmarks/attention_kernels.py
-checks it against an fp32 reference on the GPU)."""
+"""The decode kernel's launch heuristic (the kernel itself: test_interpreted.py on CPU,
+benchmarks/attention_kernels.py against an fp32 reference on the GPU)."""
 
 import pytest
 

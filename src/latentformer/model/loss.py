@@ -1,4 +1,4 @@
-"""Output layer + cross-entropy with the gradient computed in the forward pass (eager mode).
+"""Output layer + cross-entropy with the gradient computed in the forward pass.
 
 The idea is Liger-Kernel's FusedLinearCrossEntropy (Hsu et al. 2024, "Liger Kernel: Efficient
 Triton Kernels for LLM Training"): as soon as the logits exist, turn them into the gradient of
@@ -6,8 +6,10 @@ the loss w.r.t. themselves, (softmax - onehot) / n_valid, in place, and push it 
 matmuls (grad_x = G W, grad_W = G^T x). Backward then only scales the stored gradients. Eager
 `F.cross_entropy(logits.float())` keeps an fp32 copy of the [N, V] logits, their fp32
 log-softmax for backward and an fp32 gradient (~10 GB at 16k tokens x 50k vocabulary); here the
-[N, V] logits exist once, in the compute dtype, and turn into their own gradient chunk by chunk.
-Under torch.compile the plain composition is returned: inductor fuses it as well (measured).
+[N, V] logits exist once, in the compute dtype. On CUDA one Triton kernel reads them once for
+the loss and overwrites them with their gradient (kernels/cross_entropy.py); elsewhere a torch
+path does the same chunk by chunk. The whole computation is one custom op, opaque to
+torch.compile, so eager and compiled training run the same code.
 
 Legend: N rows (B*T tokens), d model width, V vocabulary, C rows per chunk.
 """
@@ -18,6 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx
 
+from latentformer.kernels import cross_entropy
+
+# Pad the vocabulary dimension of the logits to a multiple of this (16-byte aligned rows, whole tiles).
+VOCAB_ALIGN = 64
 # One chunk of rows is converted to fp32 at a time: ~2**27 values, 512 MB.
 CHUNK_VALUES = 2**27
 
@@ -44,7 +50,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     x: [N, d]; weight: [V, d]; targets: [N] long. Returns a scalar fp32 loss. The logits are
     computed in the autocast dtype when autocast is enabled for x's device type, else in x's dtype.
-    `chunk_rows` bounds eager mode's fp32 working memory (default: `default_chunk_rows`).
+    `chunk_rows` bounds the torch path's fp32 working memory (default: `default_chunk_rows`);
+    on CUDA the Triton kernel needs none.
     """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x must be [N, d] and weight [V, d], got {list(x.shape)} and {list(weight.shape)}")
@@ -52,45 +59,85 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"targets must be [N] = [{x.shape[0]}], got {list(targets.shape)}")
     if chunk_rows is not None and chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
-    if torch.compiler.is_compiling():
-        # inductor already fuses cross-entropy (an online-softmax pass forward, one pass backward) and
-        # plans its memory: on an H100 this path was no faster under torch.compile and held 3 GB more
-        # at mla-125m's batch (benchmarks/RESULTS.md, 2026-11-25)
-        return plain_linear_cross_entropy(x, weight, targets, ignore_index)
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     chunk_rows = chunk_rows or default_chunk_rows(x.shape[0], weight.shape[0])
-    grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, chunk_rows, dtype, grads)
+    grad_enabled = torch.is_grad_enabled()
+    loss, _, _ = _fused_linear_cross_entropy(x, weight, targets, ignore_index, chunk_rows, dtype,
+                                             grad_enabled and x.requires_grad,
+                                             grad_enabled and weight.requires_grad)
+    return loss
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: FunctionCtx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                ignore_index: int, chunk_rows: int, dtype: torch.dtype, grads: bool) -> torch.Tensor:
-        N = x.shape[0]
-        w, x_c = weight.to(dtype), x.to(dtype)  # [V, d], [N, d]: cast once, as autocast would
-        logits = x_c @ w.t()  # [N, V] in the compute dtype; overwritten by its gradient below
-        valid = targets != ignore_index  # [N]
-        safe_targets = torch.where(valid, targets, 0)[:, None]  # [N, 1], gatherable
-        n_valid = valid.sum()
-        # d(mean loss)/d(row loss): 1/n_valid on counted rows, 0 on ignored ones (all 0 if none counts)
-        row_scale = (valid.float() / n_valid.clamp(min=1))[:, None]  # [N, 1]
-        loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
-        for start in range(0, N, chunk_rows):  # trip count depends on shapes only
-            rows = slice(start, min(start + chunk_rows, N))
-            logp = torch.log_softmax(logits[rows], dim=-1, dtype=torch.float32)  # [C, V] fp32
-            loss_sum = loss_sum - (logp.gather(1, safe_targets[rows]).squeeze(1) * valid[rows]).sum()
-            if grads:  # softmax - onehot, scaled, in place: no further [C, V] buffers
-                grad = logp.exp_().scatter_add_(1, safe_targets[rows], torch.full_like(logp[:, :1], -1.0))
-                logits[rows] = grad.mul_(row_scale[rows])
-        if grads:
-            ctx.save_for_backward((logits @ w).to(x.dtype) if ctx.needs_input_grad[0] else None,  # grad_x [N, d]
-                                  (logits.t() @ x_c).to(weight.dtype) if ctx.needs_input_grad[1] else None)  # grad_W [V, d]
-        return loss_sum / n_valid  # nan when n_valid == 0, as F.cross_entropy
+def _rows_(logits: torch.Tensor, n_classes: int, targets: torch.Tensor, ignore_index: int,
+           n_valid: torch.Tensor, write_grad: bool, chunk_rows: int) -> torch.Tensor:
+    """Sum of the row losses of logits [N, Vp] (classes in the first n_classes columns, zero
+    padding after); with write_grad the logits are overwritten by d(mean loss)/d(logits) =
+    (softmax - onehot) / n_valid (0 on ignored rows and padding columns)."""
+    if cross_entropy.supported(logits):
+        return cross_entropy.cross_entropy_rows_(logits, n_classes, targets, ignore_index, n_valid, write_grad).sum()
+    logits = logits[:, :n_classes]
+    valid = targets != ignore_index  # [N]
+    safe_targets = torch.where(valid, targets, 0)[:, None]  # [N, 1], gatherable
+    row_scale = (valid.float() / n_valid.clamp(min=1))[:, None]  # [N, 1]
+    loss_sum = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], chunk_rows):  # trip count depends on shapes only
+        rows = slice(start, min(start + chunk_rows, logits.shape[0]))
+        logp = torch.log_softmax(logits[rows], dim=-1, dtype=torch.float32)  # [C, V] fp32
+        loss_sum = loss_sum - (logp.gather(1, safe_targets[rows]).squeeze(1) * valid[rows]).sum()
+        if write_grad:  # softmax - onehot, scaled, in place: no further [C, V] buffers
+            grad = logp.exp_().scatter_add_(1, safe_targets[rows], torch.full_like(logp[:, :1], -1.0))
+            logits[rows] = grad.mul_(row_scale[rows])
+    return loss_sum
 
-    @staticmethod
-    def backward(ctx: FunctionCtx, grad_output: torch.Tensor):
-        grad_x, grad_w = ctx.saved_tensors
-        return (grad_x * grad_output if grad_x is not None else None,
-                grad_w * grad_output if grad_w is not None else None, None, None, None, None, None)
+
+@torch.library.custom_op("latentformer::fused_linear_cross_entropy", mutates_args=())
+def _fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                ignore_index: int, chunk_rows: int, dtype: torch.dtype,
+                                grad_x: bool, grad_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss, d loss/dx [N, d] or [0], d loss/dW [V, d] or [0]).
+
+    One opaque op, so torch.compile keeps its memory plan: the [N, V] logits exist once, in the
+    compute dtype, and become their own gradient before the two gradient matmuls."""
+    V = weight.shape[0]
+    x_c = x.to(dtype)  # [N, d]: cast once, as autocast would
+    w = _padded_rows(weight, dtype)  # [Vp, d]
+    logits = x_c @ w.t()  # [N, Vp]; the padding columns are 0 and stay 0
+    n_valid = (targets != ignore_index).sum()
+    loss = _rows_(logits, V, targets, ignore_index, n_valid, grad_x or grad_w, chunk_rows) / n_valid
+    return (loss,  # nan when n_valid == 0, as F.cross_entropy
+            (logits @ w).to(x.dtype) if grad_x else x.new_empty(0),  # outputs may not alias: two empties
+            (logits.t() @ x_c)[:V].to(weight.dtype) if grad_w else x.new_empty(0))
+
+
+def _padded_rows(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight [V, d] in `dtype`, with zero rows up to a multiple of VOCAB_ALIGN: cuBLAS falls back to
+    unaligned kernels (~5x slower on an H100) when the logits' row stride is odd (GPT-2's 50257).
+    torch.compile pads such matmuls itself, but this op is opaque to it."""
+    V = weight.shape[0]
+    Vp = -(-V // VOCAB_ALIGN) * VOCAB_ALIGN
+    if Vp == V:
+        return weight.to(dtype)
+    w = weight.new_zeros((Vp, weight.shape[1]), dtype=dtype)
+    w[:V] = weight
+    return w
+
+
+@_fused_linear_cross_entropy.register_fake
+def _(x, weight, targets, ignore_index, chunk_rows, dtype, grad_x, grad_w):
+    return (x.new_empty((), dtype=torch.float32), x.new_empty(x.shape) if grad_x else x.new_empty(0),
+            weight.new_empty(weight.shape) if grad_w else x.new_empty(0))
+
+
+def _setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(output[1], output[2])
+    ctx.grad_x, ctx.grad_w = inputs[6], inputs[7]
+
+
+def _backward(ctx: FunctionCtx, grad_loss: torch.Tensor, _gx: torch.Tensor, _gw: torch.Tensor):
+    grad_x, grad_w = ctx.saved_tensors
+    return (grad_x * grad_loss if ctx.grad_x else None, grad_w * grad_loss if ctx.grad_w else None,
+            None, None, None, None, None, None)
+
+
+_fused_linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)

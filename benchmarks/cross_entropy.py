@@ -1,0 +1,125 @@
+"""GPU: check and time the fused output layer + cross-entropy against the plain composition.
+
+Run on a CUDA machine:  PYTHONPATH=src python benchmarks/cross_entropy.py [--tokens 65536 --vocab 50257,50304]
+For each token count N and vocabulary V (d = 1280: latentformer-348m's output layer; GPT-2's 50257
+is what training on GPT-2 tokens uses, 50304 its multiple of 64; bf16 autocast):
+1. numerics: the Triton rows kernel's loss and in-place gradient against F.cross_entropy on the
+   same bf16 logits (fp32), and `linear_cross_entropy`'s loss and gradients against the plain
+   composition;
+2. time (median, CUDA events via triton's do_bench) of forward + backward of the output layer and
+   loss: plain composition eager and compiled (what inductor makes of it), `linear_cross_entropy`
+   eager and compiled, and the rows kernel alone against its roofline (one read and one write of
+   the logits at the measured copy bandwidth; `--sweep`: at other launch parameters too).
+   Prints a table; no assertion on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from latentformer.kernels.cross_entropy import BLOCK, NUM_WARPS, cross_entropy_rows_
+from latentformer.model.loss import VOCAB_ALIGN, linear_cross_entropy, plain_linear_cross_entropy
+
+D = 1280
+SWEEP = ((1024, 4), (2048, 4), (2048, 8), (8192, 8), (8192, 16))  # (columns per iteration, warps)
+
+
+def bandwidth() -> float:
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    return 2 * x.numel() * 2 / (ms * 1e-3)  # read + write
+
+
+def max_rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+def padded_copy(t: torch.Tensor) -> torch.Tensor:
+    """t [N, V] copied into the first V columns of a zeroed [N, Vp] buffer: the layout the op gives the kernel."""
+    Vp = -(-t.shape[1] // VOCAB_ALIGN) * VOCAB_ALIGN
+    out = t.new_zeros(t.shape[0], Vp)
+    out[:, : t.shape[1]] = t
+    return out
+
+
+def fwd_bwd(fn, x, w, t):
+    def step():
+        x.grad = w.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(x, w, t)
+        loss.backward()
+        return loss
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", default="65536", help="comma-separated token counts N")
+    ap.add_argument("--sweep", action="store_true", help="also time the rows kernel at other launch parameters")
+    ap.add_argument("--vocab", default="50257,50304", help="comma-separated vocabulary sizes V")
+    args = ap.parse_args()
+    bw = bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    rows = []
+    for N, V in itertools.product(map(int, args.tokens.split(",")), map(int, args.vocab.split(","))):
+        torch.manual_seed(0)
+        x = torch.randn(N, D, device="cuda", requires_grad=True)
+        w = (0.02 * torch.randn(V, D, device="cuda")).requires_grad_()
+        t = torch.randint(0, V, (N,), device="cuda")
+        t[::7] = -100
+
+        # 1. numerics: kernel vs F.cross_entropy on the same bf16 logits
+        logits = padded_copy(x.detach().bfloat16() @ w.detach().bfloat16().t())  # [N, Vp]
+        ref = logits[:, :V].float().requires_grad_()
+        ref_loss = F.cross_entropy(ref, t, ignore_index=-100)
+        ref_loss.backward()
+        work = padded_copy(logits)
+        got_loss = cross_entropy_rows_(work, V, t, -100, (t != -100).sum(), True).sum() / (t != -100).sum()
+        assert not work[:, V:].any(), "padding columns must stay 0"
+        kernel_err = (abs(got_loss.item() - ref_loss.item()) / ref_loss.item(), max_rel(work[:, :V], ref.grad))
+        del ref, work
+        grads = {}
+        for name, fn in (("plain", plain_linear_cross_entropy), ("fused", linear_cross_entropy)):
+            loss = fwd_bwd(fn, x, w, t)()
+            grads[name] = (loss.detach(), x.grad.clone(), w.grad.clone())
+        fused_err = [max_rel(g, p) for g, p in zip(grads["fused"], grads["plain"])]
+        del grads
+        print(f"N={N} V={V}: kernel vs F.cross_entropy: loss {kernel_err[0]:.1e} rel, grad {kernel_err[1]:.1e} "
+              f"(of max); fused vs plain: loss {fused_err[0]:.1e}, grad x {fused_err[1]:.1e}, grad W {fused_err[2]:.1e}")
+
+        # 2. time
+        times = {}
+        for name, fn in (("plain, eager", plain_linear_cross_entropy), ("fused, eager", linear_cross_entropy),
+                         ("plain, compiled", torch.compile(plain_linear_cross_entropy)),
+                         ("fused, compiled", torch.compile(linear_cross_entropy))):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            times[name] = (do_bench(fwd_bwd(fn, x, w, t), warmup=5, rep=50, return_mode="median"),
+                           (torch.cuda.max_memory_allocated() - base) / 1e9)
+        work = padded_copy(logits)
+        n_valid = (t != -100).sum()
+        roof_ms = 2 * N * V * logits.element_size() / bw * 1e3
+        for name, (ms, gb) in times.items():
+            rows.append((N, V, name, f"{ms:.2f}", f"{times['plain, compiled'][0] / ms:.2f}x", f"{gb:.1f}"))
+        for block, warps in ((BLOCK, NUM_WARPS),) + SWEEP * args.sweep:
+            kernel_ms = do_bench(lambda: cross_entropy_rows_(work, V, t, -100, n_valid, True, block, warps),
+                                 warmup=5, rep=50, return_mode="median")
+            rows.append((N, V, f"rows kernel only, block {block}, {warps} warps", f"{kernel_ms:.2f}",
+                         f"{kernel_ms / roof_ms:.2f}x roofline", ""))
+        del logits, work, x, w
+        torch._dynamo.reset()
+
+    print("\n| N | V | output layer + loss, fwd+bwd | median ms | vs plain compiled | peak GB over inputs |")
+    print("|---:|---:|---|---:|---:|---:|")
+    for r in rows:
+        print("| " + " | ".join(str(c) for c in r) + " |")
+
+
+if __name__ == "__main__":
+    main()

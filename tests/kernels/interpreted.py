@@ -1,0 +1,57 @@
+"""Kernel checks run under Triton's CPU interpreter (TRITON_INTERPRET=1 must be set before triton
+is imported, so test_interpreted.py runs each check in a fresh process). Each check compares a
+kernel with a plain torch reference and raises AssertionError on a mismatch."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from latentformer.kernels.cross_entropy import cross_entropy_rows_
+from latentformer.kernels.mla_decode import latent_decode_attention
+
+
+def check_cross_entropy() -> None:
+    torch.manual_seed(0)
+    # (rows, classes, padded width, dtype, columns per iteration): padding, one and several blocks, fp16/bf16/fp32
+    for N, V, Vp, dtype, block in [(7, 100, 128, torch.float32, 32), (5, 300, 300, torch.bfloat16, 128),
+                                   (6, 1000, 1024, torch.bfloat16, 256), (3, 513, 576, torch.float16, 512)]:
+        logits = torch.zeros(N, Vp, dtype=dtype)
+        logits[:, :V] = (3 * torch.randn(N, V)).to(dtype)
+        t = torch.randint(0, V, (N,))
+        t[1] = -100
+        n_valid = (t != -100).sum()
+        ref = logits[:, :V].float().requires_grad_()
+        ref_rows = F.cross_entropy(ref, t, ignore_index=-100, reduction="none")
+        ref_rows.sum().div(n_valid).backward()
+        work = logits.clone()
+        rows = cross_entropy_rows_(work, V, t, -100, n_valid, True, block=block, num_warps=1)
+        torch.testing.assert_close(rows, ref_rows.detach(), rtol=1e-5, atol=1e-5)
+        tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]  # one rounding to dtype
+        torch.testing.assert_close(work[:, :V].float(), ref.grad, rtol=0, atol=tol)
+        assert not work[:, V:].any(), "padding columns must be written as 0"
+        assert not work[1].any(), "an ignored row has no gradient"
+        untouched = logits.clone()
+        torch.testing.assert_close(cross_entropy_rows_(untouched, V, t, -100, n_valid, False, block=block, num_warps=1), rows)
+        assert torch.equal(untouched, logits), "write_grad=False must not modify the logits"
+
+
+def check_decode() -> None:
+    torch.manual_seed(0)
+    B, H, r, dr, S, scale = 3, 5, 32, 16, 150, 0.2
+    q_lat, q_pe = torch.randn(B, H, r), torch.randn(B, H, dr)
+    latent = torch.randn(B, S, r + dr)
+    length, pad = torch.tensor(137, dtype=torch.int32), torch.tensor([0, 9, 40], dtype=torch.int32)
+    for n_splits in (1, 3, 7):  # several slices, some of them empty for the padded rows
+        got = latent_decode_attention(q_lat, q_pe, latent, r, scale, pad, length, n_splits=n_splits, num_stages=1,
+                                      block_s=16, num_warps=1)
+        for b in range(B):
+            keys = latent[b, pad[b]:length]  # [S_b, r+dr]
+            p = torch.softmax((keys[:, :r] @ q_lat[b].T + keys[:, r:] @ q_pe[b].T) * scale, dim=0)  # [S_b, H]
+            torch.testing.assert_close(got[b], p.T @ keys[:, :r], rtol=1e-4, atol=1e-5)
+
+
+if __name__ == "__main__":
+    {"cross_entropy": check_cross_entropy, "decode": check_decode}[sys.argv[1]]()
