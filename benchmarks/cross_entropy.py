@@ -26,7 +26,7 @@ from latentformer.kernels.cross_entropy import BLOCK, NUM_WARPS, cross_entropy_r
 from latentformer.model.loss import VOCAB_ALIGN, linear_cross_entropy, plain_linear_cross_entropy
 
 D = 1280
-SWEEP = ((1024, 4), (2048, 4), (2048, 8), (8192, 8), (8192, 16))  # (columns per iteration, warps)
+SWEEP = ((2048, 8), (8192, 16), (4096, 32), (8192, 32), (16384, 32))  # (columns per iteration, warps)
 
 
 def bandwidth() -> float:
