@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from latentformer.kernels.cross_entropy import cross_entropy_rows_
-from latentformer.kernels.mla_decode import latent_decode_attention
+from latentformer.kernels.mla_decode import _latent_decode, latent_decode_attention
 
 
 def check_cross_entropy() -> None:
@@ -51,6 +51,10 @@ def check_decode() -> None:
             keys = latent[b, pad[b]:length]  # [S_b, r+dr]
             p = torch.softmax((keys[:, :r] @ q_lat[b].T + keys[:, r:] @ q_pe[b].T) * scale, dim=0)  # [S_b, H]
             torch.testing.assert_close(got[b], p.T @ keys[:, :r], rtol=1e-4, atol=1e-5)
+    # the custom op that torch.compile sees: registration, fake (meta) implementation, strided query
+    q_strided = torch.randn(B, H, 2 * r)[..., :r]
+    torch.library.opcheck(_latent_decode, (q_strided, q_pe, latent, length, pad, r, scale, 3, 1, 16, 1, False),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 if __name__ == "__main__":
