@@ -9,8 +9,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from latentformer.kernels import decode_gemm
 from latentformer.kernels.cross_entropy import cross_entropy_rows_
-from latentformer.kernels.mla_decode import _latent_decode, latent_decode_attention
+from latentformer.kernels.mla_decode import latent_decode_attention
 
 
 def check_cross_entropy() -> None:
@@ -51,11 +52,19 @@ def check_decode() -> None:
             keys = latent[b, pad[b]:length]  # [S_b, r+dr]
             p = torch.softmax((keys[:, :r] @ q_lat[b].T + keys[:, r:] @ q_pe[b].T) * scale, dim=0)  # [S_b, H]
             torch.testing.assert_close(got[b], p.T @ keys[:, :r], rtol=1e-4, atol=1e-5)
-    # the custom op that torch.compile sees: registration, fake (meta) implementation, strided query
-    q_strided = torch.randn(B, H, 2 * r)[..., :r]
-    torch.library.opcheck(_latent_decode, (q_strided, q_pe, latent, length, pad, r, scale, 3, 1, 16, 1, False),
-                          test_utils=("test_schema", "test_faketensor"))
+
+
+def check_decode_gemm() -> None:
+    torch.manual_seed(0)
+    # (rows, K, N, block_n, block_k): partial row/column/K tiles, one and several K steps, strided rows
+    for M, K, N, block_n, block_k in [(1, 48, 40, 16, 32), (5, 96, 64, 32, 64), (17, 160, 100, 16, 64), (64, 64, 33, 16, 64)]:
+        x = torch.randn(M, 2 * K)[:, :K]  # rows strided like a view of a wider projection
+        w, w2 = torch.randn(N, K), torch.randn(N, K)
+        y = decode_gemm._launch(x, w, None, block_n, block_k, num_stages=1, num_warps=1)
+        torch.testing.assert_close(y, x @ w.T, rtol=1e-4, atol=1e-4)
+        y = decode_gemm._launch(x.view(1, M, 1, K) if M > 1 else x, w, w2, block_n, block_k, num_stages=1, num_warps=1)
+        torch.testing.assert_close(y.reshape(M, N), F.silu(x @ w.T) * (x @ w2.T), rtol=1e-4, atol=1e-4)
 
 
 if __name__ == "__main__":
-    {"cross_entropy": check_cross_entropy, "decode": check_decode}[sys.argv[1]]()
+    {"cross_entropy": check_cross_entropy, "decode": check_decode, "decode_gemm": check_decode_gemm}[sys.argv[1]]()

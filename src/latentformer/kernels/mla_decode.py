@@ -9,11 +9,7 @@ The number of valid slots is read from device memory, so one launch configuratio
 every step of a CUDA-graph-captured decode loop (slices past the end exit at once).
 
 Used on CUDA for T == 1 when r and dr are powers of two (>= 16); otherwise the portable
-matmul path in attention.py runs. The two launches sit inside one custom op
-(`latentformer::latent_decode_attention`), opaque to torch.compile, so they launch exactly as
-written in eager and compiled decoding, including programmatic dependent launch (`pdl`): on
-Hopper and later each kernel may be scheduled while its predecessor drains and waits for it
-in-kernel (`gdc_wait`), which hides part of the launch latency that dominates small decode steps.
+matmul path in attention.py runs.
 """
 
 from __future__ import annotations
@@ -25,10 +21,6 @@ try:
     import triton.language as tl
 except ImportError:  # CPU installs: the portable path is used
     triton = None
-
-# Programmatic dependent launch by default where the GPU supports it (set by measurement:
-# benchmarks/decode_tuning.py, NOTES.md).
-PDL_DEFAULT = False
 
 
 def supported(latent: torch.Tensor, r: int, dr: int, T: int) -> bool:
@@ -48,9 +40,7 @@ if triton is not None:
                        stride_lb, stride_ls,
                        stride_ob, stride_os, stride_oh,
                        R: tl.constexpr, DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
-                       HAS_PAD: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # every input (q, the cache slot just written, the length) comes from earlier kernels
-            tl.extra.cuda.gdc_wait()
+                       HAS_PAD: tl.constexpr):
         b = tl.program_id(0)
         split = tl.program_id(1)
         n_splits = tl.num_programs(1)
@@ -83,8 +73,6 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
             m_i = m_new
-        if PDL:  # the merge kernel may be scheduled now; its gdc_wait still waits for these stores
-            tl.extra.cuda.gdc_launch_dependents()
         o_ptr = out + b * stride_ob + split * stride_os + offs_h[:, None] * stride_oh + offs_r[None, :]
         tl.store(o_ptr, acc, mask=h_mask[:, None])
         ml = b * n_splits * H + split * H + offs_h
@@ -93,11 +81,8 @@ if triton is not None:
 
 
     @triton.jit
-    def _merge_kernel(out, m_in, l_in, o, n_splits, H, stride_ob, stride_os, stride_oh, R: tl.constexpr,
-                      PDL: tl.constexpr):
+    def _merge_kernel(out, m_in, l_in, o, n_splits, H, stride_ob, stride_os, stride_oh, R: tl.constexpr):
         """softmax over all keys = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i (empty slices: m = -inf)."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs_r = tl.arange(0, R)
@@ -124,52 +109,33 @@ def default_splits(B: int, S: int, row_bytes: int, sms: int, smem_per_sm: int, b
     return max(1, min(-(-S // (4 * block_s)), -(-2 * sms // B), resident // B))
 
 
-def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch needs compute capability 9.0 (Hopper) or later."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, r: int, scale: float,
                             pad: torch.Tensor | None, length: torch.Tensor | None = None, *,
                             n_splits: int | None = None, num_stages: int = 3, block_s: int | None = None,
-                            num_warps: int | None = None, pdl: bool | None = None) -> torch.Tensor:
+                            num_warps: int | None = None) -> torch.Tensor:
     """q_lat [B,H,r], q_pe [B,H,dr], latent [B,S,r+dr] -> o_lat [B,H,r] in q's dtype.
 
     Keys are slots [pad[b], length) of row b; `length` is a device int scalar (default S).
     `n_splits` (slices of the cache per row), `num_stages` (Triton pipelining depth), `block_s`
-    (cache slots per iteration), `num_warps` and `pdl` (programmatic dependent launch; default
-    `PDL_DEFAULT` where supported) are exposed for the tuning benchmarks; the defaults were
-    chosen with them (benchmarks/attention_kernels.py --sweep, benchmarks/decode_tuning.py)."""
-    S = latent.shape[1]
+    (cache slots per iteration) and `num_warps` are exposed for the tuning benchmark; the
+    defaults were chosen with it (benchmarks/attention_kernels.py --sweep)."""
+    B, H, _ = q_lat.shape
+    S, dr = latent.shape[1], latent.shape[2] - r
+    if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1:  # rows and heads may be strided (views of a projection)
+        q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
     if length is None:
         length = torch.full((), S, dtype=torch.int32, device=latent.device)
     block_s = block_s or (64 if r <= 256 else 32)
     num_warps = num_warps or (4 if r <= 256 else 8)
     if n_splits is None:
         props = torch.cuda.get_device_properties(latent.device)
-        n_splits = default_splits(q_lat.shape[0], S, latent.shape[2] * latent.element_size(), props.multi_processor_count,
+        n_splits = default_splits(B, S, (r + dr) * latent.element_size(), props.multi_processor_count,
                                   getattr(props, "shared_memory_per_multiprocessor", 228 * 1024), block_s, num_stages)
-    if pdl is None:
-        pdl = PDL_DEFAULT and pdl_supported(latent.device)
-    return _latent_decode(q_lat, q_pe, latent, length, pad, r, scale, n_splits, num_stages, block_s, num_warps, pdl)
-
-
-@torch.library.custom_op("latentformer::latent_decode_attention", mutates_args=())
-def _latent_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, length: torch.Tensor,
-                   pad: torch.Tensor | None, r: int, scale: float, n_splits: int, num_stages: int, block_s: int,
-                   num_warps: int, pdl: bool) -> torch.Tensor:
-    """The two launches (slices, then their merge) as one op that torch.compile does not trace into."""
-    B, H, _ = q_lat.shape
-    S, dr = latent.shape[1], latent.shape[2] - r
-    if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1:  # rows and heads may be strided (views of a projection)
-        q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
-    assert latent.stride(-1) == 1, "cache rows are contiguous"
     chunk = triton.cdiv(triton.cdiv(S, n_splits), block_s) * block_s
     n_splits = triton.cdiv(S, chunk)
     out = torch.empty(B, n_splits, H, r, device=latent.device, dtype=torch.float32)
     m = torch.empty(B, n_splits, H, device=latent.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    launch = {"launch_pdl": True} if pdl else {}  # keyword absent otherwise: the CPU interpreter does not know it
     _decode_kernel[(B, n_splits)](
         q_lat, q_pe, latent, length, pad if pad is not None else length, out, m, l,
         H, chunk, scale,
@@ -177,17 +143,11 @@ def _latent_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor
         latent.stride(0), latent.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         R=r, DR=dr, BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_S=block_s, HAS_PAD=pad is not None,
-        PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch,
+        num_warps=num_warps, num_stages=num_stages,
     )
     o = torch.empty(B, H, r, device=latent.device, dtype=q_lat.dtype)
-    _merge_kernel[(B, H)](out, m, l, o, n_splits, H, out.stride(0), out.stride(1), out.stride(2), R=r, PDL=pdl,
-                          num_warps=1, **launch)
+    _merge_kernel[(B, H)](out, m, l, o, n_splits, H, out.stride(0), out.stride(1), out.stride(2), R=r, num_warps=1)
     return o
-
-
-@_latent_decode.register_fake
-def _(q_lat, q_pe, latent, length, pad, r, scale, n_splits, num_stages, block_s, num_warps, pdl):
-    return q_lat.new_empty(q_lat.shape[0], q_lat.shape[1], r)
 
 
 __all__ = ["supported", "latent_decode_attention"]

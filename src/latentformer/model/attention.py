@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentformer.config import ModelConfig
-from latentformer.kernels import mla_decode
+from latentformer.kernels import decode_gemm, mla_decode
 from latentformer.model.norm import RMSNorm
 from latentformer.model.rope import apply_rope
 
@@ -255,11 +255,11 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         H, dn, dr, dv, r = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         w = self.decode_weights()
-        h = F.linear(x, w.w_in)
+        h = decode_gemm.linear(x, w.w_in)  # decode_gemm: small-batch products on CUDA, else F.linear
         q_rows = h.shape[-1] - r - dr
         q, c_kv, k_pe = h.split([q_rows, r, dr], dim=-1)
         if w.w_q is not None:
-            q = F.linear(self.q_a_norm(q), w.w_q)
+            q = decode_gemm.linear(self.q_a_norm(q), w.w_q)
         dq = r if w.merged else dn
         q_x, q_pe = q.view(B, T, H, dq + dr).split([dq, dr], dim=-1)  # [B,T,H,dq], [B,T,H,dr]
         c_kv, q_pe, k_pe = self._norm_rope(c_kv, q_pe, k_pe, ctx)
@@ -280,6 +280,6 @@ class MLA(nn.Module):
                 scores = scores.view(B, H, T, S).masked_fill(~ctx.mask, float("-inf")).view(B, H * T, S)
             o_lat = torch.matmul(scores.softmax(-1).to(latent.dtype), latent[..., :r]).view(B, H, T, r)
         if w.merged:
-            return F.linear(o_lat.transpose(1, 2).reshape(B, T, H * r), w.w_out)
+            return decode_gemm.linear(o_lat.transpose(1, 2).reshape(B, T, H * r), w.w_out)
         out = torch.einsum("bhtr,hvr->bthv", o_lat, kv_b[:, dn:])  # [B,T,H,dv]
-        return self.o_proj(out.reshape(B, T, H * dv))
+        return decode_gemm.linear(out.reshape(B, T, H * dv), self.o_proj.weight)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentformer.config import ModelConfig
+from latentformer.kernels import decode_gemm
 
 
 class SwiGLU(nn.Module):
@@ -19,6 +20,9 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if decode_gemm.supported(x, self.gate_proj.weight, self.up_proj.weight):
+            # decode-sized input on CUDA: gate, up and SiLU in one pass over both weights
+            return decode_gemm.linear(decode_gemm.swiglu(x, self.gate_proj.weight, self.up_proj.weight), self.down_proj.weight)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
