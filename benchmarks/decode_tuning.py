@@ -42,14 +42,15 @@ def kernel_args(**kw):
 @contextlib.contextmanager
 def gemm_args(enabled: bool = True, **kw):
     """The small-batch products (kernels/decode_gemm.py) off, or with these launch parameters."""
-    orig = decode_gemm.ENABLED, decode_gemm.linear, decode_gemm.swiglu
-    decode_gemm.ENABLED = enabled
+    orig = decode_gemm.supported, decode_gemm.linear, decode_gemm.swiglu
+    if not enabled:
+        decode_gemm.supported = lambda *tensors: False
     if kw:
         decode_gemm.linear, decode_gemm.swiglu = functools.partial(orig[1], **kw), functools.partial(orig[2], **kw)
     try:
         yield
     finally:
-        decode_gemm.ENABLED, decode_gemm.linear, decode_gemm.swiglu = orig
+        decode_gemm.supported, decode_gemm.linear, decode_gemm.swiglu = orig
 
 
 @contextlib.contextmanager

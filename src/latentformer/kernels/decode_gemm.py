@@ -1,19 +1,25 @@
 """Matrix products for decode-sized inputs (a few dozen rows) in Triton.
 
-A decode step multiplies [M, K] activations, M = batch <= 64, by [N, K] weights of a few MB.
-The cost is reading the weight once; cuBLAS tiles such products for large M and launches only
-N / 128 or so programs (6 for N = 768), too few to draw the GPU's bandwidth, so each product
-takes several times its read time. Here every program owns BLOCK_N (16+) weight rows and the
-whole K loop, so N / BLOCK_N programs (48-144 at 125M-350M widths) stream the weight at once;
-the [M, K] activations are small and come from L2. `swiglu` computes silu(x Wg^T) * (x Wu^T)
-in one pass over both weights (one launch instead of two products and an elementwise kernel).
+A decode step multiplies [M, K] activations (M = batch) by [N, K] weights of a few MB, a dozen
+times per layer, so each product's fixed cost matters as much as its weight read. Here each
+program owns a slab of BLOCK_N weight rows and the whole K loop (the small [M, K] activations
+come from L2), and `swiglu` computes silu(x Wg^T) * (x Wu^T) in one pass over both weights:
+one launch where the torch path needs two products and an elementwise kernel.
 
-Used on CUDA for bf16/fp16 with M <= MAX_ROWS and no gradient; otherwise torch's products run.
-Accumulation is fp32 and the output is rounded once (the unfused torch path rounds the two
-products and the activation separately, so `swiglu` agrees with it to bf16 rounding).
+Measured (benchmarks/decode_tuning.py, H200, 2026-11-29, benchmarks/RESULTS.md): at 64 rows the
+plain products are about as fast as cuBLAS (both far from bandwidth: a few microseconds each,
+mostly fixed cost) and the fused SwiGLU is what shortens the step: mla-125m's compiled decode
+step at batch 64 / 8k context 1.13 -> 1.07 ms (-5%). So the kernels serve MIN_ROWS..MAX_ROWS
+rows, the measured regime; smaller batches keep cuBLAS's GEMV-class kernels (not compared).
+
+Used on CUDA for bf16/fp16 with no gradient; otherwise torch's products run. Accumulation is
+fp32 and the output is rounded once (the torch path rounds the two products and the activation
+separately, so `swiglu` agrees with it to bf16 rounding).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,18 +30,45 @@ try:
 except ImportError:  # CPU installs: torch's products are used
     triton = None
 
-MAX_ROWS = 64
-# Tuning benchmark switch (benchmarks/decode_tuning.py compares the step with and without).
-ENABLED = True
+MIN_ROWS, MAX_ROWS = 32, 64
 
 
 def supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """x [..., K] and weights [N, K] that the kernels take (see the module docstring)."""
     K = x.shape[-1]
-    return (ENABLED and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and x.numel() // max(K, 1) <= MAX_ROWS and K % 16 == 0
+    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and MIN_ROWS <= x.numel() // max(K, 1) <= MAX_ROWS and K % 16 == 0
             and all(w.dtype == x.dtype and w.shape[1] == K and w.stride(1) == 1 for w in weights)
             and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))))
+
+
+class LaunchConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_stages: int
+
+
+def launch_config(M: int, N: int, K: int, n_weights: int, elem_bytes: int, sms: int, smem: int) -> LaunchConfig:
+    """Tiles for [M, K] x [N, K]^T over `n_weights` weights (2 for SwiGLU) on a GPU with `sms`
+    multiprocessors and `smem` bytes of shared memory per program. BLOCK_N: 32 weight rows (the
+    best of 16/32 measured at mla-125m's shapes), wider only past two programs per
+    multiprocessor; BLOCK_K 256 and 3 pipeline stages, fewer where the stages would not fit in
+    shared memory (Triton keeps one activation tile and one tile per weight per stage)."""
+    block_m = max(16, 1 << (M - 1).bit_length())  # tl.dot needs >= 16 rows
+    block_n = next((b for b in (32, 64) if -(-N // b) <= 2 * sms), 128)
+    block_k, stages = 256, 3
+    while block_k > K and block_k > 16:
+        block_k //= 2
+
+    def need() -> int:
+        return stages * (block_m + n_weights * block_n) * block_k * elem_bytes
+
+    while need() > smem and stages > 2:
+        stages -= 1
+    while need() > smem and block_k > 16:
+        block_k //= 2
+    return LaunchConfig(block_m, block_n, block_k, stages)
 
 
 if triton is not None:
@@ -67,46 +100,43 @@ if triton is not None:
                  mask=m_mask[:, None] & n_mask[None, :])
 
 
-def default_block_n(N: int, sms: int) -> int:
-    """The narrowest weight slab (16..128 rows) with at most two programs per multiprocessor."""
-    for block_n in (16, 32, 64):
-        if -(-N // block_n) <= 2 * sms:
-            return block_n
-    return 128
-
-
-def _launch(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, block_n: int | None, block_k: int,
-            num_stages: int, num_warps: int) -> torch.Tensor:
+def _launch(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, block_n: int | None = None,
+            block_k: int | None = None, num_stages: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """x [..., K] -> [..., N]; launch parameters default to `launch_config` for x's GPU."""
     K, N = x.shape[-1], w.shape[0]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
+    if x.is_cuda:
+        props = torch.cuda.get_device_properties(x.device)
+        sms, smem = props.multi_processor_count, props.shared_memory_per_multiprocessor - 1024  # 1 KB reserved per block
+    else:  # Triton's CPU interpreter (tests)
+        sms, smem = 132, 227 * 1024
+    cfg = launch_config(M, N, K, 1 + (w2 is not None), x.element_size(), sms, smem)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    block_n = block_n or default_block_n(N, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    block_n = block_n or cfg.block_n
     w2_ = w2 if w2 is not None else w
     _gemm_kernel[(triton.cdiv(N, block_n),)](
         x2, w, w2_, y, M, N, K, x2.stride(0), w.stride(0), w2_.stride(0), y.stride(0),
-        BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(K)),
-        GLU=w2 is not None, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k or cfg.block_k, GLU=w2 is not None,
+        num_warps=num_warps, num_stages=num_stages or cfg.num_stages)
     return y.view(*x.shape[:-1], N)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, *, block_n: int | None = None, block_k: int = 256,
-           num_stages: int = 3, num_warps: int = 4) -> torch.Tensor:
-    """x [..., K] @ w[N, K]^T -> [..., N] (= F.linear(x, w)). Launch parameters are exposed for
-    the tuning benchmark; the defaults were chosen with it (benchmarks/decode_tuning.py)."""
+def linear(x: torch.Tensor, w: torch.Tensor, **launch) -> torch.Tensor:
+    """x [..., K] @ w[N, K]^T -> [..., N] (= F.linear(x, w)). `launch` (block_n, block_k,
+    num_stages, num_warps) overrides the defaults for the tuning benchmark."""
     if not supported(x, w):
         return F.linear(x, w)
-    return _launch(x, w, None, block_n, block_k, num_stages, num_warps)
+    return _launch(x, w, None, **launch)
 
 
-def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *, block_n: int | None = None,
-           block_k: int = 256, num_stages: int = 3, num_warps: int = 4) -> torch.Tensor:
+def swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, **launch) -> torch.Tensor:
     """silu(x @ w_gate^T) * (x @ w_up^T): x [..., K], weights [N, K] -> [..., N]."""
     if not supported(x, w_gate, w_up):
         return F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
-    return _launch(x, w_gate, w_up, block_n, block_k, num_stages, num_warps)
+    return _launch(x, w_gate, w_up, **launch)
 
 
-__all__ = ["supported", "linear", "swiglu"]
+__all__ = ["supported", "launch_config", "linear", "swiglu"]
