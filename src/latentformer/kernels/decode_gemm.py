@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from latentformer.kernels import gpu_limits
+
 try:
     import triton
     import triton.language as tl
@@ -108,12 +110,8 @@ def _launch(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, block_n: 
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    if x.is_cuda:
-        props = torch.cuda.get_device_properties(x.device)
-        sms, smem = props.multi_processor_count, props.shared_memory_per_multiprocessor - 1024  # 1 KB reserved per block
-    else:  # Triton's CPU interpreter (tests)
-        sms, smem = 132, 227 * 1024
-    cfg = launch_config(M, N, K, 1 + (w2 is not None), x.element_size(), sms, smem)
+    sms, smem_per_sm = gpu_limits(x.device) if x.is_cuda else (132, 228 * 1024)  # else: Triton's CPU interpreter (tests)
+    cfg = launch_config(M, N, K, 1 + (w2 is not None), x.element_size(), sms, smem_per_sm - 1024)  # 1 KB reserved per block
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     block_n = block_n or cfg.block_n
     w2_ = w2 if w2 is not None else w

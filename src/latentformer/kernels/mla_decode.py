@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from latentformer.kernels import gpu_limits
+
 try:
     import triton
     import triton.language as tl
@@ -128,9 +130,7 @@ def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: tor
     block_s = block_s or (64 if r <= 256 else 32)
     num_warps = num_warps or (4 if r <= 256 else 8)
     if n_splits is None:
-        props = torch.cuda.get_device_properties(latent.device)
-        n_splits = default_splits(B, S, (r + dr) * latent.element_size(), props.multi_processor_count,
-                                  getattr(props, "shared_memory_per_multiprocessor", 228 * 1024), block_s, num_stages)
+        n_splits = default_splits(B, S, (r + dr) * latent.element_size(), *gpu_limits(latent.device), block_s, num_stages)
     chunk = triton.cdiv(triton.cdiv(S, n_splits), block_s) * block_s
     n_splits = triton.cdiv(S, chunk)
     out = torch.empty(B, n_splits, H, r, device=latent.device, dtype=torch.float32)
