@@ -62,7 +62,7 @@ def check_decode_gemm() -> None:
         w, w2 = torch.randn(N, K), torch.randn(N, K)
         y = decode_gemm._launch(x, w, None, block_n, block_k, num_stages=1, num_warps=1)
         torch.testing.assert_close(y, x @ w.T, rtol=1e-4, atol=1e-4)
-        y = decode_gemm._launch(x.view(1, M, 1, K) if M > 1 else x, w, w2, block_n, block_k, num_stages=1, num_warps=1)
+        y = decode_gemm._launch(x.view(1, M, 1, K), w, w2, block_n, block_k, num_stages=1, num_warps=1)
         torch.testing.assert_close(y.reshape(M, N), F.silu(x @ w.T) * (x @ w2.T), rtol=1e-4, atol=1e-4)
 
 
