@@ -1,11 +1,13 @@
 """Variants of the compiled absorbed decode step at one point (default mla-125m, batch 64, 8k context).
 
 Run on a CUDA machine:  PYTHONPATH=src python benchmarks/decode_tuning.py [--preset P] [--batch B] [--ctx S]
-Each row rebuilds `GraphDecodeStep(compile=True)` under one variant and times graph replays
-(median of 100); the baseline runs first and last, so its two figures give the run's spread.
+Each row builds a `GraphDecodeStep(compile=True)` under one variant, with its own cache; then all
+graphs are timed in 5 interleaved rounds (median of 30 replays each; "ms" = median over rounds,
+"spread" = (max - min) / median over rounds), so clock drift hits every row alike; the baseline may
+be listed twice ("baseline again") as a check.
 Variants: the decode kernel's cache slices per row, SwiGLU's gate and up as one GEMM, inductor's
 GEMM autotuning, cuBLAS instead of the small-batch products (kernels/decode_gemm.py) and their launch
-parameters, programmatic dependent launch (PDL) of inductor's kernels (results:
+parameters (incl. K splits of the output and down products), programmatic dependent launch (PDL) of inductor's kernels (results:
 benchmarks/RESULTS.md, 2026-11-25 and 2026-11-29). Every row reports the relative difference of its
 logits from the first row's on the same cache and tokens (0 for variants that change no arithmetic,
 bf16 rounding level for different summation orders).
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import statistics
 import time
 
 import torch
@@ -41,7 +44,8 @@ def kernel_args(**kw):
 
 @contextlib.contextmanager
 def gemm_args(enabled: bool = True, **kw):
-    """The small-batch products (kernels/decode_gemm.py) off, or with these launch parameters."""
+    """The small-batch products (kernels/decode_gemm.py) off, or with these launch parameters
+    (`k_splits` applies only where the shipped code splits K: the products before a residual add)."""
     orig = decode_gemm.supported, decode_gemm.linear, decode_gemm.swiglu
     if not enabled:
         decode_gemm.supported = lambda *tensors: False
@@ -149,15 +153,14 @@ def gemm_table(M: int = 64) -> None:
         print(f"{name:24} {K:5} {N:5} {times[0]:9.2f} {times[1]:8.2f} {gbs:10.0f} {err:8.1e}", flush=True)
 
 
-def run(model, B: int, ctx: int, name: str, variant, profile: bool = False) -> tuple[float, torch.Tensor]:
-    """Median ms of a graph replay, and the logits of one step from the filled cache."""
+def capture(model, B: int, ctx: int, name: str, variant, profile: bool = False):
+    """A compiled decode graph built under `variant` with its own filled cache, and the logits of one step."""
     torch._dynamo.reset()
     torch.manual_seed(1)  # the same cache contents for every variant
     cache = filled_cache(model, B, ctx)
     with variant(), torch.no_grad():
         step = GraphDecodeStep(model, cache, compile=True)
         assert step.compiled
-        ms = time_steps(step.graph.replay, cache, ctx, reps=100)
         cache.pos = ctx
         cache.length.fill_(ctx)
         step.graph.replay()
@@ -167,9 +170,17 @@ def run(model, B: int, ctx: int, name: str, variant, profile: bool = False) -> t
             for _ in range(3):
                 fn(step.tokens, cache=cache)
             kernel_table(lambda: fn(step.tokens, cache=cache), f"kernels of one step ({name})")
-    del step, cache
-    torch.cuda.empty_cache()
-    return ms, logits
+    return step, cache, logits
+
+
+def interleaved_ms(graphs: dict, ctx: int, rounds: int = 5, reps: int = 30) -> dict:
+    """Median ms per replay for each captured graph, timed in interleaved rounds (a drift of the GPU's
+    clock hits every variant alike): {name: [median of each round]}."""
+    out: dict = {name: [] for name in graphs}
+    for _ in range(rounds):
+        for name, (step, cache, _) in graphs.items():
+            out[name].append(time_steps(step.graph.replay, cache, ctx, reps=reps))
+    return out
 
 
 if __name__ == "__main__":
@@ -197,22 +208,26 @@ if __name__ == "__main__":
                  ("gemm bk128", functools.partial(gemm_args, block_k=128)), ("gemm bk512", functools.partial(gemm_args, block_k=512)),
                  ("gemm stages4", functools.partial(gemm_args, num_stages=4)), ("gemm bn32", functools.partial(gemm_args, block_n=32)),
                  ("gemm warps8", functools.partial(gemm_args, num_warps=8)),
+                 ("no split-k", functools.partial(gemm_args, k_splits=1)),
+                 ("split-k 2", functools.partial(gemm_args, k_splits=2)), ("split-k 4", functools.partial(gemm_args, k_splits=4)),
                  ("baseline again", kernel_args), ("cublas again", functools.partial(gemm_args, False))]
     if args.variants:
         names = args.variants.split(",")
         variants = sorted((v for v in variants if v[0] in names), key=lambda v: names.index(v[0]))
-    rows, first = [], None
+    graphs = {}
     for name, variant in variants:
         t0 = time.time()
         try:
-            ms, logits = run(model, args.batch, args.ctx, name, variant, profile=args.profile and name in ("baseline", "gemm autotune"))
+            graphs[name] = capture(model, args.batch, args.ctx, name, variant, profile=args.profile and name in ("baseline", "no split-k"))
         except Exception as e:  # keep the table
             print(f"{name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
-        first = logits if first is None else first
-        rows.append((name, ms, ((logits - first).norm() / first.norm()).item()))
-        print(rows[-1], f"{time.time() - t0:.0f} s", flush=True)
+        print(f"{name}: captured in {time.time() - t0:.0f} s", flush=True)
+    first = next(iter(graphs.values()))[2]
+    rounds = interleaved_ms(graphs, args.ctx)
+    rows = [(name, statistics.median(ms), (max(ms) - min(ms)) / statistics.median(ms), ((g[2] - first).norm() / first.norm()).item())
+            for (name, ms), g in zip(rounds.items(), graphs.values())]
     print(f"\n{args.preset} B{args.batch} ctx {args.ctx}: roofline {roof:.3f} ms")
-    print(f"{'variant':20} {'ms':>8} {'x roof':>7} {'logits vs row 1':>16}")
-    for name, ms, diff in rows:
-        print(f"{name:20} {ms:8.3f} {ms / roof:7.2f} {diff:16.1e}")
+    print(f"{'variant':20} {'ms':>8} {'x roof':>7} {'spread':>7} {'logits vs row 1':>16}")
+    for name, ms, spread, diff in rows:
+        print(f"{name:20} {ms:8.3f} {ms / roof:7.2f} {spread:7.1%} {diff:16.1e}")

@@ -60,9 +60,13 @@ def check_decode_gemm() -> None:
     for M, K, N, block_n, block_k in [(1, 48, 40, 16, 32), (5, 96, 64, 32, 64), (17, 160, 100, 16, 64), (64, 64, 33, 16, 64)]:
         x = torch.randn(M, 2 * K)[:, :K]  # rows strided like a view of a wider projection
         w, w2 = torch.randn(N, K), torch.randn(N, K)
-        y = decode_gemm._launch(x, w, None, block_n, block_k, num_stages=1, num_warps=1)
+        y = decode_gemm._launch(x, w, None, block_n=block_n, block_k=block_k, num_stages=1, num_warps=1)
         torch.testing.assert_close(y, x @ w.T, rtol=1e-4, atol=1e-4)
-        y = decode_gemm._launch(x.view(1, M, 1, K), w, w2, block_n, block_k, num_stages=1, num_warps=1)
+        for k_splits in (2, 3):  # K split over programs (the last share may be a partial tile), partial sums added
+            y = decode_gemm._launch(x, w, None, True, block_n=block_n, block_k=block_k, num_stages=1, num_warps=1,
+                                    k_splits=k_splits)
+            torch.testing.assert_close(y, x @ w.T, rtol=1e-4, atol=1e-4)
+        y = decode_gemm._launch(x.view(1, M, 1, K), w, w2, block_n=block_n, block_k=block_k, num_stages=1, num_warps=1)
         torch.testing.assert_close(y.reshape(M, N), F.silu(x @ w.T) * (x @ w2.T), rtol=1e-4, atol=1e-4)
 
 

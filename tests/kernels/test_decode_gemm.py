@@ -16,7 +16,17 @@ RTX4090 = dict(sms=128, smem=99 * 1024)
 @pytest.mark.parametrize("N,K,n_weights", [(2080, 768, 1), (768, 1536, 1), (2304, 768, 2), (768, 2304, 1)])
 def test_mla_125m_shapes_get_the_measured_tiles(N, K, n_weights):
     # the configuration measured on the H200 (benchmarks/RESULTS.md, 2026-11-29): 32-row slabs, K tiles of 256, 3 stages
-    assert launch_config(64, N, K, n_weights, 2, **H100) == (64, 32, 256, 3)
+    assert launch_config(64, N, K, n_weights, 2, **H100) == (64, 32, 256, 3, 1)
+
+
+@pytest.mark.parametrize("N,K,splits", [(768, 1536, 6), (768, 2304, 8), (1280, 4096, 6), (2080, 768, 3), (768, 128, 1)])
+def test_split_k_for_narrow_products(N, K, splits):
+    # mla-125m's w_out and down, 348m's w_out; a wide product splits less; K shorter than two tiles never splits
+    cfg = launch_config(64, N, K, 1, 2, **H100, split_k=True)
+    assert cfg.k_splits == splits
+    assert cfg.k_splits <= decode_gemm.MAX_K_SPLITS and K // cfg.k_splits >= cfg.block_k
+    assert -(-N // cfg.block_n) * cfg.k_splits <= 2 * H100["sms"]
+    assert launch_config(64, N, K, 1, 2, **H100).k_splits == 1  # only where the caller asks
 
 
 @pytest.mark.parametrize("gpu", [H100, A100, RTX4090], ids=["h100", "a100", "rtx4090"])

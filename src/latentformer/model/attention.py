@@ -279,7 +279,8 @@ class MLA(nn.Module):
             if ctx.mask is not None:
                 scores = scores.view(B, H, T, S).masked_fill(~ctx.mask, float("-inf")).view(B, H * T, S)
             o_lat = torch.matmul(scores.softmax(-1).to(latent.dtype), latent[..., :r]).view(B, H, T, r)
+        # the output product feeds the block's residual add: it may split K (decode_gemm.linear)
         if w.merged:
-            return decode_gemm.linear(o_lat.transpose(1, 2).reshape(B, T, H * r), w.w_out)
+            return decode_gemm.linear(o_lat.transpose(1, 2).reshape(B, T, H * r), w.w_out, split_k=True)
         out = torch.einsum("bhtr,hvr->bthv", o_lat, kv_b[:, dn:])  # [B,T,H,dv]
-        return decode_gemm.linear(out.reshape(B, T, H * dv), self.o_proj.weight)
+        return decode_gemm.linear(out.reshape(B, T, H * dv), self.o_proj.weight, split_k=True)

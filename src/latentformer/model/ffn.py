@@ -22,7 +22,7 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # decode-sized inputs on CUDA: gate, up and SiLU in one Triton pass; otherwise the plain products
         h = decode_gemm.swiglu(x, self.gate_proj.weight, self.up_proj.weight)
-        return decode_gemm.linear(h, self.down_proj.weight)
+        return decode_gemm.linear(h, self.down_proj.weight, split_k=True)  # feeds the residual add
 
 
 class GeluMLP(nn.Module):
