@@ -106,15 +106,16 @@ def bench(preset: str, B: int, ctx: int, bw: float, modes) -> list[tuple]:
     return rows
 
 
-def check_numerics() -> dict[str, float]:
+def check_numerics(B: int = 64) -> dict[str, float]:
     """Decode logits after a real prefill, each mode in bf16 vs the fp32 naive eager decode:
-    rel err = ||out - ref|| / ||ref||. Absorbed and naive should sit at the same bf16 level."""
-    x = torch.randint(0, 50000, (4, 300), device="cuda")
+    rel err = ||out - ref|| / ||ref||. Absorbed and naive should sit at the same bf16 level.
+    Batch 64 by default: the decode-batch products (kernels/decode_gemm.py, 32-64 rows) run there."""
+    x = torch.randint(0, 50000, (B, 300), device="cuda")
     errs, ref = {}, None
     for mode, decode, dtype in [("fp32 naive eager", "naive", torch.float32), ("bf16 naive eager", "naive", torch.bfloat16),
                                 ("bf16 absorb eager", "absorb", torch.bfloat16), ("bf16 absorb graph+compiled", "absorb", torch.bfloat16)]:
         model = build("mla-125m", 512, decode).to(dtype)
-        cache = model.make_cache(4, 512)
+        cache = model.make_cache(B, 512)
         with torch.no_grad():
             model(x[:, :256], cache=cache)
             if "graph" in mode:
@@ -226,7 +227,7 @@ if __name__ == "__main__":
         print(f"cache allocation measured / formula: mla-125m {got_mla:,} / {want_mla:,} bytes, "
               f"mha-125m {got_mha:,} / {want_mha:,} bytes")
         for mode, err in check_numerics().items():
-            print(f"numerics, mla-125m decode vs fp32 naive: {mode:28} rel err {err:.1e}")
+            print(f"numerics, mla-125m B64 decode vs fp32 naive: {mode:28} rel err {err:.1e}")
     gen_rows = generate_vs_transformers(args.data) if args.data else []
     rows = []
     sizes = [(64, 8192)] if quick else [tuple(int(v) for v in item.split("x")) for item in args.sizes.split(",")]
