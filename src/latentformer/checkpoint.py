@@ -66,6 +66,24 @@ def read_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(meta["model"])
 
 
+def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> Transformer:
+    """The model of `cfg` holding the tensors of `state` (built on the meta device and assigned, so
+    nothing is randomly initialized first); a tied output layer shares the embedding whether or not
+    `state` has it. Raises ValueError naming `source` when the tensors do not match the config."""
+    if cfg.tie_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.init_derived_buffers()
+    return model
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
     """Build the model from `config.json` and load `model.safetensors` strictly."""
     path = Path(path)
@@ -76,15 +94,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         state = load_file(str(path / WEIGHTS), device=str(device))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ValueError(f"{path / WEIGHTS} is corrupt: {e}") from None
-    with torch.device("meta"):  # no random init of weights that are about to be replaced
-        model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"{path / WEIGHTS} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    model.init_derived_buffers()
+    model = model_from_state(cfg, state, str(path / WEIGHTS))
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()

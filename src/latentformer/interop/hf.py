@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from latentformer.checkpoint import model_state
+from latentformer.checkpoint import model_from_state, model_state
 from latentformer.config import ModelConfig
 from latentformer.data.tokenizer import EOT, Tokenizer, load_tokenizer
 from latentformer.fsutil import atomic_directory
@@ -280,18 +280,7 @@ def import_hf(hf_dir: str | Path, dtype: torch.dtype | None = None) -> tuple[Tra
     except json.JSONDecodeError as e:
         raise ValueError(f"{hf_dir / 'config.json'} is not valid JSON: {e}") from None
     cfg = from_hf_config(hf_cfg)
-    state = from_hf_state(_read_hf_weights(hf_dir), cfg)
-    with torch.device("meta"):  # no random init of weights that are about to be replaced
-        model = Transformer(cfg)
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"{hf_dir}: weights do not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    model.init_derived_buffers()
+    model = model_from_state(cfg, from_hf_state(_read_hf_weights(hf_dir), cfg), f"the weights in {hf_dir}")
     model = model.to(dtype or torch.float32)
     tokenizer = _read_tokenizer(hf_dir)
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
