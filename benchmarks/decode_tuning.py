@@ -206,7 +206,7 @@ if __name__ == "__main__":
     variants += [("fused gate+up", fused_gate_up), ("gemm autotune", lambda: autotune(True)),
                  ("inductor pdl", inductor_pdl), ("cublas", functools.partial(gemm_args, False)),
                  ("gemm bk128", functools.partial(gemm_args, block_k=128)), ("gemm bk512", functools.partial(gemm_args, block_k=512)),
-                 ("gemm stages4", functools.partial(gemm_args, num_stages=4)), ("gemm bn32", functools.partial(gemm_args, block_n=32)),
+                 ("gemm stages4", functools.partial(gemm_args, num_stages=4)),
                  ("gemm warps8", functools.partial(gemm_args, num_warps=8)),
                  ("no split-k", functools.partial(gemm_args, k_splits=1)),
                  ("split-k 2", functools.partial(gemm_args, k_splits=2)), ("split-k 4", functools.partial(gemm_args, k_splits=4)),

@@ -21,12 +21,13 @@ def test_mla_125m_shapes_get_the_measured_tiles(N, K, n_weights):
 
 @pytest.mark.parametrize("N,K,splits", [(768, 1536, 6), (768, 2304, 8), (1280, 4096, 6), (2080, 768, 3), (768, 128, 1)])
 def test_split_k_for_narrow_products(N, K, splits):
-    # mla-125m's w_out and down, 348m's w_out; a wide product splits less; K shorter than two tiles never splits
+    # mla-125m's w_out and down, 348m's w_out; a wide product splits less; a K of one tile never splits
     cfg = launch_config(64, N, K, 1, 2, **H100, split_k=True)
     assert cfg.k_splits == splits
     assert cfg.k_splits <= decode_gemm.MAX_K_SPLITS and K // cfg.k_splits >= cfg.block_k
     assert -(-N // cfg.block_n) * cfg.k_splits <= 2 * H100["sms"]
     assert launch_config(64, N, K, 1, 2, **H100).k_splits == 1  # only where the caller asks
+    assert launch_config(64, N, K, 2, 2, **H100, split_k=True).k_splits == 1  # never SwiGLU's two weights
 
 
 @pytest.mark.parametrize("gpu", [H100, A100, RTX4090], ids=["h100", "a100", "rtx4090"])

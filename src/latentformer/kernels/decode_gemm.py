@@ -70,8 +70,9 @@ def launch_config(M: int, N: int, K: int, n_weights: int, elem_bytes: int, sms: 
     best of 16/32 measured at mla-125m's shapes), wider only past two programs per
     multiprocessor; BLOCK_K 256 and 3 pipeline stages, fewer where the stages would not fit in
     shared memory (Triton keeps one activation tile and one tile per weight per stage).
-    `split_k`: a narrow product (few slabs, long K) also splits K over up to MAX_K_SPLITS
-    programs per slab, up to two programs per multiprocessor, each at least one K tile."""
+    `split_k`: a narrow product (few slabs, long K) of one weight also splits K over up to
+    MAX_K_SPLITS programs per slab, up to two programs per multiprocessor, each at least one K tile
+    (never SwiGLU's two: SiLU needs the whole sum)."""
     block_m = max(16, 1 << (M - 1).bit_length())  # tl.dot needs >= 16 rows
     block_n = next((b for b in (32, 64) if -(-N // b) <= 2 * sms), 128)
     block_k, stages = 256, 3
@@ -85,7 +86,7 @@ def launch_config(M: int, N: int, K: int, n_weights: int, elem_bytes: int, sms: 
         stages -= 1
     while need() > smem and block_k > 16:
         block_k //= 2
-    k_splits = max(1, min(MAX_K_SPLITS, 2 * sms // -(-N // block_n), K // block_k)) if split_k else 1
+    k_splits = max(1, min(MAX_K_SPLITS, 2 * sms // -(-N // block_n), K // block_k)) if split_k and n_weights == 1 else 1
     return LaunchConfig(block_m, block_n, block_k, stages, k_splits)
 
 
@@ -130,6 +131,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, split_k: 
     [splits, M, N] and the result is their sum, rounded once (under torch.compile the sum fuses into
     the consumer of the result); `k_splits` overrides the number of splits there."""
     K, N = x.shape[-1], w.shape[0]
+    split_k = split_k and w2 is None  # SiLU needs the whole sum
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -137,7 +139,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, split_k: 
     sms, smem_per_sm = gpu_limits(x.device) if x.is_cuda else (132, 228 * 1024)  # else: Triton's CPU interpreter (tests)
     cfg = launch_config(M, N, K, 1 + (w2 is not None), x.element_size(), sms, smem_per_sm - 1024, split_k)  # 1 KB reserved per block
     block_n, block_k = block_n or cfg.block_n, block_k or cfg.block_k
-    k_splits = (k_splits or cfg.k_splits) if split_k and w2 is None else 1
+    k_splits = (k_splits or cfg.k_splits) if split_k else 1
     k_chunk = triton.cdiv(triton.cdiv(K, k_splits), block_k) * block_k  # whole K tiles per split
     splits = triton.cdiv(K, k_chunk)
     y = torch.empty(splits, M, N, device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
