@@ -99,13 +99,18 @@ def run(args: argparse.Namespace) -> int:
     if is_main:
         _ensure_data(cfg)
     _wait_for_rank0(cfg.train.device)
+    trainer = None
     try:
         trainer = Trainer(cfg, out, resume=args.resume, vocab_explicit=explicit)
         summary = trainer.fit()
+        cfg = trainer.cfg
     except NonFiniteError as e:
         print(f"latentformer train: error: {e}", file=sys.stderr)
         return 1
     finally:
+        # the model holds the process group (FSDP's device mesh): release it before the group is
+        # destroyed, while the interpreter is whole (a gloo group freed at exit can abort the process)
+        del trainer
         shutdown()
     if not is_main:
         return 0
@@ -113,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"done: {summary['step']} steps ({summary['stop_reason']}), {summary['train_seconds'] / 60:.1f} min training; "
           f"val loss {val['loss']:.4f}, ppl {val['perplexity']:.2f}, {val['bpb']:.4f} bits/byte; run: {out}")
     if cfg.train.sample_tokens and not args.no_sample:
-        _sample(out, trainer.cfg)
+        _sample(out, cfg)
     return 0
 
 

@@ -7,6 +7,7 @@ Order of wrappers follows torchtitan: activation checkpointing, then compile, th
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -63,8 +64,11 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
 
 def shutdown() -> None:
+    """Destroy the process group now, not at interpreter exit: the caller drops what holds it first
+    (models, device meshes), and the collection here frees what only reference cycles still hold."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
