@@ -45,13 +45,92 @@ def check_decode() -> None:
     q_lat, q_pe = torch.randn(B, H, r), torch.randn(B, H, dr)
     latent = torch.randn(B, S, r + dr)
     length, pad = torch.tensor(137, dtype=torch.int32), torch.tensor([0, 9, 40], dtype=torch.int32)
+    arrivals = torch.zeros(B, dtype=torch.int32)  # one counter for every call: each must leave it at zero
     for n_splits in (1, 3, 7):  # several slices, some of them empty for the padded rows
         got = latent_decode_attention(q_lat, q_pe, latent, r, scale, pad, length, n_splits=n_splits, num_stages=1,
-                                      block_s=16, num_warps=1)
+                                      block_s=16, num_warps=1, arrivals=arrivals)
+        assert not arrivals.any(), "the last program of each row must re-arm its counter"
         for b in range(B):
             keys = latent[b, pad[b]:length]  # [S_b, r+dr]
             p = torch.softmax((keys[:, :r] @ q_lat[b].T + keys[:, r:] @ q_pe[b].T) * scale, dim=0)  # [S_b, H]
             torch.testing.assert_close(got[b], p.T @ keys[:, :r], rtol=1e-4, atol=1e-5)
+
+
+def check_decode_new_token() -> None:
+    """With `new`, the kernel finishes the new token (kv_a_norm, rope) as the model does, writes it to
+    slot length - 1 and attends to it; the query's rope part is rotated in the kernel."""
+    from latentformer.kernels.mla_decode import NewToken
+    from latentformer.model.norm import RMSNorm
+    from latentformer.model.rope import apply_rope
+
+    torch.manual_seed(1)
+    B, H, r, dr, S, scale = 3, 5, 32, 16, 150, 0.2
+    norm = RMSNorm(r, eps=1e-5)
+    norm.weight.data = torch.rand(r) + 0.5
+    length, pad = torch.tensor(121, dtype=torch.int32), torch.tensor([0, 9, 40], dtype=torch.int32)
+    for interleave, rows in ((False, B), (True, 1)):  # cos/sin per row or broadcast
+        q_lat, q_pe = torch.randn(B, H, r), torch.randn(B, H, dr)
+        kv = torch.randn(B, 2 * (r + dr))[:, : r + dr]  # strided rows, like a view of the projection
+        angles = torch.rand(rows, dr // 2) * 6
+        cos, sin = angles.cos(), angles.sin()
+        latent = torch.randn(B, S, r + dr)
+        want = latent.clone()
+        want[:, length - 1] = torch.cat((norm(kv[:, :r]), apply_rope(kv[:, None, None, r:], cos[:, None], sin[:, None],
+                                                                     interleave)[:, 0, 0]), dim=-1).detach()
+        q_rot = apply_rope(q_pe[:, None], cos[:, None], sin[:, None], interleave)[:, 0]  # [B, H, dr]
+        for n_splits in (1, 4):
+            got_cache = latent.clone()
+            got = latent_decode_attention(q_lat, q_pe, got_cache, r, scale, pad, length, n_splits=n_splits, num_stages=1,
+                                          block_s=16, num_warps=1,
+                                          new=NewToken(kv, norm.weight.detach(), norm.eps, cos, sin, interleave))
+            torch.testing.assert_close(got_cache, want, rtol=1e-5, atol=1e-5)  # only slot length - 1 changed
+            for b in range(B):
+                keys = want[b, pad[b]:length]
+                p = torch.softmax((keys[:, :r] @ q_lat[b].T + keys[:, r:] @ q_rot[b].T) * scale, dim=0)
+                torch.testing.assert_close(got[b], p.T @ keys[:, :r], rtol=1e-4, atol=1e-5)
+
+
+def check_decode_model() -> None:
+    """The model's absorbed decode through the kernel (kv_a_norm, rope and the cache write done in the
+    kernel) == naive decode, with dynamic and static caches, left padding, interleaved rope and q_lora.
+    The interpreter stands in for the GPU: the kernel is allowed on CPU tensors, on a 3-SM 'GPU'."""
+    from latentformer import Transformer
+    from latentformer.kernels import mla_decode
+    from tests.model.helpers import small
+
+    kernel, fused = mla_decode.latent_decode_attention, []
+
+    def small_slices(*args, **kw):  # 16-slot tiles: up to 3 slices per row at these lengths
+        fused.append(kw.get("new") is not None)
+        return kernel(*args, **kw, n_splits=3, block_s=16, num_stages=1, num_warps=1)
+
+    mla_decode.latent_decode_attention = small_slices
+    mla_decode.supported = lambda latent, r, dr, T: T == 1
+    shape = dict(attention="mla", kv_lora_rank=32, qk_nope_head_dim=12, qk_rope_head_dim=16, v_head_dim=10,
+                 max_seq_len=48, init_std=0.2)
+    x = torch.randint(0, 97, (2, 44))
+    for extra in ({}, {"rope_interleave": True, "q_lora_rank": 20}):
+        torch.manual_seed(0)
+        absorb = Transformer(small(**shape, **extra)).eval()
+        naive = Transformer(small(**shape, **extra, mla_decode="naive")).eval()
+        naive.load_state_dict(absorb.state_dict())
+        for static in (False, True):
+            outs, caches = [], []
+            for model in (absorb, naive):
+                cache = model.make_cache(2, 48)
+                cache.set_left_padding([5, 0])
+                with torch.no_grad():
+                    logits = [model(x[:, :12], cache=cache)]
+                    cache.static = static
+                    logits += [model(x[:, t:t + 1], cache=cache) for t in range(12, 44)]
+                outs.append(torch.cat(logits, 1))
+                caches.append(cache)
+            err = ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()
+            assert err < 1e-4, f"{extra} static={static}: absorbed (kernel) vs naive decode logits differ by {err:.1e}"
+            for a, n in zip(caches[0].layers, caches[1].layers):  # the kernel wrote the same cache entries
+                torch.testing.assert_close(a[0][:, :44], n[0][:, :44], rtol=1e-5, atol=1e-5)
+            assert not caches[0].arrivals.any()
+    assert fused and all(fused), "every decode step must take the kernel's new-token path"
 
 
 def check_decode_gemm() -> None:
@@ -71,4 +150,6 @@ def check_decode_gemm() -> None:
 
 
 if __name__ == "__main__":
-    {"cross_entropy": check_cross_entropy, "decode": check_decode, "decode_gemm": check_decode_gemm}[sys.argv[1]]()
+    {"cross_entropy": check_cross_entropy, "decode": check_decode, "decode_new_token": check_decode_new_token,
+     "decode_model": check_decode_model,
+     "decode_gemm": check_decode_gemm}[sys.argv[1]]()

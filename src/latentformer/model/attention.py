@@ -37,6 +37,7 @@ class AttnContext:
     slots/end: static addressing for CUDA-graph capture: the new tokens go to the device index
              tensor `slots` [T], attention covers the whole buffer, masked to the device scalar
              `end` (valid slots after the write); `start` is then unused. None otherwise.
+    arrivals: the cache's scratch counter for the fused MLA decode kernel (`KVCache.arrivals`), or None.
     """
 
     cos: torch.Tensor | None
@@ -46,6 +47,7 @@ class AttnContext:
     pad: torch.Tensor | None = None
     slots: torch.Tensor | None = None
     end: torch.Tensor | None = None
+    arrivals: torch.Tensor | None = None
 
     def write(self, buf: torch.Tensor, dim: int, new: torch.Tensor) -> torch.Tensor:
         """Store `new` (T tokens along `dim`) in the cache buffer; return the slots to attend over."""
@@ -262,15 +264,19 @@ class MLA(nn.Module):
             q = decode_gemm.linear(self.q_a_norm(q), w.w_q)
         dq = r if w.merged else dn
         q_x, q_pe = q.view(B, T, H, dq + dr).split([dq, dr], dim=-1)  # [B,T,H,dq], [B,T,H,dr]
-        c_kv, q_pe, k_pe = self._norm_rope(c_kv, q_pe, k_pe, ctx)
-        latent = ctx.write(buf, 1, torch.cat((c_kv, k_pe), dim=-1))  # [B,S,r+dr]
         kv_b = self.kv_b_proj.weight.view(H, dn + dv, r)  # W_UK = kv_b[:, :dn], W_UV = kv_b[:, dn:]
         q_lat = q_x.transpose(1, 2) if w.merged else torch.einsum("bthn,hnr->bhtr", q_x, kv_b[:, :dn])  # [B,H,T,r]
-        q_pe = q_pe.transpose(1, 2)  # [B,H,T,dr]
-        if mla_decode.supported(latent, r, dr, T):
-            o_lat = mla_decode.latent_decode_attention(q_lat[:, :, 0], q_pe[:, :, 0], latent, r, cfg.softmax_scale,
-                                                       ctx.pad, ctx.end)[:, :, None]
+        if mla_decode.supported(buf, r, dr, T):
+            # the kernel normalizes and rotates the new token, caches it and rotates the query itself
+            latent = buf if ctx.slots is not None else buf.narrow(1, 0, ctx.start + T)  # new token: slot S - 1
+            new = mla_decode.NewToken(h[:, 0, q_rows:], self.kv_a_norm.weight, self.kv_a_norm.eps,
+                                      ctx.cos[:, 0], ctx.sin[:, 0], cfg.rope_interleave)
+            o_lat = mla_decode.latent_decode_attention(q_lat[:, :, 0], q_pe[:, 0], latent, r, cfg.softmax_scale,
+                                                       ctx.pad, ctx.end, arrivals=ctx.arrivals, new=new)[:, :, None]
         else:
+            c_kv, q_pe, k_pe = self._norm_rope(c_kv, q_pe, k_pe, ctx)
+            latent = ctx.write(buf, 1, torch.cat((c_kv, k_pe), dim=-1))  # [B,S,r+dr]
+            q_pe = q_pe.transpose(1, 2)  # [B,H,T,dr]
             # all heads share one key/value "head" (the latent): plain matmuls read the cache
             # without expanding it per head; keys = [c_kv, k_pe], values = c_kv
             S = latent.shape[1]

@@ -20,6 +20,9 @@ class KVCache:
     `static=True` switches to device-side addressing (`length`, a device counter kept equal to
     `pos`) so that one decode step can be captured in a CUDA graph and replayed: shapes and
     launch arguments then no longer depend on the position.
+
+    `arrivals` [B] is scratch for the fused MLA decode kernel (kernels/mla_decode.py): a per-row
+    counter that every launch leaves at zero, kept here so that no step has to zero a new one.
     """
 
     def __init__(self, layers: list[tuple[torch.Tensor, ...]], batch_size: int, max_seq_len: int) -> None:
@@ -30,6 +33,7 @@ class KVCache:
         self.pad: torch.Tensor | None = None
         self.static = False
         self.length = torch.zeros((), dtype=torch.long, device=layers[0][0].device)
+        self.arrivals = torch.zeros(batch_size, dtype=torch.int32, device=layers[0][0].device)
 
     def set_left_padding(self, pad: torch.Tensor | list[int]) -> None:
         """Declare per-row left padding [B] before the first (prefill) forward."""

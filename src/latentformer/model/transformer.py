@@ -148,12 +148,14 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(positions).to(x.dtype)
         x = self.dropout(x)
         cos, sin = self.rope(positions) if self.rope is not None else (None, None)
+        arrivals = cache.arrivals if cache is not None else None
         if cache is not None and cache.static:
-            ctx = AttnContext(cos, sin, start, self._mask(slots, cache.max_seq_len, pad), pad, slots, slots[-1] + 1)
+            ctx = AttnContext(cos, sin, start, self._mask(slots, cache.max_seq_len, pad), pad, slots, slots[-1] + 1, arrivals)
         elif pad is None and (start == 0 or T == 1):  # SDPA's causal flag (or no mask at all) suffices
-            ctx = AttnContext(cos, sin, start, None, pad)
+            ctx = AttnContext(cos, sin, start, None, pad, arrivals=arrivals)
         else:
-            ctx = AttnContext(cos, sin, start, self._mask(torch.arange(start, end, device=tokens.device), end, pad), pad)
+            ctx = AttnContext(cos, sin, start, self._mask(torch.arange(start, end, device=tokens.device), end, pad), pad,
+                              arrivals=arrivals)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, cache.layers[i] if cache is not None else None)
         if last_only:
