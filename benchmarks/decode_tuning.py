@@ -5,8 +5,8 @@ Each row builds a `GraphDecodeStep(compile=True)` under one variant, with its ow
 graphs are timed in 5 interleaved rounds (median of 30 replays each; "ms" = median over rounds,
 "spread" = (max - min) / median over rounds), so clock drift hits every row alike; the baseline may
 be listed twice ("baseline again") as a check.
-Variants: the decode kernel's cache slices per row, SwiGLU's gate and up as one GEMM, inductor's
-GEMM autotuning, cuBLAS instead of the small-batch products (kernels/decode_gemm.py) and their launch
+Variants: the decode kernel's cache slices per row, the new token finished by torch ops instead of
+in the kernel, SwiGLU's gate and up as one GEMM, inductor's GEMM autotuning, cuBLAS instead of the small-batch products (kernels/decode_gemm.py) and their launch
 parameters (incl. K splits of the output and down products), programmatic dependent launch (PDL) of inductor's kernels (results:
 benchmarks/RESULTS.md, 2026-11-25 and 2026-11-29). Every row reports the relative difference of its
 logits from the first row's on the same cache and tokens (0 for variants that change no arithmetic,
@@ -36,6 +36,32 @@ def kernel_args(**kw):
     orig = mla_decode.latent_decode_attention
     if kw:
         mla_decode.latent_decode_attention = functools.partial(orig, **kw)
+    try:
+        yield
+    finally:
+        mla_decode.latent_decode_attention = orig
+
+
+@contextlib.contextmanager
+def unfused_new_token():
+    """The new token finished by torch ops (kv_a_norm, rope, index_copy into the cache; inductor makes
+    about four kernels per layer of them) and handed to the kernel as cached, as before 2026-11-29 evening."""
+    from latentformer.model.norm import rms_norm
+    from latentformer.model.rope import apply_rope
+
+    orig = mla_decode.latent_decode_attention
+
+    def call(q_lat, q_pe, latent, r, scale, pad, length=None, *, new=None, **kw):
+        if new is not None:
+            cos, sin = new.cos[:, None], new.sin[:, None]
+            k_pe = apply_rope(new.kv[:, None, None, r:], cos, sin, new.interleave)[:, 0, 0]
+            q_pe = apply_rope(q_pe[:, None], cos, sin, new.interleave)[:, 0]
+            slot = (length - 1).view(1) if length is not None else torch.tensor([latent.shape[1] - 1], device=latent.device)
+            kv = torch.cat((rms_norm(new.kv[:, :r], new.norm_weight, new.eps), k_pe), dim=-1)
+            latent.index_copy_(1, slot, kv[:, None].to(latent.dtype))
+        return orig(q_lat, q_pe, latent, r, scale, pad, length, **kw)
+
+    mla_decode.latent_decode_attention = call
     try:
         yield
     finally:
@@ -210,6 +236,7 @@ if __name__ == "__main__":
                  ("gemm warps8", functools.partial(gemm_args, num_warps=8)),
                  ("no split-k", functools.partial(gemm_args, k_splits=1)),
                  ("split-k 2", functools.partial(gemm_args, k_splits=2)), ("split-k 4", functools.partial(gemm_args, k_splits=4)),
+                 ("unfused new token", unfused_new_token),
                  ("baseline again", kernel_args), ("cublas again", functools.partial(gemm_args, False))]
     if args.variants:
         names = args.variants.split(",")
@@ -218,7 +245,7 @@ if __name__ == "__main__":
     for name, variant in variants:
         t0 = time.time()
         try:
-            graphs[name] = capture(model, args.batch, args.ctx, name, variant, profile=args.profile and name in ("baseline", "no split-k"))
+            graphs[name] = capture(model, args.batch, args.ctx, name, variant, profile=args.profile and name in ("baseline", "no split-k", "unfused new token"))
         except Exception as e:  # keep the table
             print(f"{name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue

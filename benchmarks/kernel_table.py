@@ -8,7 +8,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 KINDS = [  # (kind, name fragments), first match wins
-    ("attention", ("flash", "cudnn", "fmha", "attention", "sdpa", "_decode_kernel", "_merge_kernel")),
+    ("attention", ("flash", "cudnn", "fmha", "attention", "sdpa", "_decode_kernel")),
     ("gemm", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("triton (fused elementwise/reductions)", ("triton",)),
