@@ -2,8 +2,9 @@
 benchmarks/attention_kernels.py against an fp32 reference on the GPU)."""
 
 import pytest
+import torch
 
-from latentformer.kernels.mla_decode import default_splits
+from latentformer.kernels.mla_decode import default_splits, latent_decode_attention
 
 H100 = dict(sms=132, smem_per_sm=228 * 1024)
 
@@ -25,3 +26,12 @@ def test_programs_fit_in_one_wave(B, row_bytes):
     per_sm = max(1, H100["smem_per_sm"] // (3 * 64 * row_bytes))
     assert splits >= 1
     assert B * splits <= max(B, H100["sms"] * per_sm)  # a batch larger than the GPU still gets one slice
+
+
+@pytest.mark.parametrize("arrivals", [torch.zeros(2, dtype=torch.int32), torch.zeros(3, dtype=torch.int64)])
+def test_arrival_counter_is_checked(arrivals):
+    """The kernel counts finished slices per row in `arrivals`: too few rows or another dtype is an error."""
+    pytest.importorskip("triton")
+    q_lat, q_pe, latent = torch.zeros(3, 4, 16), torch.zeros(3, 4, 16), torch.zeros(3, 64, 32)
+    with pytest.raises(ValueError, match="arrivals"):
+        latent_decode_attention(q_lat, q_pe, latent, 16, 0.1, None, arrivals=arrivals)

@@ -206,6 +206,8 @@ def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: tor
     defaults were chosen with it (benchmarks/attention_kernels.py --sweep)."""
     B, H, _ = q_lat.shape
     S, dr = latent.shape[1], latent.shape[2] - r
+    if arrivals is not None and (arrivals.dtype != torch.int32 or arrivals.numel() < B or arrivals.device != latent.device):
+        raise ValueError(f"arrivals must be int32 zeros with at least {B} entries on {latent.device}")
     if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1:  # rows and heads may be strided (views of a projection)
         q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
     if length is None:
