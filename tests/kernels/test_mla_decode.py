@@ -35,3 +35,14 @@ def test_arrival_counter_is_checked(arrivals):
     q_lat, q_pe, latent = torch.zeros(3, 4, 16), torch.zeros(3, 4, 16), torch.zeros(3, 64, 32)
     with pytest.raises(ValueError, match="arrivals"):
         latent_decode_attention(q_lat, q_pe, latent, 16, 0.1, None, arrivals=arrivals)
+
+
+def test_new_token_angles_are_checked():
+    """cos and sin of the new token must both hold dr/2 angles per row."""
+    pytest.importorskip("triton")
+    from latentformer.kernels.mla_decode import NewToken
+
+    q_lat, q_pe, latent = torch.zeros(3, 4, 16), torch.zeros(3, 4, 16), torch.zeros(3, 64, 32)
+    new = NewToken(torch.zeros(3, 32), torch.ones(16), 1e-6, torch.zeros(1, 8), torch.zeros(3, 8), False)
+    with pytest.raises(ValueError, match="cos and sin"):
+        latent_decode_attention(q_lat, q_pe, latent, 16, 0.1, None, new=new)

@@ -224,16 +224,22 @@ def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: tor
     m = torch.empty(B, n_splits, H, device=latent.device, dtype=torch.float32)
     l = torch.empty_like(m)
     o = torch.empty(B, H, r, device=latent.device, dtype=q_lat.dtype)
-    if new is not None and (new.kv.stride(-1) != 1 or new.cos.stride(-1) != 1 or new.sin.stride(-1) != 1):
-        new = new._replace(kv=new.kv.contiguous(), cos=new.cos.contiguous(), sin=new.sin.contiguous())
+    if new is None:  # the kernel ignores its new-token arguments: any pointers will do
+        new_args, stride_nb, stride_cb = (o, o, o, o, 0.0), 0, 0
+    else:
+        if new.cos.shape != new.sin.shape or new.cos.shape[-1] * 2 != dr:
+            raise ValueError(f"cos and sin must both be [B|1, {dr // 2}], got {list(new.cos.shape)} and {list(new.sin.shape)}")
+        kv = new.kv if new.kv.stride(-1) == 1 else new.kv.contiguous()  # rows may stay strided
+        cos, sin = new.cos.contiguous(), new.sin.contiguous()  # one row stride serves both
+        new_args, stride_nb = (kv, new.norm_weight.contiguous(), cos, sin, new.eps), kv.stride(0)
+        stride_cb = cos.stride(0) if cos.shape[0] > 1 else 0  # one row of angles for every row: stride 0
     _decode_kernel[(B, n_splits)](
-        q_lat, q_pe, latent, length, pad if pad is not None else length, part, m, l, arrivals, o,
-        *((new.kv, new.norm_weight, new.cos, new.sin, new.eps) if new is not None else (o, o, o, o, 0.0)),
+        q_lat, q_pe, latent, length, pad if pad is not None else length, part, m, l, arrivals, o, *new_args,
         H, chunk, scale,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
         latent.stride(0), latent.stride(1),
         part.stride(0), part.stride(1), part.stride(2),
-        new.kv.stride(0) if new is not None else 0, (new.cos.stride(0) if new.cos.shape[0] > 1 else 0) if new is not None else 0,
+        stride_nb, stride_cb,
         R=r, DR=dr, BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_S=block_s, HAS_PAD=pad is not None,
         NEW=new is not None, INTERLEAVE=new is not None and new.interleave,
         num_warps=num_warps, num_stages=num_stages,
