@@ -208,6 +208,8 @@ def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: tor
     S, dr = latent.shape[1], latent.shape[2] - r
     if arrivals is not None and (arrivals.dtype != torch.int32 or arrivals.numel() < B or arrivals.device != latent.device):
         raise ValueError(f"arrivals must be int32 zeros with at least {B} entries on {latent.device}")
+    if new is not None and (new.cos.shape != new.sin.shape or new.cos.shape[-1] * 2 != dr):
+        raise ValueError(f"cos and sin must both be [B|1, {dr // 2}], got {list(new.cos.shape)} and {list(new.sin.shape)}")
     if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1:  # rows and heads may be strided (views of a projection)
         q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
     if length is None:
@@ -227,8 +229,6 @@ def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: tor
     if new is None:  # the kernel ignores its new-token arguments: any pointers will do
         new_args, stride_nb, stride_cb = (o, o, o, o, 0.0), 0, 0
     else:
-        if new.cos.shape != new.sin.shape or new.cos.shape[-1] * 2 != dr:
-            raise ValueError(f"cos and sin must both be [B|1, {dr // 2}], got {list(new.cos.shape)} and {list(new.sin.shape)}")
         kv = new.kv if new.kv.stride(-1) == 1 else new.kv.contiguous()  # rows may stay strided
         cos, sin = new.cos.contiguous(), new.sin.contiguous()  # one row stride serves both
         new_args, stride_nb = (kv, new.norm_weight.contiguous(), cos, sin, new.eps), kv.stride(0)
