@@ -4,7 +4,7 @@ benchmarks/attention_kernels.py against an fp32 reference on the GPU)."""
 import pytest
 import torch
 
-from latentformer.kernels.mla_decode import default_splits, latent_decode_attention
+from latentformer.kernels.mla_decode import NewToken, default_splits, latent_decode_attention
 
 H100 = dict(sms=132, smem_per_sm=228 * 1024)
 
@@ -40,8 +40,6 @@ def test_arrival_counter_is_checked(arrivals):
 def test_new_token_angles_are_checked():
     """cos and sin of the new token must both hold dr/2 angles per row."""
     pytest.importorskip("triton")
-    from latentformer.kernels.mla_decode import NewToken
-
     q_lat, q_pe, latent = torch.zeros(3, 4, 16), torch.zeros(3, 4, 16), torch.zeros(3, 64, 32)
     new = NewToken(torch.zeros(3, 32), torch.ones(16), 1e-6, torch.zeros(1, 8), torch.zeros(3, 8), False)
     with pytest.raises(ValueError, match="cos and sin"):

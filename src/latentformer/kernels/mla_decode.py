@@ -142,14 +142,14 @@ if triton is not None:
                 slot = base + (S - 1) * stride_ls
                 tl.store(slot + offs_r, c_new)
                 tl.store(slot + R + offs_dr, pe_new)
-                c_f = c_new.to(tl.float32)
-                s_new = (tl.sum(ql.to(tl.float32) * c_f[None, :], 1) + tl.sum(qp.to(tl.float32) * pe_new.to(tl.float32)[None, :], 1))
+                c_cached = c_new.to(tl.float32)  # the key and value as cached (rounded)
+                s_new = (tl.sum(ql.to(tl.float32) * c_cached[None, :], 1) + tl.sum(qp.to(tl.float32) * pe_new.to(tl.float32)[None, :], 1))
                 s_new = (s_new * scale).to(tl.float32)
                 m_new = tl.maximum(m_i, s_new)
                 alpha = tl.exp(m_i - m_new)
                 p_new = tl.exp(s_new - m_new)
                 l_i = l_i * alpha + p_new
-                acc = acc * alpha[:, None] + p_new[:, None] * c_f[None, :]
+                acc = acc * alpha[:, None] + p_new[:, None] * c_cached[None, :]
                 m_i = m_new
         row = part + b * stride_ob + offs_h[:, None] * stride_oh + offs_r[None, :]
         tl.store(row + split * stride_os, acc, mask=h_mask[:, None])
