@@ -229,23 +229,28 @@ if __name__ == "__main__":
         for mode, err in check_numerics().items():
             print(f"numerics, mla-125m B64 decode vs fp32 naive: {mode:28} rel err {err:.1e}")
     gen_rows = generate_vs_transformers(args.data) if args.data else []
-    rows = []
-    sizes = [(64, 8192)] if quick else [tuple(int(v) for v in item.split("x")) for item in args.sizes.split(",")]
-    for B, ctx in sizes:
-        target = (B, ctx) == (64, 8192)
-        rows += bench("mla-125m", B, ctx, bw, ["absorb graph+compiled"] + ["absorb graph", "absorb eager", "naive graph+compiled"] * target)
-        rows += bench("mha-125m", B, ctx, bw, ["graph+compiled"] + ["graph"] * target)
-        if not quick:
-            rows += bench("latentformer-348m", B, ctx, bw, ["absorb graph+compiled"])
-    print("\ndecode step, bf16 (median ms per step; tokens/s = batch / step; x roof = step / roofline)")
-    print(f"{'model':18} {'B':>3} {'ctx':>6} {'mode':22} {'ms':>8} {'tok/s':>9} {'x roof':>7}")
-    for p, B, ctx, mode, ms, tps, xr in rows:
-        if ms is None:
-            print(f"{p:18} {B:>3} {ctx:>6} {mode:22} {'OOM':>8}")
-        else:
-            print(f"{p:18} {B:>3} {ctx:>6} {mode:22} {ms:8.3f} {tps:9.0f} {xr:7.2f}")
     if gen_rows:
         print("\ngenerate, greedy, decode tokens/s (prefill and compilation excluded)")
         print(f"{'':38} {'B':>3} {'prompt':>6} {'new':>4} {'tok/s':>9} {'ratio':>6}")
         for name, B, L, new, tps in gen_rows:
-            print(f"{name:38} {B:>3} {L:>6} {new:>4} {tps:9.0f} {tps / gen_rows[-1][4]:6.1f}")
+            print(f"{name:38} {B:>3} {L:>6} {new:>4} {tps:9.0f} {tps / gen_rows[-1][4]:6.1f}", flush=True)
+
+    def line(p, B, ctx, mode, ms, tps, xr) -> str:
+        tail = f"{'OOM':>8}" if ms is None else f"{ms:8.3f} {tps:9.0f} {xr:7.2f}"
+        return f"{p:18} {B:>3} {ctx:>6} {mode:22} {tail}"
+
+    rows = []
+    sizes = [(64, 8192)] if quick else [tuple(int(v) for v in item.split("x")) for item in args.sizes.split(",")]
+    for B, ctx in sizes:
+        target = (B, ctx) == (64, 8192)
+        points = [("mla-125m", ["absorb graph+compiled"] + ["absorb graph", "absorb eager", "naive graph+compiled"] * target),
+                  ("mha-125m", ["graph+compiled"] + ["graph"] * target)] + [("latentformer-348m", ["absorb graph+compiled"])] * (not quick)
+        for preset, modes in points:
+            new_rows = bench(preset, B, ctx, bw, modes)
+            for row in new_rows:  # as they come: a cut-off run keeps what it measured
+                print(line(*row), flush=True)
+            rows += new_rows
+    print("\ndecode step, bf16 (median ms per step; tokens/s = batch / step; x roof = step / roofline)")
+    print(f"{'model':18} {'B':>3} {'ctx':>6} {'mode':22} {'ms':>8} {'tok/s':>9} {'x roof':>7}")
+    for row in rows:
+        print(line(*row))
