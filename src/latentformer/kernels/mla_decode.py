@@ -16,7 +16,8 @@ slice holds the new slot normalizes the new latent (kv_a_norm), rotates its rope
 to the cache and adds that key to its softmax from registers (it never reads the slot back).
 Measured (benchmarks/decode_tuning.py, variant 'unfused new token', H200, 2026-11-29): mla-125m's
 compiled decode step at batch 64 / 8k context 136 -> 91 kernels, 1.102 -> 1.020 ms (-7.4%);
-latentformer-348m 1.634 -> 1.548 ms (-5.3%). The kernel itself got 2.9 us per layer slower.
+latentformer-348m 1.634 -> 1.548 ms (-5.3%). Timed alone, the new-token work adds about 0.4 us per
+launch (benchmarks/RESULTS.md, fourth H200 session).
 
 Used on CUDA for T == 1 when r and dr are powers of two (>= 16); otherwise the portable
 matmul path in attention.py runs.
