@@ -11,7 +11,7 @@ import torch
 import latentformer as lf
 from latentformer.checkpoint import save_checkpoint
 from latentformer.cli import main
-from latentformer.cli.chat import turn_prompt
+from latentformer.infer.chat import render_chat
 from latentformer.data.tokenizer import load_tokenizer
 
 
@@ -77,12 +77,14 @@ def test_cli_chat_loop(ckpt, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/reset\nhello\nagain\n"))
     assert main(["chat", str(path), "--temperature", "0", "--max-new-tokens", "8", "--device", "cpu"]) == 0  # EOF ends it
     out = capsys.readouterr().out
-    first = lf.generate(model, tok, turn_prompt("", "hello"), max_new_tokens=8, temperature=0, stop="\nUser:")
-    second = lf.generate(model, tok, turn_prompt(turn_prompt("", "hello") + first + "\n", "again"), max_new_tokens=8,
-                         temperature=0, stop="\nUser:", truncate=True)
+    user = {"role": "user", "content": "hello"}
+    first = lf.generate(model, tok, render_chat(tok, [user]), max_new_tokens=8, temperature=0, stop="\nUser:")
+    history = [user, {"role": "assistant", "content": first.strip()}, {"role": "user", "content": "again"}]
+    second = lf.generate(model, tok, render_chat(tok, history), max_new_tokens=8, temperature=0, stop="\nUser:",
+                         truncate=True)
     # after /reset the same message gets the same reply; the next turn sees the conversation
     assert out.count(f"> {first}\n") == 2
-    assert "(conversation cleared)" in out and f"> {second}\n" in out
+    assert "(conversation cleared)" in out and f"> {second}\n" in out and "base model" in out
     monkeypatch.setattr("sys.stdin", io.StringIO("/quit\nhello\n"))
     assert main(["chat", str(path), "--device", "cpu"]) == 0
     assert capsys.readouterr().out.count(">") == 1

@@ -22,6 +22,9 @@ VERBS = {
     "chat": "chat",
     "convert": "convert",
     "info": "info",
+    "serve": "serve",
+    "ui": "ui",
+    "compare": "compare",
 }
 
 

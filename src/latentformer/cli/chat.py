@@ -1,9 +1,10 @@
 """`latentformer chat`: an interactive loop on stdin with a checkpoint.
 
-The conversation is kept as a plain transcript ("User: ...\\nAssistant: ...\\n"), sent as the
-prompt of every turn and truncated from the left to fit the context; a reply ends at
-end-of-text, at the next "\\nUser:" or after --max-new-tokens. /reset forgets the
-conversation, /quit (or end of input) ends the session.
+The conversation is kept as a list of messages and rendered each turn with the model's chat
+template, or the plain "User: ... / Assistant: ..." transcript for base models
+(`latentformer.infer.chat`); the prompt is truncated from the left to fit the context. A reply
+ends at end-of-text, at the template's stop string or after --max-new-tokens. /reset forgets
+the conversation, /quit (or end of input) ends the session.
 """
 
 from __future__ import annotations
@@ -15,27 +16,24 @@ from latentformer.cli.generate import add_model_arguments, add_sampling_argument
 
 HELP = "chat with a checkpoint on the terminal (/reset clears the conversation, /quit exits)"
 
-USER, ASSISTANT = "User:", "Assistant:"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_sampling_arguments(parser, max_new_tokens=128)
 
 
-def turn_prompt(history: str, message: str) -> str:
-    """The prompt of one turn: the transcript so far plus the user's message."""
-    return f"{history}{USER} {message}\n{ASSISTANT}"
-
-
 def run(args: argparse.Namespace) -> int:
+    from latentformer.infer.chat import chat_stops, has_template, render_chat
     from latentformer.infer.generate import generate
 
     model, tokenizer = load_from_args(args)
     kwargs = sampling_kwargs(args)
-    kwargs["stop"] = [f"\n{USER}", *(kwargs["stop"] or [])]
+    kwargs["stop"] = [*chat_stops(tokenizer), *(kwargs["stop"] or [])]
     print(f"chat with {args.path} ({model.config.max_seq_len} tokens of context); /reset, /quit", flush=True)
-    history = ""
+    if not has_template(tokenizer):
+        print("note: this is a base model without a chat template: replies continue a plain "
+              "'User: ... / Assistant:' transcript", flush=True)
+    messages: list[dict[str, str]] = []
     while True:
         try:
             message = input("> ").strip()
@@ -45,16 +43,16 @@ def run(args: argparse.Namespace) -> int:
         if message == "/quit":
             return 0
         if message == "/reset":
-            history = ""
+            messages = []
             print("(conversation cleared)", flush=True)
             continue
         if not message:
             continue
-        prompt = turn_prompt(history, message)
+        messages.append({"role": "user", "content": message})
         reply = []
-        for piece in generate(model, tokenizer, prompt, stream=True, truncate=True, **kwargs):
+        for piece in generate(model, tokenizer, render_chat(tokenizer, messages), stream=True, truncate=True, **kwargs):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
         print()
-        history = f"{prompt}{''.join(reply)}\n"
+        messages.append({"role": "assistant", "content": "".join(reply).strip()})
