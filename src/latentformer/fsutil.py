@@ -1,12 +1,14 @@
-"""Atomic filesystem writes: a reader sees the old version or the new one, never half of one."""
+"""Atomic filesystem writes (a reader sees the old version or the new one, never half of one) and the
+marker that lets a command replace only the directories latentformer made."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 
@@ -53,3 +55,50 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+# Every directory a command creates (run, prepared data, export, comparison) carries this file, so
+# that a later `--force` replaces only what latentformer provably made: {"kind": "<what>"}.
+MARKER = ".latentformer.json"
+
+
+def mark_output(directory: str | Path, kind: str) -> None:
+    """Record in `directory` that latentformer made it, as a `kind` ("run", "data", "export", ...).
+    Call it on the temporary directory of `atomic_directory` so the marker lands with the contents."""
+    atomic_write_text(Path(directory) / MARKER, json.dumps({"kind": kind}) + "\n")
+
+
+def output_kind(directory: str | Path) -> str | None:
+    """The kind recorded by `mark_output`, or None (no marker, or an unreadable one)."""
+    try:
+        kind = json.loads((Path(directory) / MARKER).read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def check_output(out: str | Path, kind: str, force: bool, inputs: Iterable[str | Path] = (),
+                 flag: str = "--out", recognise: Callable[[Path], bool] | None = None) -> bool:
+    """Check, before anything is written or deleted, that the command may write `out`.
+
+    `out` may not be, or contain, any of `inputs`. An existing non-empty `out` may be replaced only
+    with `force`, and only if it is a `kind` directory latentformer made (its marker, or
+    `recognise(out)` for directories made before markers existed). Raises ValueError naming the
+    problem; returns True when `out` exists and will be replaced.
+    """
+    out = Path(out).expanduser().resolve()
+    for item in inputs:
+        src = Path(item).expanduser().resolve()
+        if src == out or out in src.parents:
+            raise ValueError(f"{flag} {out} is or contains the input {src}: choose another output directory")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out} exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return False
+    ours = output_kind(out) == kind or (recognise is not None and recognise(out))
+    if not ours:
+        raise ValueError(f"{flag} {out} exists, is not empty and is not a {kind} directory made by latentformer: "
+                         "choose another path (nothing was changed)")
+    if not force:
+        raise ValueError(f"{flag} {out} exists: pass --force to replace it")
+    return True

@@ -53,12 +53,19 @@ class Tokenizer:
     """Common interface. Subclasses: `GPT2Tokenizer`, `BPETokenizer`, `ByteTokenizer`.
 
     Attributes: `kind` ("gpt2" | "bpe" | "byte"), `vocab_size` (number of ids),
-    `eot_id` (end-of-text id, appended after every document by `prepare`).
+    `eot_id` (end-of-text id, appended after every document by `prepare`), `stop_ids` (ids that end
+    a generated reply: `eot_id`, plus an imported model's own end-of-turn/eos ids), `chat_template`
+    (an imported model's Jinja chat template, or None: see `latentformer.infer.chat`).
     """
 
     kind: str
     vocab_size: int
     eot_id: int
+    chat_template: str | None = None
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return frozenset((self.eot_id,))
 
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids; special-token strings in `text` are NOT parsed as specials."""

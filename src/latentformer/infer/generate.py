@@ -2,7 +2,7 @@
 
 Prompts of different lengths are left-padded into one batch (`KVCache.set_left_padding`),
 prefilled once, then decoded one token per step: the prompt is never recomputed. A row ends
-at end-of-text or at a stop string; finished rows stay in the batch (the cache keeps static
+at one of the tokenizer's `stop_ids` (end-of-text) or at a stop string; finished rows stay in the batch (the cache keeps static
 shapes) but their tokens are discarded, and the loop ends when every row has finished.
 An empty prompt starts from the end-of-text token, which acts as beginning-of-sequence.
 """
@@ -85,6 +85,7 @@ class _RowText:
 
     def __init__(self, tokenizer, stops: list[str], incremental: bool) -> None:
         self.tokenizer, self.stops, self.incremental = tokenizer, stops, incremental
+        self.stop_ids = tokenizer.stop_ids
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0  # characters of `text` already handed out
@@ -92,7 +93,7 @@ class _RowText:
 
     def push(self, token: int) -> str:
         """Add one generated token; returns the new safe text (may be "")."""
-        if token == self.tokenizer.eot_id:
+        if token in self.stop_ids:
             return self.finish()
         self.ids.append(token)
         if not (self.stops or self.incremental):
