@@ -3,6 +3,12 @@
 Order (as in Hugging Face `generate`): repetition penalty, then temperature, top-k, top-p,
 min-p, then a draw from the softmax (or argmax when temperature == 0). Every processor
 works on fp32 logits [B, V] and removes tokens by setting them to -inf.
+
+Temperature divides the logits after the row maximum is subtracted (softmax, top-k, top-p and
+min-p do not change under a shift): the top logit stays 0, so a tiny temperature sends the others
+to -inf instead of overflowing to inf - inf = NaN, and the draw tends to greedy as it should.
+Temperatures below fp32's smallest normal number (`GREEDY_BELOW`) are greedy outright. Non-finite
+logits (a model with NaN weights) are a ValueError, never a silent argmax over NaN.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+GREEDY_BELOW = torch.finfo(torch.float32).tiny  # 1.2e-38: smaller temperatures mean greedy decoding
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -78,6 +86,22 @@ def min_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
+def top_p_rows(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`top_p` with one p per row (p [B, 1]); rows with p >= 1 are left exactly as they are."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    remove_sorted = (probs.cumsum(-1) - probs >= p) & (p < 1)
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def check_finite(logits: torch.Tensor) -> None:
+    """ValueError when the model's logits hold NaN or inf (one reduction, one host sync per step)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model produced non-finite logits (NaN or inf): its weights or activations are not finite "
+                         "(a diverged run, or a float16 overflow: try --dtype float32)")
+
+
 def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, V] -> processed fp32 logits [B, V] (the distribution sampled from)."""
     logits = logits.float()
@@ -85,7 +109,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
         logits = repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits
-    logits = logits / params.temperature
+    logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature  # stable at any temperature
     logits = top_k(logits, params.top_k)
     logits = top_p(logits, params.top_p)
     return min_p(logits, params.min_p)
@@ -94,7 +118,36 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
 def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row: logits [B, V] -> ids [B] (argmax when greedy)."""
+    check_finite(logits)
     logits = process_logits(logits, params, seen)
     if params.greedy:
         return logits.argmax(-1)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def sample_rows(logits: torch.Tensor, temperature: list[float], top_p: list[float],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Next token per row with per-row settings (a continuous batch): logits [B, V] -> ids [B].
+
+    Row b is greedy when temperature[b] == 0, else it draws from softmax(logits / temperature[b])
+    cut to top_p[b], with its own `generators[b]` (None: the global generator). A row's draw uses
+    only its own logits and generator, so a seeded row gives the same tokens whatever else is in
+    the batch, and the same as `sample` on that row alone."""
+    logits = logits.float()
+    out = logits.argmax(-1)
+    drawn = [b for b, t in enumerate(temperature) if t > 0]
+    if not drawn:
+        return out
+    idx = torch.tensor(drawn, device=logits.device)
+    t = torch.tensor([temperature[b] for b in drawn], device=logits.device)[:, None]
+    p = torch.tensor([top_p[b] for b in drawn], device=logits.device)[:, None]
+    probs = top_p_rows(logits[idx] / t, p).softmax(-1)  # [len(drawn), V]
+    shared = [i for i, b in enumerate(drawn) if generators[b] is None]
+    picks = torch.empty(len(drawn), dtype=torch.long, device=logits.device)
+    if shared:
+        picks[shared] = torch.multinomial(probs[shared], 1)[:, 0]
+    for i, b in enumerate(drawn):
+        if generators[b] is not None:
+            picks[i] = torch.multinomial(probs[i:i + 1], 1, generator=generators[b])[0, 0]
+    out[idx] = picks
+    return out

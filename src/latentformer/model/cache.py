@@ -49,6 +49,41 @@ class KVCache:
         self.pad = None
         self.length.zero_()
 
+    # Row-level editing for continuous batching (latentformer.infer.engine): rows join and leave
+    # a running batch that shares one write position. `pad` is then a tensor kept for the cache's
+    # lifetime and edited in place (a captured decode graph reads it). Every buffer is
+    # [B, ..., S, C] (MLA [B, S, r+dr], K/V [B, Hk, S, D]): slots are dimension -2.
+
+    def use_row_padding(self) -> torch.Tensor:
+        """Give the cache a permanent padding tensor [B] (zeros; edited in place from now on)."""
+        self.pad = torch.zeros(self.batch_size, dtype=torch.long, device=self.length.device)
+        return self.pad
+
+    def insert(self, row: int, src: "KVCache") -> None:
+        """Copy `src`'s row 0 (slots [0, src.pos), e.g. one prompt's prefill) into `row` so that
+        its last token sits at slot pos - 1; its earlier slots become that row's padding."""
+        n = src.pos
+        if self.pad is None or not 0 < n <= self.pos:
+            raise ValueError(f"cannot insert {n} slots at position {self.pos} (row padding tensor: {self.pad is not None})")
+        for mine, theirs in zip(self.layers, src.layers):
+            for dst, s in zip(mine, theirs):
+                dst[row].narrow(-2, self.pos - n, n).copy_(s[0].narrow(-2, 0, n))
+        self.pad[row] = self.pos - n
+
+    def shift(self, new_pos: int, span: int) -> None:
+        """Move the last `span` written slots of every row, [pos - span, pos), to end at `new_pos`
+        (one copy of that part of the cache); positions are unchanged because `pad` moves with them."""
+        if self.pad is None or not 0 <= span <= min(self.pos, new_pos) or new_pos > self.max_seq_len:
+            raise ValueError(f"cannot shift {span} slots from position {self.pos} to {new_pos}")
+        if span and new_pos != self.pos:
+            for layer in self.layers:
+                for buf in layer:
+                    moved = buf.narrow(-2, self.pos - span, span).clone()
+                    buf.narrow(-2, new_pos - span, span).copy_(moved)
+        self.pad += new_pos - self.pos
+        self.pos = new_pos
+        self.length.fill_(new_pos)
+
     @property
     def nbytes(self) -> int:
         """Bytes allocated by the cache buffers."""

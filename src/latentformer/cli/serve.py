@@ -1,0 +1,70 @@
+"""`latentformer serve`: an OpenAI-compatible HTTP server with continuous batching.
+
+The listening socket is bound before the model loads, so a port in use fails at once (one line,
+exit 1). Needs the `[serve]` extra (fastapi, uvicorn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from pathlib import Path
+
+from latentformer.cli.generate import add_model_arguments, load_from_args
+
+HELP = "serve a checkpoint over an OpenAI-compatible HTTP API (completions, chat, streaming; continuous batching)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 = any free port)")
+    parser.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on every request")
+    parser.add_argument("--max-batch", type=int, default=16, help="rows of the decode batch, preallocated in the cache (default: 16)")
+    parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a row; beyond, 429 (default: 256)")
+    parser.add_argument("--model-name", default=None, help="the model id clients use (default: the checkpoint directory's name)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step and replay it as a CUDA graph (CUDA only)")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port; OSError with the address when it cannot be had."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart quickly; a port in use still fails
+        sock.bind((host, port))
+        sock.listen(2048)  # early connections wait in the backlog until the server accepts them
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from latentformer.serve.server import create_app
+    except ModuleNotFoundError as e:
+        raise ValueError(f"serve needs the [serve] extra ({e.name} is missing): pip install 'latentformer[serve]'") from None
+    from latentformer.infer.engine import Engine
+
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and {args.max_queue}")
+    sock = listen(args.host, args.port)
+    model, tokenizer = load_from_args(args)
+    from latentformer.infer.chat import has_template
+
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, compile=args.compile)
+    name = args.model_name or Path(args.path).resolve().name
+    app = create_app(engine, name, api_key=args.api_key)
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    cfg = model.config
+    kind = "chat template" if has_template(tokenizer) else "base model without a chat template: chat continues a plain 'User:/Assistant:' transcript"
+    print(f"latentformer serve: {name} ({cfg.attention}, {model.num_params() / 1e6:.1f}M parameters, {cfg.max_seq_len}-token context, "
+          f"batch {engine.max_batch}, {engine.cache.nbytes / 2**20:.0f} MiB cache; {kind}) at http://{url_host}:{port}/v1", flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0

@@ -1,0 +1,275 @@
+"""Continuous batching: concurrent requests share one decode batch over one preallocated cache.
+
+One engine thread owns a KVCache of `max_batch` rows at the model's context. The rows share one
+write position `pos`; row b's left padding `pad[b]` says where its own tokens start (its token in
+slot s has position s - pad[b]; padding is never attended: the attention mask and the fused MLA
+decode kernel both honour per-row padding).
+
+- A request joins after a prefill of its prompt alone (a batch-1 cache sized to the prompt); its
+  slots are copied into a free row so that its last prompt token sits at slot pos - 1
+  (pad[b] = pos - P). If pos < P, every row first moves right (`KVCache.shift`).
+- Every step, all active rows decode together, each writing slot pos. A free row attends only to
+  its own slot (pad = pos) and its token is discarded, so a row costs its own length, not the
+  longest prompt's.
+- A request leaves as soon as it finishes (a stop id, a stop string, max_tokens) or is cancelled
+  (a client that went away); its row is free for the next step. When pos reaches the context,
+  the rows move left to the longest active row (one copy of the cache, rare); when the batch
+  empties, pos starts again at the next prompt's length.
+- Sampling is per row (`sample_rows`): temperature and top_p per request, and a seeded request
+  draws with its own torch.Generator, so the same seed gives the same text whatever else runs.
+
+With `compile=True` (CUDA) the decode step is a captured CUDA graph over the whole cache
+(`GraphDecodeStep`); joins, leaves and shifts edit the cache and `pad` in place, so the one
+graph serves every step. Text and stop strings go through `generate`'s `_RowText` (safe
+incremental detokenization), so a request's text is what `generate` returns for it.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from latentformer.infer.generate import _RowText
+from latentformer.infer.sampling import sample_rows
+from latentformer.model.transformer import Transformer
+
+
+class QueueFull(Exception):
+    """The waiting queue holds `max_queue` requests already."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a request receives from the engine, in order: text increments, the last one with a
+    finish_reason ("stop": a stop id or string, "length": max_tokens, "error": see `error`)."""
+
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """One completion: prompt ids (already within the context with max_tokens), sampling settings
+    and `sink`, which receives the Events (called by the engine's `deliver`)."""
+
+    ids: list[int]
+    max_tokens: int
+    sink: Callable[[Event], None]
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stops: list[str] = field(default_factory=list)
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        """Stop generating for this request (from any thread): its row is freed before the next step."""
+        self.cancelled = True
+
+
+@dataclass(eq=False)
+class _Row:
+    request: Request
+    text: _RowText
+    generator: torch.Generator | None
+    token: int = 0  # the last sampled token: the row's input at the next step
+    count: int = 0  # tokens sampled so far
+
+
+def _deliver_now(batch: list[tuple[Request, Event]]) -> None:
+    for request, event in batch:
+        request.sink(event)
+
+
+class Engine:
+    """`submit(request)` from any thread; the engine thread batches and decodes.
+
+    `deliver(batch)` is called by the engine thread once per step with that step's
+    [(request, event)] (default: each request's sink, in the engine thread); a server passes
+    a function that hands the batch to its event loop in one wake-up.
+    """
+
+    def __init__(self, model: Transformer, tokenizer, max_batch: int = 16, max_queue: int = 256,
+                 compile: bool = False, deliver: Callable[[list[tuple[Request, Event]]], None] | None = None) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = next(model.parameters()).device
+        if compile and self.device.type != "cuda":
+            raise ValueError("compile=True needs a model on a CUDA device")
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.context = model.config.max_seq_len
+        self.vocab = min(tokenizer.vocab_size, model.config.vocab_size)  # never sample the model's padding ids
+        self.deliver = deliver or _deliver_now
+        self.cache = model.make_cache(max_batch, self.context)
+        self.pad = self.cache.use_row_padding()
+        self.idle = torch.ones(max_batch, dtype=torch.bool, device=self.device)  # rows without a request
+        self.rows: list[_Row | None] = [None] * max_batch
+        self.waiting: collections.deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self.steps = 0  # decode steps run (for tests and monitoring)
+        self.shifts = 0
+        with torch.inference_mode():
+            if compile:
+                from latentformer.infer.cuda_graph import GraphDecodeStep
+
+                self._step = GraphDecodeStep(model, self.cache, compile=True)
+            else:
+                self._step = lambda tokens: model(tokens, cache=self.cache)
+        self._thread = threading.Thread(target=self._run, name="latentformer-engine", daemon=True)
+
+    # -- public, any thread ----------------------------------------------------------------
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def submit(self, request: Request) -> None:
+        """Queue `request`; QueueFull when `max_queue` requests wait already. The prompt must fit:
+        1 <= len(ids) and len(ids) + max_tokens <= the model's context (ValueError)."""
+        if not request.ids or len(request.ids) + request.max_tokens > self.context or request.max_tokens < 1:
+            raise ValueError(f"a request needs 1 <= prompt tokens and prompt + max_tokens <= {self.context}, "
+                             f"got {len(request.ids)} + {request.max_tokens}")
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the engine is stopped")
+            if len(self.waiting) >= self.max_queue and not self._free_rows_for_queue():
+                raise QueueFull(f"{len(self.waiting)} requests are waiting already (--max-queue {self.max_queue})")
+            self.waiting.append(request)
+            self._wake.notify()
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def _free_rows_for_queue(self) -> bool:
+        """A request beyond the queue limit is still taken if a free row will pick it up at once."""
+        return len(self.waiting) < self.rows.count(None)
+
+    # -- the engine thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._stopping and not self.waiting and not any(self.rows):
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                events: list[tuple[Request, Event]] = []
+                try:
+                    self._drop_cancelled()
+                    self._admit(events)
+                    if any(self.rows):
+                        self._decode(events)
+                except Exception as e:  # e.g. out of memory: fail the requests in flight, keep serving
+                    self._fail_all(events, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                if events:
+                    self.deliver(events)
+        for row in self.rows:  # stopping: tell the requests in flight
+            if row is not None:
+                self.deliver([(row.request, Event("", "error", row.count, "the server is shutting down"))])
+
+    def _drop_cancelled(self) -> None:
+        for b, row in enumerate(self.rows):
+            if row is not None and row.request.cancelled:
+                self._free(b)
+
+    def _free(self, b: int) -> None:
+        self.rows[b] = None
+        self.idle[b] = True
+        if not any(self.rows):
+            self.cache.pos = 0  # the batch is empty: the next prompt starts a new timeline
+            self.cache.length.zero_()
+
+    def _fail_all(self, events: list, message: str) -> None:
+        for b, row in enumerate(self.rows):
+            if row is not None:
+                events.append((row.request, Event("", "error", row.count, message)))
+                self._free(b)
+
+    def _admit(self, events: list) -> None:
+        """Prefill waiting requests into free rows (FIFO), each alone."""
+        while None in self.rows:
+            with self._wake:
+                if not self.waiting:
+                    return
+                request = self.waiting.popleft()
+            if request.cancelled:
+                continue
+            try:
+                self._join(request, self.rows.index(None), events)
+            except Exception as e:  # this request's prefill failed: the others go on
+                events.append((request, Event("", "error", 0, f"{type(e).__name__}: {e}")))
+
+    def _join(self, request: Request, b: int, events: list) -> None:
+        P = len(request.ids)
+        one = self.model.make_cache(1, P)
+        logits = self.model(torch.tensor([request.ids], device=self.device), cache=one, last_only=True)[:, -1, :self.vocab]
+        generator = None
+        if request.seed is not None and request.temperature > 0:
+            generator = torch.Generator(self.device).manual_seed(request.seed)
+        row = _Row(request, _RowText(self.tokenizer, request.stops, incremental=True), generator)
+        token = int(sample_rows(logits, [request.temperature], [request.top_p], [generator])[0])
+        if self._push(row, token, events):
+            return  # finished on its first token: never enters the batch
+        if not any(self.rows):
+            self.cache.pos = P
+            self.cache.length.fill_(P)
+        elif self.cache.pos < P:
+            self._shift(P)
+        self.cache.insert(b, one)
+        self.rows[b] = row
+        self.idle[b] = False
+
+    def _shift(self, new_pos: int) -> None:
+        span = max(self.cache.pos - int(self.pad[b]) for b, r in enumerate(self.rows) if r is not None)
+        self.cache.shift(new_pos, span)
+        self.shifts += 1
+
+    def _push(self, row: _Row, token: int, events: list) -> bool:
+        """Feed one sampled token to a row's text; queue its event; True when the request is done."""
+        row.token, row.count = token, row.count + 1
+        piece = row.text.push(token)
+        reason = "stop" if row.text.done else "length" if row.count >= row.request.max_tokens else None
+        if reason == "length":
+            piece += row.text.finish()
+        if piece or reason:
+            events.append((row.request, Event(piece, reason, row.count)))
+        return reason is not None
+
+    def _decode(self, events: list) -> None:
+        """One token for every active row."""
+        cache = self.cache
+        if cache.pos >= self.context:  # move every row left to the longest one
+            self._shift(max(cache.pos - int(self.pad[b]) for b, r in enumerate(self.rows) if r is not None))
+        self.pad.masked_fill_(self.idle, cache.pos)  # a free row attends only to the slot it writes
+        tokens = torch.tensor([[r.token if r is not None else self.tokenizer.eot_id] for r in self.rows], device=self.device)
+        logits = self._step(tokens)[:, -1, :self.vocab]
+        self.steps += 1
+        rows = self.rows
+        nxt = sample_rows(logits, [r.request.temperature if r else 0.0 for r in rows],
+                          [r.request.top_p if r else 1.0 for r in rows], [r.generator if r else None for r in rows])
+        for b, token in enumerate(nxt.tolist()):
+            row = rows[b]
+            if row is not None and self._push(row, token, events):
+                self._free(b)

@@ -1,0 +1,1 @@
+"""Serving: the OpenAI-compatible HTTP API (`latentformer serve`) over the continuous-batching engine."""
