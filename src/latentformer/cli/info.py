@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.path is None:
         raise ValueError("give a checkpoint or run directory, or --presets")
-    model, tokenizer = load_from_args(args)
+    model, tokenizer = load_from_args(args, check_finite=False)  # describing a diverged checkpoint is fine
     info = describe(model, tokenizer)
     if args.json:
         print(json.dumps(info, indent=2))

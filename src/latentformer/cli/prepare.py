@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="text field of .jsonl / column of .parquet / hf datasets (default: text)")
     parser.add_argument("--gutenberg-mirror", default=None, help="Project Gutenberg mirror URL (env LATENTFORMER_GUTENBERG_MIRROR)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the document split (default: 1337)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild an existing prepared --out (only a directory prepare made, never an input)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

