@@ -22,6 +22,7 @@ import yaml
 T = TypeVar("T")
 
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
+ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3")
 
 
 def _type_hints(cls: type) -> dict[str, Any]:
@@ -186,6 +187,7 @@ class ModelConfig:
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
     mla_decode: str = "absorb"  # absorb | naive
+    qkv_bias: bool = False  # mha/gqa/mqa: a bias on the q/k/v projections (Qwen2), none on o_proj
     # positions
     rope: bool = True
     rope_theta: float = 10000.0
@@ -196,10 +198,20 @@ class ModelConfig:
     yarn_beta_slow: float = 1.0
     yarn_mscale: float = 1.0
     yarn_mscale_all_dim: float = 0.0
+    # other rope scalings of imported checkpoints (transformers' rope_type): linear divides every
+    # frequency by the factor; llama3 (Llama 3.1+) divides the low frequencies, keeps the high ones
+    # and ramps between them; dynamic (NTK) changes nothing within max_seq_len (it rescales only
+    # beyond max_position_embeddings, which a model here never reaches), kept so that export writes it back
+    rope_scaling: str = "none"  # none | linear | dynamic | llama3
+    rope_scaling_factor: float = 1.0
+    llama3_low_freq_factor: float = 1.0
+    llama3_high_freq_factor: float = 4.0
+    llama3_original_max_seq_len: int = 8192
     pos_embedding: str = "none"  # none | learned | sinusoid (learnable scale and shift)
     # norm
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-6
+    latent_norm_eps: float | None = None  # MLA's q_a_norm/kv_a_norm; None = norm_eps (DeepSeek: always 1e-6)
     norm_placement: str = "pre"  # pre | post
     final_norm: bool = True
     # feed-forward
@@ -264,11 +276,21 @@ class ModelConfig:
         _check(self.rope or self.pos_embedding != "none", "rope", "a model needs positions: keep rope on or set pos_embedding")
         _check(self.rope_theta > 0, "rope_theta", "must be positive")
         _check(self.yarn_factor >= 1.0, "yarn_factor", "must be >= 1 (1 = no YaRN)")
+        _check(self.rope_scaling in ROPE_SCALINGS, "rope_scaling", f"must be one of {', '.join(ROPE_SCALINGS)}, got {self.rope_scaling!r}")
+        if self.rope_scaling != "none":
+            _check(self.yarn_factor == 1.0, "rope_scaling", f"{self.rope_scaling} cannot be combined with YaRN (yarn_factor > 1)")
+            _check(self.rope_scaling_factor >= 1.0, "rope_scaling_factor", f"must be >= 1, got {self.rope_scaling_factor}")
+        if self.rope_scaling == "llama3":
+            _check(0 < self.llama3_low_freq_factor < self.llama3_high_freq_factor, "llama3_high_freq_factor",
+                   f"must exceed llama3_low_freq_factor > 0, got {self.llama3_high_freq_factor} and {self.llama3_low_freq_factor}")
+            _check(self.llama3_original_max_seq_len > 0, "llama3_original_max_seq_len", "must be positive")
+        _check(not self.qkv_bias or self.attention != "mla", "qkv_bias", "applies to mha/gqa/mqa only (MLA has no q/k/v projections)")
         _check(self.pos_embedding in ("none", "learned", "sinusoid"), "pos_embedding", f"must be none, learned or sinusoid, got {self.pos_embedding!r}")
         _check(self.pos_embedding != "sinusoid" or self.d_model % 2 == 0, "d_model", "sinusoid positions need an even d_model")
         _check(self.norm in ("rmsnorm", "layernorm"), "norm", f"must be rmsnorm or layernorm, got {self.norm!r}")
         _check(self.norm_placement in ("pre", "post"), "norm_placement", f"must be pre or post, got {self.norm_placement!r}")
         _check(self.norm_eps > 0, "norm_eps", "must be positive")
+        _check(self.latent_norm_eps is None or self.latent_norm_eps > 0, "latent_norm_eps", "must be positive (or null = norm_eps)")
         _check(self.ffn in ("swiglu", "gelu"), "ffn", f"must be swiglu or gelu, got {self.ffn!r}")
         _check(self.d_ff > 0, "d_ff", "must be positive")
         _check(self.n_routed_experts >= 0, "n_routed_experts", "must be >= 0")
@@ -313,6 +335,11 @@ class ModelConfig:
         if not self.rope:
             return 0
         return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def latent_eps(self) -> float:
+        """eps of MLA's latent norms (q_a_norm, kv_a_norm)."""
+        return self.norm_eps if self.latent_norm_eps is None else self.latent_norm_eps
 
     @property
     def softmax_scale(self) -> float:

@@ -250,8 +250,11 @@ def _write_hf_config(path, **changes):
     (dict(attention_bias=True), "attention bias"),
     (dict(mlp_bias=True), "MLP bias"),
     (dict(hidden_act="gelu"), "activation"),
-    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}), "llama3"),
-    (dict(model_type="mistral"), "mistral"),
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "factor": 8.0}), "longrope"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}), "partial_rotary_factor"),
+    (dict(model_type="mistral", sliding_window=16), "sliding-window"),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=0), "sliding-window"),
+    (dict(model_type="gemma"), "gemma"),
 ])
 def test_import_refuses_unsupported_features(tmp_path, change, feature):
     _write_hf_config(tmp_path / "hf", **change)

@@ -1,26 +1,36 @@
-"""`latentformer convert`: checkpoints to and from the Hugging Face (transformers) format."""
+"""`latentformer convert`: checkpoints to and from the Hugging Face (transformers) format, and GGUF files in.
+
+OUT is written atomically and never replaces what latentformer did not make: an existing non-empty
+OUT must be an export (--to hf) or checkpoint (--from) directory made here, and needs --force; OUT
+may never be or contain SOURCE. Every check runs before anything is written.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
 import warnings
 from pathlib import Path
 
-HELP = "convert a checkpoint to a Hugging Face directory (--to hf) or a Hugging Face checkpoint to ours (--from hf)"
+HELP = ("convert a checkpoint to a Hugging Face directory (--to hf), or a Hugging Face checkpoint "
+        "(--from hf) or GGUF file (--from gguf) to ours")
 
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-              "tokenizer_config.json", "generation_config.json"]
+              "tokenizer_config.json", "generation_config.json", "chat_template.jinja", "chat_template.json"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     way = parser.add_mutually_exclusive_group(required=True)
     way.add_argument("--to", choices=["hf"], help="export SOURCE (a checkpoint or run directory) as a transformers checkpoint")
-    way.add_argument("--from", dest="from_", choices=["hf"], help="import SOURCE (a transformers directory, or a hub id when no such path exists)")
-    parser.add_argument("source", metavar="SOURCE", help="checkpoint/run directory (--to hf) or HF directory / hub id (--from hf)")
-    parser.add_argument("out", metavar="OUT_DIR", help="output directory (replaced atomically)")
+    way.add_argument("--from", dest="from_", choices=["hf", "gguf"],
+                     help="import SOURCE: a transformers directory (or a hub id when no such path exists), or a .gguf file")
+    parser.add_argument("source", metavar="SOURCE", help="checkpoint/run directory (--to hf), HF directory / hub id (--from hf), .gguf file (--from gguf)")
+    parser.add_argument("out", metavar="OUT_DIR", help="output directory (written atomically)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUT_DIR if it is a directory this command made before (never anything else)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="dtype of the written weights (default: float32)")
     parser.add_argument("--which", choices=["best", "latest"], default="best", help="with --to hf and a run directory: which checkpoint (default: best)")
@@ -44,17 +54,24 @@ def _hub_snapshot(repo_id: str) -> Path:
         raise ValueError(f"cannot download {repo_id} from the Hugging Face hub (offline or no such model?): {first}") from None
 
 
+def _made_export(directory: Path) -> bool:
+    """An export written before output markers existed: config.json beside our tokenizer_meta.json."""
+    return (directory / "config.json").is_file() and (directory / "tokenizer_meta.json").is_file()
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from latentformer.checkpoint import find_checkpoint, load_model, save_checkpoint
-    from latentformer.data.tokenizer import load_tokenizer
+    from latentformer.checkpoint import find_checkpoint, load_model, write_model
+    from latentformer.data.tokenizer import is_checkpoint_dir, load_tokenizer
+    from latentformer.fsutil import atomic_directory, check_output, mark_output
     from latentformer.interop.hf import export_hf, import_hf
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if args.to:
             ckpt = find_checkpoint(args.source, args.which)
+            check_output(args.out, "export", args.force, inputs=[args.source, ckpt], flag="OUT_DIR", recognise=_made_export)
             model = load_model(ckpt)
             try:
                 tokenizer = load_tokenizer(ckpt)
@@ -63,19 +80,33 @@ def run(args: argparse.Namespace) -> int:
                 print(f"note: no tokenizer exported ({e})", file=sys.stderr)
             export_hf(model, tokenizer, args.out, dtype=args.dtype or "float32")
             print(f"wrote {args.out} ({_architecture(args.out)})")
+            return _notes(caught)
+        src = Path(args.source)
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        if args.from_ == "gguf":
+            from latentformer.interop.gguf import import_gguf
+
+            check_output(args.out, "checkpoint", args.force, inputs=[src], flag="OUT_DIR", recognise=is_checkpoint_dir)
+            model, tokenizer = import_gguf(src, dtype=dtype)
         else:
-            src = Path(args.source)
+            if src.exists() and not src.is_dir():
+                raise ValueError(f"{src} is a file, not a Hugging Face model directory (a .gguf file? use --from gguf)")
+            check_output(args.out, "checkpoint", args.force, inputs=[src], flag="OUT_DIR", recognise=is_checkpoint_dir)
             hf_dir = src if src.exists() else _hub_snapshot(args.source)
-            model, tokenizer = import_hf(hf_dir, dtype=getattr(torch, args.dtype) if args.dtype else None)
-            save_checkpoint(args.out, model, tokenizer, extra={"converted_from": {"format": "hf", "source": str(args.source)}})
-            print(f"wrote {args.out} ({model.config.attention}, {model.num_params():,} parameters"
-                  f"{', no tokenizer' if tokenizer is None else ''})")
+            model, tokenizer = import_hf(hf_dir, dtype=dtype)
+        with atomic_directory(args.out) as tmp:
+            write_model(tmp, model, tokenizer, extra={"converted_from": {"format": args.from_, "source": str(args.source)}})
+            mark_output(tmp, "checkpoint")
+        print(f"wrote {args.out} ({model.config.attention}, {model.num_params():,} parameters"
+              f"{', no tokenizer' if tokenizer is None else ''})")
+    return _notes(caught)
+
+
+def _notes(caught: list[warnings.WarningMessage]) -> int:
     for w in caught:
         print(f"note: {w.message}", file=sys.stderr)
     return 0
 
 
 def _architecture(out: str) -> str:
-    import json
-
     return json.loads((Path(out) / "config.json").read_text())["architectures"][0]

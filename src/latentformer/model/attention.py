@@ -83,7 +83,7 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         H, Hk, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.d_model, (H + 2 * Hk) * D, bias=False)
+        self.qkv_proj = nn.Linear(cfg.d_model, (H + 2 * Hk) * D, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(H * D, cfg.d_model, bias=False)
 
     def make_cache(self, batch: int, seq: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -155,12 +155,12 @@ class MLA(nn.Module):
         H, dn, dr, dv, r = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         if cfg.q_lora_rank > 0:
             self.q_a_proj = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
-            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.latent_eps)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (dn + dr), bias=False)
         else:
             self.q_proj = nn.Linear(cfg.d_model, H * (dn + dr), bias=False)
         self.kv_a_proj = nn.Linear(cfg.d_model, r + dr, bias=False)
-        self.kv_a_norm = RMSNorm(r, cfg.norm_eps)
+        self.kv_a_norm = RMSNorm(r, cfg.latent_eps)
         self.kv_b_proj = nn.Linear(r, H * (dn + dv), bias=False)
         self.o_proj = nn.Linear(H * dv, cfg.d_model, bias=False)
         self._decode_weights: DecodeWeights | None = None

@@ -1,4 +1,4 @@
-"""Rotary position embeddings (Su et al. 2021) with YaRN scaling (Peng et al. 2023),
+"""Rotary position embeddings (Su et al. 2021) with YaRN (Peng et al. 2023), linear and Llama 3.1 scaling,
 and the additive position embeddings (learned absolute; learnable scaled-and-shifted sinusoid).
 
 Layouts: `interleave=False` rotates pairs (x_i, x_{i+D/2}) (GPT-NeoX/Llama);
@@ -23,7 +23,11 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     dim = cfg.rope_dim
     base = cfg.rope_theta
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    if cfg.yarn_factor <= 1.0:
+    if cfg.rope_scaling == "linear":
+        return 1.0 / pos_freqs / cfg.rope_scaling_factor, 1.0
+    if cfg.rope_scaling == "llama3":
+        return _llama3_inv_freq(1.0 / pos_freqs, cfg), 1.0
+    if cfg.yarn_factor <= 1.0:  # no scaling, or dynamic NTK (the default frequencies up to max_seq_len)
         return 1.0 / pos_freqs, 1.0
     # YaRN: interpolate low frequencies by `factor`, keep high ones, ramp between the
     # dims that complete beta_fast and beta_slow rotations over the original context.
@@ -48,6 +52,19 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     else:
         attention_factor = mscale(factor)
     return inv_freq, attention_factor
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3.1's scaling: wavelengths longer than original/low_freq_factor are stretched by the
+    factor, those shorter than original/high_freq_factor kept, the band between interpolated."""
+    factor, orig = cfg.rope_scaling_factor, cfg.llama3_original_max_seq_len
+    low, high = cfg.llama3_low_freq_factor, cfg.llama3_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > orig / low, inv_freq / factor, inv_freq)
+    smooth = (orig / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 class RotaryEmbedding(nn.Module):
