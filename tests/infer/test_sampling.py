@@ -109,8 +109,8 @@ def test_tiny_temperatures_are_greedy_not_nan(temperature):
 
 
 def test_tiny_temperature_keeps_ties():
-    logits = torch.tensor([[3.0, 3.0, -1.0]])
-    probs = process_logits(logits, SamplingParams(temperature=1e-30)).softmax(-1)
+    logits = torch.tensor([[30.0, 30.0, -1.0]])  # 30 / 2e-38 overflows fp32 when divided unshifted
+    probs = process_logits(logits, SamplingParams(temperature=2e-38)).softmax(-1)
     assert probs.tolist() == [[0.5, 0.5, 0.0]]  # the limit of softmax(l / t) as t -> 0
 
 

@@ -41,6 +41,7 @@ def _cached(source: str, tokenizer, run_cfg):
     import sys
 
     from latentformer.data.prepare import prepare
+    from latentformer.data.sources import open_source
     from latentformer.train.config import DataConfig
 
     cache_dir = run_cfg.data.cache_dir if run_cfg is not None else None
@@ -51,8 +52,9 @@ def _cached(source: str, tokenizer, run_cfg):
     else:
         spec, label = tokenizer, f"{tokenizer.kind}-{tokenizer.describe()['sha256'][:12]}"
     target = DataConfig(source=source, tokenizer=label, cache_dir=cache_dir).resolved_dir()
+    src = open_source(source)  # a bad source is reported before anything is printed
     print(f"data: {source} with tokenizer {label} -> {target}", file=sys.stderr)
-    prepare(source, spec, target, progress=sys.stderr.isatty(), replace_stale=True)
+    prepare(src, spec, target, progress=sys.stderr.isatty(), replace_stale=True)
     return target
 
 
