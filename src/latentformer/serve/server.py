@@ -319,14 +319,14 @@ async def _complete(http: HTTPRequest, job: Request, queue: asyncio.Queue, meta:
     """The whole completion as one JSON object; a client that goes away cancels its request."""
     collect, gone = asyncio.ensure_future(_collect(queue)), asyncio.ensure_future(_until_disconnect(http))
     try:
-        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
         if not collect.done():
             collect.cancel()
             job.cancel()
-    if collect.cancelled():
-        return JSONResponse({}, status_code=499)  # nobody reads it
+    if collect not in done:
+        return JSONResponse({}, status_code=499)  # the client went away: nobody reads this
     text, last = collect.result()
     if last.finish_reason == "error":
         raise _engine_error(last)

@@ -1,0 +1,213 @@
+"""The continuous-batching engine: every request's text equals `generate` on that prompt alone
+(greedy; and seeded sampling), whatever joins and leaves meanwhile, across the cache shifts;
+cancelled requests free their rows; the queue is bounded; per-row sampling."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+
+import latentformer as lf
+from latentformer.data.tokenizer import load_tokenizer
+from latentformer.infer.engine import Engine, QueueFull, Request
+from latentformer.infer.sampling import SamplingParams, sample, sample_rows
+
+CONTEXT = 64
+ATTENTION = {
+    "mla": dict(attention="mla", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8),
+    "gqa": dict(attention="gqa", n_kv_heads=2),
+}
+# prompts of different lengths (bytes = tokens); together with their max_tokens they exercise
+# joins into a running batch, a right shift (a longer prompt than pos) and left shifts (pos at the context)
+PROMPTS = ["The quick brown fox", "a", "Hello, world! How are you today?", "abc", "0123456789" * 4,
+           "zz top", "Once upon a time there was", "x y z", "A much longer prompt that fills half the context"]
+
+
+def tiny_model(attention: str = "mla") -> tuple[lf.Transformer, object]:
+    torch.manual_seed(0)
+    # init_std 0.2: peaked logits, so a wrong position or a leak between rows changes the tokens
+    cfg = lf.ModelConfig(vocab_size=260, n_layers=2, d_model=32, n_heads=4, max_seq_len=CONTEXT, d_ff=48, init_std=0.2,
+                         **ATTENTION[attention])
+    return lf.Transformer(cfg).eval(), load_tokenizer("byte")
+
+
+@pytest.fixture(scope="module", params=list(ATTENTION))
+def model(request):
+    return tiny_model(request.param)
+
+
+class Collector:
+    """A request's sink: gathers its events; `wait()` returns (text, last event)."""
+
+    def __init__(self) -> None:
+        self.events: queue.Queue = queue.Queue()
+
+    def __call__(self, event) -> None:
+        self.events.put(event)
+
+    def wait(self, timeout: float = 60.0):
+        pieces = []
+        while True:
+            event = self.events.get(timeout=timeout)
+            pieces.append(event.text)
+            if event.finish_reason:
+                return "".join(pieces), event
+
+
+def make_request(tok, prompt: str, max_tokens: int, **kw) -> tuple[Request, Collector]:
+    sink = Collector()
+    return Request(tok.encode(prompt), max_tokens, sink, **kw), sink
+
+
+@pytest.fixture
+def engine(model):
+    m, tok = model
+    eng = Engine(m, tok, max_batch=4, max_queue=32).start()
+    yield eng
+    eng.stop()
+
+
+def test_batched_greedy_equals_generate_alone(model, engine):
+    """9 requests of different lengths through 4 rows, arriving while others decode: each text is
+    exactly generate(temperature=0) of its prompt alone (fp32 CPU: identical tokens)."""
+    m, tok = model
+    max_tokens = [40, 12, 25, 50, 16, 7, 30, 45, 14]
+    jobs = []
+    for i, (prompt, n) in enumerate(zip(PROMPTS, max_tokens)):
+        jobs.append(make_request(tok, prompt, n, temperature=0.0))
+        engine.submit(jobs[-1][0])
+        if i in (2, 5):  # let the batch run so that later requests join it mid-decode
+            while engine.steps < 3 * i:
+                time.sleep(0.005)
+    for (req, sink), prompt, n in zip(jobs, PROMPTS, max_tokens):
+        text, last = sink.wait()
+        assert text == lf.generate(m, tok, prompt, max_new_tokens=n, temperature=0), prompt
+        # "stop": the model sampled end-of-text (counted) before max_tokens
+        assert (last.finish_reason, last.completion_tokens) == ("length", n) or (
+            last.finish_reason == "stop" and last.completion_tokens < n)
+    assert engine.shifts > 0  # the test went through the cache shifts
+    assert engine.active == 0 and engine.cache.pos == 0  # an empty batch resets the timeline
+
+
+def test_stop_strings_and_first_token_finish(model, engine):
+    m, tok = model
+    full = lf.generate(m, tok, "Hello", max_new_tokens=20, temperature=0)
+    stop = full[5:8]
+    req, sink = make_request(tok, "Hello", 20, temperature=0.0, stops=[stop])
+    engine.submit(req)
+    text, last = sink.wait()
+    assert text == full[:full.find(stop)] and last.finish_reason == "stop"
+    steps = engine.steps
+    req, sink = make_request(tok, "Hello", 1, temperature=0.0)  # done at its prefill: never takes a row
+    engine.submit(req)
+    assert sink.wait()[0] == lf.generate(m, tok, "Hello", max_new_tokens=1, temperature=0)
+    assert engine.steps == steps
+
+
+def test_seeded_sampling_is_independent_of_the_batch(model, engine):
+    """The same seed gives the same text alone and amid other (unseeded) requests, and the text
+    of generate(seed=...) on that prompt alone."""
+    m, tok = model
+    kw = dict(temperature=0.9, top_p=0.9, seed=1234)
+    alone, sink = make_request(tok, "Seeded prompt", 30, **kw)
+    engine.submit(alone)
+    first = sink.wait()[0]
+    noise = [make_request(tok, p, 20 + i, temperature=1.0) for i, p in enumerate(PROMPTS[:5])]
+    for req, _ in noise[:3]:
+        engine.submit(req)
+    again, sink2 = make_request(tok, "Seeded prompt", 30, **kw)
+    engine.submit(again)
+    for req, _ in noise[3:]:
+        engine.submit(req)
+    assert sink2.wait()[0] == first
+    assert first == lf.generate(m, tok, "Seeded prompt", max_new_tokens=30, temperature=0.9, top_p=0.9, seed=1234)
+    other, sink3 = make_request(tok, "Seeded prompt", 30, **{**kw, "seed": 99})
+    engine.submit(other)
+    assert sink3.wait()[0] != first
+    for _, s in noise:
+        s.wait()
+
+
+def test_cancel_frees_the_row_at_once(model, engine):
+    m, tok = model
+    req, sink = make_request(tok, "Cancel me", CONTEXT - 10, temperature=1.0)
+    engine.submit(req)
+    sink.events.get(timeout=30)  # it is decoding
+    req.cancel()
+    deadline = time.monotonic() + 10
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert engine.active == 0
+    steps = engine.steps
+    time.sleep(0.05)
+    assert engine.steps == steps  # nothing left to decode
+    assert engine.cache.pos == 0
+
+
+def test_queue_is_bounded(model):
+    m, tok = model
+    eng = Engine(m, tok, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    for _ in range(2):
+        eng.submit(make_request(tok, "q", 4)[0])
+    with pytest.raises(QueueFull):
+        eng.submit(make_request(tok, "q", 4)[0])
+    with pytest.raises(ValueError, match="prompt"):
+        eng.submit(Request(tok.encode("x" * CONTEXT), 1, Collector()))
+
+
+def test_engine_errors_fail_requests_and_keep_serving(model, monkeypatch):
+    m, tok = model
+    eng = Engine(m, tok, max_batch=2).start()
+    try:
+        real, calls = eng._step, []
+
+        def flaky(tokens):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("simulated device failure")
+            return real(tokens)
+
+        eng._step = flaky
+        req, sink = make_request(tok, "abc", 10, temperature=0.0)
+        eng.submit(req)
+        text, last = sink.wait()
+        assert last.finish_reason == "error" and "simulated device failure" in last.error
+        req, sink = make_request(tok, "abc", 10, temperature=0.0)
+        eng.submit(req)
+        assert sink.wait()[0] == lf.generate(m, tok, "abc", max_new_tokens=10, temperature=0)
+    finally:
+        eng.stop()
+
+
+def test_sample_rows_matches_sample_per_row():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    temps, top_ps, seeds = [0.0, 0.7, 1.3, 0.7], [1.0, 0.8, 1.0, 0.5], [None, 5, 6, 7]
+    gens = [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
+    out = sample_rows(logits, temps, top_ps, gens)
+    assert out[0] == logits[0].argmax()
+    for b in range(1, 4):
+        alone = sample(logits[b:b + 1], SamplingParams(temps[b], top_p=top_ps[b]), generator=torch.Generator().manual_seed(seeds[b]))
+        assert out[b] == alone[0]
+    # top_p 0.5 keeps only the most likely tokens of row 3
+    keep = torch.softmax(logits[3] / 0.7, -1).sort(descending=True)
+    allowed = keep.indices[:int((keep.values.cumsum(0) - keep.values < 0.5).sum())]
+    draws = {int(sample_rows(logits, temps, top_ps, [None] * 4)[3]) for _ in range(50)}
+    assert draws <= set(allowed.tolist())
+
+
+def test_engine_thread_stops_cleanly(model):
+    m, tok = model
+    eng = Engine(m, tok, max_batch=2).start()
+    req, sink = make_request(tok, "long", CONTEXT - 8, temperature=1.0)
+    eng.submit(req)
+    sink.events.get(timeout=30)
+    stopper = threading.Thread(target=eng.stop)
+    stopper.start()
+    stopper.join(timeout=30)
+    assert not stopper.is_alive()
+    assert sink.wait()[1].finish_reason in ("error", "length")

@@ -1,0 +1,425 @@
+"""The OpenAI-compatible server, driven over loopback by the official `openai` client (and httpx
+for raw malformed requests): completions and chat, streaming and not, stop strings, seeds,
+usage, auth, every 4xx, disconnects, the bounded queue, a 64-client load test, the CLI and the
+README example."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+import latentformer as lf
+from latentformer.checkpoint import save_checkpoint
+from latentformer.cli import main
+from latentformer.cli.serve import listen
+from latentformer.infer.chat import chat_stops, render_chat
+from latentformer.infer.engine import Engine
+from latentformer.serve.server import create_app
+
+from .test_engine import CONTEXT, PROMPTS, tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+NAME = "tiny"
+
+
+@contextlib.contextmanager
+def running(engine: Engine, **kw):
+    """uvicorn serving `engine` in a thread on a free loopback port; yields the base URL."""
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, NAME, **kw), log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+_SERVERS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """One server per attention kind (started on first use): (base_url, model, tokenizer, engine)."""
+    stack = contextlib.ExitStack()
+
+    def get(attention: str = "mla"):
+        if attention not in _SERVERS:
+            model, tok = tiny_model(attention)
+            engine = Engine(model, tok, max_batch=8, max_queue=128)
+            _SERVERS[attention] = (stack.enter_context(running(engine)), model, tok, engine)
+        return _SERVERS[attention]
+
+    yield get
+    stack.close()
+    _SERVERS.clear()
+
+
+@pytest.fixture
+def mla(servers):
+    return servers("mla")
+
+
+def client(url: str, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+
+def greedy(model, tok, prompt: str, n: int, **kw) -> str:
+    return lf.generate(model, tok, prompt, max_new_tokens=n, temperature=0, **kw)
+
+
+# -- behaviour ----------------------------------------------------------------------------------
+def test_models_and_health(mla):
+    url, model, tok, engine = mla
+    models = client(url).models.list().data
+    assert [m.id for m in models] == [NAME]
+    info = httpx.get(url + "/v1/models").json()["data"][0]
+    assert info["base_model"] is True and info["context_length"] == CONTEXT and info["attention"] == "mla"
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_completion_greedy_usage_and_stream(mla):
+    url, model, tok, _ = mla
+    c = client(url)
+    r = c.completions.create(model=NAME, prompt="Hello there", max_tokens=12, temperature=0)
+    expect = greedy(model, tok, "Hello there", 12)
+    assert r.choices[0].text == expect
+    assert r.usage.prompt_tokens == len(tok.encode("Hello there"))
+    assert r.usage.completion_tokens == (12 if r.choices[0].finish_reason == "length" else r.usage.completion_tokens)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    chunks = list(c.completions.create(model=NAME, prompt="Hello there", max_tokens=12, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == expect
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    ids = tok.encode("Hello there")  # a token-id prompt is the same prompt
+    assert c.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=0).choices[0].text == expect
+
+
+def test_default_max_tokens_is_16_and_fits_the_context(mla):
+    url, model, tok, _ = mla
+    r = client(url).completions.create(model=NAME, prompt="x", temperature=0)
+    assert r.usage.completion_tokens <= 16 and r.choices[0].text == greedy(model, tok, "x", 16)
+    long = "y" * (CONTEXT - 3)  # 3 tokens of room: the default is cut to them
+    r = client(url).completions.create(model=NAME, prompt=long, temperature=0)
+    assert r.choices[0].text == greedy(model, tok, long, 3)
+
+
+def test_stop_strings(mla):
+    url, model, tok, _ = mla
+    full = greedy(model, tok, "Stop here", 24)
+    stop = next(full[i:i + 2] for i in range(3, 20) if "\ufffd" not in full[i:i + 2])
+    c = client(url)
+    r = c.completions.create(model=NAME, prompt="Stop here", max_tokens=24, temperature=0, stop=[stop, "never-there"])
+    assert r.choices[0].text == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = c.completions.create(model=NAME, prompt="Stop here", max_tokens=24, temperature=0, stop=stop, stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed) == r.choices[0].text
+
+
+def test_chat_plain_transcript_stream_and_not(mla):
+    url, model, tok, _ = mla
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    expect = greedy(model, tok, render_chat(tok, messages), 20, stop=chat_stops(tok))
+    c = client(url)
+    r = c.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == expect
+    assert r.usage.prompt_tokens == len(tok.encode(render_chat(tok, messages)))
+    chunks = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=20, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == expect
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+             {"role": "user", "content": "Hi!"}]
+    assert c.chat.completions.create(model=NAME, messages=parts, max_completion_tokens=20,
+                                     temperature=0).choices[0].message.content == expect
+
+
+def test_seed_gives_the_same_text(mla):
+    url, model, tok, _ = mla
+    c = client(url)
+    kw = dict(model=NAME, prompt="Roll the dice", max_tokens=20, temperature=1.0, top_p=0.95)
+    a = c.completions.create(seed=7, **kw).choices[0].text
+    assert c.completions.create(seed=7, **kw).choices[0].text == a
+    assert a == lf.generate(model, tok, "Roll the dice", max_new_tokens=20, temperature=1.0, top_p=0.95, seed=7)
+    assert c.completions.create(seed=8, **kw).choices[0].text != a
+
+
+@pytest.mark.parametrize("attention", ["mla", "gqa"])
+def test_greedy_equals_generate_amid_8_concurrent_requests(servers, attention):
+    """The target prompt's greedy text through the server == generate alone, while 8 other
+    requests of different lengths (streaming and not, sampled and greedy) run at the same time."""
+    url, model, tok, engine = servers(attention)
+    target = "The answer to the question is"
+
+    async def go():
+        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+        async def other(i: int, prompt: str):
+            kw = dict(model=NAME, prompt=prompt, max_tokens=8 + 2 * i, temperature=0.0 if i % 2 else 1.0)
+            if i % 3 == 0:
+                return "".join([ch.choices[0].text async for ch in await c.completions.create(stream=True, **kw)])
+            return (await c.completions.create(**kw)).choices[0].text
+
+        others = [asyncio.ensure_future(other(i, p)) for i, p in enumerate(PROMPTS[:8])]
+        await asyncio.sleep(0.05)  # the target joins a running batch
+        r = await c.completions.create(model=NAME, prompt=target, max_tokens=30, temperature=0)
+        return r.choices[0].text, await asyncio.gather(*others)
+
+    text, others = asyncio.run(go())
+    assert text == greedy(model, tok, target, 30)
+    for i, (prompt, got) in enumerate(zip(PROMPTS[:8], others)):
+        if i % 2:  # the greedy ones are exact too
+            assert got == greedy(model, tok, prompt, 8 + 2 * i)
+
+
+def test_64_concurrent_streams_complete_with_bounded_memory(mla):
+    url, model, tok, engine = mla
+    buffers = [t.data_ptr() for layer in engine.cache.layers for t in layer]
+
+    async def load() -> list[tuple[str, str | None, bool]]:
+        limits = httpx.Limits(max_connections=100)
+        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0,
+                               http_client=httpx.AsyncClient(limits=limits, timeout=120))
+
+        async def one(i: int):
+            stream = await c.chat.completions.create(
+                model=NAME, messages=[{"role": "user", "content": f"client {i} " + "w" * (i % 9)}],
+                max_tokens=6 + i % 11, temperature=0.8, seed=i, stream=True)
+            pieces, reason = [], None
+            async for ch in stream:
+                pieces.append(ch.choices[0].delta.content or "")
+                reason = ch.choices[0].finish_reason or reason
+            return "".join(pieces), reason
+
+        return await asyncio.gather(*(one(i) for i in range(64)))
+
+    rss = []
+    for _ in range(3):  # the first round warms allocators up; later rounds must not grow
+        results = asyncio.run(load())
+        assert all(reason in ("stop", "length") for _, reason in results)  # 0 errors, every stream complete
+        rss.append(_rss_bytes())
+    assert rss[2] - rss[1] < 32 * 2**20
+    assert engine.active == 0 and engine.queued == 0
+    assert [t.data_ptr() for layer in engine.cache.layers for t in layer] == buffers  # the cache is never reallocated
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+# -- errors -------------------------------------------------------------------------------------
+def _error(r: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+BAD_BODIES = [  # (body, status, param)
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (b'{"prompt": "a", "max_tokens": 1}\xff', 400, None),  # non-UTF-8
+    ('{"prompt": "caf\u00e9"}'.encode("latin-1"), 400, None),
+    (b'{"max_tokens": 5}', 400, "prompt"),
+    (b'{"prompt": 5}', 400, "prompt"),
+    (b'{"prompt": ["a", "b"]}', 400, "prompt"),
+    (b'{"prompt": []}', 400, "prompt"),
+    (b'{"prompt": [1, 99999]}', 400, "prompt"),
+    (b'{"prompt": "a", "max_tokens": "5"}', 400, "max_tokens"),
+    (b'{"prompt": "a", "max_tokens": 5.0}', 400, "max_tokens"),
+    (b'{"prompt": "a", "max_tokens": true}', 400, "max_tokens"),
+    (b'{"prompt": "a", "max_tokens": -3}', 400, "max_tokens"),
+    (b'{"prompt": "a", "max_tokens": 0}', 400, "max_tokens"),
+    (b'{"prompt": "a", "max_tokens": 1000000000}', 400, "max_tokens"),
+    (b'{"prompt": "a", "max_tokens": 100000000000000000000000000000}', 400, "max_tokens"),
+    (b'{"prompt": "a", "temperature": "hot"}', 400, "temperature"),
+    (b'{"prompt": "a", "temperature": 5}', 400, "temperature"),
+    (b'{"prompt": "a", "temperature": NaN}', 400, "temperature"),
+    (b'{"prompt": "a", "top_p": 1.5}', 400, "top_p"),
+    (b'{"prompt": "a", "stream": "yes"}', 400, "stream"),
+    (b'{"prompt": "a", "stop": 3}', 400, "stop"),
+    (b'{"prompt": "a", "stop": ""}', 400, "stop"),
+    (b'{"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
+    (b'{"prompt": "a", "seed": "1"}', 400, "seed"),
+    (b'{"prompt": "a", "n": 2}', 400, "n"),
+    (b'{"prompt": "a", "logprobs": 2}', 400, "logprobs"),
+    (b'{"prompt": "a", "echo": true}', 400, "echo"),
+    (b'{"prompt": "a", "frequency_penalty": 0.5}', 400, "frequency_penalty"),
+    (b'{"prompt": "a", "model": "gpt-4"}', 404, "model"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD_BODIES, ids=range(len(BAD_BODIES)))
+def test_bad_completion_requests_are_4xx(mla, body, status, param):
+    url = mla[0]
+    _error(httpx.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"}), status, param)
+
+
+def test_context_length_and_chat_errors(mla):
+    url = mla[0]
+    err = _error(httpx.post(url + "/v1/completions", json={"prompt": "x" * (CONTEXT + 5)}), 400, "prompt")
+    assert err["code"] == "context_length_exceeded" and str(CONTEXT) in err["message"]
+    err = _error(httpx.post(url + "/v1/completions", json={"prompt": "x" * 10, "max_tokens": CONTEXT - 5}), 400, "max_tokens")
+    assert err["code"] == "context_length_exceeded"
+    chat = url + "/v1/chat/completions"
+    _error(httpx.post(chat, json={"messages": []}), 400, "messages")
+    assert "role" in _error(httpx.post(chat, json={"messages": [{"role": "wizard", "content": "hi"}]}), 400, "messages")["message"]
+    _error(httpx.post(chat, json={"messages": [{"role": "user"}]}), 400, "messages")
+    _error(httpx.post(chat, json={"messages": "hello"}), 400, "messages")
+    _error(httpx.post(chat, json={"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), 400, "messages")
+    _error(httpx.post(chat, json={"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}), 400, "tools")
+    _error(httpx.post(chat, json={"prompt": "hi"}), 400, "messages")
+    _error(httpx.get(url + "/v1/nothing"), 404)
+    _error(httpx.get(url + "/v1/completions"), 405)
+    with pytest.raises(openai.BadRequestError) as e:  # the openai client sees OpenAI's shape
+        client(url).chat.completions.create(model=NAME, messages=[])
+    assert e.value.body["param"] == "messages"
+
+
+def test_oversized_bodies_are_413(mla):
+    url = mla[0]
+    big = b'{"prompt": "' + b"a" * (2 << 20) + b'"}'
+    _error(httpx.post(url + "/v1/completions", content=big), 413)
+
+    def chunks():  # no Content-Length: counted while read
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"a" * 65536
+        yield b'"}'
+
+    _error(httpx.post(url + "/v1/completions", content=chunks()), 413)
+
+
+def test_server_keeps_serving_after_errors(mla):
+    url, model, tok, _ = mla
+    for body, _, _ in BAD_BODIES[:6]:
+        httpx.post(url + "/v1/completions", content=body)
+    r = client(url).completions.create(model=NAME, prompt="still alive", max_tokens=5, temperature=0)
+    assert r.choices[0].text == greedy(model, tok, "still alive", 5)
+
+
+# -- auth, queue, disconnects ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def slow():
+    """A server with one row, one queue place, an API key, and decode steps slowed to 20 ms."""
+    model, tok = tiny_model("mla")
+    engine = Engine(model, tok, max_batch=1, max_queue=1)
+    step = engine._step
+
+    def slow_step(tokens):
+        time.sleep(0.02)
+        return step(tokens)
+
+    engine._step = slow_step
+    with running(engine, api_key="sekrit") as url:
+        yield url, engine
+
+
+def _wait(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return cond()
+
+
+def test_api_key(slow):
+    url, _ = slow
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit"}):
+        assert _error(httpx.get(url + "/v1/models", headers=headers), 401)["code"] == "invalid_api_key"
+    _error(httpx.post(url + "/v1/completions", json={"prompt": "a"}), 401)
+    with pytest.raises(openai.AuthenticationError):
+        client(url, api_key="wrong").models.list()
+    assert client(url, api_key="sekrit").completions.create(model=NAME, prompt="a", max_tokens=2).usage.prompt_tokens == 1
+
+
+def test_queue_full_is_429_and_disconnect_frees_the_row(slow):
+    url, engine = slow
+    auth = {"Authorization": "Bearer sekrit"}
+    body = {"prompt": "busy", "max_tokens": 40, "stream": True, "temperature": 0}  # greedy: no early end-of-text
+    with httpx.Client(base_url=url, headers=auth, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json=body) as first:
+            lines = first.iter_lines()  # kept: a dropped iterator closes the response
+            next(lines)  # it holds the only row
+            assert engine.active == 1
+            with http.stream("POST", "/v1/completions", json=body) as second:  # it waits in the queue
+                assert _wait(lambda: engine.queued == 1)
+                err = _error(httpx.post(url + "/v1/completions", json=body, headers=auth), 429)
+                assert err["type"] == "rate_limit_error"
+                steps = engine.steps
+            # the waiting client went away: its request never takes the row
+        # the first client disconnects mid-stream: its row is free at once, long before 40 steps
+        assert _wait(lambda: engine.active == 0 and engine.queued == 0, timeout=0.5)
+        assert engine.steps - steps < 30
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+            http.post("/v1/completions", json={**body, "stream": False}, timeout=0.2)
+        assert _wait(lambda: engine.active == 0, timeout=0.5)
+        r = http.post("/v1/completions", json={"prompt": "ok", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
+# -- the CLI and the README -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    model, tok = tiny_model("mla")
+    return save_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", model, tok)
+
+
+def test_cli_errors_are_one_line(ckpt, tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("latentformer serve: error:")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", str(ckpt), "--port", str(taken.getsockname()[1])]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot listen on 127.0.0.1:" in err
+
+
+def test_readme_example_runs_against_the_cli_server(ckpt):
+    """`latentformer serve` as a process, and the README's client example as written (port adapted)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### serve"):]
+    start = re.search(r"```bash\n(latentformer serve [^\n]*)", section).group(1)
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(example.strip().splitlines()) == 5 and "base_url=\"http://127.0.0.1:8000/v1\"" in example
+    assert start.split()[:2] == ["latentformer", "serve"]
+    proc = subprocess.Popen([sys.executable, "-m", "latentformer", "serve", str(ckpt), "--port", "0", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "base model" in line, line + proc.stderr.read()
+        port = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line).group(1)
+        run = subprocess.run([sys.executable, "-c", example.replace(":8000/", f":{port}/")], capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        model, tok = tiny_model("mla")
+        messages = [{"role": "user", "content": "Hello"}]
+        assert run.stdout == greedy(model, tok, render_chat(tok, messages), 32, stop=chat_stops(tok)) + "\n"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
