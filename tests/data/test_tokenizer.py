@@ -170,3 +170,77 @@ def test_bpe_fast_path_matches_hf_encoding():
     hf = [e.ids for e in tok._tk.encode_batch(sample, add_special_tokens=False)]
     assert [a.tolist() for a in tok.encode_arrays(sample, 2)] == hf
     assert tok._tk.decode_batch(hf, skip_special_tokens=False) == [tok.decode(i) for i in hf] == sample
+
+
+# -- a pretrained model's own tokenizer (PretrainedTokenizer) ---------------------------------
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _hf_tokenizer_dir(directory, specials=("<unk>", "<|im_start|>", "<|im_end|>"), config=None, **tokenizer_config):
+    """A Hugging Face tokenizer directory as a model ships it: tokenizer.json (specials first, no
+    <|endoftext|> unless asked), tokenizer_config.json and the model's config.json ids."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["the user asks and the assistant answers the question"] * 20, trainer=trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tk.save(str(directory / "tokenizer.json"))
+    tk_cfg = {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>", "special": True}, "unk_token": "<unk>",
+              "chat_template": CHATML, **tokenizer_config}
+    (directory / "tokenizer_config.json").write_text(json.dumps(tk_cfg))
+    (directory / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2} if config is None else config))
+    return directory
+
+
+def test_pretrained_tokenizer_keeps_its_special_tokens_and_parses_them(tmp_path):
+    tok = load_tokenizer(_hf_tokenizer_dir(tmp_path / "hf"))
+    assert tok.kind == "hf"
+    assert (tok.bos_token, tok.eos_token, tok.unk_token) == ("<|im_start|>", "<|im_end|>", "<unk>")
+    assert tok.eot_id == 2 and tok.stop_ids == {2}  # no <|endoftext|>: the model's eos
+    ids = tok.encode("<|im_start|>user\nthe question<|im_end|>\n")
+    assert ids[0] == 1 and ids.count(1) == 1 and 2 in ids  # each special token is one id
+    assert tok.decode(ids) == "<|im_start|>user\nthe question<|im_end|>\n"
+    assert tok.chat_template == CHATML
+    # ours stay plain text: a special-token string in a document is never a special id
+    bpe = train_bpe(["<|im_start|> the user asks"] * 10, vocab_size=300)
+    assert bpe.encode(EOT) != [bpe.eot_id]
+
+
+def test_pretrained_tokenizer_round_trips_through_save(tmp_path):
+    src = _hf_tokenizer_dir(tmp_path / "hf", specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+                            config={"bos_token_id": None, "eos_token_id": [2, 0]}, pad_token="<|endoftext|>")
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    tok = load_tokenizer(src)
+    assert tok.eot_id == 0 and tok.stop_ids == {0, 2}  # <|endoftext|> separates documents; both end a reply
+    tok.save(tmp_path / "saved")
+    back = load_tokenizer(tmp_path / "saved")
+    assert back.describe() == tok.describe()
+    assert back.stop_ids == tok.stop_ids and back.chat_template == tok.chat_template and back.pad_token == "<|endoftext|>"
+    assert back.special["eos_token_id"] == [2, 0]
+    text = "<|im_start|>user\nthe user asks<|im_end|><|endoftext|>"
+    assert back.encode(text) == tok.encode(text)
+
+
+def test_pretrained_tokenizer_needs_an_end_of_sequence(tmp_path):
+    src = _hf_tokenizer_dir(tmp_path / "hf", config={}, eos_token=None)
+    with pytest.raises(ValueError, match="no <\\|endoftext\\|> token and its model names no eos"):
+        load_tokenizer(src)
+
+
+def test_chat_template_from_its_own_file(tmp_path):
+    src = _hf_tokenizer_dir(tmp_path / "hf", chat_template=None)
+    (src / "chat_template.jinja").write_text(CHATML)
+    assert load_tokenizer(src).chat_template == CHATML
+
+
+def test_checkpoint_without_tokenizer_is_named_as_such(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"format": "latentformer", "model": {}}))
+    with pytest.raises(ValueError, match="is a checkpoint without a tokenizer"):
+        load_tokenizer(tmp_path)

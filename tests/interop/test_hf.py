@@ -36,10 +36,12 @@ MLA_SHAPE = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attentio
 def _hf_model(config):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    with torch.no_grad():  # non-trivial norms and router bias
+    with torch.no_grad():  # non-trivial norms, q/k/v biases and router bias
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn_like(b) * 0.1)
@@ -157,6 +159,101 @@ def test_import_llama_gqa_logits_and_generation(tmp_path):
         assert (_incremental_logits(model, x) - ref).abs().max() <= TOL
         gen = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False)[:, prompt.shape[1]:]
         assert torch.equal(_greedy(model, prompt, 32), gen)
+
+
+LLAMA_SHAPE = dict(vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1)
+# rope_theta 500 with head_dim 8: wavelengths 6.3, 30, 140, 665 tokens; an original context of 16 puts
+# the first in llama3's interpolated band and the rest in its stretched one
+ARCH_CASES = {
+    "llama3.1-rope": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    "llama-linear-rope": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0})),
+    "llama-dynamic-rope": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 500.0, "factor": 4.0})),
+    # Qwen2.5's configs carry a window with use_sliding_window=false: no window applies
+    "qwen2-bias-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True, sliding_window=16, use_sliding_window=False,
+                                                                rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "mistral-head-dim": ("MistralConfig", "LlamaForCausalLM", dict(sliding_window=None, head_dim=12)),
+    "mistral-window-covers-context": ("MistralConfig", "LlamaForCausalLM", dict(sliding_window=64)),
+}
+
+
+@pytest.mark.parametrize("case", list(ARCH_CASES))
+def test_import_export_llama_family(tmp_path, case):
+    config_class, exported_as, extra = ARCH_CASES[case]
+    hf = _hf_model(getattr(transformers, config_class)(**LLAMA_SHAPE, **extra))
+    hf.save_pretrained(tmp_path / "src")
+    model, _ = import_hf(tmp_path / "src")
+    x, prompt = _tokens(40), _tokens(6, seed=2)
+    with torch.no_grad():
+        ref = hf(x).logits
+        assert ref.std() > 0.1
+        assert (model(x) - ref).abs().max() <= TOL
+        assert (_incremental_logits(model, x) - ref).abs().max() <= TOL
+        gen = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False)[:, prompt.shape[1]:]
+        assert torch.equal(_greedy(model, prompt, 24), gen)
+    export_hf(model, None, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [exported_as]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        assert (back(x).logits - ref).abs().max() <= TOL
+
+
+def test_rope_scalings_change_the_model(tmp_path):
+    """The cases above are oracles only if each scaling changes the logits against plain rope."""
+    x = _tokens(40)
+    logits = {}
+    for case in ("llama3.1-rope", "llama-linear-rope"):
+        hf = _hf_model(transformers.LlamaConfig(**LLAMA_SHAPE, **ARCH_CASES[case][2]))
+        hf.save_pretrained(tmp_path / case)
+        model, _ = import_hf(tmp_path / case)
+        plain = Transformer(model.config.replace(rope_scaling="none", rope_scaling_factor=1.0))
+        plain.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert (plain.eval()(x) - model(x)).abs().max() > 1e-2
+
+
+def _deepseek_v3(**changes):
+    return _hf_model(transformers.DeepseekV3Config(**MLA_SHAPE, **{**V3_CASES["moe-qlora-interleave-groups"], **changes}))
+
+
+def test_import_export_deepseek_with_its_own_rms_norm_eps(tmp_path):
+    """Moonlight-style: rms_norm_eps for the block norms, 1e-6 for the latent norms (as transformers).
+    A large eps makes the two distinguishable at this tolerance."""
+    hf = _deepseek_v3(rms_norm_eps=0.05)
+    hf.save_pretrained(tmp_path / "src")
+    model, _ = import_hf(tmp_path / "src")
+    assert model.config.norm_eps == 0.05 and model.config.latent_eps == 1e-6
+    x = _tokens()
+    with torch.no_grad():
+        ref = hf(x).logits
+        assert (model(x) - ref).abs().max() <= TOL
+        assert (_incremental_logits(model, x) - ref).abs().max() <= TOL
+        wrong = Transformer(model.config.replace(latent_norm_eps=None))
+        wrong.load_state_dict(model.state_dict())
+        assert (wrong.eval()(x) - ref).abs().max() > 1e-3
+    export_hf(model, None, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        assert (back(x).logits - ref).abs().max() <= TOL
+
+
+def test_import_kimi_k2_is_deepseek_v3(tmp_path):
+    hf = _deepseek_v3()
+    hf.save_pretrained(tmp_path / "src")
+    cfg_path = tmp_path / "src" / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "model_type": "kimi_k2"}))
+    model, _ = import_hf(tmp_path / "src")
+    x = _tokens()
+    with torch.no_grad():
+        ref = hf(x).logits
+        assert (model(x) - ref).abs().max() <= TOL
+    export_hf(model, None, tmp_path / "out")  # written as what transformers reads it as
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "deepseek_v3"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        assert (back(x).logits - ref).abs().max() <= TOL
 
 
 def test_import_sharded_checkpoint(tmp_path):

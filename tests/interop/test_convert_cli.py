@@ -1,0 +1,166 @@
+"""`latentformer convert` as a user meets it: bad Hugging Face configs are one line naming the field,
+and no output replaces what the command did not make (only with --force, never an input)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from latentformer.checkpoint import load, save_checkpoint  # noqa: E402
+from latentformer.cli import main  # noqa: E402
+from latentformer.config import ModelConfig  # noqa: E402
+from latentformer.interop.hf import import_hf  # noqa: E402
+from latentformer.model.transformer import Transformer  # noqa: E402
+
+V = 64
+
+
+def _tree(path) -> dict[str, str]:
+    """Every file under `path` (relative name -> sha256 of its bytes): equal before and after = untouched."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _fails(capsys, argv: list[str], match: str) -> None:
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert match in err, err
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=V, n_layers=1, d_model=16, n_heads=2, max_seq_len=32, attention="gqa",
+                                    n_kv_heads=1, d_ff=24))
+    return save_checkpoint(tmp_path / "ckpt", model, None)
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def _edit_config(hf_dir, value) -> None:
+    (hf_dir / "config.json").write_text(json.dumps(value))
+
+
+def _hf_config(hf_dir) -> dict:
+    return json.loads((hf_dir / "config.json").read_text())
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: [1], "config.json must hold a JSON object, got list"),
+    (lambda c: "llama", "config.json must hold a JSON object, got str"),
+    (lambda c: {k: v for k, v in c.items() if k != "hidden_size"}, "required field 'hidden_size' is missing"),
+    (lambda c: {k: v for k, v in c.items() if k != "model_type"}, "model_type None"),
+    (lambda c: {**c, "hidden_size": "16"}, "field 'hidden_size' must be an integer, got '16'"),
+    (lambda c: {**c, "num_hidden_layers": 1.5}, "field 'num_hidden_layers' must be an integer"),
+    (lambda c: {**c, "num_attention_heads": 0}, "field 'num_attention_heads' must be positive"),
+    (lambda c: {**c, "rms_norm_eps": "1e-5"}, "field 'rms_norm_eps' must be a number"),
+    (lambda c: {**c, "tie_word_embeddings": "yes"}, "field 'tie_word_embeddings' must be true or false"),
+    (lambda c: {**c, "rope_parameters": [10000]}, "field 'rope_parameters' must be an object"),
+    (lambda c: {**c, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}},
+     "required field 'low_freq_factor' is missing"),
+    (lambda c: {**c, "num_key_value_heads": 3, "num_attention_heads": 2}, "num_key_value_heads=3"),
+    (lambda c: {**c, "quantization_config": "gptq"}, "quantized"),
+])
+def test_bad_hf_config_is_one_line_naming_the_field(tmp_path, capsys, hf_dir, edit, match):
+    _edit_config(hf_dir, edit(_hf_config(hf_dir)))
+    _fails(capsys, ["convert", "--from", "hf", str(hf_dir), str(tmp_path / "out")], match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_hf_config_leaves_an_existing_output_unchanged(tmp_path, capsys, hf_dir):
+    assert main(["convert", "--from", "hf", str(hf_dir), str(tmp_path / "out")]) == 0
+    before = _tree(tmp_path / "out")
+    _edit_config(hf_dir, [1])
+    _fails(capsys, ["convert", "--from", "hf", str(hf_dir), str(tmp_path / "out"), "--force"], "JSON object")
+    assert _tree(tmp_path / "out") == before
+
+
+def test_index_naming_a_file_outside_the_model_directory_is_refused(tmp_path, capsys, hf_dir):
+    (tmp_path / "elsewhere.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes())
+    (hf_dir / "model.safetensors").unlink()
+    names = ["model.embed_tokens.weight", "lm_head.weight"]
+    for target in ("../elsewhere.safetensors", str(tmp_path / "elsewhere.safetensors")):
+        index = {"metadata": {}, "weight_map": dict.fromkeys(names, target)}
+        (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(ValueError, match="outside"):
+            import_hf(hf_dir)
+        _fails(capsys, ["convert", "--from", "hf", str(hf_dir), str(tmp_path / "out")], "outside")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_never_replaces_its_input(tmp_path, capsys, ckpt):
+    before = _tree(ckpt)
+    for extra in ([], ["--force"]):
+        _fails(capsys, ["convert", "--to", "hf", str(ckpt), str(ckpt), *extra], "is or contains the input")
+        _fails(capsys, ["convert", "--to", "hf", str(ckpt), str(tmp_path), *extra], "is or contains the input")
+    assert _tree(ckpt) == before
+
+
+def test_export_replaces_only_its_own_output_and_only_with_force(tmp_path, capsys, ckpt):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    for extra in ([], ["--force"]):
+        _fails(capsys, ["convert", "--to", "hf", str(ckpt), str(user), *extra], "export directory made by latentformer")
+    assert _tree(user) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+
+    out = tmp_path / "out"
+    assert main(["convert", "--to", "hf", str(ckpt), str(out)]) == 0
+    first = _tree(out)
+    _fails(capsys, ["convert", "--to", "hf", str(ckpt), str(out)], "pass --force")
+    assert _tree(out) == first
+    assert main(["convert", "--to", "hf", str(ckpt), str(out), "--force"]) == 0
+    (tmp_path / "empty").mkdir()  # an empty directory holds nothing to lose
+    assert main(["convert", "--to", "hf", str(ckpt), str(tmp_path / "empty")]) == 0
+
+
+def test_import_never_replaces_its_input_or_a_foreign_directory(tmp_path, capsys, hf_dir):
+    before = _tree(hf_dir)
+    for extra in ([], ["--force"]):
+        _fails(capsys, ["convert", "--from", "hf", str(hf_dir), str(hf_dir), *extra], "is or contains the input")
+    other = tmp_path / "other-hf"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    _fails(capsys, ["convert", "--from", "hf", str(hf_dir), str(other), "--force"], "not a checkpoint directory")
+    assert _tree(hf_dir) == before
+
+    out = tmp_path / "out"
+    assert main(["convert", "--from", "hf", str(hf_dir), str(out)]) == 0
+    _fails(capsys, ["convert", "--from", "hf", str(hf_dir), str(out)], "pass --force")
+    assert main(["convert", "--from", "hf", str(hf_dir), str(out), "--force"]) == 0
+
+
+def test_a_checkpoint_from_before_markers_is_replaced_with_force(tmp_path, hf_dir, ckpt):
+    assert not (ckpt / ".latentformer.json").exists()
+    assert main(["convert", "--from", "hf", str(hf_dir), str(ckpt), "--force"]) == 0
+
+
+def test_gguf_source_must_be_a_file(tmp_path, capsys, hf_dir):
+    _fails(capsys, ["convert", "--from", "gguf", str(tmp_path / "none.gguf"), str(tmp_path / "out")], "no such GGUF file")
+    _fails(capsys, ["convert", "--from", "hf", str(hf_dir / "config.json"), str(tmp_path / "out")], "--from gguf")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_imported_model_without_a_tokenizer_says_so(tmp_path, capsys, hf_dir):
+    assert main(["convert", "--from", "hf", str(hf_dir), str(tmp_path / "out")]) == 0
+    assert "no tokenizer" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="checkpoint without a tokenizer"):
+        load(tmp_path / "out", device="cpu")
+    _fails(capsys, ["generate", str(tmp_path / "out"), "--prompt", "hi"], "checkpoint without a tokenizer")
