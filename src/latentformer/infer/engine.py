@@ -185,9 +185,10 @@ class Engine:
                     self._fail_all(events, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 if events:
                     self.deliver(events)
-        for row in self.rows:  # stopping: tell the requests in flight
-            if row is not None:
-                self.deliver([(row.request, Event("", "error", row.count, "the server is shutting down"))])
+        with self._wake:  # stopping: tell the requests in flight and those still waiting
+            left = [(r.request, r.count) for r in self.rows if r is not None] + [(q, 0) for q in self.waiting]
+            self.waiting.clear()
+        self.deliver([(request, Event("", "error", count, "the server is shutting down")) for request, count in left])
 
     def _drop_cancelled(self) -> None:
         for b, row in enumerate(self.rows):
