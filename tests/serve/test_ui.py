@@ -1,0 +1,241 @@
+"""The Streamlit playground driven headless by streamlit.testing (AppTest) and the `ui` verb's checks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import latentformer as lf
+from latentformer.checkpoint import save_checkpoint
+from latentformer.cli import main
+from latentformer.cli.ui import streamlit_command
+from latentformer.data.tokenizer import load_tokenizer
+from latentformer.infer.chat import chat_stops, render_chat
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+APP = Path(lf.__file__).parent / "serve" / "ui_app.py"
+
+
+def tiny_checkpoint(path: Path, max_seq_len: int = 64) -> Path:
+    """A random 2-layer MLA model with the byte tokenizer (fast on CPU; its text is noise)."""
+    torch.manual_seed(0)
+    cfg = lf.ModelConfig(vocab_size=260, n_layers=2, d_model=32, n_heads=4, max_seq_len=max_seq_len, d_ff=48,
+                         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, init_std=0.2)
+    return save_checkpoint(path, lf.Transformer(cfg).eval(), load_tokenizer("byte"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tiny_checkpoint(tmp_path_factory.mktemp("ui") / "model")
+    model, tok = lf.load(path, device="cpu")
+    return path, model, tok
+
+
+def app(monkeypatch, *argv: str) -> AppTest:
+    monkeypatch.setattr(sys, "argv", [str(APP), *argv])  # what `streamlit run APP -- ARGS` gives the script
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.run()
+    return at
+
+
+@pytest.fixture
+def page(ckpt, monkeypatch):
+    at = app(monkeypatch, str(ckpt[0]), "--device", "cpu")
+    assert not at.exception and not at.error
+    return at
+
+
+def generated(at: AppTest) -> str:
+    return at.session_state.completion["text"]
+
+
+def test_greedy_prompt_equals_generate_and_survives_reruns(page, ckpt):
+    _, model, tok = ckpt
+    page.text_area(key="prompt").set_value("Hello")
+    page.slider(key="temperature").set_value(0.0)
+    page.number_input(key="max_new_tokens").set_value(12)
+    page.button(key="generate").click().run()
+    expect = lf.generate(model, tok, "Hello", max_new_tokens=12, temperature=0)
+    assert not page.exception and not page.error
+    assert generated(page) == expect and [t.value for t in page.text] == ["Hello" + expect]
+    assert page.session_state.completion["stopped"] is False and page.session_state.job is None
+    page.slider(key="top_p").set_value(0.5).run()  # any rerun keeps the response
+    assert [t.value for t in page.text] == ["Hello" + expect]
+
+
+def test_sampling_controls_reach_generate(page, ckpt):
+    _, model, tok = ckpt
+    page.text_area(key="prompt").set_value("abc")
+    page.slider(key="temperature").set_value(1.3)
+    page.number_input(key="top_k").set_value(40)
+    page.slider(key="top_p").set_value(0.9)
+    page.slider(key="min_p").set_value(0.02)
+    page.slider(key="repetition_penalty").set_value(1.2)
+    page.number_input(key="max_new_tokens").set_value(10)
+    page.number_input(key="seed").set_value(7)
+    page.button(key="generate").click().run()
+    expect = lf.generate(model, tok, "abc", max_new_tokens=10, temperature=1.3, top_k=40, top_p=0.9, min_p=0.02,
+                         repetition_penalty=1.2, seed=7)
+    assert generated(page) == expect
+    assert expect != lf.generate(model, tok, "abc", max_new_tokens=10, temperature=1.3, seed=7)  # the flags mattered
+
+
+def interrupt_after(monkeypatch, n: int) -> None:
+    """Make the next stream end its run after `n` pieces, as a click does: Streamlit stops the
+    script at its next page update (st.stop raises the same kind of script-control exception)."""
+    import streamlit as st
+
+    import latentformer.infer.generate as gen
+
+    real = gen.generate
+
+    def generate(*args, **kwargs):
+        pieces = real(*args, **kwargs)
+
+        def interrupted():
+            for i, piece in enumerate(pieces):
+                if i == n:
+                    st.stop()
+                yield piece
+        return interrupted()
+
+    monkeypatch.setattr(gen, "generate", generate)
+
+
+def start_greedy(page, prompt: str, max_new_tokens: int = 40) -> None:
+    page.text_area(key="prompt").set_value(prompt)
+    page.slider(key="temperature").set_value(0.0)
+    page.number_input(key="max_new_tokens").set_value(max_new_tokens)
+    page.button(key="generate").click().run()
+
+
+def test_stop_keeps_the_text_so_far(page, ckpt, monkeypatch):
+    _, model, tok = ckpt
+    pieces = list(lf.generate(model, tok, "Hello", max_new_tokens=40, temperature=0, stream=True))
+    interrupt_after(monkeypatch, 5)
+    start_greedy(page, "Hello")
+    assert page.session_state.job["status"] == "running"  # the page as a click finds it mid-stream
+    assert page.button(key="generate").disabled and not page.button(key="stop").disabled
+    page.button(key="stop").click().run()
+    kept = "".join(pieces[:5])
+    assert page.session_state.job is None and not page.exception
+    assert page.session_state.completion == {"prompt": "Hello", "text": kept, "stopped": True}
+    assert [t.value for t in page.text] == ["Hello" + kept] and len(kept) < len("".join(pieces))
+    assert any(c.value == f"stopped after {len(kept)} generated characters" for c in page.caption)
+    assert page.button(key="stop").disabled and not page.button(key="generate").disabled
+
+
+def test_another_click_during_a_stream_also_stops_it(page, ckpt, monkeypatch):
+    _, model, tok = ckpt
+    pieces = list(lf.generate(model, tok, "Hey", max_new_tokens=40, temperature=0, stream=True))
+    interrupt_after(monkeypatch, 3)
+    start_greedy(page, "Hey")
+    page.slider(key="top_p").set_value(0.3).run()
+    assert page.session_state.completion == {"prompt": "Hey", "text": "".join(pieces[:3]), "stopped": True}
+    assert page.session_state.job is None
+
+
+def test_prompt_too_long_is_an_error_element(page):
+    page.text_area(key="prompt").set_value("x" * 80)  # byte tokens: 80 > the 64-token context
+    page.number_input(key="max_new_tokens").set_value(8)
+    page.button(key="generate").click().run()
+    assert not page.exception
+    assert len(page.error) == 1 and "exceeds max_seq_len=64" in page.error[0].value
+    assert page.session_state.job is None and page.session_state.completion is None
+
+
+def test_chat_renders_messages_and_stops_at_the_turn(page, ckpt):
+    _, model, tok = ckpt
+    page.radio(key="mode").set_value("Chat").run()
+    page.slider(key="temperature").set_value(0.0)
+    page.number_input(key="max_new_tokens").set_value(8)
+    page.text_area(key="message").set_value("hi there")
+    page.button(key="generate").click().run()
+    first = [{"role": "user", "content": "hi there"}]
+    reply = lf.generate(model, tok, render_chat(tok, first), max_new_tokens=8, temperature=0, stop=chat_stops(tok),
+                        truncate=True).strip()
+    assert not page.exception and not page.error
+    assert [(m["role"], m["content"]) for m in page.session_state.messages] == [("user", "hi there"), ("assistant", reply)]
+    assert [c.name for c in page.chat_message] == ["user", "assistant"]
+    assert page.text_area(key="message").value == ""  # the input is cleared for the next turn
+    page.text_area(key="message").set_value("more")
+    page.button(key="generate").click().run()
+    convo = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "more"}]
+    second = lf.generate(model, tok, render_chat(tok, convo), max_new_tokens=8, temperature=0, stop=chat_stops(tok),
+                         truncate=True).strip()
+    assert page.session_state.messages[-1]["content"] == second and len(page.chat_message) == 4
+    page.button(key="clear").click().run()
+    assert page.session_state.messages == [] and len(page.chat_message) == 0
+
+
+def test_empty_chat_message_is_an_error(page):
+    page.radio(key="mode").set_value("Chat").run()
+    page.button(key="generate").click().run()
+    assert [e.value for e in page.error] == ["type a message first"] and page.session_state.job is None
+
+
+def test_clear_in_prompt_mode(page):
+    page.text_area(key="prompt").set_value("Hi")
+    page.number_input(key="max_new_tokens").set_value(3)
+    page.button(key="generate").click().run()
+    assert page.session_state.completion is not None and len(page.text) == 1
+    page.button(key="clear").click().run()
+    assert page.session_state.completion is None and len(page.text) == 0
+
+
+def test_model_card_in_the_side_panel(page, ckpt):
+    _, model, _ = ckpt
+    md = " ".join(m.value for m in page.sidebar.markdown)
+    per_token = model.kv_cache_bytes_per_token(torch.bfloat16)  # (16 + 8) x 2 layers x 2 bytes = 96
+    assert "MLA (kv_lora_rank 16, rope 8, 4 heads)" in md and f"{model.num_params():,}" in md
+    assert f"{per_token:,} bytes/token" in md and "256 bytes/token (2.67x)" in md  # MHA: 2 x 2 x 32 x 2
+    page.sidebar.number_input(key="card_context").set_value(1000)
+    page.sidebar.number_input(key="card_memory").set_value(1.0).run()
+    metrics = {m.label: m.value for m in page.sidebar.metric}
+    assert metrics == {"this model": f"{2**30 // (96 * 1000):,}", "MHA equivalent": f"{2**30 // (256 * 1000):,}"}
+    charts = [e for e in page.sidebar.children.values() if e.type == "vega_lite_chart"]  # st.line_chart
+    assert len(charts) == 1 and "cache per sequence (MiB, bfloat16)" in charts[0].proto.spec
+
+
+def test_bad_checkpoint_is_an_error_in_the_page(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text("{not json", encoding="utf-8")
+    at = app(monkeypatch, str(tmp_path))
+    assert not at.exception and len(at.error) == 1 and "config.json is corrupt" in at.error[0].value
+
+
+def test_unreachable_server_is_an_error_in_the_page(monkeypatch):
+    pytest.importorskip("openai")
+    import socket
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    at = app(monkeypatch, "--server", f"http://127.0.0.1:{port}")
+    assert not at.exception and len(at.error) == 1 and at.error[0].value.startswith("the server is unreachable")
+
+
+def test_cli_rejects_a_bad_path_before_streamlit(tmp_path, capsys):
+    assert main(["ui", str(tmp_path / "missing")]) == 1
+    assert capsys.readouterr().err == f"latentformer ui: error: no such checkpoint or run directory: {tmp_path / 'missing'}\n"
+    assert main(["ui", str(tmp_path)]) == 1  # a directory without a checkpoint
+    assert "holds no checkpoint" in capsys.readouterr().err
+    assert main(["ui", "--server", "localhost:8000"]) == 1
+    assert "--server must be an http(s) URL" in capsys.readouterr().err
+
+
+def test_streamlit_command_is_offline_and_loopback(ckpt):
+    from latentformer.cli import build_parser
+
+    args = build_parser().parse_args(["ui", str(ckpt[0]), "--port", "9000", "--device", "cpu"])
+    cmd = streamlit_command(args)
+    assert cmd[1:4] == ["-m", "streamlit", "run"]
+    for flag in ("--server.address=127.0.0.1", "--server.port=9000", "--server.headless=true",
+                 "--browser.gatherUsageStats=false", "--server.fileWatcherType=none"):
+        assert flag in cmd
+    assert cmd[cmd.index("--"):] == ["--", str(Path(ckpt[0]).resolve()), "--device", "cpu"]
+    assert Path(cmd[cmd.index("--") - 1]) == APP
