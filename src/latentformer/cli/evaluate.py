@@ -68,7 +68,8 @@ def resolve_data(data: str | None, ckpt, tokenizer):
             raise ValueError(f"{ckpt} is not part of a run directory (no config.yaml): give --data DIR or a source")
         if run_cfg.data.dir:
             if not Path(run_cfg.data.dir).expanduser().is_dir():
-                raise ValueError(f"the run's data directory {run_cfg.data.dir} is gone: give --data")
+                raise ValueError(f"the run's data directory {run_cfg.data.dir} (its config.yaml's data.dir) does not exist "
+                                 "from here: give --data")
             return Path(run_cfg.data.dir).expanduser()
         return _cached(run_cfg.data.source, tokenizer, run_cfg)
     if (Path(data) / "meta.json").is_file():
