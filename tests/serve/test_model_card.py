@@ -50,6 +50,7 @@ def test_moe_card_counts_active_parameters():
     card = model_card(model)
     assert card.active_parameters == model.num_params(active=True) < card.parameters == model.num_params()
     assert card.parameters - card.active_parameters == 3 * 3 * (3 * 64 * 32)  # 3 layers x 3 unused experts
+    assert card.mha_parameters - card.mha_active_parameters == card.parameters - card.active_parameters
 
 
 def test_gqa_card_and_mha_itself():

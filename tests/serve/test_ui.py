@@ -190,16 +190,21 @@ def test_clear_in_prompt_mode(page):
 
 def test_model_card_in_the_side_panel(page, ckpt):
     _, model, _ = ckpt
-    md = " ".join(m.value for m in page.sidebar.markdown)
     per_token = model.kv_cache_bytes_per_token(torch.bfloat16)  # (16 + 8) x 2 layers x 2 bytes = 96
-    assert "MLA (kv_lora_rank 16, rope 8, 4 heads)" in md and f"{model.num_params():,}" in md
-    assert f"{per_token:,} bytes/token" in md and "256 bytes/token (2.67x)" in md  # MHA: 2 x 2 x 32 x 2
+    mha_per_token = 2 * 2 * 32 * 2  # 2 (K, V) x 2 layers x d_model x 2 bytes
+    md = " ".join(m.value for m in page.sidebar.markdown)
+    assert "MLA (kv_lora_rank 16, rope 8, 4 heads)" in md and "context 64 tokens" in md
+    assert f"| parameters | {model.num_params():,} |" in md
+    assert f"| KV cache bytes/token | {per_token} | {mha_per_token} |" in md and "**2.67x** less cache" in md
     page.sidebar.number_input(key="card_context").set_value(1000)
     page.sidebar.number_input(key="card_memory").set_value(1.0).run()
-    metrics = {m.label: m.value for m in page.sidebar.metric}
-    assert metrics == {"this model": f"{2**30 // (96 * 1000):,}", "MHA equivalent": f"{2**30 // (256 * 1000):,}"}
+    md = " ".join(m.value for m in page.sidebar.markdown)
+    assert f"| largest batch at C in M | {2**30 // (per_token * 1000):,} | {2**30 // (mha_per_token * 1000):,} |" in md
+    page.sidebar.selectbox(key="card_dtype").set_value("float32").run()
+    md = " ".join(m.value for m in page.sidebar.markdown)
+    assert f"| KV cache bytes/token | {2 * per_token} | {2 * mha_per_token} |" in md
     charts = [e for e in page.sidebar.children.values() if e.type == "vega_lite_chart"]  # st.line_chart
-    assert len(charts) == 1 and "cache per sequence (MiB, bfloat16)" in charts[0].proto.spec
+    assert len(charts) == 1 and "MiB per sequence (float32)" in charts[0].proto.spec
 
 
 def test_bad_checkpoint_is_an_error_in_the_page(tmp_path, monkeypatch):

@@ -42,7 +42,8 @@ class ModelCard:
     d_model: int
     cache_dtype: str
     kv_bytes_per_token: int
-    mha_parameters: int | None  # None: the config has no MHA equivalent (d_model // n_heads unusable)
+    mha_parameters: int | None  # the mha_* fields are None when the config has no MHA equivalent
+    mha_active_parameters: int | None
     mha_kv_bytes_per_token: int | None
 
     @property
@@ -90,6 +91,7 @@ def model_card(model: Transformer, cache_dtype: torch.dtype = torch.bfloat16) ->
         cache_dtype=str(cache_dtype).removeprefix("torch."),
         kv_bytes_per_token=model.kv_cache_bytes_per_token(cache_dtype),
         mha_parameters=None if mha is None else mha.num_params(),
+        mha_active_parameters=None if mha is None else mha.num_params(active=True),
         mha_kv_bytes_per_token=None if mha is None else mha.kv_cache_bytes_per_token(cache_dtype),
     )
 

@@ -217,7 +217,7 @@ def on_clear() -> None:
 
 # -- the page -------------------------------------------------------------------------------------
 def sidebar(model, backend) -> None:
-    from latentformer.serve.model_card import cache_curve, largest_batch, model_card
+    from latentformer.serve.model_card import attention_summary, cache_curve, largest_batch, mha_equivalent, model_card
 
     with st.sidebar:
         st.header("Model card")
@@ -228,27 +228,33 @@ def sidebar(model, backend) -> None:
             return
         import torch
 
+        cfg = model.config
+        st.markdown(f"**{attention_summary(cfg)}**  \n{cfg.n_layers} layers x d_model {cfg.d_model}, "
+                    f"context {cfg.max_seq_len:,} tokens")
+        left, right = st.columns(2)
+        context = int(left.number_input("Context C (tokens)", min_value=1, max_value=10_000_000, value=cfg.max_seq_len,
+                                        step=256, key="card_context"))
+        memory = right.number_input("Cache memory M (GiB)", min_value=0.0, max_value=100_000.0, value=80.0, step=8.0,
+                                    key="card_memory")
         dtype = st.selectbox("Cache dtype", CACHE_DTYPES, key="card_dtype")
         card = model_card(model, getattr(torch, dtype))
-        rows = [("attention", card.attention),
-                ("parameters", f"{card.parameters:,} ({card.active_parameters:,} active per token)"),
-                ("context", f"{card.context:,} tokens"),
-                ("layers", f"{card.n_layers} x d_model {card.d_model}"),
-                ("KV cache", f"{card.kv_bytes_per_token:,} bytes/token")]
-        if card.mha_kv_bytes_per_token is not None:
-            rows.append(("MHA equivalent", f"{card.mha_kv_bytes_per_token:,} bytes/token ({card.cache_ratio:.2f}x)"))
-        st.markdown("| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows))
-        context = st.number_input("Context C (tokens)", min_value=1, max_value=10_000_000, value=card.context, step=256,
-                                  key="card_context")
-        memory = st.number_input("Cache memory M (GiB)", min_value=0.0, max_value=100_000.0, value=80.0, step=8.0,
-                                 key="card_memory")
-        st.subheader(f"Largest batch at {int(context):,} tokens in {memory:g} GiB")
-        left, right = st.columns(2)
-        left.metric("this model", f"{largest_batch(card.kv_bytes_per_token, int(context), memory):,}")
-        if card.mha_kv_bytes_per_token is not None:
-            right.metric("MHA equivalent", f"{largest_batch(card.mha_kv_bytes_per_token, int(context), memory):,}")
-        st.line_chart(cache_curve(card, int(context)), x="context", x_label="context (tokens)",
-                      y_label=f"cache per sequence (MiB, {card.cache_dtype})", height=240)
+        rows = [("parameters", f"{card.parameters:,}"), ("active per token", f"{card.active_parameters:,}"),
+                ("KV cache bytes/token", f"{card.kv_bytes_per_token:,}"),
+                ("largest batch at C in M", f"{largest_batch(card.kv_bytes_per_token, context, memory):,}")]
+        if card.mha_kv_bytes_per_token is None:
+            table = "| | this model |\n|---|---:|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+        else:
+            mha = [f"{card.mha_parameters:,}", f"{card.mha_active_parameters:,}", f"{card.mha_kv_bytes_per_token:,}",
+                   f"{largest_batch(card.mha_kv_bytes_per_token, context, memory):,}"]
+            table = "| | this model | MHA equivalent |\n|---|---:|---:|\n" + "\n".join(
+                f"| {k} | {v} | {w} |" for (k, v), w in zip(rows, mha))
+        st.markdown(table)
+        if card.cache_ratio is not None:
+            st.markdown(f"**{card.cache_ratio:.2f}x** less cache per token than "
+                        f"{attention_summary(mha_equivalent(cfg))}: that many more sequences of {context:,} tokens "
+                        f"in {memory:g} GiB.")
+        st.line_chart(cache_curve(card, context), x="context", x_label="context (tokens)",
+                      y_label=f"MiB per sequence ({card.cache_dtype})", height=240)
         st.caption("MHA equivalent: the same model with multi-head attention (n_kv_heads = n_heads, "
                    "head_dim = d_model / n_heads). M is the memory left for the cache after the weights.")
 
@@ -331,7 +337,7 @@ def stream_job(backend) -> None:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    st.set_page_config(page_title="latentformer", layout="wide")
+    st.set_page_config(page_title="latentformer", layout="wide", initial_sidebar_state=440)  # int: sidebar width (px)
     st.title("latentformer playground")
     init_state()
     try:
