@@ -244,3 +244,55 @@ def test_streamlit_command_is_offline_and_loopback(ckpt):
         assert flag in cmd
     assert cmd[cmd.index("--"):] == ["--", str(Path(ckpt[0]).resolve()), "--device", "cpu"]
     assert Path(cmd[cmd.index("--") - 1]) == APP
+
+
+@pytest.fixture(scope="module")
+def server_url(ckpt):
+    """`latentformer serve` on the tiny checkpoint, on a free loopback port."""
+    pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "latentformer", "serve", str(ckpt[0]), "--port", str(port),
+                             "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("latentformer serve did not start") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_server_mode_prompt_and_chat(server_url, ckpt, monkeypatch):
+    path, model, tok = ckpt
+    at = app(monkeypatch, str(path), "--server", server_url)
+    assert not at.exception and not at.error
+    assert "model `model`" in " ".join(c.value for c in at.sidebar.caption)  # the server's model id
+    assert "MLA (kv_lora_rank 16, rope 8, 4 heads)" in " ".join(m.value for m in at.sidebar.markdown)
+    start_greedy(at, "Hello", max_new_tokens=12)
+    assert not at.error and generated(at) == lf.generate(model, tok, "Hello", max_new_tokens=12, temperature=0)
+    at.radio(key="mode").set_value("Chat").run()
+    at.text_area(key="message").set_value("hi")
+    at.button(key="generate").click().run()
+    reply = lf.generate(model, tok, render_chat(tok, [{"role": "user", "content": "hi"}]), max_new_tokens=12,
+                        temperature=0, stop=chat_stops(tok)).strip()
+    assert [m["content"] for m in at.session_state.messages] == ["hi", reply]
+    at.text_area(key="message").set_value("x" * 80)  # over the 64-token context: the server's 400, in the page
+    at.button(key="generate").click().run()
+    assert not at.exception and len(at.error) == 1 and at.error[0].value.startswith("the server answered 400")
+    assert at.text_area(key="message").value == "x" * 80  # the failed message is back in the input
