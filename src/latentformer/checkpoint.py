@@ -9,6 +9,7 @@ A run directory holds `checkpoints/step_<N>/` (the last K) and `checkpoints/best
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,6 +67,21 @@ def read_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(meta["model"])
 
 
+def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str,
+                optional: tuple[str, ...] = (), against: str = "its config") -> None:
+    """ValueError naming `source` and the first tensor whose name or shape differs from `expected`
+    (a model's `state_dict()`, meta tensors will do); names in `optional` may be absent from `state`."""
+    missing = [k for k in expected if k not in state and k not in optional]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match {against}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, tensor in state.items():
+        want = tuple(expected[name].shape)
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"{source} does not match {against}: {name} has shape {list(tensor.shape)} in the "
+                             f"checkpoint but {list(want)} in the config (a checkpoint of another model shape?)")
+
+
 def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> Transformer:
     """The model of `cfg` holding the tensors of `state` (built on the meta device and assigned, so
     nothing is randomly initialized first); a tied output layer shares the embedding whether or not
@@ -74,30 +90,51 @@ def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: s
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     with torch.device("meta"):
         model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    check_state(model.state_dict(), state, source, optional=("lm_head.weight",) if cfg.tie_embeddings else ())
+    model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     model.init_derived_buffers()
     return model
 
 
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint directory's `model.safetensors`, on the CPU; ValueError naming the
+    file when it is missing, truncated or not safetensors."""
+    file = Path(path) / WEIGHTS
+    if not file.is_file():
+        raise ValueError(f"{Path(path)} has no {WEIGHTS}")
+    try:
+        return load_file(str(file), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file} is corrupt (truncated or not a safetensors file): {e}") from None
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
-    """Build the model from `config.json` and load `model.safetensors` strictly."""
+    """Build the model from `config.json` and load `model.safetensors` strictly.
+
+    The file is read on the CPU and then moved, so a device this machine lacks is reported as
+    such, never as a corrupt checkpoint."""
     path = Path(path)
     cfg = read_config(path)
-    if not (path / WEIGHTS).is_file():
-        raise ValueError(f"{path} has no {WEIGHTS}")
+    model = model_from_state(cfg, read_weights(path), str(path / WEIGHTS))
     try:
-        state = load_file(str(path / WEIGHTS), device=str(device))
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(f"{path / WEIGHTS} is corrupt: {e}") from None
-    model = model_from_state(cfg, state, str(path / WEIGHTS))
+        model = model.to(device)
+    except (RuntimeError, AssertionError) as e:  # torch asserts when it was built without CUDA
+        raise ValueError(f"device {device}: {e}".splitlines()[0]) from None
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def step_dirs(run_dir: str | Path) -> list[Path]:
+    """A run's `checkpoints/step_<N>/` directories, oldest first; other names (`step_final`, a
+    user's copy) are not step checkpoints and are ignored."""
+    ckpts = Path(run_dir) / "checkpoints"
+    if not ckpts.is_dir():
+        return []
+    steps = [p for p in ckpts.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
+    return sorted(steps, key=lambda p: int(p.name[len("step_"):]))
 
 
 def find_checkpoint(path: str | Path, which: str = "best") -> Path:
@@ -108,7 +145,7 @@ def find_checkpoint(path: str | Path, which: str = "best") -> Path:
     if (path / CONFIG).is_file():
         return path
     ckpts = path / "checkpoints"
-    steps = sorted(ckpts.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if ckpts.is_dir() else []
+    steps = step_dirs(path)
     if which == "best" and (ckpts / "best" / CONFIG).is_file():
         return ckpts / "best"
     if steps:

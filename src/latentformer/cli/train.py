@@ -5,13 +5,17 @@
     torchrun --nproc-per-node 8 -m latentformer train --config run.yaml --train.parallel fsdp
 
 A new run refuses an existing run directory (use --resume to continue it, --force to start
-over); --resume reads the run's saved config.yaml and applies the overrides given on top.
+over). --force replaces only a run directory latentformer made, and only once the config, the
+data and the model are checked; --out may never be or contain an input (the data, --config).
+--resume reads the run's saved config.yaml and applies the overrides given on top (recorded in
+config.yaml for later resumes). SIGINT/SIGTERM save a checkpoint at the next step boundary.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -29,13 +33,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="run directory (default: runs/<preset>-<source or data dir name>)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    mode.add_argument("--force", action="store_true", help="delete an existing run directory and start over")
+    mode.add_argument("--force", action="store_true", help="replace an existing run directory (only one made by latentformer) and start over")
     parser.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
     parser.epilog = "Any config field can be overridden: --model.n_layers 6 --train.lr 1e-3 --data.tokenizer gpt2"
     parser.set_defaults(_overrides=True)
 
 
+def is_run_dir(path: Path) -> bool:
+    """A run directory made before runs carried the output marker."""
+    return (path / "config.yaml").is_file() and ((path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file())
+
+
+def _inputs(cfg, config_file: str | None) -> list[Path]:
+    """What a new run reads: the prepared data, the texts a local --source names, the --config file."""
+    found = [cfg.data.resolved_dir()]
+    if not cfg.data.dir and Path(cfg.data.source).expanduser().exists():
+        found.append(Path(cfg.data.source))
+    if config_file:
+        found.append(Path(config_file))
+    return found
+
+
 def _resolve(args: argparse.Namespace):
+    """(config, vocab_explicit, run dir, replace): `replace` when --force may replace an existing run."""
+    from latentformer.fsutil import check_output
     from latentformer.train.config import build_run_config, load_run_config, parse_overrides
 
     overrides = parse_overrides(list(getattr(args, "overrides", None) or []))
@@ -54,15 +75,15 @@ def _resolve(args: argparse.Namespace):
             raise ValueError(f"--resume: {out} is not a run directory (no config.yaml)")
         if args.config or args.preset:
             raise ValueError("--resume uses the run's saved config.yaml; give only overrides with it")
-        return load_run_config(out / "config.yaml", overrides), True, out
+        return load_run_config(out / "config.yaml", overrides), True, out, False
     if args.data is not None and not Path(args.data).is_dir():
         raise FileNotFoundError(f"--data {args.data}: no such directory")
     cfg, explicit = build_run_config(preset=preset, yaml_path=args.config, overrides=overrides)
-    if out.exists() and any(out.iterdir()):
-        if not args.force:
-            raise ValueError(f"run directory {out} exists; use --resume to continue it, --force to start over, or --out")
-        shutil.rmtree(out)
-    return cfg, explicit, out
+    # force=True here: the inputs and "made by latentformer" checks first, then this verb's own advice
+    replace = check_output(out, "run", True, inputs=_inputs(cfg, args.config), recognise=is_run_dir)
+    if replace and not args.force:
+        raise ValueError(f"run directory {out} exists; use --resume to continue it, --force to start over, or --out")
+    return cfg, explicit, out, replace
 
 
 def _ensure_data(cfg) -> None:
@@ -85,16 +106,21 @@ def _sample(run_dir: Path, cfg) -> None:
     from latentformer.checkpoint import load
 
     model, tokenizer = load(run_dir, device="cpu")
-    text = generate(model, tokenizer, cfg.train.sample_prompt, max_new_tokens=min(cfg.train.sample_tokens, model.config.max_seq_len // 2),
-                    temperature=0.8, top_k=50, seed=cfg.train.seed, truncate=True)
+    try:
+        text = generate(model, tokenizer, cfg.train.sample_prompt, max_new_tokens=min(cfg.train.sample_tokens, model.config.max_seq_len // 2),
+                        temperature=0.8, top_k=50, seed=cfg.train.seed, truncate=True)
+    except (ValueError, RuntimeError) as e:  # a diverged model's logits; the run itself is saved
+        print(f"sample: skipped ({str(e).splitlines()[0] if str(e) else type(e).__name__})", file=sys.stderr)
+        return
     print(f"\nsample: {cfg.train.sample_prompt}{text}\n")
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentformer.train.distributed import shutdown
-    from latentformer.train.trainer import NonFiniteError, Trainer
+    from latentformer.train.distributed import barrier, shutdown
+    from latentformer.train.logging import format_ppl
+    from latentformer.train.trainer import NonFiniteError, Trainer, TrainingInterrupted
 
-    cfg, explicit, out = _resolve(args)
+    cfg, explicit, out, replace = _resolve(args)
     is_main = _rank() == 0
     if is_main:
         _ensure_data(cfg)
@@ -102,11 +128,21 @@ def run(args: argparse.Namespace) -> int:
     trainer = None
     try:
         trainer = Trainer(cfg, out, resume=args.resume, vocab_explicit=explicit)
+        if replace and is_main:  # every check passed: the data opened, the model built
+            print(f"--force: replacing the run directory {out}", file=sys.stderr)
+            shutil.rmtree(out)
+        barrier()
         summary = trainer.fit()
         cfg = trainer.cfg
     except NonFiniteError as e:
         print(f"latentformer train: error: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        if is_main:
+            where = f"checkpoint {e.checkpoint}" if e.checkpoint else "no checkpoint saved (the state was not finite)"
+            print(f"latentformer train: stopped by {signal.Signals(e.signum).name} at step {e.step}: {where}; "
+                  f"resume with: latentformer train --out {out} --resume", file=sys.stderr)
+        return 128 + e.signum
     finally:
         # the model holds the process group (FSDP's device mesh): release it before the group is
         # destroyed, while the interpreter is whole (a gloo group freed at exit can abort the process)
@@ -116,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     val = summary["val"]
     print(f"done: {summary['step']} steps ({summary['stop_reason']}), {summary['train_seconds'] / 60:.1f} min training; "
-          f"val loss {val['loss']:.4f}, ppl {val['perplexity']:.2f}, {val['bpb']:.4f} bits/byte; run: {out}")
+          f"val loss {val['loss']:.4f}, ppl {format_ppl(val['perplexity'])}, {val['bpb']:.4f} bits/byte; run: {out}"
+          + (" (diverged)" if summary["diverged"] else ""))
     if cfg.train.sample_tokens and not args.no_sample:
         _sample(out, cfg)
     return 0

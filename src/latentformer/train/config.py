@@ -8,6 +8,7 @@ The defaults of `TrainConfig` are the recipe of `latentformer train` with no arg
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from latentformer.config import ModelConfig, _check, apply_overrides, from_dict,
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+MAX_SEED = 2**32 - 1  # numpy's global seed is 32-bit
 
 
 @dataclass
@@ -79,11 +82,15 @@ class TrainConfig:
     decay_fraction: float = 0.2  # wsd: the final fraction of max_steps spent decaying
     # evaluation, early stopping
     eval_interval: int = 250  # steps; 0 = only at the end
+    # with a time budget, also evaluate each time another 1/budget_evals of it has passed, so a slow
+    # machine still sees budget_evals - 1 evaluations before the final one; 0 = steps only
+    budget_evals: int = 4
     eval_tokens: int = 0  # cap on validation tokens per periodic eval; 0 = the full split
     eval_batch_size: int = 0  # 0 = micro_batch_size
     early_stopping_patience: int = 0  # evals without a new best val loss before stopping; 0 = off
     # checkpoints
-    checkpoint_interval: int = 0  # steps; 0 = at evals and at the end only
+    checkpoint_interval: int = 0  # steps; 0 = by time only (checkpoint_minutes) and at the end
+    checkpoint_minutes: float = 5.0  # also save when this much wall time passed since the last save; 0 = off
     keep_last: int = 2
     # logging
     log_interval: int = 10
@@ -99,10 +106,13 @@ class TrainConfig:
         for name in ("seq_len", "micro_batch_size", "batch_tokens", "keep_last", "log_interval", "max_nonfinite_steps"):
             _check(getattr(self, name) > 0, f"train.{name}", f"must be positive, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "eval_interval", "eval_tokens", "eval_batch_size",
-                     "early_stopping_patience", "checkpoint_interval", "threads", "sample_tokens"):
+                     "early_stopping_patience", "checkpoint_interval", "threads", "sample_tokens", "budget_evals"):
             _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "max_time_minutes", "eps"):
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "max_time_minutes", "checkpoint_minutes", "eps"):
             _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(0 <= self.seed <= MAX_SEED, "train.seed", f"must be in [0, 2**32 - 1], got {self.seed}")
+        _check(bool(DEVICE.fullmatch(self.device)), "train.device",
+               f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1", "betas must be in [0, 1)")
         _check(self.gamma > 0, "train.gamma", "must be positive")
         _check(0 < self.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
@@ -171,7 +181,11 @@ def build_run_config(*, preset: str | None = None, yaml_path: str | Path | None 
 
 def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """A run directory's saved `config.yaml` (exactly as resolved), plus overrides."""
-    return apply_overrides(from_dict(RunConfig, load_yaml(path)), overrides or {})
+    try:
+        cfg = from_dict(RunConfig, load_yaml(path))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
+    return apply_overrides(cfg, overrides or {})
 
 
 def parse_overrides(argv: list[str]) -> dict[str, str]:

@@ -4,24 +4,32 @@ Per optimizer step: fetch this rank's batch of micro_batch_size x grad_accum win
 grad_accum forward/backward micro-steps (DDP gradient sync / FSDP reduce-scatter only on the
 last), clip, check the loss and gradient norm for non-finite values, step AdamW (or skip and
 count), zero the gradients, run the MoE bias update. Evaluate, checkpoint and log on schedule.
+
+Decisions that depend on time or signals (the time budget, time-based evals and checkpoints, a
+SIGINT/SIGTERM) are taken from values every rank receives in the step's one reduction (rank 0's
+clock), so all ranks stop, evaluate and save at the same step. A signal saves a checkpoint at
+the next step boundary and raises `TrainingInterrupted`; a second one acts at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from latentformer.checkpoint import WEIGHTS
-from latentformer.fsutil import atomic_write_text
+from latentformer.checkpoint import WEIGHTS, check_state, read_weights, step_dirs
+from latentformer.fsutil import atomic_write_text, mark_output
 from latentformer.model.transformer import Transformer
 from latentformer.train import checkpointing as ckpt
 from latentformer.train import distributed as D
@@ -34,8 +42,22 @@ from latentformer.train.schedule import lr_at, set_lr
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# a training loss this many times that of a uniform guess (ln vocab_size) is reported as divergence
+DIVERGED = 3.0
+
+
 class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
+    """Too many consecutive steps with a non-finite loss or gradient, or a run that ends with
+    non-finite weights or validation loss (nothing is saved from such a state)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during `fit`: a checkpoint was saved at the step boundary (`checkpoint`,
+    None when the state was not finite and nothing was saved)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
@@ -92,13 +114,27 @@ class Trainer:
         self.bad_evals = 0
         self.skipped_steps = 0
         self.nonfinite_run = 0
-        self.train_seconds = 0.0
+        self.train_seconds = 0.0  # step time (evals and saves excluded), rank 0's is saved
+        # rank 0's train_seconds as of the previous step, received by every rank in the step's
+        # reduction: the lr's time fraction and every time-based decision use it (see the module doc)
+        self.clock = 0.0
+        self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler during fit
+        self.stop_requested = False  # some rank got a signal (agreed in the step's reduction)
+        self.save_due = False  # rank 0's checkpoint_minutes elapsed (agreed likewise)
+        self.last_eval_finite = True  # the latest validation loss; a non-finite one blocks saving
+        self.saved_config: dict[str, Any] | None = None  # the config the checkpoint was trained with
+        self.notes: list[str] = []  # what __init__ did to the run, printed when fit starts
+        self.log: RunLogger | None = None  # during fit
+        self.last_save_wall = time.monotonic()
         # Every rank draws the same GLOBAL batch and keeps its own rows: the run is then the same
         # computation at any world size (DDP == one process with grad_accum, resume on other GPU
         # counts), at the cost of reading the global batch's window indices on each rank.
         self.rank_rows = t.micro_batch_size * self.accum
         self.train_iter = RandomWindows(self.data.tokens("train"), batch_size=self.rank_rows * env.world_size,
                                         block_size=t.seq_len, seed=t.seed)
+        if resume and env.is_main:
+            self.notes += ckpt.clean_leftovers(self.run_dir)
+        D.barrier()
         self.resumed_from = ckpt.latest_step_dir(self.run_dir) if resume else None
         if self.resumed_from is not None:
             self._load_weights(self.resumed_from)
@@ -146,10 +182,11 @@ class Trainer:
         return self.optimizer.state_dict()
 
     def _load_weights(self, path: Path) -> None:
-        weights = load_file(str(path / WEIGHTS), device=str(self.env.device))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        if unexpected or [k for k in missing if k != "lm_head.weight"]:
-            raise ValueError(f"--resume: {path} does not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        weights = read_weights(path)
+        tied = ("lm_head.weight",) if self.cfg.model.tie_embeddings else ()
+        check_state(self.model.state_dict(), weights, f"--resume: {path / WEIGHTS}", optional=tied,
+                    against="the run's model config")
+        self.model.load_state_dict(weights, strict=False)
 
     def _restore(self, path: Path) -> None:
         """Optimizer, scaler, data position, RNG and counters (the weights are loaded before wrapping)."""
@@ -169,7 +206,20 @@ class Trainer:
         self.bad_evals = state["bad_evals"]
         self.skipped_steps = state["skipped_steps"]
         self.nonfinite_run = state["nonfinite_run"]
-        self.train_seconds = state["train_seconds"]
+        self.train_seconds = self.clock = state["train_seconds"]
+        self.saved_config = state["config"]
+        self._extend_past_budget()
+
+    def _extend_past_budget(self) -> None:
+        """A run that stopped on its time budget and is resumed with a larger max_steps (the budget
+        unchanged) trains on without a budget: the extension the user asked for, recorded in the
+        run's config.yaml. Raising max_time_minutes instead gives it a new budget."""
+        t, saved = self.cfg.train, self.saved_config.get("train", {})
+        spent = t.max_time_minutes and self.train_seconds >= 60 * t.max_time_minutes
+        if spent and t.max_steps > saved.get("max_steps", t.max_steps) and t.max_time_minutes == saved.get("max_time_minutes"):
+            self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, max_time_minutes=0.0))
+            self.notes.append(f"the run had stopped on its {t.max_time_minutes:g}-minute budget: it trains on to "
+                              f"train.max_steps={t.max_steps} without one (train.max_time_minutes 0)")
 
     def _full_model(self) -> Transformer:
         """A Transformer with full (unsharded, CPU-gatherable) weights for writing checkpoints."""
@@ -183,14 +233,40 @@ class Trainer:
         shell.load_state_dict(state, strict=False, assign=True)
         return shell
 
-    def save(self) -> None:
-        """Step checkpoint (collective under FSDP; only rank 0 writes)."""
+    def _say(self, text: str) -> None:
+        """A message from rank 0: through the run's logger during fit, else on stderr."""
+        if self.log is not None:
+            self.log.message(text)
+        elif self.env.is_main:
+            print(text, file=sys.stderr)
+
+    def _unsaveable(self, model: Transformer) -> str | None:
+        """Why the state must not be saved (rank 0, holding the full weights), or None."""
+        if not self.last_eval_finite:
+            return "the latest validation loss is not finite"
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            return "the weights are not finite"
+        return None
+
+    def save(self) -> Path | None:
+        """Step checkpoint (collective under FSDP; only rank 0 writes). Returns its path (None on
+        ranks > 0), or None when the state is not finite: such a state is never saved, so the
+        newest `keep_last` checkpoints stay the last good ones."""
         model = self._full_model()
         state = self.train_state()
+        path = None
         if self.env.is_main:
-            ckpt.save_step(self.run_dir, self.step, model, self.tokenizer, state, self.cfg.train.keep_last,
-                           {"best_val_loss": self.best_val, "train_seq_len": self.cfg.train.seq_len})
+            problem = self._unsaveable(model)
+            if problem is None:
+                path = ckpt.save_step(self.run_dir, self.step, model, self.tokenizer, state, self.cfg.train.keep_last,
+                                      {"best_val_loss": self.best_val, "train_seq_len": self.cfg.train.seq_len})
+            else:
+                last = step_dirs(self.run_dir)
+                self._say(f"step {self.step}: no checkpoint saved: {problem} "
+                          f"(the newest saved one is {last[-1] if last else 'none'})")
         D.barrier()
+        self.last_save_wall = time.monotonic()
+        return path
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, split: str = "val", max_tokens: int | None = None) -> dict[str, float]:
@@ -222,10 +298,15 @@ class Trainer:
     def lr(self) -> float:
         t = self.cfg.train
         budget = 60 * t.max_time_minutes
-        return lr_at(t, self.step, self.train_seconds / budget if budget else 0.0)
+        return lr_at(t, self.step, self.clock / budget if budget else 0.0)
+
+    def _checkpoint_timer_due(self) -> bool:
+        minutes = self.cfg.train.checkpoint_minutes
+        return bool(minutes) and time.monotonic() - self.last_save_wall >= 60 * minutes
 
     def train_step(self) -> tuple[float, float, bool]:
-        """One optimizer step; returns (global mean loss, grad norm, finite)."""
+        """One optimizer step; returns (global mean loss, grad norm, finite). Also sets
+        `stop_requested`, `clock` and `save_due` from the step's reduction (see the module doc)."""
         t, env = self.cfg.train, self.env
         set_lr(self.optimizer, self.lr())
         x, y = next(self.train_iter)  # [micro_batch * accum * world, seq_len], the global batch
@@ -241,10 +322,16 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
         if hasattr(norm, "full_tensor"):  # DTensor under FSDP
             norm = norm.full_tensor()
-        stats = torch.stack([loss_sum / self.accum, norm.float()]).float()
-        D.all_reduce_sum(stats[:1])
-        stats[0] /= env.world_size
-        loss, norm_value = stats.tolist()  # the one host sync per step
+        # summed over ranks: [loss, any rank signalled, rank 0's clock, rank 0's checkpoint timer];
+        # the grad norm (last) is already global
+        main = float(env.is_main)
+        agreed = torch.tensor([float(self.stop_signal is not None), main * self.train_seconds,
+                               main * self._checkpoint_timer_due()], dtype=torch.float64, device=env.device)
+        stats = torch.cat([(loss_sum / self.accum).double().reshape(1), agreed, norm.double().reshape(1)])
+        D.all_reduce_sum(stats[:4])
+        loss, stop, clock, save_due, norm_value = stats.tolist()  # the one host sync per step
+        loss /= env.world_size
+        self.stop_requested, self.clock, self.save_due = stop > 0, clock, save_due > 0
         finite = math.isfinite(loss) and (math.isfinite(norm_value) or self.scaler is not None)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
@@ -256,69 +343,155 @@ class Trainer:
             self.model.update_router_bias()
         return loss, norm_value, finite
 
+    def finished(self) -> str | None:
+        """Why the run is over (max_steps, max_time, early_stopping), or None while it goes on."""
+        t = self.cfg.train
+        if self.step >= t.max_steps:
+            return "max_steps"
+        if t.max_time_minutes and self.clock >= 60 * t.max_time_minutes:
+            return "max_time"
+        if t.early_stopping_patience and self.bad_evals >= t.early_stopping_patience:
+            return "early_stopping"
+        return None
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """SIGINT/SIGTERM set `stop_signal`, acted on at the next step boundary. The handler puts
+        the previous one back, so a second signal acts at once (Ctrl-C: KeyboardInterrupt). Only the
+        main thread may install handlers: a Trainer run in another thread keeps the process's own."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous: dict[int, Any] = {}
+
+        def handler(signum, frame):
+            self.stop_signal = signum
+            signal.signal(signum, previous[signum])
+            if self.env.is_main:
+                os.write(2, f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
+                            "(send it again to stop at once)\n".encode())
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig) if signal.getsignal(sig) is not None else signal.SIG_DFL
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def config_changes(self) -> list[str]:
+        """`section.field old -> new` for each field that differs from the checkpoint's config."""
+        if self.saved_config is None:
+            return []
+        now = self.cfg.to_dict()
+        return [f"{section}.{key} {old} -> {now[section][key]}"
+                for section, fields in self.saved_config.items() if isinstance(fields, dict) and section in now
+                for key, old in fields.items() if key in now[section] and now[section][key] != old]
+
+    def _already_finished(self, reason: str) -> dict[str, Any]:
+        """`fit` on a resumed run with nothing left to train: evaluate, change nothing."""
+        val = {"step": self.step, **self.evaluate()}
+        self._say(f"the run in {self.run_dir} already ended at step {self.step} ({reason}): nothing to train; "
+                  "pass a larger --train.max_steps (or --train.max_time_minutes) with --resume to train on")
+        return {"step": self.step, "stop_reason": reason, "val": val, "best_val_loss": self.best_val,
+                "skipped_steps": self.skipped_steps, "train_seconds": self.train_seconds, "diverged": False}
+
     def fit(self) -> dict[str, Any]:
+        """Train until max_steps, the time budget or early stopping; returns a summary dict.
+
+        Raises NonFiniteError (too many non-finite steps in a row, or a non-finite end state, which
+        is not saved) and TrainingInterrupted (SIGINT/SIGTERM, after saving at the step boundary)."""
         t, env = self.cfg.train, self.env
+        if self.resumed_from is not None and (reason := self.finished()) is not None:
+            return self._already_finished(reason)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        # the logger first: it checks the run's metrics.jsonl before anything in the run is rewritten
+        log = self.log = RunLogger(self.run_dir, enabled=env.is_main, total_steps=t.max_steps, start_step=self.step,
+                                   progress=t.progress, tensorboard=t.tensorboard, budget_seconds=60 * t.max_time_minutes)
+        if env.is_main:
+            mark_output(self.run_dir, "run")
             atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
-        log = RunLogger(self.run_dir, enabled=env.is_main, total_steps=t.max_steps, start_step=self.step,
-                        progress=t.progress, tensorboard=t.tensorboard)
         tokens_per_step = t.batch_tokens
-        stop_reason = "max_steps"
         last_eval: dict[str, float] | None = None
+        uniform = math.log(self.cfg.model.vocab_size)  # the loss of a uniform guess
+        diverged = False
         self.model.train()
         try:
+            for note in self.notes:
+                log.message(note)
             if self.resumed_from is not None:
                 log.message(f"resumed from {self.resumed_from} (step {self.step})")
+                changes = self.config_changes()
+                if changes:
+                    log.message(f"config changed on resume, recorded in {self.run_dir / 'config.yaml'} for later "
+                                f"resumes: {'; '.join(changes)}")
             log.message(f"model {self.model.num_params() / 1e6:.2f}M params ({self.cfg.model.attention}), "
                         f"{env.world_size} x {env.device.type} {self.dtype}, batch {tokens_per_step} tokens "
                         f"= {t.micro_batch_size} x {t.seq_len} x {self.accum} accum x {env.world_size} ranks")
             window_start, window_steps = self.train_seconds, 0  # tokens/s over step time only (no evals)
-            while self.step < t.max_steps:
-                if t.max_time_minutes and self.train_seconds >= 60 * t.max_time_minutes:
-                    stop_reason = "max_time"
-                    break
-                t0 = time.perf_counter()
-                loss, norm, finite = self.train_step()
-                self.step += 1
-                self.train_seconds += time.perf_counter() - t0
-                window_steps += 1
-                if not finite:
-                    self.skipped_steps += 1
-                    self.nonfinite_run += 1
-                    log.message(f"step {self.step}: non-finite loss {loss} / grad norm {norm}: update skipped "
-                                f"({self.nonfinite_run} in a row, {self.skipped_steps} in all)")
-                    if self.nonfinite_run >= t.max_nonfinite_steps:
-                        raise NonFiniteError(f"training stopped: {self.nonfinite_run} consecutive non-finite steps at "
-                                             f"step {self.step} (lower train.lr, use bf16/fp32, or check the data)")
-                else:
-                    self.nonfinite_run = 0
-                if self.step % t.log_interval == 0 or self.step == t.max_steps:
-                    elapsed = self.train_seconds - window_start
-                    record = self._step_record(loss, norm, window_steps * tokens_per_step / max(elapsed, 1e-9))
-                    log.log_step(record)
-                    window_start, window_steps = self.train_seconds, 0
-                else:
-                    log.advance(self.step)
-                for fn in self.on_step:
-                    fn(self, self.step)
-                at_end = self.step == t.max_steps
-                if (t.eval_interval and self.step % t.eval_interval == 0) and not at_end:
+            eval_every = 60 * t.max_time_minutes / t.budget_evals if t.max_time_minutes and t.budget_evals else 0.0
+            next_eval = (math.floor(self.clock / eval_every) + 1) * eval_every if eval_every else math.inf
+            self.last_save_wall = time.monotonic()
+            with self._stop_signals():
+                while (stop_reason := self.finished()) is None:
+                    t0 = time.perf_counter()
+                    loss, norm, finite = self.train_step()
+                    self.step += 1
+                    self.train_seconds += time.perf_counter() - t0
+                    window_steps += 1
+                    if not finite:
+                        self.skipped_steps += 1
+                        self.nonfinite_run += 1
+                        log.message(f"step {self.step}: non-finite loss {loss} / grad norm {norm}: update skipped "
+                                    f"({self.nonfinite_run} in a row, {self.skipped_steps} in all)")
+                        if self.nonfinite_run >= t.max_nonfinite_steps:
+                            raise NonFiniteError(f"training stopped: {self.nonfinite_run} consecutive non-finite steps at "
+                                                 f"step {self.step} (lower train.lr, use bf16/fp32, or check the data)")
+                    else:
+                        self.nonfinite_run = 0
+                        if loss > DIVERGED * uniform and not diverged:
+                            diverged = True
+                            log.message(f"step {self.step}: loss {loss:.4g} is {loss / uniform:.0f}x that of a uniform "
+                                        f"guess (ln {self.cfg.model.vocab_size} = {uniform:.2f}): training is diverging "
+                                        "(lower train.lr or raise train.warmup_steps)")
+                    if self.step % t.log_interval == 0 or self.step == t.max_steps:
+                        elapsed = self.train_seconds - window_start
+                        record = self._step_record(loss, norm, window_steps * tokens_per_step / max(elapsed, 1e-9))
+                        log.log_step(record)
+                        window_start, window_steps = self.train_seconds, 0
+                    else:
+                        log.advance(self.step, self.train_seconds)
+                    for fn in self.on_step:
+                        fn(self, self.step)
+                    if self.stop_requested:
+                        raise TrainingInterrupted(self.stop_signal or signal.SIGTERM, self.step, self.save())
+                    at_end = self.step >= t.max_steps
+                    if ((t.eval_interval and self.step % t.eval_interval == 0) or self.clock >= next_eval) and not at_end:
+                        last_eval = self._eval_and_track(log)
+                        if eval_every:
+                            next_eval = (math.floor(self.clock / eval_every) + 1) * eval_every
+                    if ((t.checkpoint_interval and self.step % t.checkpoint_interval == 0) or self.save_due) and not at_end:
+                        self.save()
+                if last_eval is None or last_eval["step"] != self.step:
                     last_eval = self._eval_and_track(log)
-                    if t.early_stopping_patience and self.bad_evals >= t.early_stopping_patience:
-                        stop_reason = "early_stopping"
-                        break
-                if t.checkpoint_interval and self.step % t.checkpoint_interval == 0 and not at_end:
-                    self.save()
-            if last_eval is None or last_eval["step"] != self.step:
-                last_eval = self._eval_and_track(log)
-            self.save()
+                saved = self.save()
             if stop_reason == "early_stopping":
                 log.message(f"early stopping: no better val loss in {self.bad_evals} evaluations")
+            if env.is_main and saved is None:
+                last = step_dirs(self.run_dir)
+                raise NonFiniteError(f"training ended at step {self.step} with a non-finite state, which was not saved "
+                                     f"(the newest checkpoint is {last[-1] if last else 'none'}; lower train.lr)")
+            if math.isfinite(last_eval["loss"]) and last_eval["loss"] > uniform:
+                diverged = True
+                log.message(f"val loss {last_eval['loss']:.4g} is worse than a uniform guess ({uniform:.2f}): "
+                            "the run diverged (lower train.lr)")
         finally:
             log.close()
+            self.log = None
         return {"step": self.step, "stop_reason": stop_reason, "val": last_eval, "best_val_loss": self.best_val,
-                "skipped_steps": self.skipped_steps, "train_seconds": self.train_seconds}
+                "skipped_steps": self.skipped_steps, "train_seconds": self.train_seconds, "diverged": diverged}
 
     def _step_record(self, loss: float, norm: float, tokens_per_s: float) -> dict[str, Any]:
         record = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm,
@@ -334,18 +507,25 @@ class Trainer:
 
     def _eval_and_track(self, log: RunLogger) -> dict[str, Any]:
         result = {"step": self.step, **self.evaluate()}
-        improved = result["loss"] < self.best_val
+        self.last_eval_finite = math.isfinite(result["loss"])
+        improved = self.last_eval_finite and result["loss"] < self.best_val
         if improved:
             self.best_val = result["loss"]
             self.bad_evals = 0
             model = self._full_model()
             if self.env.is_main:
-                ckpt.save_best(self.run_dir, model, self.tokenizer,
-                               {"step": self.step, "val_loss": result["loss"], "val_bpb": result["bpb"],
-                                "train_seq_len": self.cfg.train.seq_len})
+                problem = self._unsaveable(model)
+                if problem is None:
+                    ckpt.save_best(self.run_dir, model, self.tokenizer,
+                                   {"step": self.step, "val_loss": result["loss"], "val_bpb": result["bpb"],
+                                    "train_seq_len": self.cfg.train.seq_len})
+                else:
+                    log.message(f"step {self.step}: best checkpoint not saved: {problem}")
             D.barrier()
         else:
             self.bad_evals += 1
         result["best"] = improved
         log.log_eval(result)
+        if not self.last_eval_finite:
+            log.message(f"step {self.step}: the validation loss is not finite: no checkpoint is saved until it is again")
         return result
