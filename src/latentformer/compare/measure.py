@@ -1,0 +1,197 @@
+"""Per-cell measurements: quality, training speed, decode speed, KV-cache memory.
+
+- Quality: validation loss (nats/token), perplexity and bits per byte of the final weights over
+  the whole validation split (`Trainer.evaluate`, the trainer's own batch, context and dtype).
+- Training speed: the median of the trainer's logged tokens/s (step time only; the first record,
+  which holds warm-up and compilation, is left out) and its MFU (GPU: flops_per_token x tokens/s /
+  the GPU's dense bf16 peak; `Transformer.flops_per_token`, `train.logging.PEAK_FLOPS`).
+- Decode speed: one-token steps at each (batch, context) over a cache filled with random values
+  up to the context (a step's cost does not depend on what the cache holds, as in
+  benchmarks/decode_throughput.py), tokens/s = batch / step time. CUDA: the step captured in a CUDA
+  graph (`GraphDecodeStep`, uncompiled), bf16, median of 20 replays; CPU: eager, fp32, the fastest
+  of repeated steps (on a shared CPU slower ones time the other processes). MLA is measured
+  both ways (`ModelConfig.mla_decode`: absorbed and naive). Contexts may exceed the training
+  context: the measured model is the trained one with `max_seq_len` raised (RoPE has no table).
+- Memory: KV-cache bytes per token in bf16 (`Transformer.kv_cache_bytes_per_token`) and the
+  largest batch whose cache alone fits in `memory_gib` GiB at a context (weights and activations
+  not counted): floor(memory / (bytes per token x context)).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentformer.config import ModelConfig
+from latentformer.model.transformer import Transformer
+
+KV_DTYPE = torch.bfloat16
+MAX_BATCH_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+
+
+def kv_bytes_per_token(model: ModelConfig) -> int:
+    with torch.device("meta"):
+        return Transformer(model).kv_cache_bytes_per_token(KV_DTYPE)
+
+
+def max_batch(bytes_per_token: int, context: int, memory_gib: float) -> int:
+    return int(memory_gib * 2**30 // (bytes_per_token * context))
+
+
+def flops_per_token(model: ModelConfig, seq_len: int) -> float:
+    with torch.device("meta"):
+        return Transformer(model).flops_per_token(seq_len)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def training_speed(records: list[dict[str, Any]]) -> dict[str, float | None]:
+    steps = [r for r in records if not r.get("eval")]
+    timed = steps[1:] or steps  # the first window holds warm-up / compilation
+    mfu = [r["mfu"] for r in timed if r.get("mfu") is not None]
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed) if timed else None,
+            "mfu": statistics.median(mfu) if mfu else None}
+
+
+def val_curve(records: list[dict[str, Any]], batch_tokens: int) -> list[dict[str, float]]:
+    """Periodic validation points: training tokens seen, loss, bits per byte."""
+    return [{"tokens": r["step"] * batch_tokens, "loss": r["loss"], "bpb": r["bpb"]} for r in records if r.get("eval")]
+
+
+def _decode_model(checkpoint: Path, max_len: int, mode: str, device: torch.device, dtype: torch.dtype) -> Transformer:
+    from safetensors.torch import load_file
+
+    from latentformer.checkpoint import WEIGHTS, model_from_state, read_config
+
+    cfg = read_config(checkpoint)
+    over: dict[str, Any] = {"max_seq_len": max(cfg.max_seq_len, max_len)}
+    if cfg.attention == "mla":
+        over["mla_decode"] = mode
+    state = load_file(str(checkpoint / WEIGHTS), device=str(device))
+    return model_from_state(cfg.replace(**over), state, str(checkpoint)).to(dtype).eval()
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _step_bytes(model: Transformer, batch: int, context: int, dtype: torch.dtype) -> int:
+    """Cache plus the naive path's per-layer keys/values expanded from the latent (its transient)."""
+    cfg = model.config
+    need = model.kv_cache_bytes_per_token(dtype) * batch * (context + 1)
+    if cfg.attention == "mla" and cfg.mla_decode == "naive":
+        need += batch * (context + 1) * cfg.n_heads * (cfg.qk_head_dim + cfg.v_dim) * dtype.itemsize * 2
+    return need
+
+
+@torch.no_grad()
+def _time_step(model: Transformer, batch: int, context: int, device: torch.device, min_seconds: float) -> float:
+    """Seconds of one decode step at `context` cached tokens: the median of CUDA-event timings of
+    graph replays, or on a CPU the fastest of repeated eager steps."""
+    cache = model.make_cache(batch, context + 1)
+    for layer in cache.layers:
+        for t in layer:
+            t.normal_()
+    tokens = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+
+    def reset() -> None:
+        cache.pos = context
+        cache.length.fill_(context)
+
+    reset()
+    times: list[float] = []
+    if device.type == "cuda":
+        from latentformer.infer.cuda_graph import GraphDecodeStep
+
+        step = GraphDecodeStep(model, cache)
+        step.tokens.copy_(tokens)
+        for i in range(25):
+            reset()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step.graph.replay()
+            b.record()
+            torch.cuda.synchronize(device)
+            if i >= 5:
+                times.append(a.elapsed_time(b) / 1e3)
+        return statistics.median(times)
+    model(tokens, cache=cache)  # warm-up (absorbed weights are built on the first step)
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < min_seconds and len(times) < 100):
+        reset()
+        t0 = time.perf_counter()
+        model(tokens, cache=cache)
+        times.append(time.perf_counter() - t0)
+    # the fastest step: on a shared CPU, slower ones measure the other processes (timeit's rule)
+    return min(times)
+
+
+def decode_throughput(checkpoint: Path, contexts: list[int], batch_sizes: list[int], device: torch.device,
+                      min_seconds: float = 0.1) -> list[dict[str, Any]]:
+    """Rows {mode, batch_size, context, tokens_per_s, step_ms}; tokens_per_s is None where the
+    cache (plus, for naive MLA, its expanded keys/values) would not fit in half the free memory."""
+    from latentformer.checkpoint import read_config
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    modes = ["absorb", "naive"] if read_config(checkpoint).attention == "mla" else ["standard"]
+    rows = []
+    for mode in modes:
+        model = _decode_model(checkpoint, max(contexts) + 1, mode, device, dtype)
+        for batch in batch_sizes:
+            for context in contexts:
+                seconds = None
+                if _step_bytes(model, batch, context, dtype) < 0.5 * _free_bytes(device):
+                    try:
+                        seconds = _time_step(model, batch, context, device, min_seconds)
+                    except torch.OutOfMemoryError:
+                        seconds = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append({"mode": mode, "batch_size": batch, "context": context,
+                             "tokens_per_s": None if seconds is None else batch / seconds,
+                             "step_ms": None if seconds is None else 1e3 * seconds})
+        del model
+    return rows
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def measure_cell(trainer, run_dir: Path, plan) -> dict[str, Any]:
+    """Everything measured on one trained cell (its `trainer` holds the final weights)."""
+    from latentformer.checkpoint import find_checkpoint
+
+    val = trainer.evaluate(max_tokens=0)
+    records = read_metrics(run_dir)
+    cfg = trainer.cfg
+    t0 = time.perf_counter()
+    decode = decode_throughput(find_checkpoint(run_dir, "latest"), plan.decode_contexts, plan.decode_batch_sizes,
+                               trainer.env.device)
+    return {
+        "val": {"loss": val["loss"], "perplexity": val["perplexity"], "bpb": val["bpb"], "tokens": val["tokens"]},
+        "train": {**training_speed(records), "steps": trainer.step, "tokens": trainer.step * cfg.train.batch_tokens,
+                  "seconds": trainer.train_seconds, "skipped_steps": trainer.skipped_steps,
+                  "dtype": trainer.dtype, "compile": cfg.train.compile},
+        "curve": val_curve(records, cfg.train.batch_tokens),
+        "decode": decode,
+        "decode_seconds": time.perf_counter() - t0,
+        "device": device_name(trainer.env.device),
+        "params": trainer.model.num_params(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -1,0 +1,275 @@
+"""results.json (one schema: `results.schema.json` beside this file), report.md and a self-contained
+report.html (tables + inline SVG figures) from the cells of a comparison directory.
+
+Every statistic over seeds is {"mean", "std" (sample standard deviation; 0 for one seed), "n",
+"values"}; a statistic with no measurement (no finished cell, CPU MFU, a decode point that did not
+fit) is null. Aggregation reads only the cells' cell.json, so it runs anywhere (no data, no GPU).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import platform
+import statistics
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from latentformer.compare.matrix import TOLERANCE
+from latentformer.compare.measure import KV_DTYPE, MAX_BATCH_CONTEXTS, flops_per_token, kv_bytes_per_token, max_batch
+from latentformer.compare.runner import Matrix, cell_dir, read_state
+from latentformer.fsutil import atomic_write_text
+
+SCHEMA_VERSION = 1
+RESULTS = "results.json"
+
+
+def schema() -> dict[str, Any]:
+    return json.loads((resources.files("latentformer.compare") / "results.schema.json").read_text(encoding="utf-8"))
+
+
+def stat(values: list[float | None]) -> dict[str, Any] | None:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals), "values": vals}
+
+
+def _curve(states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_tokens: dict[int, list[dict[str, float]]] = {}
+    for s in states:
+        for point in s["curve"]:
+            by_tokens.setdefault(point["tokens"], []).append(point)
+    return [{"tokens": t, "loss": stat([p["loss"] for p in pts]), "bpb": stat([p["bpb"] for p in pts])}
+            for t, pts in sorted(by_tokens.items())]
+
+
+def _decode(states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows: dict[tuple, list[float | None]] = {}
+    for s in states:
+        for r in s["decode"]:
+            rows.setdefault((r["mode"], r["batch_size"], r["context"]), []).append(r["tokens_per_s"])
+    return [{"mode": m, "batch_size": b, "context": c, "tokens_per_s": stat(v)} for (m, b, c), v in rows.items()]
+
+
+def results(root: Path, matrix: Matrix) -> dict[str, Any]:
+    plan, family = matrix.plan, matrix.family
+    states = {c.name: read_state(cell_dir(root, c)) for c in matrix.cells}
+    done = {n: s for n, s in states.items() if s is not None and s.get("status") == "done"}
+    first = matrix.cells[0].cfg.train if matrix.cells else None
+    variants = []
+    for v in matrix.variants:
+        mine = [c for c in matrix.cells if c.variant is v]
+        ds = [done[c.name] for c in mine if c.name in done]
+        kv = kv_bytes_per_token(v.cfg.model)
+        variants.append({
+            "name": v.name, "preset": v.preset, "attention": v.cfg.model.attention, "model_overrides": v.model_overrides,
+            "model": v.cfg.model.to_dict(), "params": v.params, "param_deviation": v.deviation, "matched_d_ff": v.matched_d_ff,
+            "kv_cache_bytes_per_token": kv, "flops_per_token": flops_per_token(v.cfg.model, v.cfg.train.seq_len),
+            "cells": [c.name for c in mine], "cells_done": len(ds),
+            "val_loss": stat([s["val"]["loss"] for s in ds]), "perplexity": stat([s["val"]["perplexity"] for s in ds]),
+            "bpb": stat([s["val"]["bpb"] for s in ds]),
+            "train_tokens_per_s": stat([s["train"]["tokens_per_s"] for s in ds]),
+            "mfu": stat([s["train"]["mfu"] for s in ds]),
+            "train_seconds": stat([s["train"]["seconds"] for s in ds]),
+            "decode": _decode(ds),
+            "max_batch": [{"context": c, "batch_size": max_batch(kv, c, plan.memory_gib)} for c in MAX_BATCH_CONTEXTS],
+            "curve": _curve(ds),
+        })
+    cells = []
+    for c in matrix.cells:
+        s = states[c.name]
+        status = "pending" if s is None else ("done" if s.get("status") == "done" else "trained")
+        row = {"name": c.name, "variant": c.variant.name, "seed": c.cfg.train.seed, "status": status,
+               "run_dir": str(Path("cells") / c.name)}
+        if status == "done":
+            row.update({k: s[k] for k in ("val", "train", "decode", "curve", "device", "finished")})
+        cells.append(row)
+    devices = sorted({s["device"] for s in done.values()})
+    import torch
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": plan.command,
+        "family": {"name": family.name, "description": family.description, "reference": family.reference,
+                   "reference_params": matrix.reference_params},
+        "data": {"dir": plan.data_dir, "fingerprint": plan.data_fingerprint, "vocab_size": plan.vocab_size},
+        "settings": {
+            "seeds": plan.seeds, "tokens_per_cell": first.max_steps * first.batch_tokens if first else 0,
+            "steps_per_cell": first.max_steps if first else 0, "batch_tokens": first.batch_tokens if first else 0,
+            "seq_len": first.seq_len if first else 0, "param_tolerance": TOLERANCE, "memory_gib": plan.memory_gib,
+            "kv_dtype": str(KV_DTYPE).removeprefix("torch."), "decode_contexts": plan.decode_contexts,
+            "decode_batch_sizes": plan.decode_batch_sizes, "max_batch_contexts": MAX_BATCH_CONTEXTS,
+            "overrides": {k: str(v) for k, v in plan.overrides.items()},
+        },
+        "environment": {"devices": devices, "python": platform.python_version(), "torch": torch.__version__,
+                        "platform": platform.platform()},
+        "variants": variants,
+        "cells": cells,
+    }
+
+
+def write_results(root: Path, matrix: Matrix) -> dict[str, Any]:
+    data = results(root, matrix)
+    atomic_write_text(root / RESULTS, json.dumps(data, indent=1) + "\n")
+    return data
+
+
+# -- tables ---------------------------------------------------------------------------------------
+def _pm(s: dict[str, Any] | None, fmt: str = "{:.4f}", scale: float = 1.0) -> str:
+    if s is None:
+        return "–"
+    text = fmt.format(s["mean"] * scale)
+    return text + (" ± " + fmt.format(s["std"] * scale) if s["n"] > 1 else "")
+
+
+def _best_decode(v: dict[str, Any]) -> tuple[str, str]:
+    """The variant's decode tokens/s at the largest measured batch and context (its preferred mode)."""
+    rows = [r for r in v["decode"] if r["mode"] in ("absorb", "standard") and r["tokens_per_s"] is not None]
+    if not rows:
+        return "–", ""
+    r = max(rows, key=lambda r: (r["batch_size"], r["context"]))
+    return f"{r['tokens_per_s']['mean']:,.0f}", f"B{r['batch_size']} × {r['context']:,}"
+
+
+def summary_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    ctx = 8192 if 8192 in data["settings"]["max_batch_contexts"] else data["settings"]["max_batch_contexts"][-1]
+    point = next((_best_decode(v)[1] for v in data["variants"] if _best_decode(v)[1]), "")
+    head = ["variant", "attention", "params (vs ref)", "KV bytes/token", "val loss", "perplexity", "bits/byte",
+            "train tokens/s", "MFU", f"decode tokens/s ({point})" if point else "decode tokens/s",
+            f"max batch @ {ctx:,} ({data['settings']['memory_gib']:g} GiB)"]
+    rows = []
+    for v in data["variants"]:
+        mb = next(m["batch_size"] for m in v["max_batch"] if m["context"] == ctx)
+        rows.append([v["name"], v["attention"], f"{v['params'] / 1e6:.2f}M ({100 * v['param_deviation']:+.1f}%)",
+                     f"{v['kv_cache_bytes_per_token']:,}", _pm(v["val_loss"]), _pm(v["perplexity"], "{:.2f}"), _pm(v["bpb"]),
+                     _pm(v["train_tokens_per_s"], "{:,.0f}"), _pm(v["mfu"], "{:.1f}%", 100), _best_decode(v)[0], f"{mb:,}"])
+    return head, rows
+
+
+def decode_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    points = [(b, c) for b in data["settings"]["decode_batch_sizes"] for c in data["settings"]["decode_contexts"]]
+    head = ["variant", "mode"] + [f"B{b} × {c:,}" for b, c in points]
+    rows = []
+    for v in data["variants"]:
+        by = {(r["mode"], r["batch_size"], r["context"]): r["tokens_per_s"] for r in v["decode"]}
+        for mode in sorted({r["mode"] for r in v["decode"]}):
+            rows.append([v["name"], mode] + [_pm(by.get((mode, b, c)), "{:,.0f}") for b, c in points])
+    return head, rows
+
+
+def max_batch_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    ctxs = data["settings"]["max_batch_contexts"]
+    head = ["variant", "KV bytes/token"] + [f"{c // 1024}k" for c in ctxs]
+    rows = [[v["name"], f"{v['kv_cache_bytes_per_token']:,}"] + [f"{m['batch_size']:,}" for m in v["max_batch"]]
+            for v in data["variants"]]
+    return head, rows
+
+
+def cells_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = ["cell", "variant", "seed", "status", "val loss", "bits/byte", "train s", "tokens/s", "device", "run directory"]
+    rows = []
+    for c in data["cells"]:
+        done = c["status"] == "done"
+        rows.append([c["name"], c["variant"], str(c["seed"]), c["status"],
+                     f"{c['val']['loss']:.4f}" if done else "–", f"{c['val']['bpb']:.4f}" if done else "–",
+                     f"{c['train']['seconds']:.0f}" if done else "–",
+                     f"{c['train']['tokens_per_s']:,.0f}" if done and c["train"]["tokens_per_s"] else "–",
+                     c.get("device", "–"), c["run_dir"]])
+    return head, rows
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(esc(h) for h in head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def _sections(data: dict[str, Any]) -> list[tuple[str, str, tuple]]:
+    """(title, explanation, table) in report order."""
+    s = data["settings"]
+    return [
+        ("Summary", f"Mean ± sample standard deviation over {s['seeds']} seed(s). Quality of the final weights over the whole "
+                    "validation split; KV bytes per token over all layers in bf16; training tokens/s is the median logged step "
+                    "rate; decode tokens/s at the largest measured batch and context (MLA absorbed).", summary_table(data)),
+        ("Decode throughput", "Decode tokens/s (batch / median one-token step time) over a cache filled to the context. "
+                              "MLA: absorbed and naive decoding.", decode_table(data)),
+        ("Largest batch", f"Largest batch whose bf16 KV cache alone fits in {s['memory_gib']:g} GiB at each context "
+                          "(weights and activations not counted).", max_batch_table(data)),
+        ("Cells", "Every cell is an ordinary run directory: `latentformer eval/generate/info` work on it.", cells_table(data)),
+    ]
+
+
+def _intro(data: dict[str, Any]) -> list[str]:
+    s, f = data["settings"], data["family"]
+    devices = ", ".join(data["environment"]["devices"]) or "none yet"
+    return [f"Family **{f['name']}**: {f['description']}. Parameters matched to `{f['reference']}` "
+            f"({f['reference_params']:,}) within {100 * s['param_tolerance']:.0f}%.",
+            f"{s['tokens_per_cell']:,} training tokens per cell ({s['steps_per_cell']} steps × {s['batch_tokens']:,} tokens, "
+            f"context {s['seq_len']}), {s['seeds']} seed(s) per variant; data `{data['data']['dir']}` "
+            f"(vocabulary {data['data']['vocab_size']:,}). Device: {devices}.",
+            f"Command: `{data['command']}`" if data["command"] else ""]
+
+
+def write_markdown(root: Path, data: dict[str, Any], figures: list[str]) -> None:
+    parts = [f"# Attention-variant comparison: {data['family']['name']}", ""] + [p for p in _intro(data) if p] + [""]
+    for title, text, table in _sections(data)[:1]:
+        parts += [f"## {title}", "", text, "", _md_table(*table), ""]
+    if figures:
+        parts += ["## Figures", ""] + [f"![{name}](figures/{name}.png)" for name in figures] + [""]
+    for title, text, table in _sections(data)[1:]:
+        parts += [f"## {title}", "", text, "", _md_table(*table), ""]
+    parts += [f"Generated {data['created']} from `results.json` (schema version {data['schema_version']})."]
+    atomic_write_text(root / "report.md", "\n".join(parts) + "\n")
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}figure{margin:1em 0}svg{max-width:100%;height:auto}
+code{background:#f3f3f3;padding:1px 4px}"""
+
+
+def write_html(root: Path, data: dict[str, Any], figures: list[str]) -> None:
+    def para(text: str) -> str:
+        text = html.escape(text)
+        for mark, tag in (("**", "b"), ("`", "code")):
+            while text.count(mark) >= 2:
+                text = text.replace(mark, f"<{tag}>", 1).replace(mark, f"</{tag}>", 1)
+        return f"<p>{text}</p>"
+
+    body = [f"<h1>Attention-variant comparison: {html.escape(data['family']['name'])}</h1>"]
+    body += [para(p) for p in _intro(data) if p]
+    sections = _sections(data)
+    title, text, table = sections[0]
+    body += [f"<h2>{title}</h2>", para(text), _html_table(*table)]
+    if figures:
+        body.append("<h2>Figures</h2>")
+        for name in figures:
+            svg = (root / "figures" / f"{name}.svg").read_text(encoding="utf-8")
+            body.append(f"<figure>{svg[svg.index('<svg'):]}</figure>")  # inline: no file beside the page needed
+    for title, text, table in sections[1:]:
+        body += [f"<h2>{title}</h2>", para(text), _html_table(*table)]
+    body.append(para(f"Generated {data['created']} from results.json (schema version {data['schema_version']})."))
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>compare: {html.escape(data['family']['name'])}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
+    atomic_write_text(root / "report.html", page)
+
+
+def write_report(root: Path, data: dict[str, Any]) -> list[str]:
+    """Figures (PNG + SVG), report.md and report.html; returns the written paths, relative to root."""
+    from latentformer.compare.figures import write_figures
+
+    figures = write_figures(root / "figures", data)
+    write_markdown(root, data, figures)
+    write_html(root, data, figures)
+    return ["report.md", "report.html"] + [f"figures/{n}.{ext}" for n in figures for ext in ("png", "svg")]

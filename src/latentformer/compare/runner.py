@@ -1,0 +1,432 @@
+"""Running the matrix: every cell trained through `Trainer` into an ordinary run directory, then
+measured; finished cells skipped, unfinished ones resumed; one process per GPU when several exist.
+
+A comparison directory:
+
+    DIR/.latentformer.json     {"kind": "compare"} (fsutil.mark_output)
+    DIR/compare.json           the plan: family, variants, seeds, tokens, overrides, data (`Plan`)
+    DIR/cells/<variant>-s<k>/  run directories (config.yaml, checkpoints/, metrics.jsonl, tb/) + cell.json
+    DIR/logs/<cell>.log        what the cell's training printed
+    DIR/results.json, report.md, report.html, figures/   (report.py)
+
+A cell's `cell.json` says how far it got: absent (train, or resume from its latest step
+checkpoint), `"status": "trained"` (training finished; measure), `"status": "done"` (measured:
+never touched again). Two processes never run one cell: each holds an flock on `cells/.<cell>.lock`.
+Parallel workers are `python -m latentformer.compare.runner DIR CELL` with CUDA_VISIBLE_DEVICES set
+to one GPU; they die with the parent (PR_SET_PDEATHSIG), so a killed comparison leaves no orphan
+training a cell that the next invocation would resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from latentformer.compare.matrix import Cell, Family, Variant, cells as make_cells, check_matching, resolve_variants, steps_for_tokens
+from latentformer.config import from_dict, load_yaml, to_dict
+from latentformer.fsutil import atomic_write_text
+
+PLAN = "compare.json"
+CELLS = "cells"
+LOGS = "logs"
+CELL_STATE = "cell.json"
+# compare trains every cell for the same number of tokens, step-exact and resumable
+FORCED = {"train.max_time_minutes": 0, "train.early_stopping_patience": 0, "train.progress": False, "train.sample_tokens": 0}
+
+
+@dataclass
+class Plan:
+    """Everything that defines a comparison (saved as compare.json; a re-run without arguments reuses it)."""
+
+    family: dict[str, Any]  # Family.to_dict()
+    variants: list[str]
+    seeds: int
+    tokens: int  # training tokens per cell (a whole number of steps: steps x batch_tokens)
+    overrides: dict[str, Any]  # dotted overrides of every cell given by the user (train.*, model.*, data.*)
+    data_dir: str
+    data_fingerprint: str
+    vocab_size: int
+    memory_gib: float
+    decode_contexts: list[int]
+    decode_batch_sizes: list[int]
+    match: bool = True
+    allow_mismatch: bool = False
+    command: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        return from_dict(cls, data)
+
+    @property
+    def family_obj(self) -> Family:
+        return Family.from_dict(self.family)
+
+
+@dataclass
+class Matrix:
+    plan: Plan
+    family: Family
+    variants: list[Variant]
+    reference_params: int
+    cells: list[Cell]
+    mismatched: list[str] = field(default_factory=list)
+
+
+def common_overrides(plan: Plan, family: Family) -> dict[str, Any]:
+    """Dotted overrides of every cell: family recipe < derived schedule < the user's < the forced ones."""
+    for key in FORCED:
+        if key in plan.overrides and key not in ("train.progress", "train.sample_tokens"):
+            raise ValueError(f"--{key}: compare trains every cell for the same number of tokens; this field cannot be set")
+    base = {f"train.{k}": v for k, v in family.train.items()}
+    merged = {**base, **plan.overrides}
+    from latentformer.train.config import TrainConfig
+
+    batch_tokens = int(merged.get("train.batch_tokens", TrainConfig.batch_tokens))
+    steps = steps_for_tokens(plan.tokens, batch_tokens)
+    every = max(1, steps // family.evals)
+    derived = {"train.max_steps": steps, "train.eval_interval": every,
+               # a checkpoint at every other evaluation: an interrupted cell loses at most that much
+               "train.checkpoint_interval": 2 * every, "train.keep_last": 1}
+    return {**base, **derived, **plan.overrides, **FORCED, "data.dir": plan.data_dir}
+
+
+def build(plan: Plan) -> Matrix:
+    family = plan.family_obj
+    common = common_overrides(plan, family)
+    variants, ref = resolve_variants(family, plan.variants, common, plan.vocab_size, match=plan.match)
+    mismatched = check_matching(variants)
+    if mismatched and not plan.allow_mismatch:
+        raise ValueError(f"parameter counts differ from the reference ({family.reference}, {ref:,}) by more than 2%: "
+                         f"{', '.join(mismatched)}; pass --allow-mismatch to compare them anyway")
+    return Matrix(plan, family, variants, ref, make_cells(variants, plan.seeds), mismatched)
+
+
+# -- cell state -----------------------------------------------------------------------------------
+def cell_dir(root: Path, cell: Cell) -> Path:
+    return root / CELLS / cell.name
+
+
+def read_state(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / CELL_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / CELL_STATE, json.dumps(state, indent=1) + "\n")
+
+
+def is_done(root: Path, cell: Cell) -> bool:
+    state = read_state(cell_dir(root, cell))
+    return state is not None and state.get("status") == "done"
+
+
+def check_existing(root: Path, matrix: Matrix) -> None:
+    """A cell directory trained with another config is an error (never silently mixed in)."""
+    for cell in matrix.cells:
+        saved = cell_dir(root, cell) / "config.yaml"
+        if not saved.is_file():
+            continue
+        old, new = load_yaml(saved), cell.cfg.to_dict()
+        for section in ("model", "train"):
+            for key, value in new[section].items():
+                if old.get(section, {}).get(key) != value:
+                    raise ValueError(f"cell {cell.name} in {root} was trained with {section}.{key}="
+                                     f"{old.get(section, {}).get(key)!r}, this comparison wants {value!r}: "
+                                     "use the same settings, another --out, or --force to start over")
+
+
+def latest_step(run_dir: Path) -> int:
+    """Step of the newest step checkpoint with a train state (0 when there is none)."""
+    from latentformer.train.checkpointing import TRAIN_STATE
+
+    steps = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*") if (p / TRAIN_STATE).is_file()]
+    return max(steps, default=0)
+
+
+def progress_step(run_dir: Path) -> int:
+    """The last step a cell logged (metrics.jsonl), for the progress display of worker processes."""
+    try:
+        with open(run_dir / "metrics.jsonl", "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4096))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (OSError, ValueError, KeyError, IndexError):
+        return 0
+
+
+@contextlib.contextmanager
+def cell_lock(root: Path, cell: Cell):
+    path = root / CELLS / f".{cell.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"cell {cell.name} is being run by another process (lock {path})") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def run_cell(root: Path, matrix: Matrix, cell: Cell, on_step: Callable[[int], None] | None = None,
+             on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) and measure one cell; returns its final state (cell.json)."""
+    from latentformer.compare.measure import measure_cell
+    from latentformer.train.trainer import Trainer
+
+    run_dir = cell_dir(root, cell)
+    with cell_lock(root, cell):
+        state = read_state(run_dir)
+        if state is not None and state.get("status") == "done":
+            return state
+        hooks = [lambda trainer, step: on_step(step)] if on_step else []
+        if state is None or state.get("status") != "trained":
+            resume = latest_step(run_dir) > 0
+            if not resume and run_dir.exists():  # started, never checkpointed: start again
+                shutil.rmtree(run_dir)
+            if on_phase:
+                on_phase("training")
+            trainer = Trainer(cell.cfg, run_dir, resume=resume, vocab_explicit=True, on_step=hooks)
+            summary = trainer.fit()
+            state = {"status": "trained", "cell": cell.name, "variant": cell.variant.name, "seed_index": cell.seed_index,
+                     "seed": cell.cfg.train.seed, "train_summary": summary}
+            write_state(run_dir, state)
+        else:  # trained; the measurement was cut off
+            trainer = Trainer(cell.cfg, run_dir, resume=True, vocab_explicit=True)
+        if on_phase:
+            on_phase("measuring")
+        state = {**state, "status": "done", **measure_cell(trainer, run_dir, matrix.plan)}
+        write_state(run_dir, state)
+        return state
+
+
+# -- the matrix -----------------------------------------------------------------------------------
+def cuda_devices() -> list[str]:
+    """Visible CUDA device ids (as CUDA_VISIBLE_DEVICES names them), [] without CUDA."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(n)]
+    return names[:n]
+
+
+class MatrixProgress:
+    """Which cell runs where, and the whole matrix's progress in steps with an ETA: a rich display
+    on a terminal, plain lines otherwise (logs, CI)."""
+
+    def __init__(self, console, matrix: Matrix, root: Path) -> None:
+        self.console = console
+        self.cells = matrix.cells
+        self.total = sum(c.cfg.train.max_steps for c in self.cells)
+        self.steps = {c.name: (c.cfg.train.max_steps if is_done(root, c) else latest_step(cell_dir(root, c))) for c in self.cells}
+        self.start_steps = sum(self.steps.values())
+        self.t0 = time.monotonic()
+        self.finished = sum(is_done(root, c) for c in self.cells)
+        self.bar = None
+        if console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                console=console, redirect_stdout=False, redirect_stderr=False)
+            self.task = self.bar.add_task("[bold]compare", total=self.total, completed=self.start_steps, info=self._cells_info())
+            self.slots: dict[str, int] = {}
+            self.bar.start()
+
+    def _cells_info(self) -> str:
+        return f"cells {self.finished}/{len(self.cells)}"
+
+    def eta(self) -> str:
+        done = sum(self.steps.values()) - self.start_steps
+        if done <= 0:
+            return "eta unknown"
+        left = (self.total - sum(self.steps.values())) * (time.monotonic() - self.t0) / done
+        return f"eta {left / 60:.1f} min"
+
+    def start(self, cell: Cell, where: str) -> None:
+        i = self.cells.index(cell) + 1
+        if self.bar is not None:
+            self.slots[cell.name] = self.bar.add_task(f"  {where} {cell.name}", total=cell.cfg.train.max_steps,
+                                                      completed=self.steps[cell.name], info="")
+        else:
+            self.console.print(f"[{i}/{len(self.cells)}] {cell.name} on {where}: {cell.cfg.train.max_steps} steps "
+                               f"({cell.variant.name}, seed {cell.cfg.train.seed}); {self.eta()}", highlight=False)
+
+    def phase(self, cell: Cell, phase: str) -> None:
+        if self.bar is not None and cell.name in self.slots:
+            self.bar.update(self.slots[cell.name], info=phase)
+        elif self.bar is None and phase == "measuring":
+            self.console.print(f"    {cell.name}: measuring", highlight=False)
+
+    def step(self, cell: Cell, step: int) -> None:
+        self.steps[cell.name] = max(self.steps[cell.name], step)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=sum(self.steps.values()))
+            if cell.name in self.slots:
+                self.bar.update(self.slots[cell.name], completed=self.steps[cell.name])
+
+    def finish(self, cell: Cell, state: dict[str, Any] | None, error: str | None, seconds: float) -> None:
+        if state is not None:
+            self.finished += 1
+            self.step(cell, cell.cfg.train.max_steps)
+        if self.bar is not None:
+            self.bar.remove_task(self.slots.pop(cell.name))
+            self.bar.update(self.task, info=self._cells_info())
+        if error is not None:
+            self.console.print(f"{cell.name}: failed: {error}", highlight=False, soft_wrap=True)
+        else:
+            val = state["val"]
+            self.console.print(f"{cell.name}: done in {seconds:.0f} s: val loss {val['loss']:.4f}, {val['bpb']:.4f} bits/byte "
+                               f"({self._cells_info()}; {self.eta()})", highlight=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _log_path(root: Path, cell: Cell) -> Path:
+    path = root / LOGS / f"{cell.name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _in_process(root: Path, matrix: Matrix, todo: list[Cell], progress: MatrixProgress) -> list[str]:
+    failed = []
+    for cell in todo:
+        progress.start(cell, "this process")
+        t0 = time.monotonic()
+        with open(_log_path(root, cell), "a", encoding="utf-8") as log:
+            try:
+                # the trainer's lines go to the cell's log; the matrix display keeps the terminal
+                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                    state = run_cell(root, matrix, cell, on_step=lambda s, c=cell: progress.step(c, s),
+                                     on_phase=lambda p, c=cell: progress.phase(c, p))
+            except Exception as e:  # one cell's failure must not lose the others
+                traceback.print_exc(file=log)
+                failed.append(cell.name)
+                progress.finish(cell, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (log: {log.name})",
+                                time.monotonic() - t0)
+                continue
+        progress.finish(cell, state, None, time.monotonic() - t0)
+    return failed
+
+
+def _workers(root: Path, matrix: Matrix, todo: list[Cell], devices: list[str], progress: MatrixProgress) -> list[str]:
+    """One `python -m latentformer.compare.runner` per GPU, each pulling the next pending cell."""
+    failed, queue, running = [], list(todo), {}  # running: device -> (cell, Popen, log file, t0)
+    env = {**os.environ, "LATENTFORMER_COMPARE_PARENT": str(os.getpid())}
+    try:
+        while queue or running:
+            for dev in devices:
+                if dev not in running and queue:
+                    cell = queue.pop(0)
+                    log = open(_log_path(root, cell), "a", encoding="utf-8")
+                    proc = subprocess.Popen([sys.executable, "-m", "latentformer.compare.runner", str(root), cell.name],
+                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env={**env, "CUDA_VISIBLE_DEVICES": dev})
+                    running[dev] = (cell, proc, log, time.monotonic())
+                    progress.start(cell, f"gpu {dev}")
+            time.sleep(1.0)
+            for dev, (cell, proc, log, t0) in list(running.items()):
+                run_dir = cell_dir(root, cell)
+                progress.step(cell, progress_step(run_dir))
+                state = read_state(run_dir)
+                if state is not None and state.get("status") == "trained":
+                    progress.phase(cell, "measuring")
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[dev]
+                state = read_state(run_dir)
+                if proc.returncode == 0 and state is not None and state.get("status") == "done":
+                    progress.finish(cell, state, None, time.monotonic() - t0)
+                else:
+                    failed.append(cell.name)
+                    progress.finish(cell, None, f"exit status {proc.returncode} (log: {log.name})", time.monotonic() - t0)
+    finally:
+        for cell, proc, log, _ in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+    return failed
+
+
+def run_matrix(root: Path, matrix: Matrix, console, gpus: int | None = None) -> list[str]:
+    """Run every unfinished cell; returns the names of the cells that failed."""
+    todo = [c for c in matrix.cells if not is_done(root, c)]
+    devices = cuda_devices() if matrix.cells and matrix.cells[0].cfg.train.device in ("auto", "cuda") else []
+    if gpus is not None:
+        devices = devices[:gpus]
+    progress = MatrixProgress(console, matrix, root)
+    try:
+        if len(devices) > 1 and len(todo) > 1:
+            return _workers(root, matrix, todo, devices, progress)
+        return _in_process(root, matrix, todo, progress)
+    finally:
+        progress.close()
+
+
+def load_plan(root: Path) -> Plan | None:
+    try:
+        data = json.loads((root / PLAN).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise ValueError(f"{root / PLAN} is corrupt: {e}") from None
+    return Plan.from_dict(data)
+
+
+def save_plan(root: Path, plan: Plan) -> None:
+    atomic_write_text(root / PLAN, json.dumps(plan.to_dict(), indent=1) + "\n")
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent dies (a killed comparison leaves no orphan workers)."""
+    parent = int(os.environ.get("LATENTFORMER_COMPARE_PARENT", "0"))
+    if sys.platform.startswith("linux") and parent:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Worker entry point: `python -m latentformer.compare.runner DIR CELL` runs one cell of DIR's plan."""
+    _die_with_parent()
+    root, name = (argv if argv is not None else sys.argv[1:])[:2]
+    root = Path(root)
+    plan = load_plan(root)
+    if plan is None:
+        print(f"{root} has no {PLAN}", file=sys.stderr)
+        return 2
+    matrix = build(plan)
+    cell = next((c for c in matrix.cells if c.name == name), None)
+    if cell is None:
+        print(f"{root}: no cell {name}", file=sys.stderr)
+        return 2
+    run_cell(root, matrix, cell)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""`latentformer compare` end to end on a micro family: files, schema, figures, skip and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from latentformer.cli import main
+from latentformer.compare import report, runner
+
+FILES = ["results.json", "report.md", "report.html", "compare.json", ".latentformer.json"]
+FIGURES = ["pareto", "loss_curves", "decode_throughput", "max_batch"]
+CELLS = ["mha-s0", "mla-s0", "mha-s1", "mla-s1"]
+
+
+def compare(family, data, out, *extra) -> int:
+    return main(["compare", "--family", str(family), "--data", str(data), "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(micro_family, micro_data, tmp_path_factory):
+    """One 2-variant x 2-seed comparison, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    assert compare(micro_family, micro_data, out) == 0
+    return out
+
+
+def test_every_file_is_written(finished):
+    for name in FILES:
+        assert (finished / name).is_file(), name
+    for name in FIGURES:
+        for ext in ("png", "svg"):
+            assert (finished / "figures" / f"{name}.{ext}").stat().st_size > 5000, (name, ext)
+    for cell in CELLS:
+        run = finished / "cells" / cell
+        assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
+        assert runner.read_state(run)["status"] == "done"
+        assert (finished / "logs" / f"{cell}.log").is_file()
+
+
+def test_cells_are_ordinary_run_directories(finished, micro_data):
+    assert main(["eval", str(finished / "cells" / "mla-s1"), "--data", str(micro_data), "--json"]) == 0
+
+
+def test_results_validate_against_the_schema(finished):
+    jsonschema = pytest.importorskip("jsonschema")
+    data = json.loads((finished / "results.json").read_text())
+    jsonschema.validate(data, report.schema())
+    assert [v["name"] for v in data["variants"]] == ["mha", "mla"]
+    mha, mla = data["variants"]
+    assert mla["val_loss"]["n"] == 2 and len(mla["val_loss"]["values"]) == 2
+    assert mla["val_loss"]["mean"] == pytest.approx(np.mean(mla["val_loss"]["values"]))
+    assert mla["kv_cache_bytes_per_token"] == (32 + 8) * 2 * 2 and mha["kv_cache_bytes_per_token"] == 2 * 64 * 2 * 2
+    assert {r["mode"] for r in mla["decode"]} == {"absorb", "naive"} and {r["mode"] for r in mha["decode"]} == {"standard"}
+    assert len(mla["decode"]) == 2 * 2 * 2 and all(r["tokens_per_s"]["mean"] > 0 for r in mla["decode"])
+    ctx = mla["max_batch"][0]["context"]
+    assert mla["max_batch"][0]["batch_size"] == int(80 * 2**30 // (160 * ctx))
+    assert [p["tokens"] for p in mla["curve"]] == [512, 1024, 1536]
+    assert data["settings"]["tokens_per_cell"] == 1536 and data["cells"][0]["train"]["steps"] == 6
+    assert abs(mha["param_deviation"]) <= 0.02 and mha["matched_d_ff"] is not None
+    broken = {k: v for k, v in data.items() if k != "variants"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, report.schema())
+    data["cells"][0]["status"] = "lost"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, report.schema())
+
+
+def test_figures_are_real_images(finished):
+    import matplotlib.image
+
+    for name in FIGURES:
+        img = matplotlib.image.imread(finished / "figures" / f"{name}.png")
+        assert img.shape[0] >= 400 and img.shape[1] >= 600, name
+        rgb = (img[..., :3] * 255).astype(np.int64)
+        colors = np.unique((rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2])
+        assert len(colors) > 20, name  # not blank, not one colour: lines, text, markers
+        assert (finished / "figures" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_reports_hold_tables_and_figures(finished):
+    md = (finished / "report.md").read_text()
+    assert "| mla | mla |" in md and "![pareto](figures/pareto.png)" in md
+    page = (finished / "report.html").read_text()
+    assert page.count("<svg") == len(FIGURES) and "<table>" in page
+    # self-contained: no file or URL beside it (an SVG's own "#id" references are inside the page)
+    assert not re.search(r'(?:src|href)="(?!#)', page)
+
+
+def test_second_invocation_trains_nothing(finished, micro_family, micro_data, monkeypatch, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(finished, out)
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*") if p.is_file()}
+    import latentformer.train.trainer as trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", refuse)
+    assert compare(micro_family, micro_data, out) == 0
+    assert main(["compare", "--out", str(out), "--report-only"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*") if p.is_file()} == stamps
+    assert json.loads((out / "results.json").read_text())["variants"] == json.loads((finished / "results.json").read_text())["variants"]
+
+
+def test_killed_comparison_resumes(micro_family, micro_data, tmp_path):
+    """SIGKILL a comparison after its first cell finished; the re-run keeps that cell and completes the rest."""
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "latentformer", "compare", "--family", str(micro_family), "--data",
+                             str(micro_data), "--out", str(out), "--seeds", "1", "--no-report"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    first = out / "cells" / "mha-s0"
+    deadline = time.monotonic() + 120
+    while (runner.read_state(first) or {}).get("status") != "done":
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    kept = (first / "cell.json").read_text()
+    assert runner.read_state(out / "cells" / "mla-s0") is None  # the second cell was cut off
+    assert compare(micro_family, micro_data, out, "--no-report") == 0
+    assert (first / "cell.json").read_text() == kept
+    data = json.loads((out / "results.json").read_text())
+    assert [c["status"] for c in data["cells"]] == ["done", "done"]
+    assert data["cells"][0]["val"] == json.loads(kept)["val"]
+    assert not (out / "report.md").exists()  # --no-report: results only
+
+
+def test_unfinished_measurement_is_redone_without_training(finished, micro_family, micro_data, monkeypatch, tmp_path):
+    """A cell whose training finished but whose measurement was cut off is measured, not retrained."""
+    out = tmp_path / "trained"
+    shutil.copytree(finished, out)
+    cell = out / "cells" / "mla-s1"
+    state = runner.read_state(cell)
+    runner.write_state(cell, {k: state[k] for k in ("status", "cell", "variant", "seed_index", "seed", "train_summary")} | {"status": "trained"})
+    import latentformer.train.trainer as trainer
+
+    monkeypatch.setattr(trainer.Trainer, "fit", lambda self: (_ for _ in ()).throw(AssertionError("trained again")))
+    assert compare(micro_family, micro_data, out, "--no-report") == 0
+    again = runner.read_state(cell)
+    assert again["status"] == "done" and again["val"] == state["val"]
+
+
+def test_user_errors_are_one_line(micro_family, micro_data, tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    assert compare(micro_family, micro_data, foreign) == 1
+    assert "not a compare directory" in capsys.readouterr().err and (foreign / "keep.txt").exists()
+    assert main(["compare", "--out", str(tmp_path / "none"), "--report-only"]) == 1
+    assert "not a comparison directory" in capsys.readouterr().err
+    assert compare(micro_family, micro_data, tmp_path / "x", "--variants", "mla:kv_lora_rank=4:d_ff=1024", "--no-report") == 1
+    err = capsys.readouterr().err
+    assert "more than 2%" in err and "--allow-mismatch" in err and len(err.strip().splitlines()) == 1
+    assert compare(micro_family, micro_data, tmp_path / "y", "--train.max_time_minutes", "5") == 1
+    assert "cannot be set" in capsys.readouterr().err
+    assert compare(micro_family, micro_data, micro_data.parent) == 1  # holds the input data
+    assert "contains the input" in capsys.readouterr().err
