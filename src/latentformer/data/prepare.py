@@ -18,8 +18,11 @@ once without writing anything. An existing output is replaced only when latentfo
 (its marker, or the meta.json of a directory prepared before markers existed), only with
 `force` (or `replace_stale` for an out-of-date entry of the data cache), and never when it is
 or contains an input (the source's files, a tokenizer path). `.tmp-*` / `.old-*` directories
-that a killed prepare left beside the output are removed by the next prepare of that output. Tokenization runs on a thread pool: tiktoken and HF
-`tokenizers` release the GIL, so threads scale without pickling text to processes.
+that a killed prepare left beside the output are removed by the next prepare of that output
+(also one that finds it up to date).
+
+Tokenization runs on a thread pool: tiktoken and HF `tokenizers` release the GIL, so threads
+scale without pickling text to processes.
 """
 
 from __future__ import annotations
@@ -130,12 +133,14 @@ def _is_up_to_date(out: Path, fingerprint: str) -> dict | None:
     return meta
 
 
-def _remove_leftovers(out: Path) -> None:
+def _remove_leftovers(out: Path, inputs: list[Path]) -> None:
     """Delete the temporary / swapped-aside directories of `out` that a killed prepare left
-    (`atomic_directory` names them `.<name>.tmp-*` and `.<name>.old-*`); nothing else."""
+    (`atomic_directory` names them `.<name>.tmp-*` and `.<name>.old-*`); nothing else, and never one
+    that holds an input."""
+    ins = [Path(i).expanduser().resolve() for i in inputs]
     for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
         for p in out.parent.glob(pattern):
-            if p.is_dir() and not p.is_symlink():
+            if p.is_dir() and not p.is_symlink() and not any(i == p or p in i.parents for i in ins):
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -216,6 +221,7 @@ def prepare(
         json.dumps([FORMAT, VERSION, src.fingerprint(), tok_key, split_args], sort_keys=True).encode()
     ).hexdigest()
     if not force and (meta := _is_up_to_date(out, fingerprint)) is not None:
+        _remove_leftovers(out, inputs)
         if progress:
             print(f"prepare: {out} is up to date", file=sys.stderr)
         return meta
@@ -232,7 +238,7 @@ def prepare(
     val_ids = split_documents(doc_ids, val_fraction=val_fraction, val_docs=val_docs, seed=seed)
     n_workers = workers or os.cpu_count() or 1
 
-    _remove_leftovers(out)
+    _remove_leftovers(out, inputs)
     with atomic_directory(out) as tmp:
         umask = os.umask(0)
         os.umask(umask)
