@@ -225,14 +225,10 @@ def prepare(
         if progress:
             print(f"prepare: {out} is up to date", file=sys.stderr)
         return meta
-    stale_ok = replace_stale and (out / "meta.json").is_file()
-    try:
-        check_output(out, KIND, force or stale_ok, inputs=inputs, recognise=is_prepared_dir)
-    except ValueError as e:
-        if str(e).endswith("pass --force to replace it"):
-            raise ValueError(f"--out {out} was prepared from other inputs (source, tokenizer or split): "
-                             "pass --force to rebuild it") from None
-        raise
+    # never an input, never a directory prepare did not make; then ours, out of date: only when asked
+    if check_output(out, KIND, True, inputs=inputs, recognise=is_prepared_dir) and not (force or replace_stale):
+        raise ValueError(f"--out {out} was prepared from other inputs (source, tokenizer or split): "
+                         "pass --force to rebuild it")
 
     doc_ids = src.doc_ids()
     val_ids = split_documents(doc_ids, val_fraction=val_fraction, val_docs=val_docs, seed=seed)
