@@ -159,7 +159,7 @@ def test_info_describes_a_non_finite_checkpoint(tree, capsys, monkeypatch):
     (["decode", "--tokenizer", "gpt2", "--", "-1"], "id -1 is out of range"),
     (["decode", "--tokenizer", "run", "--", "-5"], "id -5 is out of range for the byte tokenizer"),
     (["encode", "--tokenizer", "user", "hi"], "holds no tokenizer_meta.json"),
-    (["train", "--source", "texts", "--vocab-size", "300", "--out", "texts/d1.txt"], "is a file of the source"),
+    (["train", "--source", "texts", "--vocab-size", "300", "--out", "texts/d1.txt"], "is or lies inside the source 'texts'"),
     (["train", "--source", "texts", "--vocab-size", "300", "--out", "user/notes.txt", "--force"], "is not a tokenizer file"),
     (["train", "--source", "texts", "--vocab-size", "300", "--out", "user"], "is a directory"),
 ])

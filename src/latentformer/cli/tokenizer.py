@@ -54,7 +54,7 @@ def _check_out(out, source) -> None:
 
     for p in source.paths():
         if out.resolve() == p.resolve() or p.resolve() in out.resolve().parents:
-            raise ValueError(f"--out {out} is a file of the source {source.spec!r}: choose another path")
+            raise ValueError(f"--out {out} is or lies inside the source {source.spec!r}: choose another path")
     if out.exists():
         if out.is_dir():
             raise ValueError(f"--out {out} is a directory: give a file path such as {out / 'tokenizer.json'}")
