@@ -47,7 +47,7 @@ def _model_dir(path, specials, bos, eos, pad, eos_ids, generation_eos):
 
 
 CASES = {
-    # SmolLM2-like: no <|endoftext|>-less case here; bos <|im_start|>, eos <|im_end|>
+    # no <|endoftext|> at all (eot is the config's eos); bos <|im_start|>, eos <|im_end|>
     "chatml-no-endoftext": dict(specials=["<unk>", "<|im_start|>", "<|im_end|>"], bos="<|im_start|>", eos="<|im_end|>",
                                 pad=None, eos_ids=2, generation_eos=2),
     # Qwen2.5-Instruct-like: <|endoftext|> separates documents and pads, <|im_end|> ends a turn; two eos ids

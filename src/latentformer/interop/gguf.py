@@ -14,14 +14,22 @@ from __future__ import annotations
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
-from latentformer.checkpoint import model_from_state
 from latentformer.data.tokenizer import PretrainedTokenizer, Tokenizer
-from latentformer.interop.hf import checked_tokenizer, from_hf_state
+from latentformer.interop.hf import checked_tokenizer, model_from_hf
 from latentformer.interop.hf_config import from_hf_config
 from latentformer.model.transformer import Transformer
+
+
+class GGUFModel(NamedTuple):
+    """What transformers reads from a GGUF file."""
+
+    hf_config: dict[str, Any]  # config.json form
+    tensors: dict[str, torch.Tensor]  # dequantized to fp32, under transformers' parameter names
+    config: Any  # the transformers PretrainedConfig (to build transformers' own model of the file)
 
 
 def _first_line(e: Exception) -> str:
@@ -29,8 +37,8 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def read_gguf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], object]:
-    """(config.json dict, fp32 tensors under transformers' names, the transformers config) of a GGUF file."""
+def read_gguf(path: str | Path) -> GGUFModel:
+    """Config and fp32 tensors of a GGUF file, through transformers' reader; one-line ValueErrors."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such GGUF file: {path}")
@@ -52,26 +60,27 @@ def read_gguf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], object]:
         tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=names)["tensors"]
     except Exception as e:
         raise ValueError(f"cannot read the tensors of {path}: {_first_line(e)}") from None
-    return hf_cfg, tensors, config
+    return GGUFModel(hf_cfg, tensors, config)
 
 
-def _gguf_tokenizer(path: Path, hf_cfg: dict) -> Tokenizer | None:
+def gguf_tokenizer(path: str | Path, hf_config: dict[str, Any]) -> Tokenizer | None:
+    """The tokenizer transformers rebuilds from a GGUF file's vocabulary, as an imported tokenizer
+    (None, with a warning, when the file has none it can read)."""
     import transformers
 
+    path = Path(path)
     try:
         hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         with tempfile.TemporaryDirectory() as tmp:
             hf_tok.save_pretrained(tmp)
-            return PretrainedTokenizer.from_hf_dir(tmp, hf_cfg)
+            return PretrainedTokenizer.from_hf_dir(tmp, hf_config)
     except Exception as e:  # a file without a usable vocabulary still gives the model
-        warnings.warn(f"tokenizer not imported from {path.name}: {_first_line(e)}", stacklevel=3)
+        warnings.warn(f"tokenizer not imported from {path.name}: {_first_line(e)}", stacklevel=2)
         return None
 
 
 def import_gguf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
     """(model, tokenizer or None) from a GGUF file; weights dequantized to fp32 (or `dtype`)."""
-    path = Path(path)
     hf_cfg, tensors, _ = read_gguf(path)
-    cfg = from_hf_config(hf_cfg)
-    model = model_from_state(cfg, from_hf_state(tensors, cfg), str(path))
-    return model.to(dtype or torch.float32).eval(), checked_tokenizer(_gguf_tokenizer(path, hf_cfg), cfg)
+    model = model_from_hf(hf_cfg, tensors, str(path), dtype)
+    return model, checked_tokenizer(gguf_tokenizer(path, hf_cfg), model.config)

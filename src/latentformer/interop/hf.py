@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -311,9 +312,17 @@ def import_hf(hf_dir: str | Path, dtype: torch.dtype | None = None) -> tuple[Tra
         hf_cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{hf_dir / 'config.json'} is not valid JSON: {e}") from None
+    model = model_from_hf(hf_cfg, lambda: _read_hf_weights(hf_dir), f"the weights in {hf_dir}", dtype)
+    return model, checked_tokenizer(_read_tokenizer(hf_dir, hf_cfg), model.config)
+
+
+def model_from_hf(hf_cfg: dict, tensors: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]],
+                  source: str, dtype: torch.dtype | None = None) -> Transformer:
+    """Our model (eval mode, fp32 unless `dtype`) of a config.json dict and tensors under transformers'
+    names; `tensors` may be a function, called only once the config is known to convert."""
     cfg = from_hf_config(hf_cfg)
-    model = model_from_state(cfg, from_hf_state(_read_hf_weights(hf_dir), cfg), f"the weights in {hf_dir}")
-    return model.to(dtype or torch.float32).eval(), checked_tokenizer(_read_tokenizer(hf_dir, hf_cfg), cfg)
+    state = from_hf_state(tensors() if callable(tensors) else tensors, cfg)
+    return model_from_state(cfg, state, source).to(dtype or torch.float32).eval()
 
 
 def checked_tokenizer(tokenizer: Tokenizer | None, cfg: ModelConfig) -> Tokenizer | None:
