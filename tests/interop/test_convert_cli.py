@@ -16,10 +16,11 @@ transformers = pytest.importorskip("transformers")
 from latentformer.checkpoint import load, save_checkpoint  # noqa: E402
 from latentformer.cli import main  # noqa: E402
 from latentformer.config import ModelConfig  # noqa: E402
+from latentformer.data.tokenizer import ByteTokenizer  # noqa: E402
 from latentformer.interop.hf import import_hf  # noqa: E402
 from latentformer.model.transformer import Transformer  # noqa: E402
 
-V = 64
+V = 260  # the byte tokenizer's 257 ids fit
 
 
 def _tree(path) -> dict[str, str]:
@@ -42,7 +43,7 @@ def ckpt(tmp_path):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=V, n_layers=1, d_model=16, n_heads=2, max_seq_len=32, attention="gqa",
                                     n_kv_heads=1, d_ff=24))
-    return save_checkpoint(tmp_path / "ckpt", model, None)
+    return save_checkpoint(tmp_path / "ckpt", model, ByteTokenizer())
 
 
 @pytest.fixture
@@ -147,9 +148,15 @@ def test_import_never_replaces_its_input_or_a_foreign_directory(tmp_path, capsys
     assert main(["convert", "--from", "hf", str(hf_dir), str(out), "--force"]) == 0
 
 
-def test_a_checkpoint_from_before_markers_is_replaced_with_force(tmp_path, hf_dir, ckpt):
-    assert not (ckpt / ".latentformer.json").exists()
-    assert main(["convert", "--from", "hf", str(hf_dir), str(ckpt), "--force"]) == 0
+def test_outputs_from_before_markers_are_recognised_by_kind(tmp_path, capsys, hf_dir, ckpt):
+    other = save_checkpoint(tmp_path / "other", *load(ckpt, device="cpu"))
+    (other / ".latentformer.json").unlink(missing_ok=True)  # as written before markers
+    _fails(capsys, ["convert", "--to", "hf", str(ckpt), str(other), "--force"], "not a export")  # a checkpoint is no export
+    assert main(["convert", "--from", "hf", str(hf_dir), str(other), "--force"]) == 0
+    export = tmp_path / "export"
+    assert main(["convert", "--to", "hf", str(ckpt), str(export)]) == 0
+    (export / ".latentformer.json").unlink()  # as written before markers: config.json + tokenizer_meta.json
+    assert main(["convert", "--to", "hf", str(ckpt), str(export), "--force"]) == 0
 
 
 def test_gguf_source_must_be_a_file(tmp_path, capsys, hf_dir):

@@ -55,8 +55,13 @@ def _hub_snapshot(repo_id: str) -> Path:
 
 
 def _made_export(directory: Path) -> bool:
-    """An export written before output markers existed: config.json beside our tokenizer_meta.json."""
-    return (directory / "config.json").is_file() and (directory / "tokenizer_meta.json").is_file()
+    """An export written before output markers existed: a Hugging Face config.json (not one of our
+    checkpoints) beside the tokenizer_meta.json that only latentformer writes."""
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(config, dict) and "architectures" in config and (directory / "tokenizer_meta.json").is_file()
 
 
 def run(args: argparse.Namespace) -> int:
