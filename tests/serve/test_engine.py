@@ -76,6 +76,8 @@ def test_batched_greedy_equals_generate_alone(model, engine):
     exactly generate(temperature=0) of its prompt alone (fp32 CPU: identical tokens)."""
     m, tok = model
     max_tokens = [40, 12, 25, 50, 16, 7, 30, 45, 14]
+    groups, join = [], engine._join
+    engine._join = lambda group, *a: (groups.append(len(group)), join(group, *a))
     jobs = []
     for i, (prompt, n) in enumerate(zip(PROMPTS, max_tokens)):
         jobs.append(make_request(tok, prompt, n, temperature=0.0))
@@ -90,6 +92,7 @@ def test_batched_greedy_equals_generate_alone(model, engine):
         assert (last.finish_reason, last.completion_tokens) == ("length", n) or (
             last.finish_reason == "stop" and last.completion_tokens < n)
     assert engine.shifts > 0  # the test went through the cache shifts
+    assert max(groups) > 1  # and through a left-padded prefill of several prompts
     assert engine.active == 0 and engine.cache.pos == 0  # an empty batch resets the timeline
 
 

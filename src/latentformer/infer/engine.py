@@ -5,9 +5,10 @@ write position `pos`; row b's left padding `pad[b]` says where its own tokens st
 slot s has position s - pad[b]; padding is never attended: the attention mask and the fused MLA
 decode kernel both honour per-row padding).
 
-- A request joins after a prefill of its prompt alone (a batch-1 cache sized to the prompt); its
-  slots are copied into a free row so that its last prompt token sits at slot pos - 1
-  (pad[b] = pos - P). If pos < P, every row first moves right (`KVCache.shift`).
+- Waiting requests join after a prefill of their prompts (one left-padded batch of up to
+  `prefill_tokens` tokens per engine step, in a cache sized to those prompts); each prompt's slots
+  are copied into a free row so that its last token sits at slot pos - 1 (pad[b] = pos - P).
+  If pos < P, every row first moves right (`KVCache.shift`).
 - Every step, all active rows decode together, each writing slot pos. A free row attends only to
   its own slot (pad = pos) and its token is discarded, so a row costs its own length, not the
   longest prompt's.
@@ -97,7 +98,8 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer, max_batch: int = 16, max_queue: int = 256,
-                 compile: bool = False, deliver: Callable[[list[tuple[Request, Event]]], None] | None = None) -> None:
+                 compile: bool = False, deliver: Callable[[list[tuple[Request, Event]]], None] | None = None,
+                 prefill_tokens: int = 16384) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -106,7 +108,7 @@ class Engine:
         self.device = next(model.parameters()).device
         if compile and self.device.type != "cuda":
             raise ValueError("compile=True needs a model on a CUDA device")
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.context = model.config.max_seq_len
         self.vocab = min(tokenizer.vocab_size, model.config.vocab_size)  # never sample the model's padding ids
         self.deliver = deliver or _deliver_now
@@ -209,38 +211,53 @@ class Engine:
                 self._free(b)
 
     def _admit(self, events: list) -> None:
-        """Prefill waiting requests into free rows (FIFO), each alone."""
-        while None in self.rows:
-            with self._wake:
-                if not self.waiting:
-                    return
-                request = self.waiting.popleft()
-            if request.cancelled:
-                continue
-            try:
-                self._join(request, self.rows.index(None), events)
-            except Exception as e:  # this request's prefill failed: the others go on
-                events.append((request, Event("", "error", 0, f"{type(e).__name__}: {e}")))
+        """Take waiting requests (FIFO) into free rows: one prefill of at most `prefill_tokens`
+        (padded) tokens per engine step, so that running rows keep decoding meanwhile."""
+        free = [b for b, r in enumerate(self.rows) if r is None]
+        group: list[Request] = []
+        with self._wake:
+            while self.waiting and len(group) < len(free):
+                if self.waiting[0].cancelled:
+                    self.waiting.popleft()
+                    continue
+                longest = max(len(r.ids) for r in [*group, self.waiting[0]])
+                if group and longest * (len(group) + 1) > self.prefill_tokens:
+                    break
+                group.append(self.waiting.popleft())
+        if not group:
+            return
+        try:
+            self._join(group, free, events)
+        except Exception as e:  # this prefill failed (e.g. out of memory): its requests fail, the others go on
+            events.extend((r, Event("", "error", 0, f"{type(e).__name__}: {e}")) for r in group)
 
-    def _join(self, request: Request, b: int, events: list) -> None:
-        P = len(request.ids)
-        one = self.model.make_cache(1, P)
-        logits = self.model(torch.tensor([request.ids], device=self.device), cache=one, last_only=True)[:, -1, :self.vocab]
-        generator = None
-        if request.seed is not None and request.temperature > 0:
-            generator = torch.Generator(self.device).manual_seed(request.seed)
-        row = _Row(request, _RowText(self.tokenizer, request.stops, incremental=True), generator)
-        token = int(sample_rows(logits, [request.temperature], [request.top_p], [generator])[0])
-        if self._push(row, token, events):
-            return  # finished on its first token: never enters the batch
-        if not any(self.rows):
-            self.cache.pos = P
-            self.cache.length.fill_(P)
-        elif self.cache.pos < P:
-            self._shift(P)
-        self.cache.insert(b, one)
-        self.rows[b] = row
-        self.idle[b] = False
+    def _join(self, group: list[Request], free: list[int], events: list) -> None:
+        """Prefill `group` as one left-padded batch, sample each first token, and copy the
+        prompts that go on into free rows at the shared position."""
+        L = max(len(r.ids) for r in group)
+        prefill = self.model.make_cache(len(group), L)
+        prefill.set_left_padding([L - len(r.ids) for r in group])
+        tokens = torch.full((len(group), L), self.tokenizer.eot_id, dtype=torch.long)
+        for i, r in enumerate(group):
+            tokens[i, L - len(r.ids):] = torch.tensor(r.ids)
+        logits = self.model(tokens.to(self.device), cache=prefill, last_only=True)[:, -1, :self.vocab]
+        generators = [torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None and r.temperature > 0 else None
+                      for r in group]
+        first = sample_rows(logits, [r.temperature for r in group], [r.top_p for r in group], generators).tolist()
+        for i, (request, generator, token) in enumerate(zip(group, generators, first)):
+            row = _Row(request, _RowText(self.tokenizer, request.stops, incremental=True), generator)
+            if self._push(row, token, events):
+                continue  # finished on its first token: never enters the batch
+            P = len(request.ids)
+            if not any(self.rows):
+                self.cache.pos = P
+                self.cache.length.fill_(P)
+            elif self.cache.pos < P:
+                self._shift(P)
+            b = free.pop(0)
+            self.cache.insert(b, prefill, i, P)
+            self.rows[b] = row
+            self.idle[b] = False
 
     def _shift(self, new_pos: int) -> None:
         span = max(self.cache.pos - int(self.pad[b]) for b, r in enumerate(self.rows) if r is not None)

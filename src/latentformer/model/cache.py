@@ -59,15 +59,14 @@ class KVCache:
         self.pad = torch.zeros(self.batch_size, dtype=torch.long, device=self.length.device)
         return self.pad
 
-    def insert(self, row: int, src: "KVCache") -> None:
-        """Copy `src`'s row 0 (slots [0, src.pos), e.g. one prompt's prefill) into `row` so that
-        its last token sits at slot pos - 1; its earlier slots become that row's padding."""
-        n = src.pos
-        if self.pad is None or not 0 < n <= self.pos:
+    def insert(self, row: int, src: "KVCache", src_row: int, n: int) -> None:
+        """Copy the last `n` written slots of `src`'s row `src_row` (e.g. one prompt of a prefill)
+        into `row` so that its last token sits at slot pos - 1; its earlier slots become padding."""
+        if self.pad is None or not 0 < n <= min(self.pos, src.pos):
             raise ValueError(f"cannot insert {n} slots at position {self.pos} (row padding tensor: {self.pad is not None})")
         for mine, theirs in zip(self.layers, src.layers):
             for dst, s in zip(mine, theirs):
-                dst[row].narrow(-2, self.pos - n, n).copy_(s[0].narrow(-2, 0, n))
+                dst[row].narrow(-2, self.pos - n, n).copy_(s[src_row].narrow(-2, src.pos - n, n))
         self.pad[row] = self.pos - n
 
     def shift(self, new_pos: int, span: int) -> None:
