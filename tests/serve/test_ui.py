@@ -204,7 +204,8 @@ def test_model_card_in_the_side_panel(page, ckpt):
     md = " ".join(m.value for m in page.sidebar.markdown)
     assert f"| KV cache bytes/token | {2 * per_token} | {2 * mha_per_token} |" in md
     charts = [e for e in page.sidebar.children.values() if e.type == "vega_lite_chart"]  # st.line_chart
-    assert len(charts) == 1 and "MiB per sequence (float32)" in charts[0].proto.spec
+    assert len(charts) == 1 and "MiB per sequence" in charts[0].proto.spec
+    assert "Cache of one sequence vs context, float32." in " ".join(c.value for c in page.sidebar.caption)
 
 
 def test_bad_checkpoint_is_an_error_in_the_page(tmp_path, monkeypatch):

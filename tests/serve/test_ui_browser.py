@@ -2,8 +2,9 @@
 
 Needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver); Selenium
 is pointed at them, so nothing is downloaded. LATENTFORMER_UI_SCREENSHOT=PATH also writes the
-screenshot there (how docs/ui.png is made); LATENTFORMER_UI_CHECKPOINT=PATH (and
-LATENTFORMER_UI_PROMPT) runs the page on that checkpoint instead of a tiny random model.
+screenshot there (how docs/ui.png is made); LATENTFORMER_UI_CHECKPOINT=PATH (with
+LATENTFORMER_UI_PROMPT, and LATENTFORMER_UI_STOP_AFTER characters, default 40) runs the page on
+that checkpoint instead of a tiny random model.
 """
 
 from __future__ import annotations
@@ -112,14 +113,15 @@ def set_input(driver, selector: str, value: str, commit: str) -> None:
 def test_generate_stream_and_stop_in_chromium(app_url, browser, tmp_path):
     prompt = os.environ.get("LATENTFORMER_UI_PROMPT", "The state of the union")
     browser.get(app_url)
-    wait = WebDriverWait(browser, 60)
+    wait = WebDriverWait(browser, 120)  # a real checkpoint (LATENTFORMER_UI_CHECKPOINT) loads in the first run
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".st-key-generate button"))
     set_input(browser, "input[aria-label='Max new tokens']", str(MAX_NEW_TOKENS), "enter")
     set_input(browser, "textarea[aria-label='Prompt']", prompt, "ctrl+enter")
     browser.find_element(By.CSS_SELECTOR, ".st-key-generate button").click()
 
     # tokens stream in: the output grows past the prompt while Stop is enabled
-    wait.until(lambda d: len(output_text(d)) > len(prompt) + 40)
+    stop_after = int(os.environ.get("LATENTFORMER_UI_STOP_AFTER", "40"))
+    wait.until(lambda d: len(output_text(d)) > len(prompt) + stop_after)
     stop = browser.find_element(By.CSS_SELECTOR, ".st-key-stop button")
     assert stop.is_enabled()
     stop.click()
@@ -130,7 +132,7 @@ def test_generate_stream_and_stop_in_chromium(app_url, browser, tmp_path):
     assert kept.startswith(prompt)
     caption = next(line for line in kept.splitlines() if line.startswith("stopped after"))
     n_chars = int(caption.split()[2].replace(",", ""))
-    assert 40 < n_chars < MAX_NEW_TOKENS  # "stopped" only when Stop ended the stream before its last token
+    assert stop_after < n_chars < MAX_NEW_TOKENS  # "stopped" only when Stop ended the stream before its last token
     assert browser.find_element(By.CSS_SELECTOR, ".st-key-generate button").is_enabled()
 
     body = browser.find_element(By.TAG_NAME, "body").text

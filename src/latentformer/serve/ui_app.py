@@ -254,9 +254,10 @@ def sidebar(model, backend) -> None:
                         f"{attention_summary(mha_equivalent(cfg))}: that many more sequences of {context:,} tokens "
                         f"in {memory:g} GiB.")
         st.line_chart(cache_curve(card, context), x="context", x_label="context (tokens)",
-                      y_label=f"MiB per sequence ({card.cache_dtype})", height=240)
-        st.caption("MHA equivalent: the same model with multi-head attention (n_kv_heads = n_heads, "
-                   "head_dim = d_model / n_heads). M is the memory left for the cache after the weights.")
+                      y_label="MiB per sequence", height=240)
+        st.caption(f"Cache of one sequence vs context, {card.cache_dtype}. MHA equivalent: the same model with "
+                   "multi-head attention (n_kv_heads = n_heads, head_dim = d_model / n_heads). M is the memory left "
+                   "for the cache after the weights.")
 
 
 def controls(backend, busy: bool) -> None:
