@@ -8,9 +8,8 @@ feeds the model card.
 Streamlit reruns this script top to bottom on every interaction, so a generation is a job kept
 in st.session_state: the Generate button's callback queues it, the next run streams it into the
 page and appends every piece to the job as it arrives. A click on Stop (or on any widget) makes
-Streamlit interrupt the streaming run at its next page update and rerun; the job is then
-finished as "stopped" with the text it holds, by Stop's callback or, for another widget, by the
-run that finds the job still marked running. A finished response (prompt mode) or the
+Streamlit interrupt the streaming run at its next page update and rerun; the run that finds the
+job still marked running finishes it as "stopped" with the text it holds. A finished response (prompt mode) or the
 conversation (chat mode) lives in session_state and is redrawn on every rerun.
 """
 
@@ -206,10 +205,6 @@ def finish(status: str) -> None:
         s.completion = {"prompt": job["content"], "text": job["text"], "stopped": status == "stopped"}
 
 
-def on_stop() -> None:
-    finish("stopped")
-
-
 def on_clear() -> None:
     s = st.session_state
     s.messages, s.completion, s.job, s.error = [], None, None, None
@@ -282,7 +277,8 @@ def controls(backend, busy: bool) -> None:
         st.text_area("Prompt", key="prompt", height=120, disabled=busy)
     buttons = st.columns([1, 1, 1, 6])
     buttons[0].button("Generate", type="primary", key="generate", on_click=on_generate, disabled=busy)
-    buttons[1].button("Stop", key="stop", on_click=on_stop, disabled=not busy)
+    # no callback: the click itself interrupts the streaming run, and the next run finishes the job (main)
+    buttons[1].button("Stop", key="stop", disabled=not busy)
     buttons[2].button("Clear", key="clear", on_click=on_clear)
 
 
@@ -351,7 +347,7 @@ def main(argv: list[str]) -> None:
         st.stop()
     s = st.session_state
     if s.job is not None and s.job["status"] == "running":
-        finish("stopped")  # the run streaming it was interrupted by a click on another widget
+        finish("stopped")  # the run streaming it was interrupted by a click: Stop, or any other widget
     sidebar(model, backend)
     busy = s.job is not None
     controls(backend, busy)
