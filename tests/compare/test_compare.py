@@ -137,6 +137,32 @@ def test_killed_comparison_resumes(micro_family, micro_data, tmp_path):
     assert not (out / "report.md").exists()  # --no-report: results only
 
 
+def test_workers_run_cells_in_their_own_processes(finished, tmp_path):
+    """The multi-GPU path on a CPU: one worker process per 'device', each running a cell; the results
+    are those of the in-process run (same model, data and seeds, CPU fp32)."""
+    import io
+
+    from rich.console import Console
+
+    out = tmp_path / "workers"
+    out.mkdir()
+    shutil.copy(finished / ".latentformer.json", out)
+    plan = runner.load_plan(finished)
+    plan.overrides["train.threads"] = 1  # two workers on a 2-core machine
+    runner.save_plan(out, plan)
+    matrix = runner.build(plan)
+    todo = matrix.cells[:2]
+    log = io.StringIO()
+    progress = runner.MatrixProgress(Console(file=log), matrix, out)
+    assert runner._workers(out, matrix, todo, ["0", "1"], progress) == []
+    assert "on gpu 0" in log.getvalue() and "on gpu 1" in log.getvalue()
+    for cell in todo:
+        mine, theirs = runner.read_state(out / "cells" / cell.name), runner.read_state(finished / "cells" / cell.name)
+        assert mine["status"] == "done"
+        assert mine["val"]["loss"] == pytest.approx(theirs["val"]["loss"], rel=1e-4)  # other thread count: rounding
+    assert runner.read_state(out / "cells" / matrix.cells[2].name) is None
+
+
 def test_unfinished_measurement_is_redone_without_training(finished, micro_family, micro_data, monkeypatch, tmp_path):
     """A cell whose training finished but whose measurement was cut off is measured, not retrained."""
     out = tmp_path / "trained"

@@ -86,7 +86,7 @@ TINY = Family(
              "mha": Member("tiny", {"attention": "mha", "d_ff": 624}),
              "gqa": Member("tiny", {"attention": "gqa", "n_kv_heads": 2, "d_ff": 720}),
              "mqa": Member("tiny", {"attention": "mqa", "d_ff": 752})},
-    variants=["mha", "gqa", "mqa", "mla"], seeds=2, tokens=294_912,  # 144 steps of 2,048 tokens
+    variants=["mha", "gqa", "mqa", "mla"], seeds=2, tokens=262_144,  # 128 steps of 2,048 tokens
     train={"eval_tokens": 8192},
     decode_contexts=[128, 512, 2048], decode_batch_sizes=[1, 8], evals=8, d_ff_multiple=16)
 

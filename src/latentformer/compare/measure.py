@@ -64,20 +64,18 @@ def training_speed(records: list[dict[str, Any]]) -> dict[str, float | None]:
 
 def val_curve(records: list[dict[str, Any]], batch_tokens: int) -> list[dict[str, float]]:
     """Periodic validation points: training tokens seen, loss, bits per byte."""
-    return [{"tokens": r["step"] * batch_tokens, "loss": r["loss"], "bpb": r["bpb"]} for r in records if r.get("eval")]
+    return [{"tokens": r["step"] * batch_tokens, "loss": r["loss"], "bpb": r["bpb"]} for r in records
+            if r.get("eval") and r.get("loss") is not None]  # a non-finite loss is logged as null
 
 
 def _decode_model(checkpoint: Path, max_len: int, mode: str, device: torch.device, dtype: torch.dtype) -> Transformer:
-    from safetensors.torch import load_file
-
-    from latentformer.checkpoint import WEIGHTS, model_from_state, read_config
+    from latentformer.checkpoint import model_from_state, read_config, read_weights
 
     cfg = read_config(checkpoint)
     over: dict[str, Any] = {"max_seq_len": max(cfg.max_seq_len, max_len)}
     if cfg.attention == "mla":
         over["mla_decode"] = mode
-    state = load_file(str(checkpoint / WEIGHTS), device=str(device))
-    return model_from_state(cfg.replace(**over), state, str(checkpoint)).to(dtype).eval()
+    return model_from_state(cfg.replace(**over), read_weights(checkpoint), str(checkpoint)).to(device, dtype).eval()
 
 
 def _free_bytes(device: torch.device) -> int:

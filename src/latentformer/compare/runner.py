@@ -42,7 +42,9 @@ CELLS = "cells"
 LOGS = "logs"
 CELL_STATE = "cell.json"
 # compare trains every cell for the same number of tokens, step-exact and resumable
-FORCED = {"train.max_time_minutes": 0, "train.early_stopping_patience": 0, "train.progress": False, "train.sample_tokens": 0}
+FIXED = {"train.max_time_minutes": 0, "train.early_stopping_patience": 0}
+# the matrix display replaces the trainer's progress bar; cells print no sample
+QUIET = {"train.progress": False, "train.sample_tokens": 0}
 
 
 @dataclass
@@ -88,8 +90,8 @@ class Matrix:
 
 def common_overrides(plan: Plan, family: Family) -> dict[str, Any]:
     """Dotted overrides of every cell: family recipe < derived schedule < the user's < the forced ones."""
-    for key in FORCED:
-        if key in plan.overrides and key not in ("train.progress", "train.sample_tokens"):
+    for key in FIXED:
+        if key in plan.overrides:
             raise ValueError(f"--{key}: compare trains every cell for the same number of tokens; this field cannot be set")
     base = {f"train.{k}": v for k, v in family.train.items()}
     merged = {**base, **plan.overrides}
@@ -101,7 +103,7 @@ def common_overrides(plan: Plan, family: Family) -> dict[str, Any]:
     derived = {"train.max_steps": steps, "train.eval_interval": every,
                # a checkpoint at every other evaluation: an interrupted cell loses at most that much
                "train.checkpoint_interval": 2 * every, "train.keep_last": 1}
-    return {**base, **derived, **plan.overrides, **FORCED, "data.dir": plan.data_dir}
+    return {**base, **derived, **plan.overrides, **FIXED, **QUIET, "data.dir": plan.data_dir}
 
 
 def build(plan: Plan) -> Matrix:
@@ -153,9 +155,10 @@ def check_existing(root: Path, matrix: Matrix) -> None:
 
 def latest_step(run_dir: Path) -> int:
     """Step of the newest step checkpoint with a train state (0 when there is none)."""
+    from latentformer.checkpoint import step_dirs
     from latentformer.train.checkpointing import TRAIN_STATE
 
-    steps = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*") if (p / TRAIN_STATE).is_file()]
+    steps = [int(p.name[len("step_"):]) for p in step_dirs(run_dir) if (p / TRAIN_STATE).is_file()]
     return max(steps, default=0)
 
 
