@@ -38,6 +38,8 @@ SKIPPED = {
     "latentformer eval": "a whole validation split takes tens of seconds on 2 cores; tests/infer/test_first_run.py runs "
                          "eval without --data and with --data SOURCE on a tiny source",
     "latentformer serve": "a server: tests/serve/test_server.py runs it as a process",
+    "latentformer ui": "a web app that runs until stopped: tests/serve/test_ui.py and test_ui_browser.py drive it",
+    "latentformer compare": "trains a grid of models: tests/compare runs a micro grid",
     "latentformer convert": "needs transformers: tests/interop/test_convert_cli.py runs both directions",
 }
 SKIPPED_PYTHON = {  # section heading of a ```python block -> why it does not run here
