@@ -225,13 +225,15 @@ def test_unreachable_server_is_an_error_in_the_page(monkeypatch):
     assert not at.exception and len(at.error) == 1 and at.error[0].value.startswith("the server is unreachable")
 
 
-def test_cli_rejects_a_bad_path_before_streamlit(tmp_path, capsys):
+def test_cli_rejects_a_bad_path_before_streamlit(tmp_path, ckpt, capsys):
     assert main(["ui", str(tmp_path / "missing")]) == 1
     assert capsys.readouterr().err == f"latentformer ui: error: no such checkpoint or run directory: {tmp_path / 'missing'}\n"
     assert main(["ui", str(tmp_path)]) == 1  # a directory without a checkpoint
     assert "holds no checkpoint" in capsys.readouterr().err
     assert main(["ui", "--server", "localhost:8000"]) == 1
     assert "--server must be an http(s) URL" in capsys.readouterr().err
+    assert main(["ui", str(ckpt[0]), "--device", "tpu"]) == 1
+    assert "--device 'tpu' is not a device" in capsys.readouterr().err
 
 
 def test_streamlit_command_is_offline_and_loopback(ckpt):
@@ -297,3 +299,5 @@ def test_server_mode_prompt_and_chat(server_url, ckpt, monkeypatch):
     at.button(key="generate").click().run()
     assert not at.exception and len(at.error) == 1 and at.error[0].value.startswith("the server answered 400")
     assert at.text_area(key="message").value == "x" * 80  # the failed message is back in the input
+    bare = app(monkeypatch, "--server", server_url)  # no PATH: generation works, the card asks for it
+    assert not bare.error and "Give the checkpoint's PATH too" in bare.sidebar.info[0].value

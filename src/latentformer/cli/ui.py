@@ -15,7 +15,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from urllib.parse import urlparse
 
-from latentformer.cli.generate import add_model_arguments
+from latentformer.cli.generate import add_model_arguments, check_device
 
 HELP = "a web playground for a checkpoint or a running server (Streamlit, on 127.0.0.1)"
 
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default: 8501)")
     parser.add_argument("--server", metavar="URL", default=None,
                         help="generate with a running `latentformer serve` at URL instead (PATH then only feeds the model card)")
-    parser.add_argument("--api-key", default=None, help="the server's API key (with --server)")
+    parser.add_argument("--api-key", default=None, metavar="KEY", help="the server's API key (with --server)")
 
 
 def streamlit_command(args: argparse.Namespace) -> list[str]:
@@ -53,6 +53,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--server must be an http(s) URL such as http://127.0.0.1:8000, got {args.server!r}")
     elif args.path is None:
         raise ValueError("give a checkpoint or run directory, or --server URL")
+    if args.device is not None:
+        check_device(args.device)
     if args.path is not None:
         from latentformer.checkpoint import WEIGHTS, find_checkpoint, read_config
 
