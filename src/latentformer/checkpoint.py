@@ -75,11 +75,10 @@ def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise ValueError(f"{source} does not match {against}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, tensor in state.items():
-        want = tuple(expected[name].shape)
-        if tuple(tensor.shape) != want:
-            raise ValueError(f"{source} does not match {against}: {name} has shape {list(tensor.shape)} in the "
-                             f"checkpoint but {list(want)} in the config (a checkpoint of another model shape?)")
+    for name, want in expected.items():  # the model's order: the first mismatch is the earliest layer's
+        if name in state and state[name].shape != want.shape:
+            raise ValueError(f"{source} does not match {against}: {name} has shape {list(state[name].shape)} in the "
+                             f"checkpoint but {list(want.shape)} in the config (a checkpoint of another model shape?)")
 
 
 def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> Transformer:

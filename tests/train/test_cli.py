@@ -14,7 +14,8 @@ from latentformer.data.dataset import TokenData
 
 from .conftest import TINY_MODEL_ARGS
 
-FAST = ["--train.device", "cpu", "--train.eval_batch_size", "64", "--train.seq_len", "32", "--train.micro_batch_size", "8", "--train.batch_tokens", "256",
+# one thread: on shared cores OpenMP's spin-waiting threads make two threads many times slower
+FAST = ["--train.device", "cpu", "--train.threads", "1", "--train.eval_batch_size", "64", "--train.seq_len", "32", "--train.micro_batch_size", "8", "--train.batch_tokens", "256",
         "--train.warmup_steps", "2", "--train.max_time_minutes", "0", "--train.progress", "false", "--train.tensorboard", "false", "--no-sample"]
 
 

@@ -211,12 +211,13 @@ class Trainer:
         self._extend_past_budget()
 
     def _extend_past_budget(self) -> None:
-        """A run that stopped on its time budget and is resumed with a larger max_steps (the budget
-        unchanged) trains on without a budget: the extension the user asked for, recorded in the
-        run's config.yaml. Raising max_time_minutes instead gives it a new budget."""
+        """A run that stopped on its time budget and is resumed with a new max_steps beyond its step
+        (the budget unchanged) trains on to it without a budget: the extension the user asked for,
+        recorded in the run's config.yaml. Raising max_time_minutes instead gives it a new budget."""
         t, saved = self.cfg.train, self.saved_config.get("train", {})
         spent = t.max_time_minutes and self.train_seconds >= 60 * t.max_time_minutes
-        if spent and t.max_steps > saved.get("max_steps", t.max_steps) and t.max_time_minutes == saved.get("max_time_minutes"):
+        new_steps = t.max_steps != saved.get("max_steps", t.max_steps) and t.max_steps > self.step
+        if spent and new_steps and t.max_time_minutes == saved.get("max_time_minutes"):
             self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, max_time_minutes=0.0))
             self.notes.append(f"the run had stopped on its {t.max_time_minutes:g}-minute budget: it trains on to "
                               f"train.max_steps={t.max_steps} without one (train.max_time_minutes 0)")
