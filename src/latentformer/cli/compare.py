@@ -107,7 +107,7 @@ def _plan(args, out: Path):
         overrides = dict(stored.overrides)
     if args.tokens is not None and "train.max_steps" in overrides:
         raise ValueError("give the length as --tokens or --train.max_steps, not both")
-    if args.tokens is not None and args.tokens < 1 or args.seeds is not None and args.seeds < 1:
+    if (args.tokens is not None and args.tokens < 1) or (args.seeds is not None and args.seeds < 1):
         raise ValueError("--tokens and --seeds must be positive")
     tokens = args.tokens or (stored.tokens if stored else family.tokens)
     if "train.max_steps" in overrides:  # the length in steps: tokens = steps x batch_tokens

@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from latentformer.compare.matrix import TOLERANCE
 from latentformer.compare.measure import KV_DTYPE, MAX_BATCH_CONTEXTS, flops_per_token, kv_bytes_per_token, max_batch
 from latentformer.compare.runner import Matrix, cell_dir, read_state
@@ -88,8 +90,6 @@ def results(root: Path, matrix: Matrix) -> dict[str, Any]:
             row.update({k: s[k] for k in ("val", "train", "decode", "curve", "device", "finished")})
         cells.append(row)
     devices = sorted({s["device"] for s in done.values()})
-    import torch
-
     return {
         "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -217,7 +217,23 @@ def run_cell(root: Path, matrix: Matrix, cell: Cell, on_step: Callable[[int], No
             on_phase("measuring")
         state = {**state, "status": "done", **measure_cell(trainer, run_dir, matrix.plan)}
         write_state(run_dir, state)
-        return state
+    del trainer
+    _release(cell.cfg.train.compile)
+    return state
+
+
+def _release(compiled: bool) -> None:
+    """Between in-process cells: free the device memory of the last one, and forget its compiled
+    graphs (past 8 compilations of one function dynamo silently runs it eagerly: NOTES.md)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if compiled:
+        torch._dynamo.reset()
 
 
 # -- the matrix -----------------------------------------------------------------------------------
