@@ -13,7 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from latentformer.checkpoint import load, save_checkpoint  # noqa: E402
+from latentformer.checkpoint import load, load_model, save_checkpoint  # noqa: E402
 from latentformer.cli import main  # noqa: E402
 from latentformer.config import ModelConfig  # noqa: E402
 from latentformer.data.tokenizer import ByteTokenizer  # noqa: E402
@@ -171,3 +171,48 @@ def test_an_imported_model_without_a_tokenizer_says_so(tmp_path, capsys, hf_dir)
     with pytest.raises(ValueError, match="checkpoint without a tokenizer"):
         load(tmp_path / "out", device="cpu")
     _fails(capsys, ["generate", str(tmp_path / "out"), "--prompt", "hi"], "checkpoint without a tokenizer")
+
+
+def _permute(w, n_heads: int):
+    """llama.cpp's row order for q/k (its converter's `permute`; transformers' GGUF reader undoes it)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_convert_from_gguf_file(tmp_path, capsys):
+    """A tiny Llama written as GGUF the way llama.cpp writes one, converted by the CLI, equals the model."""
+    gguf = pytest.importorskip("gguf", reason="the [gguf] extra")
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5, rope_theta=500.0, initializer_range=0.2)).eval()
+    writer = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
+    for add, value in [("context_length", 32), ("embedding_length", 16), ("block_count", 2), ("feed_forward_length", 24),
+                       ("head_count", 4), ("head_count_kv", 2), ("layer_norm_rms_eps", 1e-5), ("rope_freq_base", 500.0),
+                       ("vocab_size", V)]:
+        getattr(writer, f"add_{add}")(value)
+    top = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
+    layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, t in hf.state_dict().items():
+        w = t.numpy()
+        if name in top:
+            writer.add_tensor(f"{top[name]}.weight", w)
+            continue
+        i, module = name.split(".")[2], name.split(".", 3)[3].removesuffix(".weight")
+        w = _permute(w, 4) if module == "self_attn.q_proj" else _permute(w, 2) if module == "self_attn.k_proj" else w
+        writer.add_tensor(f"blk.{i}.{layer[module]}.weight", w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    out = tmp_path / "out"
+    assert main(["convert", "--from", "gguf", str(tmp_path / "tiny.gguf"), str(out)]) == 0
+    assert "no tokenizer" in capsys.readouterr().out  # this file has no vocabulary: the model alone
+    model = load_model(out)
+    x = torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max() <= 1e-5
+    _fails(capsys, ["convert", "--from", "gguf", str(tmp_path / "tiny.gguf"), str(out)], "pass --force")
+    _fails(capsys, ["convert", "--from", "gguf", str(tmp_path / "tiny.gguf"), str(tmp_path)], "is or contains the input")
