@@ -188,6 +188,16 @@ class GPT2Tokenizer(Tokenizer):
         return {"sha256": dict(_GPT2_SHA256)}
 
 
+def _read_hf_tokenizer(path: str | os.PathLike):
+    """A Hugging Face `tokenizers` Tokenizer from a tokenizer.json; one-line ValueError if unreadable."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise ValueError(f"cannot read tokenizer file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def _as_tiktoken(tk, eot_id: int):
     """The same tokenizer as a tiktoken Encoding, if `tk` is a plain GPT-2-style byte-level BPE.
 
@@ -248,13 +258,7 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> BPETokenizer:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        try:
-            tk = HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-            raise ValueError(f"cannot read tokenizer file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        return cls(tk, source=str(path))
+        return cls(_read_hf_tokenizer(path), source=str(path))
 
     def encode_array(self, text: str) -> np.ndarray:
         if self._fast is not None:
@@ -367,17 +371,19 @@ class PretrainedTokenizer(BPETokenizer):
         return self._stop
 
     @classmethod
+    def from_file(cls, path: str | os.PathLike) -> PretrainedTokenizer:
+        """A model's tokenizer.json, with the files beside it (see `from_hf_dir`)."""
+        if Path(path).name != BPE_FILE:
+            raise ValueError(f"{path}: a pretrained tokenizer is read from its model directory's {BPE_FILE}")
+        return cls.from_hf_dir(Path(path).parent)
+
+    @classmethod
     def from_hf_dir(cls, directory: str | os.PathLike, model_config: dict | None = None) -> PretrainedTokenizer:
         """The tokenizer of a Hugging Face model directory (tokenizer.json, tokenizer_config.json,
         chat_template.jinja, generation_config.json; ids from `model_config`, else its config.json)."""
-        from tokenizers import Tokenizer as HFTokenizer
-
         d = Path(directory)
         path = d / BPE_FILE
-        try:
-            tk = HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-            raise ValueError(f"cannot read tokenizer file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        tk = _read_hf_tokenizer(path)
         tk_cfg = _read_json(d / "tokenizer_config.json", {})
         gen = _read_json(d / "generation_config.json", {})
         model_config = model_config if model_config is not None else _read_json(d / "config.json", {})
@@ -417,13 +423,8 @@ class PretrainedTokenizer(BPETokenizer):
     @classmethod
     def from_saved(cls, directory: Path, meta: dict) -> PretrainedTokenizer:
         """Rebuild from a directory written by `save` (a checkpoint of an imported model)."""
-        from tokenizers import Tokenizer as HFTokenizer
-
         path = directory / meta.get("file", BPE_FILE)
-        try:
-            tk = HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-            raise ValueError(f"cannot read tokenizer file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        tk = _read_hf_tokenizer(path)
         special = meta.get("hf")
         if not isinstance(special, dict):
             raise ValueError(f"{directory / META_FILE}: field 'hf' (the special tokens) must be an object")
