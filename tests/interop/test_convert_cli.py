@@ -106,6 +106,17 @@ def test_index_naming_a_file_outside_the_model_directory_is_refused(tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
+def test_index_may_name_symlinked_shards(tmp_path, hf_dir):
+    """The hub cache's snapshots are symlinks into its blob store: a shard linked there is inside."""
+    (tmp_path / "blob").write_bytes((hf_dir / "model.safetensors").read_bytes())
+    (hf_dir / "model.safetensors").unlink()
+    (hf_dir / "shard.safetensors").symlink_to(tmp_path / "blob")
+    names = ["model.embed_tokens.weight"]
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names, "shard.safetensors")}))
+    model, _ = import_hf(hf_dir)
+    assert model.config.vocab_size == V
+
+
 def test_export_never_replaces_its_input(tmp_path, capsys, ckpt):
     before = _tree(ckpt)
     for extra in ([], ["--force"]):
