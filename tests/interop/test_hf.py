@@ -403,3 +403,24 @@ def test_gpt2_tokenizer_exports_as_identical_hf_tokenizer(tmp_path):
     sample = "Hello world!  It's 2026: naïve café, tabs\tand\nnewlines."
     assert hf_tok(sample)["input_ids"] == tok.encode(sample)
     assert hf_tok.eos_token_id == tok.eot_id == 50256
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(rope_scaling="ntk"), "rope_scaling"),
+    (dict(rope_scaling="linear", rope_scaling_factor=0.5), "rope_scaling_factor"),
+    (dict(rope_scaling="linear", rope_scaling_factor=2.0, yarn_factor=4.0), "rope_scaling"),
+    (dict(rope_scaling="llama3", rope_scaling_factor=8.0, llama3_low_freq_factor=4.0, llama3_high_freq_factor=1.0), "llama3_high_freq_factor"),
+    (dict(latent_norm_eps=0.0), "latent_norm_eps"),
+    (dict(qkv_bias=True), "qkv_bias"),  # BASE is MLA: no q/k/v projections
+])
+def test_interop_config_fields_are_validated(change, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        ModelConfig(**BASE, **change)
+
+
+def test_configs_written_before_the_interop_fields_load_unchanged():
+    old = {k: v for k, v in ModelConfig(**BASE).to_dict().items()
+           if k not in ("rope_scaling", "rope_scaling_factor", "llama3_low_freq_factor", "llama3_high_freq_factor",
+                        "llama3_original_max_seq_len", "latent_norm_eps", "qkv_bias")}
+    cfg = ModelConfig.from_dict(old)
+    assert (cfg.rope_scaling, cfg.latent_eps, cfg.qkv_bias) == ("none", cfg.norm_eps, False)
