@@ -16,6 +16,9 @@ decode kernel both honour per-row padding).
   (a client that went away); its row is free for the next step. When pos reaches the context,
   the rows move left to the longest active row (one copy of the cache, rare); when the batch
   empties, pos starts again at the next prompt's length.
+- The engine launches step t+1 before it reads step t's tokens back, so the host's work per token
+  (detokenizing, stop strings, delivery) overlaps the device's next step; the price is that a
+  finished row runs one extra step whose token is discarded.
 - Sampling is per row (`sample_rows`): temperature and top_p per request, and a seeded request
   draws with its own torch.Generator, so the same seed gives the same text whatever else runs.
 
@@ -75,12 +78,22 @@ class Request:
         self.cancelled = True
 
 
+@dataclass
+class _Step:
+    """A decode step launched on the device and not yet read back: the rows it ran for, its
+    sampled tokens (copied to the host without blocking) and the event that says they are there."""
+
+    rows: list
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
+
+
 @dataclass(eq=False)
 class _Row:
     request: Request
     text: _RowText
     generator: torch.Generator | None
-    token: int = 0  # the last sampled token: the row's input at the next step
+    start: int = 0  # the row's first slot (= pad[b]), mirrored here so that no step reads `pad` back
     count: int = 0  # tokens sampled so far
 
 
@@ -120,6 +133,10 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self.steps = 0  # decode steps run (for tests and monitoring)
+        self._inputs = torch.full((max_batch, 1), tokenizer.eot_id, dtype=torch.long, device=self.device)
+        pinned = self.device.type == "cuda"
+        self._host = [torch.empty(max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._inflight: _Step | None = None
         self.shifts = 0
         with torch.inference_mode():
             if compile:
@@ -173,7 +190,7 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._stopping and not self.waiting and not any(self.rows):
+                    while not self._stopping and not self.waiting and not any(self.rows) and self._inflight is None:
                         self._wake.wait()
                     if self._stopping:
                         break
@@ -181,9 +198,9 @@ class Engine:
                 try:
                     self._drop_cancelled()
                     self._admit(events)
-                    if any(self.rows):
-                        self._decode(events)
+                    self._decode(events)
                 except Exception as e:  # e.g. out of memory: fail the requests in flight, keep serving
+                    self._inflight = None
                     self._fail_all(events, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 if events:
                     self.deliver(events)
@@ -256,17 +273,24 @@ class Engine:
                 self._shift(P)
             b = free.pop(0)
             self.cache.insert(b, prefill, i, P)
+            row.start = self.cache.pos - P
+            self._inputs[b, 0] = token
             self.rows[b] = row
             self.idle[b] = False
 
     def _shift(self, new_pos: int) -> None:
-        span = max(self.cache.pos - int(self.pad[b]) for b, r in enumerate(self.rows) if r is not None)
+        """Move every row so that the last written slot is new_pos - 1 (see KVCache.shift)."""
+        span = self.cache.pos - min(r.start for r in self.rows if r is not None)
+        delta = new_pos - self.cache.pos
         self.cache.shift(new_pos, span)
+        for r in self.rows:
+            if r is not None:
+                r.start += delta
         self.shifts += 1
 
     def _push(self, row: _Row, token: int, events: list) -> bool:
         """Feed one sampled token to a row's text; queue its event; True when the request is done."""
-        row.token, row.count = token, row.count + 1
+        row.count += 1
         piece = row.text.push(token)
         reason = "stop" if row.text.done else "length" if row.count >= row.request.max_tokens else None
         if reason == "length":
@@ -276,18 +300,38 @@ class Engine:
         return reason is not None
 
     def _decode(self, events: list) -> None:
-        """One token for every active row."""
+        """Launch the next step, then read back the one before it: the host's work on a step's
+        tokens (text, stop strings, delivery) overlaps the device's next step. A row that ended at
+        the step read back was also in the launched one; that extra token is discarded."""
+        launched = self._launch() if any(self.rows) else None
+        if self._inflight is not None:
+            self._read(self._inflight, events)
+        self._inflight = launched
+
+    def _launch(self) -> _Step:
+        """One token for every active row, from `_inputs` (each row's last token, on the device)."""
         cache = self.cache
-        if cache.pos >= self.context:  # move every row left to the longest one
-            self._shift(max(cache.pos - int(self.pad[b]) for b, r in enumerate(self.rows) if r is not None))
+        if cache.pos >= self.context:  # move every row left, to the longest one
+            self._shift(cache.pos - min(r.start for r in self.rows if r is not None))
         self.pad.masked_fill_(self.idle, cache.pos)  # a free row attends only to the slot it writes
-        tokens = torch.tensor([[r.token if r is not None else self.tokenizer.eot_id] for r in self.rows], device=self.device)
-        logits = self._step(tokens)[:, -1, :self.vocab]
+        logits = self._step(self._inputs)[:, -1, :self.vocab]
         self.steps += 1
-        rows = self.rows
+        rows = list(self.rows)
         nxt = sample_rows(logits, [r.request.temperature if r else 0.0 for r in rows],
                           [r.request.top_p if r else 1.0 for r in rows], [r.generator if r else None for r in rows])
-        for b, token in enumerate(nxt.tolist()):
-            row = rows[b]
-            if row is not None and self._push(row, token, events):
+        self._inputs.copy_(nxt[:, None])
+        host = self._host[self.steps % 2]  # two buffers: the step being read back keeps its own
+        host.copy_(nxt, non_blocking=host.is_pinned())
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Step(rows, host, ready)
+
+    def _read(self, step: _Step, events: list) -> None:
+        if step.ready is not None:
+            step.ready.synchronize()  # this step's tokens only, not the one launched after it
+        for b, token in enumerate(step.host.tolist()):
+            row = step.rows[b]
+            if row is not None and row is self.rows[b] and self._push(row, token, events):
                 self._free(b)
