@@ -160,6 +160,10 @@ def test_queue_is_bounded(model):
         eng.submit(make_request(tok, "q", 4)[0])
     with pytest.raises(ValueError, match="prompt"):
         eng.submit(Request(tok.encode("x" * CONTEXT), 1, Collector()))
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(m, tok, compile=True)
+    with pytest.raises(ValueError, match="max_batch"):
+        Engine(m, tok, max_batch=0)
 
 
 def test_engine_errors_fail_requests_and_keep_serving(model, monkeypatch):

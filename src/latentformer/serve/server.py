@@ -347,8 +347,14 @@ async def _stream(job: Request, queue: asyncio.Queue, meta: dict, chat: bool, us
     together), the finish_reason in the last, then optional usage and `data: [DONE]`. Closing the
     connection cancels the generator here and so the request in the engine."""
     meta = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
+    # the common chunk (text, no finish_reason) is formatted from fixed parts: it is sent once per
+    # token per client, the server's main cost per token after the model
+    head = "data: " + json.dumps(meta)[:-1] + ', "choices": [{"index": 0, ' + ('"delta": {"content": ' if chat else '"text": ')
+    tail = ("}" if chat else "") + ', "finish_reason": null, "logprobs": null}]' + (', "usage": null' if usage else "") + "}\n\n"
 
     def chunk(text: str | None, reason: str | None, role: bool = False) -> str:
+        if text and reason is None and not role:
+            return head + json.dumps(text, ensure_ascii=False) + tail
         if chat:
             delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
             choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
