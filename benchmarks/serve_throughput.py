@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from latentformer import ModelConfig, Transformer  # noqa: E402
-from latentformer.checkpoint import save_checkpoint  # noqa: E402
+from latentformer.checkpoint import load, save_checkpoint  # noqa: E402
 
 SERVING = ("fastapi", "uvicorn", "httpx")
 
@@ -288,7 +288,7 @@ def main() -> None:
                 gaps = [1e3 * g for r in ok for g in r["gaps"]]
                 served = tokens / wall
                 torch._dynamo.reset()  # stay under the recompile limit across configurations
-                model = build(preset, context, args.device, dtype)
+                model, _ = load(ckpt, device=args.device, dtype=dtype)  # the weights the server had
                 offline = offline_generate(model, tok, prompts, args.new_tokens, compile)
                 del model
                 if args.device.startswith("cuda"):

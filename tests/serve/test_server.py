@@ -265,6 +265,7 @@ BAD_BODIES = [  # (body, status, param)
     (b'{"prompt": "a", "stop": ""}', 400, "stop"),
     (b'{"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
     (b'{"prompt": "a", "seed": "1"}', 400, "seed"),
+    (b'{"prompt": "a", "seed": 9223372036854775808}', 400, "seed"),
     (b'{"prompt": "a", "n": 2}', 400, "n"),
     (b'{"prompt": "a", "logprobs": 2}', 400, "logprobs"),
     (b'{"prompt": "a", "echo": true}', 400, "echo"),

@@ -70,6 +70,7 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stops: list[str] = field(default_factory=list)
+    stream: bool = True  # False: the text comes in one piece at the end (no detokenizing per token)
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
 
@@ -262,7 +263,7 @@ class Engine:
                       for r in group]
         first = sample_rows(logits, [r.temperature for r in group], [r.top_p for r in group], generators).tolist()
         for i, (request, generator, token) in enumerate(zip(group, generators, first)):
-            row = _Row(request, _RowText(self.tokenizer, request.stops, incremental=True), generator)
+            row = _Row(request, _RowText(self.tokenizer, request.stops, incremental=request.stream), generator)
             if self._push(row, token, events):
                 continue  # finished on its first token: never enters the batch
             P = len(request.ids)

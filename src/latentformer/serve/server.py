@@ -78,7 +78,7 @@ class _Sampling(_Strict):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # OpenAI's int64; taken mod 2^64: one seed, one stream
     n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -224,7 +224,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         if top_p == 0:  # only the most likely token is left
             temperature, top_p = 0.0, 1.0
         job = Request(ids, max_tokens, queue.put_nowait, temperature, top_p,
-                      None if req.seed is None else req.seed % 2**64, stops)
+                      None if req.seed is None else req.seed % 2**64, stops, stream=bool(req.stream))
         try:
             engine.submit(job)
         except QueueFull as e:
