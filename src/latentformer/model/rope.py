@@ -55,8 +55,9 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Llama 3.1's scaling: wavelengths longer than original/low_freq_factor are stretched by the
-    factor, those shorter than original/high_freq_factor kept, the band between interpolated."""
+    """Llama 3.1's scaling (Llama Team 2024, "The Llama 3 Herd of Models"; as transformers'
+    `_compute_llama3_parameters`): wavelengths longer than original/low_freq_factor are stretched by
+    the factor, those shorter than original/high_freq_factor kept, the band between interpolated."""
     factor, orig = cfg.rope_scaling_factor, cfg.llama3_original_max_seq_len
     low, high = cfg.llama3_low_freq_factor, cfg.llama3_high_freq_factor
     wavelen = 2 * math.pi / inv_freq
