@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -72,7 +71,6 @@ class Request:
     stops: list[str] = field(default_factory=list)
     stream: bool = True  # False: the text comes in one piece at the end (no detokenizing per token)
     cancelled: bool = False
-    submitted: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
         """Stop generating for this request (from any thread): its row is freed before the next step."""

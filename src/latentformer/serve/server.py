@@ -22,7 +22,7 @@ import hmac
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
