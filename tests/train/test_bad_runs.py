@@ -60,6 +60,14 @@ def data_is_out(tmp, run, data):
     return new_run(tmp / "data", tmp / "data", "--force")
 
 
+def data_meta_without_dtype(tmp, run, data):
+    shutil.copytree(data, tmp / "data")
+    meta = json.loads((tmp / "data" / "meta.json").read_text())
+    del meta["dtype"]
+    (tmp / "data" / "meta.json").write_text(json.dumps(meta))
+    return new_run(tmp / "data", run, "--force")
+
+
 def out_contains_data(tmp, run, data):
     shutil.copytree(data, run / "data")
     return new_run(run / "data", run, "--force")
@@ -140,6 +148,7 @@ CASES = [
     (user_dir_force, "is not a run directory made by latentformer"),
     (unprepared_data_force, "has no meta.json"),
     (data_is_out, "is or contains the input"),
+    (data_meta_without_dtype, "meta.json"),
     (out_contains_data, "is or contains the input"),
     (out_contains_config, "is or contains the input"),
     (out_is_a_file, "is not a directory"),
