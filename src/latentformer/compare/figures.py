@@ -108,9 +108,9 @@ def pareto(plt, data, colors, out: Path) -> str | None:
     if len(front) > 1:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", ls="--", color="0.5", lw=1, label="Pareto front")
     ax.set_xscale("log", base=2)
-    from matplotlib.ticker import EngFormatter
+    from matplotlib.ticker import FuncFormatter
 
-    ax.xaxis.set_major_formatter(EngFormatter(unit="B", sep=""))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos=None: f"{x:,.0f} B"))
     ax.set_xlabel("KV-cache bytes per token (all layers, bf16; log scale)")
     ax.set_ylabel("validation bits per byte (lower is better)")
     ax.set_title("Quality vs KV-cache size (lower left is better)")

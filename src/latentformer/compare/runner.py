@@ -36,6 +36,7 @@ from typing import Any, Callable
 from latentformer.compare.matrix import Cell, Family, Variant, cells as make_cells, check_matching, resolve_variants, steps_for_tokens
 from latentformer.config import from_dict, load_yaml, to_dict
 from latentformer.fsutil import atomic_write_text
+from latentformer.train.config import TrainConfig
 
 PLAN = "compare.json"
 CELLS = "cells"
@@ -95,8 +96,6 @@ def common_overrides(plan: Plan, family: Family) -> dict[str, Any]:
             raise ValueError(f"--{key}: compare trains every cell for the same number of tokens; this field cannot be set")
     base = {f"train.{k}": v for k, v in family.train.items()}
     merged = {**base, **plan.overrides}
-    from latentformer.train.config import TrainConfig
-
     batch_tokens = int(merged.get("train.batch_tokens", TrainConfig.batch_tokens))
     steps = steps_for_tokens(plan.tokens, batch_tokens)
     every = max(1, steps // family.evals)
@@ -352,6 +351,11 @@ def _workers(root: Path, matrix: Matrix, todo: list[Cell], devices: list[str], p
     """One `python -m latentformer.compare.runner` per GPU, each pulling the next pending cell."""
     failed, queue, running = [], list(todo), {}  # running: device -> (cell, Popen, log file, t0)
     env = {**os.environ, "LATENTFORMER_COMPARE_PARENT": str(os.getpid())}
+
+    def stop(signum, frame):  # SIGTERM (a timeout, a scheduler) ends the matrix like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         while queue or running:
             for dev in devices:
@@ -381,10 +385,17 @@ def _workers(root: Path, matrix: Matrix, todo: list[Cell], devices: list[str], p
                     failed.append(cell.name)
                     progress.finish(cell, None, f"exit status {proc.returncode} (log: {log.name})", time.monotonic() - t0)
     finally:
+        # a worker's trainer saves a checkpoint at its step boundary on SIGTERM, then exits
         for cell, proc, log, _ in running.values():
             proc.terminate()
-            proc.wait()
+        for cell, proc, log, _ in running.values():
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             log.close()
+        signal.signal(signal.SIGTERM, previous)
     return failed
 
 
