@@ -20,11 +20,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
-from .test_ui import tiny_checkpoint
+import latentformer as lf
+from latentformer.checkpoint import save_checkpoint
+from latentformer.data.tokenizer import load_tokenizer
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-MAX_NEW_TOKENS = 3000  # long enough on CPU that Stop lands mid-stream
+MAX_NEW_TOKENS = 4000  # ~5 s on a 2-core CPU with the model below: Stop lands mid-stream
 
 pytestmark = [
     pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
@@ -57,9 +60,40 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> Non
     raise AssertionError(f"the app did not come up at {url} in {timeout:.0f} s")
 
 
+def endless_checkpoint(path: Path) -> Path:
+    """A random 2-layer MLA model with the byte tokenizer that can never emit end-of-text.
+
+    Residual dimension 0 is 1 in every embedding and no block writes to it, so after the final
+    RMSNorm it is positive at every position; the head's end-of-text row reads only that dimension,
+    with weight -1000. A reply therefore always runs to max_new_tokens, and only Stop ends it early.
+    """
+    torch.manual_seed(0)
+    cfg = lf.ModelConfig(vocab_size=260, n_layers=2, d_model=64, n_heads=4, max_seq_len=4096, d_ff=96,
+                         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, init_std=0.2)
+    model, tokenizer = lf.Transformer(cfg).eval(), load_tokenizer("byte")
+    with torch.no_grad():
+        model.embed.weight[:, 0] = 1.0
+        for layer in model.layers:
+            layer.attn.o_proj.weight[0] = 0.0
+            layer.ffn.down_proj.weight[0] = 0.0
+        model.lm_head.weight[tokenizer.eot_id] = 0.0
+        model.lm_head.weight[tokenizer.eot_id, 0] = -1000.0
+    return save_checkpoint(path, model, tokenizer)
+
+
+def test_endless_checkpoint_never_ends_on_its_own(tmp_path):
+    model, tokenizer = lf.load(endless_checkpoint(tmp_path / "model"), device="cpu")
+    ids = torch.tensor([tokenizer.encode("The state of the union")])
+    for _ in range(3):  # eot stays >= 100 logits below the best token (p < e^-50 at the top temperature, 2)
+        with torch.no_grad():
+            logits = model(ids)[0]
+        assert (logits[:, tokenizer.eot_id] < logits.max(dim=-1).values - 100).all()
+        ids = torch.cat([ids, torch.randint(0, tokenizer.eot_id, (1, 200))], dim=1)
+
+
 @pytest.fixture
 def app_url(tmp_path):
-    ckpt = os.environ.get("LATENTFORMER_UI_CHECKPOINT") or str(tiny_checkpoint(tmp_path / "model", max_seq_len=4096))
+    ckpt = os.environ.get("LATENTFORMER_UI_CHECKPOINT") or str(endless_checkpoint(tmp_path / "model"))
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "latentformer", "ui", ckpt, "--port", str(port), "--device", "cpu"],

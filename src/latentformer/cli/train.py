@@ -94,7 +94,7 @@ def _ensure_data(cfg) -> None:
         return
     target = cfg.data.resolved_dir()
     print(f"data: {cfg.data.source} with tokenizer {cfg.data.tokenizer} -> {target}", file=sys.stderr)
-    prepare(cfg.data.source, cfg.data.tokenizer, target, progress=sys.stderr.isatty())
+    prepare(cfg.data.source, cfg.data.tokenizer, target, progress=sys.stderr.isatty(), replace_stale=True)
 
 
 def _sample(run_dir: Path, cfg) -> None:
