@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from latentformer.data.sources import Document, Source, decode_text
+from latentformer.data.document import Document, Source, decode_text
 
 DEFAULT_MIRROR = "https://www.gutenberg.org"
 _DEFAULT_PATH = "/cache/epub/{id}/pg{id}.txt"

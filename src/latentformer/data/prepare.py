@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from latentformer.data.sources import Document, Source, open_source
+from latentformer.data.document import Document, Source
+from latentformer.data.sources import open_source
 from latentformer.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from latentformer.fsutil import atomic_directory, check_output, mark_output
 

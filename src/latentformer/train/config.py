@@ -19,6 +19,7 @@ from latentformer.config import ModelConfig, _check, apply_overrides, from_dict,
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
+SCHEDULES = ("cosine", "step", "wsd", "constant")  # implemented in train/schedule.py
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 MAX_SEED = 2**32 - 1  # numpy's global seed is 32-bit
 
@@ -118,8 +119,6 @@ class TrainConfig:
         _check(0 < self.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
         _check(self.dtype in DTYPES, "train.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _check(self.parallel in PARALLEL, "train.parallel", f"must be ddp or fsdp, got {self.parallel!r}")
-        from latentformer.train.schedule import SCHEDULES
-
         _check(self.schedule in SCHEDULES, "train.schedule", f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         _check(list(self.milestones) == sorted(self.milestones), "train.milestones", "must be increasing")
 

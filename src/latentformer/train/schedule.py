@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import math
 
-from latentformer.train.config import TrainConfig
-
-SCHEDULES = ("cosine", "step", "wsd", "constant")
+from latentformer.train.config import SCHEDULES, TrainConfig
 
 
 def lr_at(cfg: TrainConfig, step: int, time_fraction: float = 0.0) -> float:
