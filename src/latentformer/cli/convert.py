@@ -15,8 +15,8 @@ import sys
 import warnings
 from pathlib import Path
 
-HELP = ("convert a checkpoint to a Hugging Face directory (--to hf), or a Hugging Face checkpoint "
-        "(--from hf) or GGUF file (--from gguf) to ours")
+HELP = ("convert a checkpoint to a Hugging Face directory (--to hf), a Hugging Face checkpoint "
+        "(--from hf) or GGUF file (--from gguf) to ours, or an MHA/GQA checkpoint to MLA (--to-mla)")
 
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
               "tokenizer_config.json", "generation_config.json", "chat_template.jinja", "chat_template.json"]
@@ -27,13 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     way.add_argument("--to", choices=["hf"], help="export SOURCE (a checkpoint or run directory) as a transformers checkpoint")
     way.add_argument("--from", dest="from_", choices=["hf", "gguf"],
                      help="import SOURCE: a transformers directory (or a hub id when no such path exists), or a .gguf file")
+    way.add_argument("--to-mla", action="store_true",
+                     help="turn SOURCE (an MHA/GQA checkpoint or run directory) into an MLA checkpoint (see interop/to_mla.py)")
     parser.add_argument("source", metavar="SOURCE", help="checkpoint/run directory (--to hf), HF directory / hub id (--from hf), .gguf file (--from gguf)")
     parser.add_argument("out", metavar="OUT_DIR", help="output directory (written atomically)")
     parser.add_argument("--force", action="store_true",
                         help="replace OUT_DIR if it is a directory this command made before (never anything else)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="dtype of the written weights (default: float32)")
-    parser.add_argument("--which", choices=["best", "latest"], default="best", help="with --to hf and a run directory: which checkpoint (default: best)")
+    parser.add_argument("--which", choices=["best", "latest"], default="best", help="with --to hf / --to-mla and a run directory: which checkpoint (default: best)")
+    parser.add_argument("--kv-lora-rank", type=int, default=None, help="with --to-mla: the latent's rank r (cache: r + head_dim values per token and layer)")
+    parser.add_argument("--calib", default="sotu", help="with --to-mla: calibration text: a corpus (sotu, shakespeare), a text file/directory, "
+                        "or a prepared data directory of the same tokenizer (default: sotu)")
+    parser.add_argument("--calib-tokens", type=int, default=32768, help="with --to-mla: calibration tokens (default: 32768)")
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -74,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        if args.to_mla:
+            _to_mla(args)
+            return _notes(caught)
+        if args.kv_lora_rank is not None:
+            raise ValueError("--kv-lora-rank applies to --to-mla only")
         if args.to:
             ckpt = find_checkpoint(args.source, args.which)
             check_output(args.out, "export", args.force, inputs=[args.source, ckpt], flag="OUT_DIR", recognise=_made_export)
@@ -105,6 +116,40 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out} ({model.config.attention}, {model.num_params():,} parameters"
               f"{', no tokenizer' if tokenizer is None else ''})")
     return _notes(caught)
+
+
+def _to_mla(args: argparse.Namespace) -> None:
+    """--to-mla: every check (source, rank, tokenizer, calibration text, OUT) before the conversion."""
+    import torch
+
+    from latentformer.checkpoint import find_checkpoint, load_model, read_config, write_model
+    from latentformer.data.tokenizer import is_checkpoint_dir, load_tokenizer
+    from latentformer.fsutil import atomic_directory, check_output, mark_output
+    from latentformer.interop.to_mla import calibration_text_tokens, check_source, to_mla
+
+    if args.kv_lora_rank is None:
+        raise ValueError("--to-mla needs --kv-lora-rank R")
+    if args.calib_tokens <= 0:
+        raise ValueError(f"--calib-tokens must be positive, got {args.calib_tokens}")
+    ckpt = find_checkpoint(args.source, args.which)
+    check_source(read_config(ckpt), args.kv_lora_rank)
+    check_output(args.out, "checkpoint", args.force, inputs=[args.source, ckpt], flag="OUT_DIR", recognise=is_checkpoint_dir)
+    try:
+        tokenizer = load_tokenizer(ckpt)
+    except ValueError as e:
+        raise ValueError(f"--to-mla tokenizes the calibration text with the source's tokenizer: {e}") from None
+    model = load_model(ckpt, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    tokens = calibration_text_tokens(args.calib, tokenizer, args.calib_tokens, model.config.vocab_size)
+    dtype = model.embed.weight.dtype
+    before = model.kv_cache_bytes_per_token()
+    mla = to_mla(model.float(), tokens, args.kv_lora_rank).to(dtype)  # converted in fp32 (statistics in fp64)
+    with atomic_directory(args.out) as tmp:
+        write_model(tmp, mla, tokenizer, extra={"converted_from": {"format": "to-mla", "source": str(ckpt),
+                                                               "calib": args.calib, "calib_tokens": int(tokens.numel())}})
+        mark_output(tmp, "checkpoint")
+    after = mla.kv_cache_bytes_per_token()
+    print(f"wrote {args.out} (mla, kv_lora_rank {args.kv_lora_rank}): KV cache {before:,} -> {after:,} bytes per token "
+          f"({1 - after / before:.1%} saved)")
 
 
 def _notes(caught: list[warnings.WarningMessage]) -> int:
