@@ -29,17 +29,6 @@ VERBS = {
 }
 
 
-def _available_verbs() -> dict[str, object]:
-    mods = {}
-    for verb, mod in VERBS.items():
-        try:
-            mods[verb] = importlib.import_module(f"latentformer.cli.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"latentformer.cli.{mod}":
-                raise
-    return mods
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line usage error (`latentformer VERB: error: ...`), exit status 2."""
 
@@ -53,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, evaluate, compare and serve Multi-head Latent Attention language models.",
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    for verb, mod in _available_verbs().items():
+    for verb, name in VERBS.items():
+        mod = importlib.import_module(f"latentformer.cli.{name}")
         p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)

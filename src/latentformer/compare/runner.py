@@ -347,7 +347,7 @@ def _in_process(root: Path, matrix: Matrix, todo: list[Cell], progress: MatrixPr
     return failed
 
 
-def _workers(root: Path, matrix: Matrix, todo: list[Cell], devices: list[str], progress: MatrixProgress) -> list[str]:
+def _workers(root: Path, todo: list[Cell], devices: list[str], progress: MatrixProgress) -> list[str]:
     """One `python -m latentformer.compare.runner` per GPU, each pulling the next pending cell."""
     failed, queue, running = [], list(todo), {}  # running: device -> (cell, Popen, log file, t0)
     env = {**os.environ, "LATENTFORMER_COMPARE_PARENT": str(os.getpid())}
@@ -408,7 +408,7 @@ def run_matrix(root: Path, matrix: Matrix, console, gpus: int | None = None) -> 
     progress = MatrixProgress(console, matrix, root)
     try:
         if len(devices) > 1 and len(todo) > 1:
-            return _workers(root, matrix, todo, devices, progress)
+            return _workers(root, todo, devices, progress)
         return _in_process(root, matrix, todo, progress)
     finally:
         progress.close()

@@ -1,24 +1,23 @@
-"""Token datasets over a prepared directory: random windows, packed sequential windows, exact eval.
+"""Token datasets over a prepared directory: random training windows, exact evaluation batches.
 
 Shapes: B = batch_size, T = block_size. Every loader yields CPU int64 tensors `x, y` of shape
 [B, T] with y[b, t] = tokens[start_b + t + 1] -- targets are the next tokens *from the data*;
 a window never wraps around the end of the split.
 
-Bits per byte (DESIGN §1): with L the mean cross-entropy in nats per token over a whole split,
+Bits per byte: with L the mean cross-entropy in nats per token over a whole split,
     bpb = L / ln(2) * tokens / bytes = L / ln(2) / bytes_per_token(split)
 where `bytes` counts the UTF-8 bytes of the documents' text (end-of-text tokens add tokens but no
 bytes, so they are charged to the text they terminate). This makes models with different
 tokenizers comparable.
 
-Loaders are iterators whose whole state is a count (`state_dict() == {"batches": k, ...}`): the
-k-th batch is a pure function of (seed, rank, k), so a resumed loader yields exactly the batches
+The training loader is an iterator whose whole state is a count (`state_dict() == {"batches": k, ...}`):
+the k-th batch is a pure function of (seed, k), so a resumed loader yields exactly the batches
 the uninterrupted one would have.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -71,9 +70,6 @@ class TokenData:
         s = self.meta["splits"][split]
         return s["bytes"] / s["tokens"]
 
-    def bits_per_byte(self, loss_nats_per_token: float, split: str = "val") -> float:
-        return loss_nats_per_token / math.log(2) / self.bytes_per_token(split)
-
 
 def _check_meta(meta, meta_path: Path) -> np.dtype:
     """The token dtype of a prepared directory's meta.json, after checking the fields the loaders read
@@ -104,11 +100,9 @@ def _window(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[to
     return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
-def _check(tokens: np.ndarray, batch_size: int, block_size: int, rank: int, world_size: int) -> None:
+def _check(tokens: np.ndarray, batch_size: int, block_size: int) -> None:
     if batch_size < 1 or block_size < 1:
         raise ValueError(f"batch_size and block_size must be >= 1, got {batch_size}, {block_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
     if len(tokens) < block_size + 1:
         raise ValueError(f"split has {len(tokens)} tokens, too few for one window of block_size {block_size} (+1 target)")
 
@@ -116,14 +110,14 @@ def _check(tokens: np.ndarray, batch_size: int, block_size: int, rank: int, worl
 class RandomWindows:
     """nanoGPT-style sampling: each batch holds B windows with uniformly random starts. Infinite.
 
-    Batch k of rank r is drawn from `np.random.default_rng([seed, r, k])`, so ranks draw
-    independent streams and the state is just k.
+    Batch k is drawn from `np.random.default_rng([seed, 0, k])`, so the state is just k. Under
+    data parallelism every rank draws the same global batch and keeps its own rows (see the
+    trainer), which makes a run the same computation at any world size.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        _check(tokens, batch_size, block_size, rank, world_size)
-        self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int) -> None:
+        _check(tokens, batch_size, block_size)
+        self.tokens, self.batch_size, self.block_size, self.seed = tokens, batch_size, block_size, seed
         self.batches = 0
         self._n_starts = len(tokens) - block_size  # starts 0 .. N-T-1 keep the last target in range
 
@@ -131,98 +125,20 @@ class RandomWindows:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.rank, self.batches])
+        # the 0 keeps the stream of checkpoints written when loaders took a rank (always 0)
+        rng = np.random.default_rng([self.seed, 0, self.batches])
         starts = rng.integers(0, self._n_starts, size=self.batch_size)
         self.batches += 1
         return _window(self.tokens, starts, self.block_size)
 
     def state_dict(self) -> dict:
-        return {"kind": "random", "batches": self.batches, "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
+        return {"kind": "random", "batches": self.batches, "seed": self.seed}
 
     def load_state_dict(self, d: dict) -> None:
-        if d.get("kind") != "random" or d.get("seed") != self.seed or d.get("rank") != self.rank or d.get("world_size") != self.world_size:
-            raise ValueError(f"data state {d} does not match this loader (random, seed={self.seed}, rank={self.rank}/{self.world_size})")
-        self.batches = int(d["batches"])
-
-
-class SequentialWindows:
-    """Packed windows at starts 0, stride, 2*stride, ... (overlapping when stride < block_size).
-
-    Positional arguments match `RandomWindows`; `stride` (default block_size) and `shuffle`
-    are keyword-only.
-
-    Windows per epoch: W = (N - T - 1) // stride + 1 over the split's N tokens (the tail that does
-    not fill a whole window + target is left out; use `eval_batches` for exact coverage).
-    With stride == T, every target position 1 .. W*T appears exactly once per epoch.
-    Rank r of world_size takes windows r, r + world_size, ... of the epoch's order, truncated to
-    W // world_size each, so ranks are disjoint and take equal steps. With `shuffle`, each epoch's
-    window order is a permutation drawn from (seed, epoch), shared by all ranks.
-    The loader is an endless stream over epochs; a batch may straddle an epoch boundary.
-    """
-
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        batch_size: int,
-        block_size: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        *,
-        stride: int | None = None,
-        shuffle: bool = False,
-    ) -> None:
-        _check(tokens, batch_size, block_size, rank, world_size)
-        stride = block_size if stride is None else stride
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
-        self.tokens, self.batch_size, self.block_size, self.stride = tokens, batch_size, block_size, stride
-        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
-        self.total_windows = (len(tokens) - block_size - 1) // stride + 1
-        self.windows_per_rank = self.total_windows // world_size
-        if self.windows_per_rank == 0:
-            raise ValueError(f"{self.total_windows} windows cannot be shared by {world_size} ranks")
-        self.batches = 0
-        self._perm_epoch, self._perm = -1, None
-
-    def __len__(self) -> int:
-        """Windows per epoch for this rank."""
-        return self.windows_per_rank
-
-    @property
-    def epoch(self) -> int:
-        return self.batches * self.batch_size // self.windows_per_rank
-
-    def _window_index(self, epoch: int, i: np.ndarray) -> np.ndarray:
-        """Global window ids of this rank's positions `i` (0 <= i < windows_per_rank) in `epoch`."""
-        g = i * self.world_size + self.rank
-        if not self.shuffle:
-            return g
-        if self._perm_epoch != epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.total_windows)
-            self._perm_epoch = epoch
-        return self._perm[g]
-
-    def __iter__(self) -> SequentialWindows:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = self.batches * self.batch_size + np.arange(self.batch_size)  # positions in this rank's stream
-        epochs, within = np.divmod(pos, self.windows_per_rank)
-        ids = np.empty(self.batch_size, dtype=np.int64)
-        for e in np.unique(epochs):
-            m = epochs == e
-            ids[m] = self._window_index(int(e), within[m])
-        self.batches += 1
-        return _window(self.tokens, ids * self.stride, self.block_size)
-
-    def state_dict(self) -> dict:
-        return {"kind": "sequential", "batches": self.batches, "seed": self.seed, "rank": self.rank, "world_size": self.world_size, "stride": self.stride}
-
-    def load_state_dict(self, d: dict) -> None:
-        want = {"kind": "sequential", "seed": self.seed, "rank": self.rank, "world_size": self.world_size, "stride": self.stride}
-        if any(d.get(k) != v for k, v in want.items()):
-            raise ValueError(f"data state {d} does not match this loader {want}")
+        # older checkpoints also hold rank 0 / world_size 1: the same stream
+        if (d.get("kind") != "random" or d.get("seed") != self.seed
+                or d.get("rank", 0) != 0 or d.get("world_size", 1) != 1):
+            raise ValueError(f"data state {d} does not match this loader (random, seed={self.seed})")
         self.batches = int(d["batches"])
 
 

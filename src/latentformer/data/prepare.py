@@ -162,7 +162,7 @@ def _chunks(docs, max_chars: int):
         yield buf
 
 
-def _progress(enabled: bool, total: int):
+def _progress(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -261,7 +261,7 @@ def _write_prepared(tmp: Path, src: Source, tokenizer, tok_key, doc_ids: list[st
         seen_val: list[str] = []
         files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
         t_enc = time.perf_counter()
-        with ThreadPoolExecutor(n_workers) as ex, _progress(progress, len(doc_ids)) as bar:
+        with ThreadPoolExecutor(n_workers) as ex, _progress(progress) as bar:
             task = bar.add_task("tokenize", total=len(doc_ids), tokens=0, rate="")
             pending: deque = deque()
 
