@@ -154,7 +154,7 @@ def test_workers_run_cells_in_their_own_processes(finished, tmp_path):
     todo = matrix.cells[:2]
     log = io.StringIO()
     progress = runner.MatrixProgress(Console(file=log), matrix, out)
-    assert runner._workers(out, matrix, todo, ["0", "1"], progress) == []
+    assert runner._workers(out, todo, ["0", "1"], progress) == []
     assert "on gpu 0" in log.getvalue() and "on gpu 1" in log.getvalue()
     for cell in todo:
         mine, theirs = runner.read_state(out / "cells" / cell.name), runner.read_state(finished / "cells" / cell.name)
