@@ -115,7 +115,7 @@ def test_cache_bytes_as_allocated(kind, dtype):
     assert all(t.dtype == dtype for layer in cache.layers for t in layer)
     per_token = model.kv_cache_bytes_per_token(dtype)
     assert cache.nbytes == per_token * seq * batch
-    # closed form (DESIGN §4): MLA caches r + dr values per layer, MHA-family 2 * Hk * D
+    # closed form (DeepSeek-V2 §2.1.3): MLA caches r + dr values per layer, MHA-family 2 * Hk * D
     values = cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.attention == "mla" else 2 * cfg.n_kv_heads * cfg.head_dim
     assert per_token == values * cfg.n_layers * dtype.itemsize
 

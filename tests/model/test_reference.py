@@ -1,4 +1,4 @@
-"""The attention modules against a plain per-head re-implementation of DESIGN §4 written
+"""The attention modules against a plain per-head re-implementation of MLA (DeepSeek-V2 §2.1) written
 from the equations (loops over heads and positions, no shared code with the model).
 
 This is also the guard against known defects of earlier implementations: rope applied to a
