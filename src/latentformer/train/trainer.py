@@ -79,7 +79,7 @@ class Trainer:
     `fn(trainer, step)` after every optimizer step (used by tests to interrupt a run)."""
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, vocab_explicit: bool = False,
-                 on_step: list[Callable[[Trainer, int], None]] | None = None, console=None,
+                 on_step: list[Callable[[Trainer, int], None]] | None = None,
                  init_from: str | Path | None = None) -> None:
         from latentformer.data.dataset import RandomWindows, TokenData
         from latentformer.data.tokenizer import check_vocab_fits
