@@ -238,6 +238,9 @@ def test_init_from(ckpt, text, tmp_path, capsys, monkeypatch):
     assert main(["train", "--init-from", str(ckpt), "--source", str(text), "--out", str(tmp_path / "y"),
                  "--data.cache_dir", str(tmp_path / "cache"), "--data.tokenizer", "gpt2"]) == 1
     assert "error: tokenizer vocab_size 50257 does not fit" in capsys.readouterr().err.splitlines()[-1]
+    assert main(["train", "--init-from", str(ckpt), "--source", str(text), "--out", str(tmp_path / "z"),  # fits, differs
+                 "--data.cache_dir", str(tmp_path / "cache"), "--data.tokenizer", "bpe:258", "--train.seq_len", "32"]) == 1
+    assert "prepared with another tokenizer than the checkpoint's" in capsys.readouterr().err.splitlines()[-1]
 
 
 # -- the real model --------------------------------------------------------------------------------
