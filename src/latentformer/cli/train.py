@@ -124,12 +124,8 @@ def _ensure_data(cfg) -> None:
 
 
 def _sample(run_dir: Path, cfg) -> None:
-    try:
-        from latentformer.infer.generate import generate
-    except ImportError:
-        print("sample: skipped (latentformer.infer.generate is not available in this install)", file=sys.stderr)
-        return
     from latentformer.checkpoint import load
+    from latentformer.infer.generate import generate
 
     model, tokenizer = load(run_dir, device="cpu")
     try:
