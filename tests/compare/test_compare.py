@@ -62,6 +62,12 @@ def test_results_validate_against_the_schema(finished):
     assert mla["kv_cache_bytes_per_token"] == (32 + 8) * 2 * 2 and mha["kv_cache_bytes_per_token"] == 2 * 64 * 2 * 2
     assert {r["mode"] for r in mla["decode"]} == {"absorb", "naive"} and {r["mode"] for r in mha["decode"]} == {"standard"}
     assert len(mla["decode"]) == 2 * 2 * 2 and all(r["tokens_per_s"]["mean"] > 0 for r in mla["decode"])
+    # decode is timed on each variant's first seed only; quality on every seed
+    assert all(r["tokens_per_s"]["n"] == 1 for r in mla["decode"])
+    assert [bool(c["decode"]) for c in data["cells"] if c["variant"] == "mla"] == [True, False]
+    curves = [c["curve"] for c in data["cells"] if c["variant"] == "mla"]
+    assert mla["best_val_loss"]["values"] == [min(p["loss"] for p in c) for c in curves]
+    assert mla["best_val_tokens"]["n"] == 2 and mla["best_val_tokens"]["values"][0] in (512, 1024, 1536)
     ctx = mla["max_batch"][0]["context"]
     assert mla["max_batch"][0]["batch_size"] == int(80 * 2**30 // (160 * ctx))
     assert [p["tokens"] for p in mla["curve"]] == [512, 1024, 1536]

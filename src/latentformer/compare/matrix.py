@@ -180,16 +180,22 @@ def match_d_ff(cfg: ModelConfig, target: int, multiple: int) -> int:
     return max(multiple, multiple * round(ideal / multiple))
 
 
+VOCAB_MULTIPLE = 64
+
+
 def resolve_variants(family: Family, names: list[str], common: dict[str, Any], vocab_size: int, *,
                      match: bool = True, tolerance: float = TOLERANCE) -> tuple[list[Variant], int]:
     """Each variant's run config (common: dotted overrides of every cell, e.g. data.dir, train.*),
-    with the data's vocabulary unless a variant sets its own, and matched parameters.
-    Returns (variants, reference params); parameter deviations are checked by `check_matching`."""
+    with the data's vocabulary (padded to a multiple of VOCAB_MULTIPLE: the output layer's matmul is
+    faster on a GPU, the extra ids never occur and learn to be improbable) unless a variant sets its
+    own, and matched parameters. Returns (variants, reference params); parameter deviations are checked by `check_matching`."""
     if len(set(names)) != len(names):
         raise ValueError(f"--variants: {sorted(n for n in names if names.count(n) > 1)[0]!r} is given twice")
 
+    padded = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
     def with_vocab(overrides: dict[str, Any]) -> dict[str, Any]:
-        return {"vocab_size": vocab_size, **overrides}
+        return {"vocab_size": padded, **overrides}
 
     ref_preset, ref_overrides, _ = parse_variant(family.reference, family)
     ref_params = count_params(_build(ref_preset, with_vocab(ref_overrides), common).model)

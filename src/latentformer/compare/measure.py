@@ -10,7 +10,8 @@
   benchmarks/decode_throughput.py), tokens/s = batch / step time. CUDA: the step captured in a CUDA
   graph (`GraphDecodeStep`, uncompiled), bf16, median of 20 replays; CPU: eager, fp32, the fastest
   of repeated steps (on a shared CPU slower ones time the other processes). MLA is measured
-  both ways (`ModelConfig.mla_decode`: absorbed and naive). Contexts may exceed the training
+  both ways (`ModelConfig.mla_decode`: absorbed and naive), on each variant's first seed only (the
+  step's time depends on the architecture, not on the weights). Contexts may exceed the training
   context: the measured model is the trained one with `max_seq_len` raised (RoPE has no table).
 - Memory: KV-cache bytes per token in bf16 (`Transformer.kv_cache_bytes_per_token`) and the
   largest batch whose cache alone fits in `memory_gib` GiB at a context (weights and activations
@@ -171,23 +172,25 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def measure_cell(trainer, run_dir: Path, plan) -> dict[str, Any]:
-    """Everything measured on one trained cell (its `trainer` holds the final weights)."""
+def measure_cell(trainer, run_dir: Path, plan, *, decode: bool = True) -> dict[str, Any]:
+    """Everything measured on one trained cell (its `trainer` holds the final weights). Decode speed
+    depends on the architecture, not on the weights' values: `decode=False` leaves it out (the
+    runner measures it on each variant's first seed only)."""
     from latentformer.checkpoint import find_checkpoint
 
     val = trainer.evaluate(max_tokens=0)
     records = read_metrics(run_dir)
     cfg = trainer.cfg
     t0 = time.perf_counter()
-    decode = decode_throughput(find_checkpoint(run_dir, "latest"), plan.decode_contexts, plan.decode_batch_sizes,
-                               trainer.env.device)
+    rows = decode_throughput(find_checkpoint(run_dir, "latest"), plan.decode_contexts, plan.decode_batch_sizes,
+                             trainer.env.device) if decode else []
     return {
         "val": {"loss": val["loss"], "perplexity": val["perplexity"], "bpb": val["bpb"], "tokens": val["tokens"]},
         "train": {**training_speed(records), "steps": trainer.step, "tokens": trainer.step * cfg.train.batch_tokens,
                   "seconds": trainer.train_seconds, "skipped_steps": trainer.skipped_steps,
                   "dtype": trainer.dtype, "compile": cfg.train.compile},
         "curve": val_curve(records, cfg.train.batch_tokens),
-        "decode": decode,
+        "decode": rows,
         "decode_seconds": time.perf_counter() - t0,
         "device": device_name(trainer.env.device),
         "params": trainer.model.num_params(),

@@ -73,6 +73,8 @@ def results(root: Path, matrix: Matrix) -> dict[str, Any]:
             "cells": [c.name for c in mine], "cells_done": len(ds),
             "val_loss": stat([s["val"]["loss"] for s in ds]), "perplexity": stat([s["val"]["perplexity"] for s in ds]),
             "bpb": stat([s["val"]["bpb"] for s in ds]),
+            "best_val_loss": stat([min(p["loss"] for p in s["curve"]) for s in ds if s["curve"]]),
+            "best_val_tokens": stat([min(s["curve"], key=lambda p: p["loss"])["tokens"] for s in ds if s["curve"]]),
             "train_tokens_per_s": stat([s["train"]["tokens_per_s"] for s in ds]),
             "mfu": stat([s["train"]["mfu"] for s in ds]),
             "train_seconds": stat([s["train"]["seconds"] for s in ds]),
@@ -135,17 +137,25 @@ def _best_decode(v: dict[str, Any]) -> tuple[str, str]:
     return f"{r['tokens_per_s']['mean']:,.0f}", f"B{r['batch_size']} × {r['context']:,}"
 
 
+def _best_val(v: dict[str, Any]) -> str:
+    """The lowest logged validation loss and where it was reached (an overfitting run's better weights)."""
+    if v["best_val_loss"] is None:
+        return "–"
+    return f"{_pm(v['best_val_loss'])} ({v['best_val_tokens']['mean'] / 1e6:.1f}M)"
+
+
 def summary_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     ctx = 8192 if 8192 in data["settings"]["max_batch_contexts"] else data["settings"]["max_batch_contexts"][-1]
     point = next((_best_decode(v)[1] for v in data["variants"] if _best_decode(v)[1]), "")
     head = ["variant", "attention", "params (vs ref)", "KV bytes/token", "val loss", "perplexity", "bits/byte",
-            "train tokens/s", "MFU", f"decode tokens/s ({point})" if point else "decode tokens/s",
+            "best val loss (at tokens)", "train tokens/s", "MFU", f"decode tokens/s ({point})" if point else "decode tokens/s",
             f"max batch @ {ctx:,} ({data['settings']['memory_gib']:g} GiB)"]
     rows = []
     for v in data["variants"]:
         mb = next(m["batch_size"] for m in v["max_batch"] if m["context"] == ctx)
         rows.append([v["name"], v["attention"], f"{v['params'] / 1e6:.2f}M ({100 * v['param_deviation']:+.1f}%)",
                      f"{v['kv_cache_bytes_per_token']:,}", _pm(v["val_loss"]), _pm(v["perplexity"], "{:.2f}"), _pm(v["bpb"]),
+                     _best_val(v),
                      _pm(v["train_tokens_per_s"], "{:,.0f}"), _pm(v["mfu"], "{:.1f}%", 100), _best_decode(v)[0], f"{mb:,}"])
     return head, rows
 
@@ -195,12 +205,18 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
+def _finished(data: dict[str, Any]) -> str:
+    done = sum(c["status"] == "done" for c in data["cells"])
+    return f"{done} of {len(data['cells'])} cells finished"
+
+
 def _sections(data: dict[str, Any]) -> list[tuple[str, str, tuple]]:
     """(title, explanation, table) in report order."""
     s = data["settings"]
     return [
-        ("Summary", f"Mean ± sample standard deviation over {s['seeds']} seed(s). Quality of the final weights over the whole "
-                    "validation split; KV bytes per token over all layers in bf16; training tokens/s is the median logged step "
+        ("Summary", f"Mean ± sample standard deviation over the finished seeds ({_finished(data)}). Quality of the final "
+                    "weights over the whole validation split; best val loss: the lowest periodic validation loss and the "
+                    "training tokens where it was reached; KV bytes per token over all layers in bf16; training tokens/s is the median logged step "
                     "rate; decode tokens/s at the largest measured batch and context (MLA absorbed).", summary_table(data)),
         ("Decode throughput", "Decode tokens/s (batch / median one-token step time) over a cache filled to the context. "
                               "MLA: absorbed and naive decoding.", decode_table(data)),
@@ -216,7 +232,7 @@ def _intro(data: dict[str, Any]) -> list[str]:
     return [f"Family **{f['name']}**: {f['description']}. Parameters matched to `{f['reference']}` "
             f"({f['reference_params']:,}) within {100 * s['param_tolerance']:.0f}%.",
             f"{s['tokens_per_cell']:,} training tokens per cell ({s['steps_per_cell']} steps × {s['batch_tokens']:,} tokens, "
-            f"context {s['seq_len']}), {s['seeds']} seed(s) per variant; data `{data['data']['dir']}` "
+            f"context {s['seq_len']}), {s['seeds']} seed(s) per variant, {_finished(data)}; data `{data['data']['dir']}` "
             f"(vocabulary {data['data']['vocab_size']:,}). Device: {devices}.",
             f"Command: `{data['command']}`" if data["command"] else ""]
 

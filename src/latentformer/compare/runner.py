@@ -214,7 +214,7 @@ def run_cell(root: Path, matrix: Matrix, cell: Cell, on_step: Callable[[int], No
             trainer = Trainer(cell.cfg, run_dir, resume=True, vocab_explicit=True)
         if on_phase:
             on_phase("measuring")
-        state = {**state, "status": "done", **measure_cell(trainer, run_dir, matrix.plan)}
+        state = {**state, "status": "done", **measure_cell(trainer, run_dir, matrix.plan, decode=cell.seed_index == 0)}
         write_state(run_dir, state)
     del trainer
     _release(cell.cfg.train.compile)
