@@ -102,6 +102,8 @@ class Trainer:
             cfg = RunConfig(cfg.model.replace(vocab_size=self.tokenizer.vocab_size), cfg.data, t)
         cfg.check()
         self.cfg = cfg
+        # FSDP2 across processes: sharded weights and optimizer state (one process: a plain model)
+        self.sharded = t.parallel == "fsdp" and env.distributed
         self.accum = t.grad_accum(env.world_size)
         self.dtype = resolve_dtype(t.dtype, env.device)
 
@@ -178,7 +180,7 @@ class Trainer:
         }
 
     def _optimizer_state(self) -> dict[str, Any]:
-        if self.cfg.train.parallel == "fsdp" and self.env.distributed:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
             return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -203,7 +205,7 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         """Optimizer, scaler, data position, RNG and counters (the weights are loaded before wrapping)."""
         state = ckpt.load_train_state(path)
-        if self.cfg.train.parallel == "fsdp" and self.env.distributed:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -236,7 +238,7 @@ class Trainer:
 
     def _full_model(self) -> Transformer:
         """A Transformer with full (unsharded, CPU-gatherable) weights for writing checkpoints."""
-        if not (self.cfg.train.parallel == "fsdp" and self.env.distributed):
+        if not self.sharded:
             return self.model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -284,18 +286,17 @@ class Trainer:
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, split: str = "val", max_tokens: int | None = None) -> dict[str, float]:
         t = self.cfg.train
-        fsdp = t.parallel == "fsdp" and self.env.distributed
         return evaluate(
-            self.wrapped if fsdp else self.model, self.data.tokens(split),
+            self.wrapped if self.sharded else self.model, self.data.tokens(split),
             batch_size=t.eval_batch_size or t.micro_batch_size, seq_len=t.seq_len,
             bytes_per_token=self.data.bytes_per_token(split), device=self.env.device, autocast=self._autocast,
             max_tokens=t.eval_tokens if max_tokens is None else max_tokens,
-            rank=0 if fsdp else self.env.rank, world_size=1 if fsdp else self.env.world_size)
+            rank=0 if self.sharded else self.env.rank, world_size=1 if self.sharded else self.env.world_size)
 
     # -- the loop ----------------------------------------------------------------------------
     def _micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
         model = self.wrapped
-        if self.env.distributed and self.cfg.train.parallel == "fsdp":
+        if self.sharded:
             model.set_requires_gradient_sync(last)
             sync = contextlib.nullcontext()
         else:
