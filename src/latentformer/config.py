@@ -244,6 +244,9 @@ class ModelConfig:
             _check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         _check(self.attention in ATTENTION_KINDS, "attention", f"unknown kind {self.attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
         if self.attention == "mla":
+            for name in ("n_kv_heads", "head_dim"):
+                _check(getattr(self, name) is None, name, "is a field of mha/gqa/mqa; MLA caches one latent per token for all heads "
+                       "(kv_lora_rank) and sizes its heads by qk_nope_head_dim, qk_rope_head_dim and v_head_dim")
             for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
                 _check(getattr(self, name) > 0, name, f"must be positive for MLA, got {getattr(self, name)}")
             _check(self.q_lora_rank >= 0, "q_lora_rank", "must be >= 0 (0 = no query compression)")
