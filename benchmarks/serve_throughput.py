@@ -11,8 +11,9 @@ client's own JSON work does not slow the measurement) that each stream one greed
 a random-token prompt at the same moment. Printed per row as measured: output tokens/s (all
 completion tokens / wall time from the first request to the last `[DONE]`), time to first token
 p50/p99, inter-token latency p50/p99 (gaps between streamed chunks; tokens/chunk > 1 means the
-server coalesced increments that queued up), then offline `generate` (compile=True) on the same
-prompts at batch N and the ratio served/offline. Then the most 8k-context requests MLA and MHA
+server coalesced increments that queued up), then the serving engine alone in process (no HTTP: where the
+time goes), offline `generate` (compile=True) on the same prompts at batch N, and the ratio
+served/offline. Each `--stream-intervals` value is a server run (`serve --stream-interval MS`). Then the most 8k-context requests MLA and MHA
 can serve at once in the same cache memory (`--mem-gib`), verified by running that many through
 one engine. The table is printed again at the end.
 
@@ -96,10 +97,12 @@ def percentile(xs: list[float], q: float) -> float:
 class Server:
     """`latentformer serve` in a child process; the port comes from its startup line."""
 
-    def __init__(self, ckpt: Path, batch: int, device: str, dtype: str, compile: bool, site: str | None) -> None:
+    def __init__(self, ckpt: Path, batch: int, device: str, dtype: str, compile: bool, site: str | None,
+                 interval_ms: float = 0.0) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (site, str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p))
         cmd = [sys.executable, "-m", "latentformer", "serve", str(ckpt), "--port", "0", "--max-batch", str(batch),
-               "--max-queue", str(batch), "--device", device, "--dtype", dtype] + (["--compile"] if compile else [])
+               "--max-queue", str(batch), "--device", device, "--dtype", dtype, "--stream-interval", str(interval_ms)]
+        cmd += ["--compile"] if compile else []
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines: queue.Queue = queue.Queue()
 
@@ -205,6 +208,30 @@ def offline_generate(model, tok, prompts: list[list[int]], new_tokens: int, comp
     return len(prompts) * new_tokens / run()
 
 
+def engine_alone(model, tok, prompts: list[list[int]], new_tokens: int, compile: bool, interval_ms: float) -> float:
+    """Output tokens/s of the serving engine in process (no HTTP): every prompt submitted at once,
+    timed to the last finished request (prefill included), after one warm-up request."""
+    from latentformer.infer.engine import Engine, Request
+
+    engine = Engine(model, tok, max_batch=len(prompts), max_queue=len(prompts), compile=compile,
+                    stream_interval=interval_ms / 1000).start()
+    done = threading.Semaphore(0)
+
+    def run(batch: list[list[int]]) -> float:
+        t = time.perf_counter()
+        for ids in batch:
+            engine.submit(Request(ids, new_tokens, lambda e: e.finish_reason and done.release(), temperature=0.0))
+        for _ in batch:
+            done.acquire()
+        return time.perf_counter() - t
+
+    try:
+        run(prompts[:1])
+        return len(prompts) * new_tokens / run(prompts)
+    finally:
+        engine.stop()
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -251,6 +278,8 @@ def main() -> None:
     p.add_argument("--wheels", default=None, help="directory of wheels for fastapi, uvicorn, httpx (offline install)")
     p.add_argument("--presets", nargs="+", default=["mla-125m", "mha-125m"])
     p.add_argument("--clients", nargs="+", type=int, default=[64, 256])
+    p.add_argument("--stream-intervals", nargs="+", type=float, default=[0.0, 20.0], metavar="MS",
+                   help="serve --stream-interval values to measure, milliseconds (default: 0 20)")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -266,8 +295,8 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"# serve_throughput {time.strftime('%Y-%m-%d %H:%M')} on {device_name}; prompts {args.prompt_len} random tokens, "
           f"{args.new_tokens} new tokens, greedy, {dtype_name}, compile={compile}", flush=True)
-    header = ("preset", "clients", "served tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
-              "tok/chunk", "errors", "offline tok/s", "served/offline")
+    header = ("preset", "clients", "interval ms", "served tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
+              "tok/chunk", "errors", "engine tok/s", "offline tok/s", "served/offline")
     table = []
     print(" | ".join(header), flush=True)
     context = args.prompt_len + args.new_tokens
@@ -280,32 +309,36 @@ def main() -> None:
             for n in args.clients:
                 g = torch.Generator().manual_seed(n)
                 prompts = [torch.randint(0, tok.vocab_size - 1, (args.prompt_len,), generator=g).tolist() for _ in range(n)]
-                server = Server(ckpt, n, args.device, dtype_name, compile, site)
-                try:
-                    warm_up(server.url, prompts[0], site)
-                    results = serve_clients(server.url, prompts, args.new_tokens, site, min(args.client_procs, n))
-                finally:
-                    server.close()
-                ok = [r for r in results if "error" not in r]
-                errors = [r["error"] for r in results if "error" in r]
-                if errors:
-                    print(f"# {len(errors)} errors, first: {errors[0]}", flush=True)
-                wall = max(r["end"] for r in ok) - min(r["sent"] for r in ok) if ok else float("nan")
-                tokens = sum(r["tokens"] for r in ok)
-                ttft = [1e3 * (r["first"] - r["sent"]) for r in ok]
-                gaps = [1e3 * g for r in ok for g in r["gaps"]]
-                served = tokens / wall
+                measured = []
+                for interval in args.stream_intervals:
+                    server = Server(ckpt, n, args.device, dtype_name, compile, site, interval)
+                    try:
+                        warm_up(server.url, prompts[0], site)
+                        results = serve_clients(server.url, prompts, args.new_tokens, site, min(args.client_procs, n))
+                    finally:
+                        server.close()
+                    ok = [r for r in results if "error" not in r]
+                    errors = [r["error"] for r in results if "error" in r]
+                    if errors:
+                        print(f"# {len(errors)} errors, first: {errors[0]}", flush=True)
+                    wall = max(r["end"] for r in ok) - min(r["sent"] for r in ok) if ok else float("nan")
+                    tokens = sum(r["tokens"] for r in ok)
+                    ttft = [1e3 * (r["first"] - r["sent"]) for r in ok]
+                    gaps = [1e3 * g for r in ok for g in r["gaps"]]
+                    measured.append((interval, tokens / wall, ttft, gaps, tokens / max(1, sum(r["chunks"] for r in ok)), errors))
                 torch._dynamo.reset()  # stay under the recompile limit across configurations
                 model, _ = load(ckpt, device=args.device, dtype=dtype)  # the weights the server had
                 offline = offline_generate(model, tok, prompts, args.new_tokens, compile)
+                alone = {i: engine_alone(model, tok, prompts, args.new_tokens, compile, i) for i in args.stream_intervals}
                 del model
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
-                row = (preset, n, f"{served:,.0f}", f"{percentile(ttft, 50):.1f}", f"{percentile(ttft, 99):.1f}",
-                       f"{percentile(gaps, 50):.2f}", f"{percentile(gaps, 99):.2f}",
-                       f"{tokens / max(1, sum(r['chunks'] for r in ok)):.2f}", len(errors), f"{offline:,.0f}", f"{served / offline:.2f}")
-                table.append(row)
-                print(" | ".join(map(str, row)), flush=True)
+                for interval, served, ttft, gaps, per_chunk, errors in measured:
+                    row = (preset, n, f"{interval:g}", f"{served:,.0f}", f"{percentile(ttft, 50):.1f}", f"{percentile(ttft, 99):.1f}",
+                           f"{percentile(gaps, 50):.2f}", f"{percentile(gaps, 99):.2f}", f"{per_chunk:.2f}", len(errors),
+                           f"{alone[interval]:,.0f}", f"{offline:,.0f}", f"{served / offline:.2f}")
+                    table.append(row)
+                    print(" | ".join(map(str, row)), flush=True)
 
     print(f"\n# max concurrent requests at {args.mem_context}-token context in {args.mem_gib:g} GiB of cache", flush=True)
     mem_header = ("preset", "context", "cache bytes/request", "max requests", "served at once", "cache GiB")

@@ -45,17 +45,17 @@ class Collector:
 
     def __init__(self) -> None:
         self.events: queue.Queue = queue.Queue()
+        self.pieces: list[str] = []  # every event's text, in order (filled by wait)
 
     def __call__(self, event) -> None:
         self.events.put(event)
 
     def wait(self, timeout: float = 60.0):
-        pieces = []
         while True:
             event = self.events.get(timeout=timeout)
-            pieces.append(event.text)
+            self.pieces.append(event.text)
             if event.finish_reason:
-                return "".join(pieces), event
+                return "".join(self.pieces), event
 
 
 def make_request(tok, prompt: str, max_tokens: int, **kw) -> tuple[Request, Collector]:
@@ -149,6 +149,29 @@ def test_cancel_frees_the_row_at_once(model, engine):
     time.sleep(0.05)
     assert engine.steps == steps  # nothing left to decode
     assert engine.cache.pos == 0
+
+
+def test_stream_interval_coalesces_pieces_without_changing_the_text(model):
+    """With a stream interval, a streamed request gets its first piece at once, then fewer, larger
+    pieces (a step delivers a row's text only once the interval has passed); the text is unchanged."""
+    m, tok = model
+    texts, counts = {}, {}
+    for interval in (0.0, 10.0):
+        eng = Engine(m, tok, max_batch=4, max_queue=8, stream_interval=interval).start()
+        try:
+            jobs = [make_request(tok, p, 30, temperature=0.0) for p in PROMPTS[:4]]
+            for req, _ in jobs:
+                eng.submit(req)
+            results = [sink.wait() for _, sink in jobs]
+            texts[interval] = [text for text, _ in results]
+            counts[interval] = [len(sink.pieces) for _, sink in jobs]
+        finally:
+            eng.stop()
+    assert texts[10.0] == texts[0.0]
+    # a 10 s interval: the first piece, then everything else with the finish
+    assert all(n <= 2 for n in counts[10.0]) and sum(counts[0.0]) > sum(counts[10.0])
+    with pytest.raises(ValueError, match="stream_interval"):
+        Engine(m, tok, stream_interval=-1)
 
 
 def test_queue_is_bounded(model):

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on every request")
     parser.add_argument("--max-batch", type=int, default=16, help="rows of the decode batch, preallocated in the cache (default: 16)")
     parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a row; beyond, 429 (default: 256)")
+    parser.add_argument("--stream-interval", type=float, default=0.0, metavar="MS",
+                        help="coalesce a stream's tokens into one chunk per MS milliseconds (the first token is sent at once; "
+                             "default: 0, a chunk per token). Under load a chunk per token costs the server more than the model")
     parser.add_argument("--model-name", default=None, help="the model id clients use (default: the checkpoint directory's name)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step and replay it as a CUDA graph (CUDA only)")
 
@@ -52,11 +55,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1 or args.max_queue < 0:
         raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and {args.max_queue}")
+    if not 0 <= args.stream_interval <= 10_000:
+        raise ValueError(f"--stream-interval must be in [0, 10000] milliseconds, got {args.stream_interval:g}")
     sock = listen(args.host, args.port)
     model, tokenizer = load_from_args(args)
     from latentformer.infer.chat import has_template
 
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, compile=args.compile)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, compile=args.compile,
+                    stream_interval=args.stream_interval / 1000)
     name = args.model_name or Path(args.path).resolve().name
     app = create_app(engine, name, api_key=args.api_key)
     host, port = sock.getsockname()[:2]

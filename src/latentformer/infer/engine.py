@@ -19,25 +19,30 @@ decode kernel both honour per-row padding).
 - The engine launches step t+1 before it reads step t's tokens back, so the host's work per token
   (detokenizing, stop strings, delivery) overlaps the device's next step; the price is that a
   finished row runs one extra step whose token is discarded.
+- `stream_interval` (seconds) coalesces a streamed row's text: after its first piece, a row's
+  text is handed out when it finishes or when that long has passed since its last delivery, so
+  that the receiving side (an HTTP server's event loop, sharing this process's GIL) handles one
+  event per row per interval instead of one per token. 0 delivers every token's text.
 - Sampling is per row (`sample_rows`): temperature and top_p per request, and a seeded request
   draws with its own torch.Generator, so the same seed gives the same text whatever else runs.
 
 With `compile=True` (CUDA) the decode step is a captured CUDA graph over the whole cache
 (`GraphDecodeStep`); joins, leaves and shifts edit the cache and `pad` in place, so the one
-graph serves every step. Text and stop strings go through `generate`'s `_RowText` (safe
-incremental detokenization), so a request's text is what `generate` returns for it.
+graph serves every step. Text and stop strings go through `RowText` (incremental
+detokenization, as `generate`), so a request's text is what `generate` returns for it.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from latentformer.infer.generate import _RowText
+from latentformer.infer.detokenize import RowText
 from latentformer.infer.sampling import sample_rows
 from latentformer.model.transformer import Transformer
 
@@ -90,10 +95,12 @@ class _Step:
 @dataclass(eq=False)
 class _Row:
     request: Request
-    text: _RowText
+    text: RowText
     generator: torch.Generator | None
     start: int = 0  # the row's first slot (= pad[b]), mirrored here so that no step reads `pad` back
     count: int = 0  # tokens sampled so far
+    pending: str = ""  # text not yet delivered (stream_interval)
+    delivered: float | None = None  # time.monotonic() of the last delivery (None: nothing delivered yet)
 
 
 def _deliver_now(batch: list[tuple[Request, Event]]) -> None:
@@ -111,16 +118,19 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer, max_batch: int = 16, max_queue: int = 256,
                  compile: bool = False, deliver: Callable[[list[tuple[Request, Event]]], None] | None = None,
-                 prefill_tokens: int = 16384) -> None:
+                 prefill_tokens: int = 16384, stream_interval: float = 0.0) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        if not (isinstance(stream_interval, (int, float)) and 0 <= stream_interval <= 10):
+            raise ValueError(f"stream_interval must be a number of seconds in [0, 10], got {stream_interval!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = next(model.parameters()).device
         if compile and self.device.type != "cuda":
             raise ValueError("compile=True needs a model on a CUDA device")
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
+        self.stream_interval = float(stream_interval)
         self.context = model.config.max_seq_len
         self.vocab = min(tokenizer.vocab_size, model.config.vocab_size)  # never sample the model's padding ids
         self.deliver = deliver or _deliver_now
@@ -261,8 +271,8 @@ class Engine:
                       for r in group]
         first = sample_rows(logits, [r.temperature for r in group], [r.top_p for r in group], generators).tolist()
         for i, (request, generator, token) in enumerate(zip(group, generators, first)):
-            row = _Row(request, _RowText(self.tokenizer, request.stops, incremental=request.stream), generator)
-            if self._push(row, token, events):
+            row = _Row(request, RowText(self.tokenizer, request.stops, incremental=request.stream), generator)
+            if self._push(row, token, events, time.monotonic()):
                 continue  # finished on its first token: never enters the batch
             P = len(request.ids)
             if not any(self.rows):
@@ -287,15 +297,17 @@ class Engine:
                 r.start += delta
         self.shifts += 1
 
-    def _push(self, row: _Row, token: int, events: list) -> bool:
-        """Feed one sampled token to a row's text; queue its event; True when the request is done."""
+    def _push(self, row: _Row, token: int, events: list, now: float) -> bool:
+        """Feed one sampled token to a row's text; queue its event when due (see `stream_interval`);
+        True when the request is done."""
         row.count += 1
-        piece = row.text.push(token)
+        row.pending += row.text.push(token)
         reason = "stop" if row.text.done else "length" if row.count >= row.request.max_tokens else None
         if reason == "length":
-            piece += row.text.finish()
-        if piece or reason:
-            events.append((row.request, Event(piece, reason, row.count)))
+            row.pending += row.text.finish()
+        if reason or (row.pending and (row.delivered is None or now - row.delivered >= self.stream_interval)):
+            events.append((row.request, Event(row.pending, reason, row.count)))
+            row.pending, row.delivered = "", now
         return reason is not None
 
     def _decode(self, events: list) -> None:
@@ -330,7 +342,8 @@ class Engine:
     def _read(self, step: _Step, events: list) -> None:
         if step.ready is not None:
             step.ready.synchronize()  # this step's tokens only, not the one launched after it
+        now = time.monotonic()
         for b, token in enumerate(step.host.tolist()):
             row = step.rows[b]
-            if row is not None and row is self.rows[b] and self._push(row, token, events):
+            if row is not None and row is self.rows[b] and self._push(row, token, events, now):
                 self._free(b)

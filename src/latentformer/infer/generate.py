@@ -13,10 +13,9 @@ from collections.abc import Iterator
 
 import torch
 
+from latentformer.infer.detokenize import RowText
 from latentformer.infer.sampling import SamplingParams, sample
 from latentformer.model.transformer import Transformer
-
-REPLACEMENT = "\ufffd"  # what a decoder returns for an incomplete UTF-8 sequence
 
 
 def generate(model: Transformer, tokenizer, prompts: str | list[str], max_new_tokens: int = 64,
@@ -75,61 +74,6 @@ def fit_prompt(ids: list[int], max_new_tokens: int, max_seq_len: int, truncate: 
                      f"max_seq_len={max_seq_len} (shorten it or pass truncate=True to keep its last {room} tokens)")
 
 
-class _RowText:
-    """The completion of one row as text: token ids in, safe text increments out.
-
-    The whole row is decoded each time (a token can end in the middle of a UTF-8 character),
-    and what is emitted never ends in a replacement character or in a prefix of a stop
-    string, so streamed pieces concatenate to the final text.
-    """
-
-    def __init__(self, tokenizer, stops: list[str], incremental: bool) -> None:
-        self.tokenizer, self.stops, self.incremental = tokenizer, stops, incremental
-        self.stop_ids = tokenizer.stop_ids
-        self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0  # characters of `text` already handed out
-        self.done = False
-
-    def push(self, token: int) -> str:
-        """Add one generated token; returns the new safe text (may be "")."""
-        if token in self.stop_ids:
-            return self.finish()
-        self.ids.append(token)
-        if not (self.stops or self.incremental):
-            return ""
-        self.text = self.tokenizer.decode(self.ids)
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
-            return self.finish()
-        if not self.incremental:
-            return ""
-        safe = len(self.text) - self._stop_prefix_len()
-        while safe > self.emitted and self.text[safe - 1] == REPLACEMENT:
-            safe -= 1
-        piece, self.emitted = self.text[self.emitted:safe], max(self.emitted, safe)
-        return piece
-
-    def _stop_prefix_len(self) -> int:
-        """Length of the longest end of `text` that begins some stop string (held back)."""
-        longest = max((len(s) for s in self.stops), default=1)
-        for n in range(min(longest - 1, len(self.text)), 0, -1):
-            if any(s.startswith(self.text[-n:]) for s in self.stops):
-                return n
-        return 0
-
-    def finish(self) -> str:
-        """End the row; returns the text not yet emitted."""
-        if self.done:
-            return ""
-        self.done = True
-        if not (self.stops or self.incremental):
-            self.text = self.tokenizer.decode(self.ids)
-        piece, self.emitted = self.text[self.emitted:], len(self.text)
-        return piece
-
-
 def _decode_step(model: Transformer, cache, compile: bool):
     """tokens [B, 1] -> logits [B, 1, V] through `cache`: eager, or (compile) a captured CUDA graph
     whose output buffer is reused by the next call (the loop consumes it before that)."""
@@ -158,7 +102,7 @@ def _decode(model: Transformer, tokenizer, ids: list[list[int]], max_new_tokens:
         for b, r in enumerate(ids):
             seen[b, torch.tensor(r, device=device).clamp(max=vocab - 1)] = True
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    rows = [_RowText(tokenizer, stops, incremental) for _ in ids]
+    rows = [RowText(tokenizer, stops, incremental) for _ in ids]
     logits = model(tokens, cache=cache, last_only=True)[:, -1, :vocab]  # [B, V]
     step = _decode_step(model, cache, compile and max_new_tokens > 1)
     for i in range(max_new_tokens):
