@@ -326,6 +326,10 @@ def main() -> None:
                     ttft = [1e3 * (r["first"] - r["sent"]) for r in ok]
                     gaps = [1e3 * g for r in ok for g in r["gaps"]]
                     measured.append((interval, tokens / wall, ttft, gaps, tokens / max(1, sum(r["chunks"] for r in ok)), errors))
+                    spans = [r["end"] - r["first"] for r in ok]
+                    print(f"# interval {interval:g} ms: wall {wall:.3f} s, chunk gaps mean {statistics.fmean(gaps or [0]):.2f} ms, "
+                          f"max {max(gaps or [0]):.1f} ms; first chunk to end per request p50 {percentile(spans, 50):.3f} s, "
+                          f"max {max(spans or [0]):.3f} s", flush=True)
                 torch._dynamo.reset()  # stay under the recompile limit across configurations
                 model, _ = load(ckpt, device=args.device, dtype=dtype)  # the weights the server had
                 offline = offline_generate(model, tok, prompts, args.new_tokens, compile)

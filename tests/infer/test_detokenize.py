@@ -12,7 +12,8 @@ from latentformer.infer.detokenize import REPLACEMENT, RowText
 
 
 class Counting:
-    """A tokenizer wrapper that counts the ids decoded (the cost of detokenizing)."""
+    """A tokenizer wrapper that counts the ids decoded (the cost of detokenizing); it has no
+    `byte_decoder`, so RowText takes its window path whatever the tokenizer."""
 
     def __init__(self, tokenizer) -> None:
         self.inner, self.decoded = tokenizer, 0
@@ -37,6 +38,7 @@ def sentencepiece_like():
 
     class SP:
         vocab_size = tk.get_vocab_size()
+        stop_ids = frozenset()
 
         def decode(self, ids):
             return tk.decode(ids, skip_special_tokens=False)
@@ -55,8 +57,9 @@ TEXT = "The cat sat on the mat. Zürich € 北京 — ok?\n  hello world  a dog
 def sequences(tok, rng: random.Random, first_random_id: int) -> list[list[int]]:
     """Real text (multi-byte characters split across tokens) and random ids (invalid UTF-8 too)."""
     vocab = min(tok.vocab_size, 50257)
-    return [tok.encode(TEXT), tok.encode("🙂🙂 €€ 北京北京")] + [[rng.randrange(first_random_id, vocab) for _ in range(60)]
-                                                              for _ in range(20)]
+    stop = getattr(tok, "eot_id", None)  # the end of a row, not part of its text
+    randoms = [[i for i in (rng.randrange(first_random_id, vocab) for _ in range(60)) if i != stop] for _ in range(20)]
+    return [tok.encode(TEXT), tok.encode("🙂🙂 €€ 北京北京")] + randoms
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
@@ -67,10 +70,11 @@ def test_streamed_pieces_concatenate_to_the_whole_decode(name):
     first = 257 if name == "sentencepiece" else 1
     for ids in sequences(tok, random.Random(0), first):
         counting = Counting(tok)
-        row = RowText(counting, [], incremental=True)
-        pieces = [row.push(t) for t in ids] + [row.finish()]
-        assert "".join(pieces) == row.text == tok.decode(ids)
-        assert all(not p.endswith(REPLACEMENT) for p in pieces[:-1]), "a piece ends inside a character"
+        for row in (RowText(counting, [], incremental=True), RowText(tok, [], incremental=True)):
+            pieces = [row.push(t) for t in ids] + [row.finish()]
+            assert "".join(pieces) == row.text == tok.decode(ids)
+            if REPLACEMENT not in tok.decode(ids):  # valid UTF-8: no piece ever ends inside a character
+                assert all(REPLACEMENT not in p for p in pieces)
         # cost: each token decodes a window of a few ids, not the whole row (O(n), not O(n^2))
         assert counting.decoded <= 8 * len(ids) + 8
 
@@ -81,8 +85,8 @@ def test_stop_string_cuts_the_text_where_it_starts(name):
     ids = tok.encode(TEXT)
     full = tok.decode(ids)
     for stop in ("mat", "€", "world", " a dog", "end", "not there"):
-        for incremental in (True, False):
-            row = RowText(Counting(tok), [stop], incremental)
+        for incremental, wrap in ((True, Counting), (False, Counting), (True, lambda t: t), (False, lambda t: t)):
+            row = RowText(wrap(tok), [stop], incremental)
             pieces = []
             for t in ids:
                 pieces.append(row.push(t))
@@ -105,6 +109,15 @@ def test_no_piece_leaks_a_stop_prefix():
         if row.done:
             break
     assert out + row.finish() == "ok ST and STO then "
+
+
+@pytest.mark.parametrize("name", ["gpt2", "byte"])
+def test_byte_level_tokenizers_take_the_byte_path(name):
+    """The byte path (one lookup per token) is taken where decode is the joined bytes' UTF-8."""
+    tok = TOKENIZERS[name]()
+    assert RowText(tok, [], incremental=True).utf8 is not None
+    ids = tok.encode("北京") + [tok.eot_id]
+    assert b"".join(map(tok.byte_decoder(), ids)).decode("utf-8", "replace") == tok.decode(ids)
 
 
 def test_stop_id_ends_the_row_and_non_streamed_text_comes_at_finish():

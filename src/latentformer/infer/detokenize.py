@@ -2,15 +2,22 @@
 
 Decoding the whole row at every token costs O(n) per token, O(n^2) per completion: at a
 serving batch of 64 rows and a few hundred tokens that is as much host time per step as the
-GPU's decode step. Instead each token decodes a short window (the approach of Hugging Face's
-`TextStreamer` and vLLM's detokenizer): `ids[prefix:read]` were already turned into text, and
-the new text is `decode(ids[prefix:]) - decode(ids[prefix:read])`. The window keeps one token
-of left context because a tokenizer's decode of a suffix can differ at its start (SentencePiece
-drops the leading space of the first piece). While the window's text ends in an incomplete
-UTF-8 sequence (U+FFFD) nothing is taken: the next token may complete the character.
+GPU's decode step. Instead:
+
+- byte-level tokenizers (`Tokenizer.byte_decoder()`: GPT-2, the BPEs trained here, bytes) feed
+  each token's bytes to an incremental UTF-8 decoder, which holds back an incomplete character
+  and gives exactly the text of decoding all the bytes at once;
+- the others decode a short window per token (the approach of Hugging Face's `TextStreamer` and
+  vLLM's detokenizer): `ids[prefix:read]` were already turned into text, and the new text is
+  `decode(ids[prefix:]) - decode(ids[prefix:read])`. The window keeps left context because a
+  tokenizer's decode of a suffix can differ at its start (SentencePiece drops the leading space
+  of the first piece). While the window's text ends in an incomplete UTF-8 sequence (U+FFFD)
+  nothing is taken: the next token may complete the character.
 """
 
 from __future__ import annotations
+
+import codecs
 
 REPLACEMENT = "\ufffd"  # what a decoder returns for an incomplete UTF-8 sequence
 
@@ -36,6 +43,8 @@ class RowText:
         self.emitted = 0  # characters of `text` already handed out
         self.cut = False  # a stop string ended the text: nothing after it is decoded
         self.done = False
+        self.token_bytes = tokenizer.byte_decoder() if hasattr(tokenizer, "byte_decoder") else None
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace") if self.token_bytes else None
 
     def push(self, token: int) -> str:
         """Add one generated token; returns the new safe text (may be "")."""
@@ -55,16 +64,21 @@ class RowText:
     def _advance(self, final: bool) -> bool:
         """Append the text of ids[read:] once it is whole (or, `final`, as it is); True when a
         stop string is found in the text (which is then cut where it starts)."""
-        if self.cut or self.read == len(self.ids):
+        if self.cut or (self.read == len(self.ids) and not (final and self.utf8)):
             return False
-        decode = self.tokenizer.decode
-        context = decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
-        window = decode(self.ids[self.prefix:])
-        if not (final or (len(window) > len(context) and not window.endswith(REPLACEMENT))):
-            return False
+        if self.utf8 is not None:
+            new = self.utf8.decode(b"".join(map(self.token_bytes, self.ids[self.read:])), final)
+            self.read = len(self.ids)
+        else:
+            decode = self.tokenizer.decode
+            context = decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
+            window = decode(self.ids[self.prefix:])
+            if not (final or (len(window) > len(context) and not window.endswith(REPLACEMENT))):
+                return False
+            new = window[len(context):]
+            self.prefix, self.read = self.read, len(self.ids)
         before = len(self.text)
-        self.text += window[len(context):]
-        self.prefix, self.read = self.read, len(self.ids)
+        self.text += new
         # a stop string that was not in the old text ends in the new part
         hits = [i for i in (self.text.find(s, max(0, before - len(s) + 1)) for s in self.stops) if i >= 0]
         if hits:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from latentformer.infer.detokenize import RowText
+from latentformer.infer.prefill import prefill_attention
 from latentformer.infer.sampling import sample_rows
 from latentformer.model.transformer import Transformer
 
@@ -266,7 +267,8 @@ class Engine:
         tokens = torch.full((len(group), L), self.tokenizer.eot_id, dtype=torch.long)
         for i, r in enumerate(group):
             tokens[i, L - len(r.ids):] = torch.tensor(r.ids)
-        logits = self.model(tokens.to(self.device), cache=prefill, last_only=True)[:, -1, :self.vocab]
+        with prefill_attention():  # a new shape with nearly every group: no per-shape plan
+            logits = self.model(tokens.to(self.device), cache=prefill, last_only=True)[:, -1, :self.vocab]
         generators = [torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None and r.temperature > 0 else None
                       for r in group]
         first = sample_rows(logits, [r.temperature for r in group], [r.top_p for r in group], generators).tolist()

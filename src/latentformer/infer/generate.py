@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from latentformer.infer.detokenize import RowText
+from latentformer.infer.prefill import prefill_attention
 from latentformer.infer.sampling import SamplingParams, sample
 from latentformer.model.transformer import Transformer
 
@@ -103,7 +104,8 @@ def _decode(model: Transformer, tokenizer, ids: list[list[int]], max_new_tokens:
             seen[b, torch.tensor(r, device=device).clamp(max=vocab - 1)] = True
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     rows = [RowText(tokenizer, stops, incremental) for _ in ids]
-    logits = model(tokens, cache=cache, last_only=True)[:, -1, :vocab]  # [B, V]
+    with prefill_attention():
+        logits = model(tokens, cache=cache, last_only=True)[:, -1, :vocab]  # [B, V]
     step = _decode_step(model, cache, compile and max_new_tokens > 1)
     for i in range(max_new_tokens):
         nxt = sample(logits, params, seen, generator)  # [B]
