@@ -137,9 +137,9 @@ class Server:
             self.proc.kill()
 
 
-def _client_process(args: tuple) -> list[dict]:
-    """One client process: its share of the requests, all started at `start` (wall clock)."""
-    site, url, prompts, new_tokens, start = args
+def _client_process(site: str | None, url: str, prompts: list[list[int]], new_tokens: int, go=None, out=None) -> list[dict]:
+    """One client process: its share of the requests, all sent at once when `go` is set (after
+    every client process has said it is ready on `out`); the results go to `out`."""
     if site:
         sys.path.insert(0, site)
     import httpx
@@ -173,22 +173,37 @@ def _client_process(args: tuple) -> list[dict]:
     async def main() -> list[dict]:
         limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(900.0)) as http:
-            await asyncio.sleep(max(0.0, start - time.time()))
+            if go is not None:
+                out.put("ready")
+                await asyncio.to_thread(go.wait)
             return await asyncio.gather(*(one(http, p) for p in prompts))
 
-    return asyncio.run(main())
+    results = asyncio.run(main())
+    if out is not None:
+        out.put(results)
+    return results
 
 
 def serve_clients(url: str, prompts: list[list[int]], new_tokens: int, site: str | None, procs: int) -> list[dict]:
-    start = time.time() + 2.0  # every client process is ready by then
-    shares = [prompts[i::procs] for i in range(procs)]
-    with multiprocessing.get_context("spawn").Pool(procs) as pool:
-        results = pool.map(_client_process, [(site, url, share, new_tokens, start) for share in shares if share])
-    return [r for rs in results for r in rs]
+    """Every request at the same moment: one process per share, released together once all are
+    ready (a pool could run two shares one after the other in one worker)."""
+    ctx = multiprocessing.get_context("spawn")
+    go, out = ctx.Event(), ctx.Queue()
+    shares = [share for share in (prompts[i::procs] for i in range(procs)) if share]
+    workers = [ctx.Process(target=_client_process, args=(site, url, share, new_tokens, go, out)) for share in shares]
+    for w in workers:
+        w.start()
+    for _ in workers:
+        assert out.get(timeout=300) == "ready"
+    go.set()
+    results = [r for _ in workers for r in out.get(timeout=1800)]
+    for w in workers:
+        w.join()
+    return results
 
 
 def warm_up(url: str, prompt: list[int], site: str | None) -> None:
-    _client_process((site, url, [prompt, prompt[: len(prompt) // 2]], 4, time.time()))
+    _client_process(site, url, [prompt, prompt[: len(prompt) // 2]], 4)
 
 
 def offline_generate(model, tok, prompts: list[list[int]], new_tokens: int, compile: bool) -> float:
