@@ -399,6 +399,9 @@ def test_cli_errors_are_one_line(ckpt, tmp_path, capsys):
         assert main(["serve", str(ckpt), "--port", str(taken.getsockname()[1])]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot listen on 127.0.0.1:" in err
+    assert main(["serve", str(ckpt), "--port", "0", "--stream-interval", "-5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--stream-interval must be in [0, 10000] milliseconds" in err
 
 
 def test_readme_example_runs_against_the_cli_server(ckpt):
