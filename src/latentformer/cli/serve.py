@@ -1,19 +1,17 @@
 """`latentformer serve`: an OpenAI-compatible HTTP server with continuous batching.
 
 The listening socket is bound before the model loads, so a port in use fails at once (one line,
-exit 1). Needs the `[serve]` extra (fastapi, uvicorn).
+exit 1). The engine runs in a child process (`latentformer.serve.worker`), this one serves HTTP.
+Needs the `[serve]` extra (fastapi, uvicorn).
 """
 
 from __future__ import annotations
 
 import argparse
 import socket
-import sys
 from pathlib import Path
 
 from latentformer.cli.generate import add_model_arguments, load_from_args
-
-SWITCH_INTERVAL_S = 0.0005
 
 HELP = "serve a checkpoint over an OpenAI-compatible HTTP API (completions, chat, streaming; continuous batching)"
 
@@ -54,30 +52,31 @@ def run(args: argparse.Namespace) -> int:
         from latentformer.serve.server import create_app
     except ModuleNotFoundError as e:
         raise ValueError(f"serve needs the [serve] extra ({e.name} is missing): pip install 'latentformer[serve]'") from None
-    from latentformer.infer.engine import Engine
-
     if args.max_batch < 1 or args.max_queue < 0:
         raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, got {args.max_batch} and {args.max_queue}")
     if not 0 <= args.stream_interval <= 10_000:
         raise ValueError(f"--stream-interval must be in [0, 10000] milliseconds, got {args.stream_interval:g}")
     sock = listen(args.host, args.port)
-    model, tokenizer = load_from_args(args)
+    from latentformer.checkpoint import find_checkpoint
+    from latentformer.cli.generate import check_device
+    from latentformer.data.tokenizer import load_tokenizer
     from latentformer.infer.chat import has_template
+    from latentformer.serve.worker import EngineProcess, EngineSpec
 
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue, compile=args.compile,
-                    stream_interval=args.stream_interval / 1000)
+    if args.device is not None:
+        check_device(args.device)
+    tokenizer = load_tokenizer(find_checkpoint(args.path))  # this process encodes prompts; the engine's loads the model
+    spec = EngineSpec(str(args.path), args.device, args.dtype, args.max_batch, args.max_queue, args.compile,
+                      args.stream_interval / 1000)
+    engine = EngineProcess(spec, tokenizer)
     name = args.model_name or Path(args.path).resolve().name
     app = create_app(engine, name, api_key=args.api_key)
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
-    cfg = model.config
+    cfg, info = engine.config, engine.info
     kind = "chat template" if has_template(tokenizer) else "base model without a chat template: chat continues a plain 'User:/Assistant:' transcript"
-    print(f"latentformer serve: {name} ({cfg.attention}, {model.num_params() / 1e6:.1f}M parameters, {cfg.max_seq_len}-token context, "
-          f"batch {engine.max_batch}, {engine.cache.nbytes / 2**20:.0f} MiB cache; {kind}) at http://{url_host}:{port}/v1", flush=True)
-    # The engine thread and the event loop share the GIL. A thread that wants it waits up to the
-    # switch interval (default 5 ms) while the other runs Python: five decode steps of a 125M model
-    # on an H200. The engine needs the GIL for short bursts (~0.5 ms per step), so it gets it sooner.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    print(f"latentformer serve: {name} ({cfg.attention}, {info.params / 1e6:.1f}M parameters, {cfg.max_seq_len}-token context, "
+          f"batch {engine.max_batch}, {info.cache_bytes / 2**20:.0f} MiB cache; {kind}) at http://{url_host}:{port}/v1", flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -126,7 +126,7 @@ class Engine:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         if not (isinstance(stream_interval, (int, float)) and 0 <= stream_interval <= 10):
             raise ValueError(f"stream_interval must be a number of seconds in [0, 10], got {stream_interval!r}")
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model, self.tokenizer, self.config = model.eval(), tokenizer, model.config
         self.device = next(model.parameters()).device
         if compile and self.device.type != "cuda":
             raise ValueError("compile=True needs a model on a CUDA device")
@@ -161,6 +161,10 @@ class Engine:
     def start(self) -> Engine:
         self._thread.start()
         return self
+
+    def cancel(self, request: Request) -> None:
+        """Stop generating for `request` (any thread): its row is freed before the next step, no event follows."""
+        request.cancel()
 
     def stop(self) -> None:
         with self._wake:

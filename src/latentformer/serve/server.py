@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from latentformer.infer.chat import chat_stops, check_messages, has_template, render_chat
 from latentformer.infer.engine import Engine, Event, QueueFull, Request
+from latentformer.serve.worker import EngineProcess
 
 MAX_BODY_BYTES = 1 << 20
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -140,10 +141,11 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None,
+def create_app(engine: Engine | EngineProcess, model_name: str, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app serving `engine`'s model as `model_name`. Its lifespan starts the engine
-    thread and hands it this event loop for delivering tokens (one wake-up per decode step)."""
+    """The FastAPI app serving `engine`'s model as `model_name` (an `Engine` in this process, or the
+    `EngineProcess` that `latentformer serve` runs). Its lifespan starts the engine and hands it
+    this event loop for delivering tokens (one wake-up per decode step)."""
     tokenizer, context = engine.tokenizer, engine.context
     created = int(time.time())
 
@@ -233,9 +235,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                     object="chat.completion" if chat else "text_completion")
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(job, queue, meta, chat, usage, len(ids)), media_type="text/event-stream",
+            return StreamingResponse(_stream(engine, job, queue, meta, chat, usage, len(ids)), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(http, job, queue, meta, chat, len(ids))
+        return await _complete(http, engine, job, queue, meta, chat, len(ids))
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
@@ -272,7 +274,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     async def models():
         return {"object": "list", "data": [{
             "id": model_name, "object": "model", "created": created, "owned_by": "latentformer",
-            "context_length": context, "attention": engine.model.config.attention,
+            "context_length": context, "attention": engine.config.attention,
             "chat_template": has_template(tokenizer), "base_model": not has_template(tokenizer)}]}
 
     @app.get("/health")
@@ -315,7 +317,7 @@ async def _collect(queue: asyncio.Queue) -> tuple[str, Event]:
             return "".join(pieces), event
 
 
-async def _complete(http: HTTPRequest, job: Request, queue: asyncio.Queue, meta: dict, chat: bool, prompt_tokens: int):
+async def _complete(http: HTTPRequest, engine: Engine, job: Request, queue: asyncio.Queue, meta: dict, chat: bool, prompt_tokens: int):
     """The whole completion as one JSON object; a client that goes away cancels its request."""
     collect, gone = asyncio.ensure_future(_collect(queue)), asyncio.ensure_future(_until_disconnect(http))
     try:
@@ -324,7 +326,7 @@ async def _complete(http: HTTPRequest, job: Request, queue: asyncio.Queue, meta:
         gone.cancel()
         if not collect.done():
             collect.cancel()
-            job.cancel()
+            engine.cancel(job)
     if collect not in done:
         return JSONResponse({}, status_code=499)  # the client went away: nobody reads this
     text, last = collect.result()
@@ -342,7 +344,7 @@ def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _stream(job: Request, queue: asyncio.Queue, meta: dict, chat: bool, usage: bool, prompt_tokens: int):
+async def _stream(engine: Engine, job: Request, queue: asyncio.Queue, meta: dict, chat: bool, usage: bool, prompt_tokens: int):
     """Server-sent events: one chunk per delivery (increments that queued up meanwhile are sent
     together), the finish_reason in the last, then optional usage and `data: [DONE]`. Closing the
     connection cancels the generator here and so the request in the engine."""
@@ -385,4 +387,4 @@ async def _stream(job: Request, queue: asyncio.Queue, meta: dict, chat: bool, us
                 break
         yield _sse("[DONE]")
     finally:
-        job.cancel()  # a no-op for a finished request; frees the row of one whose client went away
+        engine.cancel(job)  # a no-op for a finished request; frees the row of one whose client went away
