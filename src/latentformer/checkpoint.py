@@ -192,6 +192,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     return model, tokenizer
 
 
+# -- training checkpoints -----------------------------------------------------------------------
 def load_weights(model: Transformer, path: Path, flag: str, tokenizer: Tokenizer | None = None) -> None:
     """Load the weights of checkpoint `path` into `model` (a run's model, on its device), after checking
     that every tensor's name and shape matches the model's config and, when `tokenizer` is given, that
@@ -208,7 +209,6 @@ def load_weights(model: Transformer, path: Path, flag: str, tokenizer: Tokenizer
     model.load_state_dict(weights, strict=False)
 
 
-# -- training checkpoints -----------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """The python, numpy, torch (and cuda) RNG states as tensors and plain containers (`weights_only`-loadable)."""
     version, mt, gauss = random.getstate()
