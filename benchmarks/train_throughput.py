@@ -10,42 +10,20 @@ MFU = flops_per_token(seq_len) x tokens/s / dense bf16 peak (H100 SXM: 989 TFLOP
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import tempfile
 import time
 
 import torch
-import torch._inductor.config
 
 from kernel_table import kernel_table
-from latentformer.model.loss import plain_linear_cross_entropy
 from latentformer.train.config import build_run_config
 from latentformer.train.trainer import Trainer
 
 
-VARIANTS = {  # name -> config overrides; 'unfused-ce' also swaps the loss (see `variant`)
-    "shipped": {}, "unfused-ce": {}, "fp32-residual": {"train.low_precision_residual": False}, "seed2": {"train.seed": 1338},
-    "coordinate-descent": {},
+VARIANTS = {  # name -> config overrides
+    "shipped": {}, "fp32-residual": {"train.low_precision_residual": False}, "seed2": {"train.seed": 1338},
 }
-
-
-@contextlib.contextmanager
-def variant(name: str):
-    """'unfused-ce' = the plain composition (full logits, then F.cross_entropy; what inductor fused
-    under torch.compile until the Triton rows kernel, 2026-11-25);
-    'coordinate-descent' = inductor tunes each generated kernel's launch configuration."""
-    import latentformer.model.transformer as T
-
-    orig_ce = T.linear_cross_entropy
-    if name == "unfused-ce":
-        T.linear_cross_entropy = plain_linear_cross_entropy
-    tuning = torch._inductor.config.patch(coordinate_descent_tuning=name == "coordinate-descent")
-    try:
-        with tuning:
-            yield
-    finally:
-        T.linear_cross_entropy = orig_ce
 
 
 def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: bool, steps: int,
@@ -61,16 +39,15 @@ def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: 
     with tempfile.TemporaryDirectory() as run:
         tr = Trainer(cfg, run, vocab_explicit=explicit)
         times, losses = [], []
-        with variant(name):
-            for i in range(steps + 5):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                losses.append(tr.train_step()[0])  # ends in a host sync (the loss)
-                if i >= 5:
-                    times.append(time.perf_counter() - t0)
-            if profile:
-                kernel_table(lambda: [tr.train_step() for _ in range(2)], f"{preset} T{seq_len} ({name}): two optimizer steps",
-                             gaps=12)
+        for i in range(steps + 5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            losses.append(tr.train_step()[0])  # ends in a host sync (the loss)
+            if i >= 5:
+                times.append(time.perf_counter() - t0)
+        if profile:
+            kernel_table(lambda: [tr.train_step() for _ in range(2)], f"{preset} T{seq_len} ({name}): two optimizer steps",
+                         gaps=12)
         tps = seq_len * micro * accum / statistics.median(times)
         mfu = tr.flops_per_token * tps / tr.peak if tr.peak else float("nan")
         out = {"tokens/s": tps, "mfu": mfu, "loss": losses[-1], "losses": losses, "mem_gb": torch.cuda.max_memory_allocated() / 1e9,

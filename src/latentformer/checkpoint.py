@@ -1,18 +1,29 @@
-"""Model checkpoints: a directory with `model.safetensors`, `config.json` and the tokenizer files.
+"""Checkpoint directories: every read, write and load check of a model or training checkpoint.
 
-Training runs add `train_state.pt` (optimizer, scheduler, RNG and data position; see
-latentformer.train.checkpointing). Weights are never pickled; every write is atomic.
+A model checkpoint is a directory holding `model.safetensors`, `config.json` (format
+"latentformer", the model config) and the tokenizer files. A training step checkpoint adds
+`train_state.pt`: the optimizer, GradScaler, step, RNG states (python, numpy, torch, cuda), the
+data iterator position, best validation loss, early-stopping counter and the run config. It is
+written with `torch.save` and read with `weights_only=True`, so it holds only tensors and plain
+containers (RNG states are converted). Weights are never pickled.
 
-A run directory holds `checkpoints/step_<N>/` (the last K) and `checkpoints/best/`.
+A run directory holds `checkpoints/step_<N>/` (the newest `keep_last`) and `checkpoints/best/`
+(the weights of the lowest validation loss, no train state). Every checkpoint is one atomic
+directory write (`fsutil.atomic_directory`); a save killed midway leaves hidden
+`.<name>.tmp-*` / `.<name>.old-<pid>` directories, which `clean_leftovers` removes when the run
+starts again.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -27,6 +38,15 @@ if TYPE_CHECKING:
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 FORMAT = "latentformer"
+TRAIN_STATE = "train_state.pt"
+# what `Trainer._restore` reads; a file lacking any of them was not written by the trainer
+STATE_KEYS = ("step", "optimizer", "scaler", "rng", "data", "best_val", "bad_evals", "skipped_steps",
+              "nonfinite_run", "train_seconds", "config")
+# the names `atomic_directory` gives its temporary and moved-aside directories
+LEFTOVER = re.compile(r"\.(?P<name>step_\d+|best)\.(?:tmp-.+|old-\d+)")
+
+
+# -- model checkpoints -----------------------------------------------------------------------
 
 
 def model_state(model: Transformer) -> dict[str, torch.Tensor]:
@@ -89,12 +109,17 @@ def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: s
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     with torch.device("meta"):
         model = Transformer(cfg)
-    check_state(model.state_dict(), state, source, optional=("lm_head.weight",) if cfg.tie_embeddings else ())
+    check_state(model.state_dict(), state, source, optional=_tied(cfg))
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     model.init_derived_buffers()
     return model
+
+
+def _tied(cfg: ModelConfig) -> tuple[str, ...]:
+    """State names a checkpoint may lack: a tied output layer is the embedding."""
+    return ("lm_head.weight",) if cfg.tie_embeddings else ()
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -126,6 +151,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model.eval()
 
 
+# -- run directories ---------------------------------------------------------------------------
 def step_dirs(run_dir: str | Path) -> list[Path]:
     """A run's `checkpoints/step_<N>/` directories, oldest first; other names (`step_final`, a
     user's copy) are not step checkpoints and are ignored."""
@@ -164,3 +190,106 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{ckpt}: tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}")
     return model, tokenizer
+
+
+# -- training checkpoints -----------------------------------------------------------------------
+def load_weights(model: Transformer, path: Path, flag: str, tokenizer: Tokenizer | None = None) -> None:
+    """Load the weights of checkpoint `path` into `model` (a run's model, on its device), after checking
+    that every tensor's name and shape matches the model's config and, when `tokenizer` is given, that
+    the checkpoint's tokenizer is the same. Errors are ValueErrors that start with the CLI `flag`."""
+    if tokenizer is not None:
+        from latentformer.data.tokenizer import load_tokenizer
+
+        if load_tokenizer(path).describe() != tokenizer.describe():
+            raise ValueError(f"{flag} {path}: the data was prepared with another tokenizer than the checkpoint's "
+                             f"(prepare it with --data.tokenizer {path})")
+    weights = read_weights(path)
+    check_state(model.state_dict(), weights, f"{flag}: {path / WEIGHTS}", optional=_tied(model.config),
+                against="the run's model config")
+    model.load_state_dict(weights, strict=False)
+
+
+def rng_state() -> dict[str, Any]:
+    """The python, numpy, torch (and cuda) RNG states as tensors and plain containers (`weights_only`-loadable)."""
+    version, mt, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_step(run_dir: Path, step: int, model: Transformer, tokenizer: Tokenizer, train_state: dict[str, Any],
+              keep_last: int, extra: dict[str, Any] | None = None) -> Path:
+    """Write `checkpoints/step_<step>/` atomically, then delete step checkpoints beyond the newest `keep_last`."""
+    path = run_dir / "checkpoints" / f"step_{step}"
+    with atomic_directory(path) as tmp:
+        write_model(tmp, model, tokenizer, {"step": step, **(extra or {})})
+        torch.save(train_state, tmp / TRAIN_STATE)
+    for old in step_dirs(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def save_best(run_dir: Path, model: Transformer, tokenizer: Tokenizer, extra: dict[str, Any]) -> Path:
+    """`checkpoints/best/`: the weights of the lowest validation loss (no train state)."""
+    return save_checkpoint(run_dir / "checkpoints" / "best", model, tokenizer, extra)
+
+
+def latest_step_dir(run_dir: Path) -> Path:
+    """The newest `step_<N>/` of a run, which must hold a train state; ValueError when it does not."""
+    steps = step_dirs(run_dir)
+    if not steps or not (steps[-1] / TRAIN_STATE).is_file():
+        raise ValueError(f"--resume: {run_dir} holds no step checkpoint with {TRAIN_STATE}")
+    return steps[-1]
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    """The train state of step checkpoint `path`; ValueError when it is unreadable or lacks a `STATE_KEYS` entry."""
+    file = path / TRAIN_STATE
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: one clear line
+        raise ValueError(f"{file} cannot be read: {e}".splitlines()[0]) from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing:
+        raise ValueError(f"{file} is not a train state of this trainer (missing {', '.join(missing[:3])}): "
+                         "resume from another checkpoint or start the run again")
+    return state
+
+
+def clean_leftovers(run_dir: Path) -> list[str]:
+    """Remove what killed saves left in `run_dir/checkpoints` (only `atomic_directory`'s hidden
+    temporaries of step and best checkpoints); returns what was done, one line each. A save killed
+    between its two renames leaves the previous checkpoint moved aside and none in place: that one
+    is put back (the new one may be incomplete)."""
+    ckpts = run_dir / "checkpoints"
+    if not ckpts.is_dir():
+        return []
+    done = []
+    for entry in sorted(ckpts.iterdir()):  # ".x.old-*" sorts before ".x.tmp-*"
+        match = LEFTOVER.fullmatch(entry.name)
+        if match is None or not entry.is_dir():
+            continue
+        target = ckpts / match["name"]
+        if ".old-" in entry.name and not target.exists():
+            entry.rename(target)
+            done.append(f"restored {target} from {entry.name}")
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        done.append(f"removed {entry}")
+    return done

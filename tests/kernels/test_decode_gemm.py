@@ -1,5 +1,5 @@
 """The small-batch products' dispatch and launch configuration (the kernel itself:
-test_interpreted.py on CPU, benchmarks/decode_tuning.py against fp32 and cuBLAS on the GPU)."""
+test_interpreted.py on CPU, the decode step's logits against an fp32 naive decode in benchmarks/decode_throughput.py on the GPU)."""
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ RTX4090 = dict(sms=128, smem=99 * 1024)
 
 @pytest.mark.parametrize("N,K,n_weights", [(2080, 768, 1), (768, 1536, 1), (2304, 768, 2), (768, 2304, 1)])
 def test_mla_125m_shapes_get_the_measured_tiles(N, K, n_weights):
-    # the configuration measured on the H200 (benchmarks/RESULTS.md, 2026-11-29): 32-row slabs, K tiles of 256, 3 stages
+    # the configuration measured on the H200 (NOTES.md, "Decode", 2026-11-29): 32-row slabs, K tiles of 256, 3 stages
     assert launch_config(64, N, K, n_weights, 2, **H100) == (64, 32, 256, 3, 1)
 
 

@@ -18,8 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from latentformer.checkpoint import step_dirs
-from latentformer.train.checkpointing import clean_leftovers
+from latentformer.checkpoint import clean_leftovers, step_dirs
 
 from .conftest import TINY_MODEL_ARGS
 

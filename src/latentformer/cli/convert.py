@@ -47,10 +47,7 @@ def _hub_snapshot(repo_id: str) -> Path:
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id):
         raise FileNotFoundError(f"no such directory: {repo_id}")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ValueError(f"{repo_id} is not a directory, and downloading it needs huggingface_hub (pip install 'latentformer[hf]')") from None
+    from huggingface_hub import snapshot_download  # installed with tokenizers, a dependency
     try:
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, etag_timeout=10))
     except Exception as e:  # hub/network errors come in many types; each becomes one line

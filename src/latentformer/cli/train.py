@@ -58,7 +58,8 @@ def _inputs(cfg, config_file: str | None) -> list[Path]:
 
 
 def _resolve(args: argparse.Namespace):
-    """(config, vocab_explicit, run dir, replace): `replace` when --force may replace an existing run."""
+    """(config, vocab_explicit, run dir, replace, init): `replace` when --force may replace an existing
+    run; `init` the --init-from checkpoint directory (None without it)."""
     from latentformer.fsutil import check_output
     from latentformer.train.config import build_run_config, load_run_config, parse_overrides
 
@@ -80,7 +81,7 @@ def _resolve(args: argparse.Namespace):
             raise ValueError(f"--resume: {out} is not a run directory (no config.yaml)")
         if args.config or args.preset:
             raise ValueError("--resume uses the run's saved config.yaml; give only overrides with it")
-        return load_run_config(out / "config.yaml", overrides), True, out, False
+        return load_run_config(out / "config.yaml", overrides), True, out, False, None
     if args.data is not None and not Path(args.data).is_dir():
         raise FileNotFoundError(f"--data {args.data}: no such directory")
     init = None
@@ -96,7 +97,7 @@ def _resolve(args: argparse.Namespace):
     replace = check_output(out, "run", True, inputs=_inputs(cfg, args.config), recognise=is_run_dir)
     if replace and not args.force:
         raise ValueError(f"run directory {out} exists; use --resume to continue it, --force to start over, or --out")
-    return cfg, explicit, out, replace
+    return cfg, explicit, out, replace, init
 
 
 def _init_source(args: argparse.Namespace, overrides: dict) -> tuple[Path, dict]:
@@ -138,19 +139,17 @@ def _sample(run_dir: Path, cfg) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentformer.checkpoint import find_checkpoint
     from latentformer.train.distributed import barrier, shutdown
     from latentformer.train.logging import format_ppl
     from latentformer.train.trainer import NonFiniteError, Trainer, TrainingInterrupted
 
-    cfg, explicit, out, replace = _resolve(args)
+    cfg, explicit, out, replace, init = _resolve(args)
     is_main = _rank() == 0
     if is_main:
         _ensure_data(cfg)
     _wait_for_rank0(cfg.train.device)
     trainer = None
     try:
-        init = None if args.resume or args.init_from is None else find_checkpoint(args.init_from)
         trainer = Trainer(cfg, out, resume=args.resume, vocab_explicit=explicit, init_from=init)
         if replace and is_main:  # every check passed: the data opened, the model built
             print(f"--force: replacing the run directory {out}", file=sys.stderr)

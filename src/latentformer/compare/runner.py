@@ -154,8 +154,7 @@ def check_existing(root: Path, matrix: Matrix) -> None:
 
 def latest_step(run_dir: Path) -> int:
     """Step of the newest step checkpoint with a train state (0 when there is none)."""
-    from latentformer.checkpoint import step_dirs
-    from latentformer.train.checkpointing import TRAIN_STATE
+    from latentformer.checkpoint import TRAIN_STATE, step_dirs
 
     steps = [int(p.name[len("step_"):]) for p in step_dirs(run_dir) if (p / TRAIN_STATE).is_file()]
     return max(steps, default=0)

@@ -11,7 +11,7 @@ a long K: few programs, each a long serial K loop. Inside torch.compile they spl
 programs per slab and leave the fp32 partial sums to the residual add's kernel, which inductor
 generates with the sum folded in.
 
-Measured (benchmarks/decode_tuning.py, H200, 2026-11-29, benchmarks/RESULTS.md): at 64 rows the
+Measured on an H200 (2026-11-29; NOTES.md, "Decode"): at 64 rows the
 plain products are about as fast as cuBLAS (both far from bandwidth: a few microseconds each,
 mostly fixed cost); the fused SwiGLU and the K splits are what shorten the step: mla-125m's
 compiled decode step at batch 64 / 8k context 1.148 ms (cuBLAS) -> 1.068 (these kernels, no split)

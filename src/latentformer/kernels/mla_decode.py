@@ -14,10 +14,10 @@ With `new` (the model's path), the kernel also does the step's work on the new t
 otherwise be four small kernels per layer: it rotates the query's rope part, and the program whose
 slice holds the new slot normalizes the new latent (kv_a_norm), rotates its rope key, writes both
 to the cache and adds that key to its softmax from registers (it never reads the slot back).
-Measured (benchmarks/decode_tuning.py, variant 'unfused new token', H200, 2026-11-29): mla-125m's
+Measured against the same step with the new token finished by torch ops (H200, 2026-11-29): mla-125m's
 compiled decode step at batch 64 / 8k context 136 -> 91 kernels, 1.102 -> 1.020 ms (-7.4%);
 latentformer-348m 1.634 -> 1.548 ms (-5.3%). Timed alone, the new-token work adds about 0.4 us per
-launch (benchmarks/RESULTS.md, fourth H200 session).
+launch (NOTES.md, "Decode").
 
 Used on CUDA for T == 1 when r and dr are powers of two (>= 16); otherwise the portable
 matmul path in attention.py runs.

@@ -55,7 +55,7 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     # bf16 autocast: carry the residual stream in bf16 instead of fp32 (Megatron's default): +2-4%
-    # tokens/s and less memory on an H100, loss within 3e-4 of fp32 over 200 steps (benchmarks/RESULTS.md);
+    # tokens/s and less memory on an H100, loss within 3e-4 of fp32 over 200 steps (NOTES.md, "Training");
     # not applied under fp16, whose range a residual stream can exceed
     low_precision_residual: bool = True
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block, then the root)

@@ -108,7 +108,7 @@ def cast_residual_stream(model: nn.Module, dtype: torch.dtype) -> None:
 def compile_model(model: nn.Module) -> None:
     """torch.compile the whole model in place (parameter names unchanged). Whole-model rather
     than per-block: the output layer and the loss fuse with the last block, which per-block
-    compilation leaves eager (measured on an H100: benchmarks/RESULTS.md)."""
+    compilation leaves eager (1.6x slower per block on an H100: NOTES.md, "Training")."""
     model.compile()
 
 

@@ -28,10 +28,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from latentformer.checkpoint import WEIGHTS, check_state, read_weights, step_dirs
+from latentformer import checkpoint as ckpt
 from latentformer.fsutil import atomic_write_text, mark_output
 from latentformer.model.transformer import Transformer
-from latentformer.train import checkpointing as ckpt
 from latentformer.train import distributed as D
 from latentformer.train.config import RunConfig
 from latentformer.train.evaluate import evaluate
@@ -140,9 +139,10 @@ class Trainer:
         D.barrier()
         self.resumed_from = ckpt.latest_step_dir(self.run_dir) if resume else None
         if self.resumed_from is not None:
-            self._load_weights(self.resumed_from)
+            ckpt.load_weights(self.model, self.resumed_from, "--resume")
         elif init_from is not None:  # a new run from a checkpoint's weights: fresh optimizer, schedule, data order
-            self._init_weights(Path(init_from))
+            ckpt.load_weights(self.model, Path(init_from), "--init-from", tokenizer=self.tokenizer)
+            self.notes.append(f"weights from {init_from}")
 
         if t.low_precision_residual and self.dtype == "bf16":
             D.cast_residual_stream(self.model, torch.bfloat16)
@@ -185,22 +185,6 @@ class Trainer:
 
             return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.optimizer.state_dict()
-
-    def _load_weights(self, path: Path, flag: str = "--resume") -> None:
-        weights = read_weights(path)
-        tied = ("lm_head.weight",) if self.cfg.model.tie_embeddings else ()
-        check_state(self.model.state_dict(), weights, f"{flag}: {path / WEIGHTS}", optional=tied,
-                    against="the run's model config")
-        self.model.load_state_dict(weights, strict=False)
-
-    def _init_weights(self, path: Path) -> None:
-        from latentformer.data.tokenizer import load_tokenizer
-
-        if load_tokenizer(path).describe() != self.tokenizer.describe():
-            raise ValueError(f"--init-from {path}: the data was prepared with another tokenizer than the checkpoint's "
-                             f"(prepare it with --data.tokenizer {path})")
-        self._load_weights(path, "--init-from")
-        self.notes.append(f"weights from {path}")
 
     def _restore(self, path: Path) -> None:
         """Optimizer, scaler, data position, RNG and counters (the weights are loaded before wrapping)."""
@@ -276,7 +260,7 @@ class Trainer:
                 path = ckpt.save_step(self.run_dir, self.step, model, self.tokenizer, state, self.cfg.train.keep_last,
                                       {"best_val_loss": self.best_val, "train_seq_len": self.cfg.train.seq_len})
             else:
-                last = step_dirs(self.run_dir)
+                last = ckpt.step_dirs(self.run_dir)
                 self._say(f"step {self.step}: no checkpoint saved: {problem} "
                           f"(the newest saved one is {last[-1] if last else 'none'})")
         D.barrier()
@@ -494,7 +478,7 @@ class Trainer:
             if stop_reason == "early_stopping":
                 log.message(f"early stopping: no better val loss in {self.bad_evals} evaluations")
             if env.is_main and saved is None:
-                last = step_dirs(self.run_dir)
+                last = ckpt.step_dirs(self.run_dir)
                 raise NonFiniteError(f"training ended at step {self.step} with a non-finite state, which was not saved "
                                      f"(the newest checkpoint is {last[-1] if last else 'none'}; lower train.lr)")
             if math.isfinite(last_eval["loss"]) and last_eval["loss"] > uniform:
