@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from latentformer.config import ModelConfig
+from latentformer.model.attention import attention_module
 from latentformer.model.transformer import Transformer
 
 GIB = 2**30
@@ -52,11 +53,8 @@ class ModelCard:
 
 
 def attention_summary(cfg: ModelConfig) -> str:
-    """One line naming the attention and its cache-relevant shape."""
-    if cfg.attention == "mla":
-        q = f", q_lora_rank {cfg.q_lora_rank}" if cfg.q_lora_rank else ""
-        return f"MLA (kv_lora_rank {cfg.kv_lora_rank}, rope {cfg.qk_rope_head_dim}{q}, {cfg.n_heads} heads)"
-    return f"{cfg.attention.upper()} ({cfg.n_heads} heads, {cfg.n_kv_heads} KV heads of {cfg.head_dim})"
+    """One line naming the attention and its cache-relevant shape (the attention module's `describe`)."""
+    return attention_module(cfg).describe(cfg)
 
 
 def mha_equivalent(cfg: ModelConfig) -> ModelConfig:
