@@ -11,6 +11,8 @@ from latentformer import config as config_module
 from latentformer.cli.info import describe
 from latentformer.config import ATTENTION_FIELDS, ATTENTION_KINDS
 from latentformer.data.tokenizer import ByteTokenizer
+from latentformer.interop.hf_config import hf_model_type
+from latentformer.interop.to_mla import check_source
 from latentformer.model import attention as attention_module_file
 from latentformer.model.attention import ATTENTION_MODULES, MLA, Attention, attention_kinds, attention_module
 from latentformer.serve.model_card import attention_summary, model_card
@@ -88,3 +90,8 @@ def test_a_new_kind_needs_the_config_and_its_module_only(monkeypatch):
                                  "n_kv_heads": 2, "head_dim": 8}
     json.dumps(info)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    # formats that know the existing kinds only refuse it rather than write another model
+    with pytest.raises(ValueError, match="attention=kov is not expressible in LlamaForCausalLM"):
+        hf_model_type(cfg)
+    with pytest.raises(ValueError, match="attention is kov"):
+        check_source(cfg, 8)
