@@ -214,6 +214,17 @@ def test_bad_config_file_is_named(tree, capsys, monkeypatch, content, needle):
         path.unlink()
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--preset", "mha-125m", "--model.kv_lora_rank", "64"], "kv_lora_rank: is a field of attention mla, unused by attention mha"),
+    (["--model.attention", "gqa", "--model.n_kv_heads", "2", "--model.latent_norm_eps", "1e-6"],
+     "latent_norm_eps: is a field of attention mla, unused by attention gqa"),
+    (["--preset", "mla-125m", "--model.head_dim", "64"], "head_dim: is a field of attention mha/gqa/mqa, unused by attention mla"),
+])
+def test_a_field_of_another_attention_kind_is_named(tree, capsys, monkeypatch, argv, needle):
+    rc, err = run_cli(capsys, monkeypatch, tree, ["train", *argv, "--train.device", "cpu"])
+    assert_one_line(rc, err, "train", needle)
+
+
 def test_usage_errors_are_one_line(tree, capsys, monkeypatch):
     for argv in (["bogus-verb"], ["prepare"], ["tokenizer", "decode", "x"], ["eval"]):
         rc, err = run_cli(capsys, monkeypatch, tree, argv)

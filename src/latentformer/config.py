@@ -21,7 +21,17 @@ import yaml
 
 T = TypeVar("T")
 
-ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
+# The fields each attention kind owns. A field owned by some kinds only stays unset (None) in a
+# config of another kind: setting it there is a ValueError naming it, not a silently ignored value.
+# The module of each kind is registered in model/attention.py (ATTENTION_MODULES), by the same names.
+_KV_HEAD_FIELDS = ("n_kv_heads", "head_dim")
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "latent_norm_eps")
+ATTENTION_FIELDS = {"mha": _KV_HEAD_FIELDS, "gqa": _KV_HEAD_FIELDS, "mqa": _KV_HEAD_FIELDS, "mla": MLA_FIELDS}
+ATTENTION_KINDS = tuple(ATTENTION_FIELDS)
+# MLA's sizes when a config leaves them unset (qk_rope_head_dim: 0 when rope is off); before they
+# became None-by-default they were every config's defaults, and ModelConfig.to_dict wrote them for
+# every kind (see ModelConfig.from_dict for how such files still load)
+MLA_DEFAULTS = {"q_lora_rank": 0, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32}
 ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3")
 
 
@@ -91,6 +101,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from a dict; unknown keys and bad types are ValueErrors naming the field."""
     if not isinstance(data, dict):
         raise ValueError(f"{prefix or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    if cls is ModelConfig:
+        data = _drop_legacy_mla_fields(data)
     hints = _type_hints(cls)
     names = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(data) - names)
@@ -122,16 +134,21 @@ def to_dict(obj: Any) -> dict[str, Any]:
 def apply_overrides(cfg: T, overrides: dict[str, Any]) -> T:
     """Return a copy of `cfg` with dotted keys (`model.n_layers`) replaced; validation runs again."""
     data = to_dict(cfg)
+    model_nodes: dict[int, tuple[dict[str, Any], Any, set[str]]] = {}  # ModelConfig sections: (node, old kind, keys set)
     for dotted, value in overrides.items():
-        node = data
+        node, node_cls = data, type(cfg)
         parts = dotted.split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
                 raise ValueError(f"unknown config field {dotted!r}")
-            node = node[part]
+            node, node_cls = node[part], _type_hints(node_cls)[part]
         if parts[-1] not in node:
             raise ValueError(f"unknown config field {dotted!r}")
+        if node_cls is ModelConfig:
+            model_nodes.setdefault(id(node), (node, node["attention"], set()))[2].add(parts[-1])
         node[parts[-1]] = value
+    for node, old_kind, keys in model_nodes.values():
+        unset_attention_fields(node, old_kind, keys)
     return from_dict(type(cfg), data)
 
 
@@ -155,6 +172,45 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def _check(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{field_name}: {msg}")
+
+
+def _foreign_fields(kind: str) -> list[str]:
+    """The fields other attention kinds own and `kind` does not use."""
+    return [n for k, names in ATTENTION_FIELDS.items() if k != kind for n in names if n not in ATTENTION_FIELDS[kind]]
+
+
+def _foreign_field_error(name: str, kind: str) -> str:
+    owners = "/".join(k for k, names in ATTENTION_FIELDS.items() if name in names)
+    return f"is a field of attention {owners}, unused by attention {kind} (remove it, or choose attention: {owners})"
+
+
+def unset_attention_fields(data: dict[str, Any], old_kind: Any, keep: set[str]) -> None:
+    """After `data["attention"]` changed from `old_kind`: unset (None) the fields that `old_kind`
+    owns and the new kind does not, except those in `keep` (set together with the new kind).
+
+    `--model.attention mha` on the MLA preset `tiny` (or `cfg.replace(attention="mha")`) so
+    builds an MHA model instead of refusing the preset's kv_lora_rank; `--model.attention mha
+    --model.kv_lora_rank 64` is still refused, naming kv_lora_rank."""
+    new_kind = data.get("attention")
+    if old_kind == new_kind or old_kind not in ATTENTION_FIELDS or new_kind not in ATTENTION_FIELDS:
+        return
+    for name in ATTENTION_FIELDS[old_kind]:
+        if name not in ATTENTION_FIELDS[new_kind] and name not in keep:
+            data[name] = None
+
+
+def _drop_legacy_mla_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """An mha/gqa/mqa dict in the format written before MLA's fields defaulted to None, minus them.
+
+    That format carries every MLA size as a number whatever the kind (config.json of old
+    checkpoints, config.yaml of old runs, the compare family's mha cells with the tiny preset's
+    kv_lora_rank 96): the model never used them, so they are dropped, with latent_norm_eps.
+    It is recognized by all of MLA_DEFAULTS' fields being set; a dict that sets only some of them
+    (a YAML file, an override) is checked as written, so that `kv_lora_rank: 64` on an MHA model
+    is refused rather than ignored."""
+    if data.get("attention", "mla") == "mla" or any(data.get(name) is None for name in MLA_DEFAULTS):
+        return data
+    return {k: v for k, v in data.items() if k not in MLA_FIELDS}
 
 
 def preset_names() -> list[str]:
@@ -181,11 +237,12 @@ class ModelConfig:
     attention: str = "mla"  # mha | gqa | mqa | mla
     n_kv_heads: int | None = None  # mha: n_heads; mqa: 1; gqa: required
     head_dim: int | None = None  # mha/gqa/mqa; default d_model // n_heads
-    q_lora_rank: int = 0  # 0 = no query compression
-    kv_lora_rank: int = 64
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
-    v_head_dim: int = 32
+    # mla only (None: MLA_DEFAULTS for MLA, unset for the other kinds)
+    q_lora_rank: int | None = None  # 0 = no query compression
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
     mla_decode: str = "absorb"  # absorb | naive
     qkv_bias: bool = False  # mha/gqa/mqa: a bias on the q/k/v projections (Qwen2), none on o_proj
     # positions
@@ -211,7 +268,7 @@ class ModelConfig:
     # norm
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-6
-    latent_norm_eps: float | None = None  # MLA's q_a_norm/kv_a_norm; None = norm_eps (DeepSeek: always 1e-6)
+    latent_norm_eps: float | None = None  # mla only: q_a_norm/kv_a_norm; None = norm_eps (DeepSeek: always 1e-6)
     norm_placement: str = "pre"  # pre | post
     final_norm: bool = True
     # feed-forward
@@ -243,10 +300,12 @@ class ModelConfig:
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
             _check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         _check(self.attention in ATTENTION_KINDS, "attention", f"unknown kind {self.attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+        for name in _foreign_fields(self.attention):
+            _check(getattr(self, name) is None, name, _foreign_field_error(name, self.attention))
         if self.attention == "mla":
-            for name in ("n_kv_heads", "head_dim"):
-                _check(getattr(self, name) is None, name, "is a field of mha/gqa/mqa; MLA caches one latent per token for all heads "
-                       "(kv_lora_rank) and sizes its heads by qk_nope_head_dim, qk_rope_head_dim and v_head_dim")
+            for name, default in MLA_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, 0 if name == "qk_rope_head_dim" and not self.rope else default)
             for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
                 _check(getattr(self, name) > 0, name, f"must be positive for MLA, got {getattr(self, name)}")
             _check(self.q_lora_rank >= 0, "q_lora_rank", "must be >= 0 (0 = no query compression)")
@@ -359,6 +418,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """The config a dict describes; fields of another attention kind that are set are a ValueError.
+        Compatibility: an mha/gqa/mqa dict in the old format (every MLA size a number, as every
+        `to_dict` wrote them before they defaulted to None) loads without them (`_drop_legacy_mla_fields`)."""
         return from_dict(cls, data)
 
     def to_json(self) -> str:
@@ -385,4 +447,10 @@ class ModelConfig:
         return cls.from_yaml(text)
 
     def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with `changes`; a change of `attention` unsets the old kind's own fields that
+        `changes` does not set (`unset_attention_fields`)."""
+        if "attention" in changes:
+            unset = {"attention": changes["attention"]}
+            unset_attention_fields(unset, self.attention, set(changes))
+            changes = {**unset, **changes}
         return dataclasses.replace(self, **changes)

@@ -15,7 +15,7 @@ def tiny(**overrides) -> lf.Transformer:
     torch.manual_seed(0)
     base = dict(vocab_size=260, n_layers=2, d_model=32, n_heads=4, max_seq_len=96, d_ff=48, kv_lora_rank=16,
                 qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, init_std=0.2)
-    return lf.Transformer(lf.ModelConfig(**{**base, **overrides})).eval()
+    return lf.Transformer(lf.ModelConfig(**base).replace(**overrides)).eval()  # another kind: the MLA sizes unset
 
 
 @pytest.fixture(scope="module")

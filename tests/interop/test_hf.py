@@ -290,7 +290,7 @@ BASE = dict(vocab_size=V, n_layers=2, d_model=32, n_heads=4, max_seq_len=64, kv_
 @pytest.mark.parametrize("case", list(EXPORT_CASES))
 def test_export_loads_in_transformers_and_round_trips(tmp_path, case):
     torch.manual_seed(0)
-    ours = _randomize(Transformer(ModelConfig(**BASE, **EXPORT_CASES[case])))
+    ours = _randomize(Transformer(ModelConfig(**BASE).replace(**EXPORT_CASES[case])))  # gqa: BASE's MLA sizes unset
     export_hf(ours, None, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").float().eval()
     x = _tokens()
@@ -321,7 +321,7 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path, case):
     (dict(attention="mha", n_routed_experts=4), "Mixture-of-Experts"),
 ])
 def test_export_refuses_inexpressible_features(tmp_path, change, feature):
-    model = Transformer(ModelConfig(**{**BASE, **change}))
+    model = Transformer(ModelConfig(**BASE).replace(**change))
     with pytest.raises(ValueError, match=feature):
         export_hf(model, None, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

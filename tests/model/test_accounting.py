@@ -86,6 +86,10 @@ def test_cache_bytes_formula_and_allocation(attention, dtype):
         assert per_token == 2 * cfg.n_kv_heads * cfg.head_dim * cfg.n_layers * dtype.itemsize
     cache = model.make_cache(3, 40, dtype=dtype)
     assert cache.nbytes == per_token * 3 * 40
+    # each layer's module answers for its own buffers: what its make_cache allocates per token
+    for blk, buffers in zip(model.layers, cache.layers):
+        allocated = sum(t.numel() * t.element_size() for t in buffers)
+        assert allocated == blk.attn.cache_values_per_token(cfg) * dtype.itemsize * 3 * 40
 
 
 def test_flops_per_token_matches_formula():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from latentformer import ModelConfig, Transformer
-from latentformer.config import apply_overrides, preset_names
+from latentformer.config import ATTENTION_FIELDS, MLA_DEFAULTS, MLA_FIELDS, apply_overrides, preset_names
+from latentformer.train.config import build_run_config
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -71,3 +72,91 @@ def test_expected_preset_shapes():
     assert (big.n_layers, big.n_heads, big.d_model, big.kv_lora_rank) == (12, 16, 1280, 256)
     moe = ModelConfig.preset("moe-mla-small")
     assert moe.is_moe and moe.attention == "mla"
+
+
+# -- fields of another attention kind --------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("field, value", [("q_lora_rank", 0), ("kv_lora_rank", 64), ("qk_nope_head_dim", 32),
+                                          ("qk_rope_head_dim", 16), ("v_head_dim", 32), ("latent_norm_eps", 1e-6)])
+def test_mha_family_refuses_mla_fields(kind, field, value):
+    kv = {"n_kv_heads": 2} if kind == "gqa" else {}
+    with pytest.raises(ValueError, match=f"^{field}: is a field of attention mla, unused by attention {kind}"):
+        ModelConfig(attention=kind, **kv, **{field: value})  # even at MLA's default value: it is set, and ignored
+
+
+@pytest.mark.parametrize("field, value", [("n_kv_heads", 4), ("head_dim", 64)])
+def test_mla_refuses_mha_family_fields(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: is a field of attention mha/gqa/mqa, unused by attention mla"):
+        ModelConfig(attention="mla", **{field: value})
+
+
+def test_the_owned_fields_cover_every_kind_specific_field():
+    assert set(MLA_FIELDS) == set(MLA_DEFAULTS) | {"latent_norm_eps"}
+    mha, mla = ModelConfig(attention="mha").to_dict(), ModelConfig(attention="mla").to_dict()
+    # what an MHA config leaves unset is exactly what MLA owns, and the reverse
+    assert {k for k, v in mha.items() if v is None} == set(ATTENTION_FIELDS["mla"])
+    assert {k for k, v in mla.items() if v is None} == set(ATTENTION_FIELDS["mha"]) | {"latent_norm_eps"}
+
+
+def test_mla_fills_its_defaults_and_round_trips():
+    cfg = ModelConfig()
+    assert {k: getattr(cfg, k) for k in MLA_DEFAULTS} == MLA_DEFAULTS  # the sizes every config had before
+    assert ModelConfig(rope=False, pos_embedding="learned").qk_rope_head_dim == 0  # no rope key without rope
+    for c in (cfg, ModelConfig(attention="gqa", n_kv_heads=2), ModelConfig(attention="mla", latent_norm_eps=1e-5)):
+        assert ModelConfig.from_dict(c.to_dict()) == c and ModelConfig.from_json(c.to_json()) == c
+
+
+# an mha config.json as every checkpoint before MLA's fields defaulted to None wrote it (the old defaults)
+OLD_MHA = {**ModelConfig(attention="mha").to_dict(), **MLA_DEFAULTS, "latent_norm_eps": None}
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("mla_sizes", [MLA_DEFAULTS, dict(q_lora_rank=0, kv_lora_rank=96, qk_nope_head_dim=48,
+                                                           qk_rope_head_dim=16, v_head_dim=64)])
+def test_old_format_dicts_load_without_the_mla_fields(kind, mla_sizes):
+    # old to_dict wrote every MLA size whatever the kind: the defaults, or a preset's (the compare family's
+    # mha/gqa/mqa cells were built from the MLA preset tiny: kv_lora_rank 96, ...). The model never used them.
+    old = {**OLD_MHA, **mla_sizes, "attention": kind, "n_kv_heads": {"mha": 4, "gqa": 2, "mqa": 1}[kind]}
+    cfg = ModelConfig.from_dict(old)
+    assert cfg == ModelConfig(attention=kind, n_kv_heads=old["n_kv_heads"])
+    assert all(getattr(cfg, k) is None for k in MLA_FIELDS)
+    assert ModelConfig.from_json(json.dumps(old)) == cfg
+
+
+def test_new_format_dicts_setting_some_mla_fields_are_refused():
+    new = ModelConfig(attention="mha").to_dict()
+    for field in MLA_FIELDS:
+        with pytest.raises(ValueError, match=f"^{field}: is a field of attention mla"):
+            ModelConfig.from_dict({**new, field: 0.5 if field == "latent_norm_eps" else 64})
+    # an old-format dict missing one MLA size is no longer "as written by to_dict": checked as given
+    with pytest.raises(ValueError, match="^kv_lora_rank: is a field of attention mla"):
+        ModelConfig.from_dict({**OLD_MHA, "q_lora_rank": None})
+
+
+def test_changing_the_kind_unsets_the_old_kinds_fields():
+    tiny = ModelConfig.preset("tiny")  # MLA, kv_lora_rank 96
+    mha = tiny.replace(attention="mha")
+    assert mha == ModelConfig(**{**tiny.to_dict(), **{k: None for k in MLA_FIELDS}, "attention": "mha"})
+    assert mha.replace(attention="mla") == tiny.replace(kv_lora_rank=64, qk_nope_head_dim=32, v_head_dim=32)  # defaults
+    assert tiny.replace(attention="gqa", n_kv_heads=2).n_kv_heads == 2
+    with pytest.raises(ValueError, match="^kv_lora_rank: is a field of attention mla"):
+        tiny.replace(attention="mha", kv_lora_rank=32)  # set together with the new kind: refused, not dropped
+    assert apply_overrides(tiny, {"attention": "mqa"}) == tiny.replace(attention="mqa")
+    with pytest.raises(ValueError, match="^kv_lora_rank: is a field of attention mla"):
+        apply_overrides(tiny, {"attention": "mqa", "kv_lora_rank": "64"})
+    with pytest.raises(ValueError, match="^kv_lora_rank: is a field of attention mla"):
+        apply_overrides(ModelConfig.preset("mha-125m"), {"kv_lora_rank": "64"})
+
+
+def test_run_configs_change_the_kind_of_a_preset(tmp_path):
+    cfg, _ = build_run_config(preset="tiny", overrides={"model.attention": "gqa", "model.n_kv_heads": "2"})
+    assert cfg.model == ModelConfig.preset("tiny").replace(attention="gqa", n_kv_heads=2)
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\nmodel:\n  attention: mha\n")
+    assert build_run_config(yaml_path=path)[0].model == ModelConfig.preset("tiny").replace(attention="mha")
+    path.write_text("preset: tiny\nmodel:\n  attention: mha\n  kv_lora_rank: 32\n")
+    with pytest.raises(ValueError, match="^kv_lora_rank: is a field of attention mla"):
+        build_run_config(yaml_path=path)
+    with pytest.raises(ValueError, match="^kv_lora_rank: is a field of attention mla"):
+        build_run_config(preset="mha-125m", overrides={"model.kv_lora_rank": "64"})

@@ -21,14 +21,15 @@ def describe(model, tokenizer) -> dict:
     """JSON-safe summary of a loaded (model, tokenizer)."""
     import torch
 
+    from latentformer.config import ATTENTION_FIELDS
+    from latentformer.model.attention import attention_module
+
     cfg = model.config
     dtype = next(model.parameters()).dtype
-    attention = {"kind": cfg.attention, "n_heads": cfg.n_heads}
+    attention = {"kind": cfg.attention, "n_heads": cfg.n_heads, "summary": attention_module(cfg).describe(cfg),
+                 **{name: getattr(cfg, name) for name in ATTENTION_FIELDS[cfg.attention]}}
     if cfg.attention == "mla":
-        attention.update(kv_lora_rank=cfg.kv_lora_rank, q_lora_rank=cfg.q_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
-                         qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, decode=cfg.mla_decode)
-    else:
-        attention.update(n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
+        attention["decode"] = cfg.mla_decode
     train_flops = model.flops_per_token()
     return {
         "parameters": model.num_params(),
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     a = info["attention"]
-    detail = ", ".join(f"{k}={v}" for k, v in a.items() if k != "kind")
+    detail = ", ".join(f"{k}={v}" for k, v in a.items() if k not in ("kind", "summary"))
     lines = [
         f"checkpoint      {args.path}",
         f"parameters      {info['parameters']:,} ({info['active_parameters']:,} active per token)",

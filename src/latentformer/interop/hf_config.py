@@ -42,6 +42,8 @@ def hf_model_type(cfg: ModelConfig) -> str:
             return DEEPSEEK_V2
         return DEEPSEEK_V3
     target = QWEN2 if cfg.qkv_bias else LLAMA
+    if cfg.attention not in ("mha", "gqa", "mqa"):  # Llama's attention: n_kv_heads key/value heads
+        raise _unsupported(f"attention={cfg.attention}", ARCHITECTURES[target])
     if cfg.is_moe and cfg.first_k_dense_layers < cfg.n_layers:
         raise _unsupported(f"a Mixture-of-Experts FFN with attention={cfg.attention}", ARCHITECTURES[target],
                            "MoE exports only with attention=mla, as DeepSeek")

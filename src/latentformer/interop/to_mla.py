@@ -55,6 +55,8 @@ def check_source(cfg: ModelConfig, rank: int) -> None:
     """ValueError (one line) when `cfg` cannot become MLA at kv_lora_rank `rank`."""
     if cfg.attention == "mla":
         raise ValueError("the source is already an MLA model (attention: mla)")
+    if cfg.attention not in ("mha", "gqa", "mqa"):
+        raise ValueError(f"the source's attention is {cfg.attention}: the conversion maps the key/value heads of mha/gqa/mqa")
     if not cfg.rope:
         raise ValueError("the source has no rotary positions (rope: false): the conversion needs full RoPE")
     if cfg.n_kv_heads == 1:
@@ -71,7 +73,7 @@ def mla_config(cfg: ModelConfig, rank: int) -> ModelConfig:
     """The MLA config a conversion of `cfg` at kv_lora_rank `rank` produces."""
     check_source(cfg, rank)
     G, D = cfg.n_kv_heads, cfg.head_dim
-    return cfg.replace(attention="mla", n_kv_heads=None, head_dim=None, kv_lora_rank=rank, q_lora_rank=0,
+    return cfg.replace(attention="mla", kv_lora_rank=rank, q_lora_rank=0,  # n_kv_heads, head_dim: unset
                        qk_nope_head_dim=(G - 1) * D, qk_rope_head_dim=D, v_head_dim=D)
 
 

@@ -76,6 +76,30 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                                           is_causal=causal, scale=scale, **kwargs)
 
 
+# The module of each attention kind (config.ATTENTION_KINDS), filled by `attention_kinds`: the one
+# place where a kind becomes a class. Every module answers for itself, from the config alone:
+#   make_cache(batch, seq, dtype, device) -> the layer's cache buffers (instance method)
+#   cache_values_per_token(cfg) -> values the layer caches per token (bytes: times the dtype's itemsize)
+#   describe(cfg) -> one line naming the attention and its cache-relevant shape
+ATTENTION_MODULES: dict[str, type[nn.Module]] = {}
+
+
+def attention_kinds(*kinds: str):
+    """Class decorator: register the module as the attention of `kinds`."""
+    def register(cls: type[nn.Module]) -> type[nn.Module]:
+        for kind in kinds:
+            assert kind not in ATTENTION_MODULES, f"attention kind {kind!r} registered twice"
+            ATTENTION_MODULES[kind] = cls
+        return cls
+    return register
+
+
+def attention_module(cfg: ModelConfig) -> type[nn.Module]:
+    """The module class of `cfg.attention` (build it with `attention_module(cfg)(cfg)`)."""
+    return ATTENTION_MODULES[cfg.attention]
+
+
+@attention_kinds("mha", "gqa", "mqa")
 class Attention(nn.Module):
     """Multi-head attention with n_kv_heads key/value heads: MHA (Hk = H), GQA (1 < Hk < H), MQA (Hk = 1)."""
 
@@ -89,6 +113,15 @@ class Attention(nn.Module):
     def make_cache(self, batch: int, seq: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
         shape = (batch, self.cfg.n_kv_heads, seq, self.cfg.head_dim)
         return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def cache_values_per_token(cfg: ModelConfig) -> int:
+        """K and V of every KV head: 2 Hk D."""
+        return 2 * cfg.n_kv_heads * cfg.head_dim
+
+    @staticmethod
+    def describe(cfg: ModelConfig) -> str:
+        return f"{cfg.attention.upper()} ({cfg.n_heads} heads, {cfg.n_kv_heads} KV heads of {cfg.head_dim})"
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         cfg = self.cfg
@@ -135,6 +168,7 @@ class DecodeWeights(NamedTuple):
         return self.w_out is not None
 
 
+@attention_kinds("mla")
 class MLA(nn.Module):
     """Multi-head Latent Attention (DeepSeek-V2/V3), parameter names as in transformers' DeepseekV3.
 
@@ -168,6 +202,16 @@ class MLA(nn.Module):
     def make_cache(self, batch: int, seq: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
         cfg = self.cfg
         return (torch.zeros(batch, seq, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype=dtype, device=device),)
+
+    @staticmethod
+    def cache_values_per_token(cfg: ModelConfig) -> int:
+        """The latent and the shared rope key, nothing else: r + dr (DeepSeek-V2 §2.1.3)."""
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim
+
+    @staticmethod
+    def describe(cfg: ModelConfig) -> str:
+        q = f", q_lora_rank {cfg.q_lora_rank}" if cfg.q_lora_rank else ""
+        return f"MLA (kv_lora_rank {cfg.kv_lora_rank}, rope {cfg.qk_rope_head_dim}{q}, {cfg.n_heads} heads)"
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.q_lora_rank > 0:

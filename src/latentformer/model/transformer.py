@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentformer.config import ModelConfig
-from latentformer.model.attention import MLA, Attention, AttnContext
+from latentformer.model.attention import AttnContext, attention_module
 from latentformer.model.cache import KVCache
 from latentformer.model.ffn import make_ffn
 from latentformer.model.loss import linear_cross_entropy
@@ -34,7 +34,7 @@ class Block(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.attn_norm = make_norm(cfg, cfg.d_model)
-        self.attn = MLA(cfg) if cfg.attention == "mla" else Attention(cfg)
+        self.attn = attention_module(cfg)(cfg)
         self.ffn_norm = make_norm(cfg, cfg.d_model)
         self.ffn = MoE(cfg) if cfg.layer_is_moe(layer) else make_ffn(cfg, cfg.d_ff)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -218,11 +218,10 @@ class Transformer(nn.Module):
                 blk.attn.decode_weights()
 
     def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
-        """Cache bytes per token over all layers: MLA (r + dr) x L, else 2 x Hk x D x L, times itemsize."""
-        cfg = self.config
+        """Cache bytes per token over all layers: each layer's `cache_values_per_token` (MLA r + dr,
+        MHA-family 2 Hk D) times the itemsize of `dtype` (default: the weights')."""
         itemsize = (dtype or self.embed.weight.dtype).itemsize
-        per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.attention == "mla" else 2 * cfg.n_kv_heads * cfg.head_dim
-        return per_layer * cfg.n_layers * itemsize
+        return sum(blk.attn.cache_values_per_token(self.config) for blk in self.layers) * itemsize
 
     # -- accounting ------------------------------------------------------------------------
     def moe_layers(self) -> list[MoE]:

@@ -5,11 +5,11 @@ nothing here reads weights). The figures come from the model's own accounting
 (`num_params`, `kv_cache_bytes_per_token`), so the card and `latentformer info` agree.
 
 The MHA equivalent of a model is the same configuration with standard multi-head attention:
-`attention="mha"`, `n_kv_heads = n_heads`, `head_dim = d_model // n_heads`, every other field
-(d_model, n_heads, n_layers, vocabulary, feed-forward, MoE, context) unchanged. Its cache holds
-a key and a value per head per layer, 2 x n_layers x n_heads x head_dim values per token, against
-MLA's (kv_lora_rank + qk_rope_head_dim) x n_layers (DeepSeek-V2 §2.1.4). For an MHA model it is
-the model itself when its head_dim is d_model // n_heads.
+`attention="mha"`, `n_kv_heads = n_heads`, `head_dim = d_model // n_heads`, the MLA-only fields
+unset, every other field (d_model, n_heads, n_layers, vocabulary, feed-forward, MoE, context)
+unchanged. Its cache holds a key and a value per head per layer, 2 x n_layers x n_heads x
+head_dim values per token, against MLA's (kv_lora_rank + qk_rope_head_dim) x n_layers
+(DeepSeek-V2 §2.1.4). For an MHA model it is the model itself when its head_dim is d_model // n_heads.
 
 "Largest batch at context C within M GiB" counts whole sequences of C cached tokens that fit in
 M GiB (2**30 bytes) of memory set aside for the cache: floor(M x 2**30 / (bytes_per_token x C)).
@@ -18,12 +18,12 @@ Weights and activations are not in M: it is the memory left for the cache.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from latentformer.config import ModelConfig
+from latentformer.model.attention import attention_module
 from latentformer.model.transformer import Transformer
 
 GIB = 2**30
@@ -53,11 +53,8 @@ class ModelCard:
 
 
 def attention_summary(cfg: ModelConfig) -> str:
-    """One line naming the attention and its cache-relevant shape."""
-    if cfg.attention == "mla":
-        q = f", q_lora_rank {cfg.q_lora_rank}" if cfg.q_lora_rank else ""
-        return f"MLA (kv_lora_rank {cfg.kv_lora_rank}, rope {cfg.qk_rope_head_dim}{q}, {cfg.n_heads} heads)"
-    return f"{cfg.attention.upper()} ({cfg.n_heads} heads, {cfg.n_kv_heads} KV heads of {cfg.head_dim})"
+    """One line naming the attention and its cache-relevant shape (the attention module's `describe`)."""
+    return attention_module(cfg).describe(cfg)
 
 
 def mha_equivalent(cfg: ModelConfig) -> ModelConfig:
@@ -65,7 +62,7 @@ def mha_equivalent(cfg: ModelConfig) -> ModelConfig:
     head_dim = cfg.d_model // cfg.n_heads
     if head_dim < 1:
         raise ValueError(f"d_model={cfg.d_model} < n_heads={cfg.n_heads}: no MHA equivalent")
-    return dataclasses.replace(cfg, attention="mha", n_kv_heads=cfg.n_heads, head_dim=head_dim, qkv_bias=False)
+    return cfg.replace(attention="mha", n_kv_heads=cfg.n_heads, head_dim=head_dim, qkv_bias=False)
 
 
 def meta_model(cfg: ModelConfig) -> Transformer:

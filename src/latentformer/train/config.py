@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from latentformer.config import ModelConfig, _check, apply_overrides, from_dict, load_yaml, to_dict
+from latentformer.config import ModelConfig, _check, apply_overrides, from_dict, load_yaml, to_dict, unset_attention_fields
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
@@ -164,7 +164,9 @@ def build_run_config(*, preset: str | None = None, yaml_path: str | Path | None 
     model_yaml = data.get("model") or {}
     if not isinstance(model_yaml, dict):
         raise ValueError("config file: `model` must be a mapping")
+    old_kind = base["model"]["attention"]
     base["model"].update(model_yaml)
+    unset_attention_fields(base["model"], old_kind, set(model_yaml))  # the preset's own fields of another kind
     for section in ("data", "train"):
         if section in data:
             base[section] = data[section]
