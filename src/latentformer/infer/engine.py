@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from latentformer.infer.decode import Decoder
 from latentformer.infer.generate import _RowText
 from latentformer.infer.sampling import sample_rows
 from latentformer.model.transformer import Transformer
@@ -143,7 +144,7 @@ class Engine:
 
                 self._step = GraphDecodeStep(model, self.cache, compile=True)
             else:
-                self._step = lambda tokens: model(tokens, cache=self.cache)
+                self._step = Decoder(model, self.cache)
         self._thread = threading.Thread(target=self._run, name="latentformer-engine", daemon=True)
 
     # -- public, any thread ----------------------------------------------------------------
