@@ -26,7 +26,7 @@ def describe(model, tokenizer) -> dict:
     attention = {"kind": cfg.attention, "n_heads": cfg.n_heads}
     if cfg.attention == "mla":
         attention.update(kv_lora_rank=cfg.kv_lora_rank, q_lora_rank=cfg.q_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
-                         qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, decode=cfg.mla_decode)
+                         qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim)
     else:
         attention.update(n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
     train_flops = model.flops_per_token()
