@@ -98,17 +98,18 @@ def test_static_decode_equals_dynamic(attention, mla_decode, padded):
 
 @pytest.mark.parametrize("attention", ["mha", "mla-q"])
 def test_compiled_static_step_equals_eager(attention):
-    """The step GraphDecodeStep compiles (torch.compile of a static Decoder) == the eager step."""
+    """The step GraphDecodeStep compiles (torch.compile of a static Decoder) traces as one graph and == the eager step."""
     model = build(**ATTENTION[attention])
     x = torch.randint(0, 97, (2, 16))
     outs = []
+    torch._dynamo.reset()  # each step's position is a new specialization (a graph captures only one)
     with torch.no_grad():
         for compile in (False, True):
             cache = model.make_cache(2, 32)
             cache.set_left_padding([2, 0])
             logits = [model(x[:, :10], cache=cache)]
             step = Decoder(model, cache, static=True)
-            fn = torch.compile(step.__call__, dynamic=False, backend="aot_eager") if compile else step
+            fn = torch.compile(step.__call__, dynamic=False, fullgraph=True, backend="aot_eager") if compile else step
             logits += [fn(x[:, t:t + 1]) for t in range(10, 16)]
             outs.append(torch.cat(logits, 1))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
