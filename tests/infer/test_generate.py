@@ -32,10 +32,10 @@ class Scripted(lf.Transformer):
                                         kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8))
         self.scripts, self.step = scripts, 0
 
-    def head(self, x):  # prefill and every decode step end here, once each
-        logits = torch.zeros(x.shape[0], x.shape[1], 257)
+    def head(self, x):  # prefill and every decode step end here, once each; x [B, (T,) d]
+        logits = torch.zeros(*x.shape[:-1], 257)
         for b, script in enumerate(self.scripts):
-            logits[b, -1, script[min(self.step, len(script) - 1)]] = 10.0
+            logits[b, ..., script[min(self.step, len(script) - 1)]] = 10.0
         self.step += 1
         return logits
 

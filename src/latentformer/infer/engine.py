@@ -257,7 +257,7 @@ class Engine:
         tokens = torch.full((len(group), L), self.tokenizer.eot_id, dtype=torch.long)
         for i, r in enumerate(group):
             tokens[i, L - len(r.ids):] = torch.tensor(r.ids)
-        logits = self.model(tokens.to(self.device), cache=prefill, last_only=True)[:, -1, :self.vocab]
+        logits = self.model.next_token_logits(tokens.to(self.device), prefill)[:, :self.vocab]
         generators = [torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None and r.temperature > 0 else None
                       for r in group]
         first = sample_rows(logits, [r.temperature for r in group], [r.top_p for r in group], generators).tolist()

@@ -161,7 +161,7 @@ def _decode(model: Transformer, tokenizer, ids: list[list[int]], max_new_tokens:
             seen[b, torch.tensor(r, device=device).clamp(max=vocab - 1)] = True
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     rows = [_RowText(tokenizer, stops, incremental) for _ in ids]
-    logits = model(tokens, cache=cache, last_only=True)[:, -1, :vocab]  # [B, V]
+    logits = model.next_token_logits(tokens, cache)[:, :vocab]  # [B, V]
     step = _decode_step(model, cache, compile and max_new_tokens > 1)
     for i in range(max_new_tokens):
         nxt = sample(logits, params, seen, generator)  # [B]

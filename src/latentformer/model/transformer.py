@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from latentformer.config import ModelConfig
@@ -23,7 +22,6 @@ IGNORE_INDEX = -100
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor | None  # [B, T, vocab]; None when return_logits=False
     loss: torch.Tensor  # mean cross-entropy over targets != IGNORE_INDEX
     aux_loss: torch.Tensor | None  # MoE balance loss (already times its coefficient), or None
 
@@ -55,7 +53,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """tokens [B, T] -> logits [B, T, vocab]; with `targets` -> ModelOutput(logits, loss, aux_loss).
+    """tokens [B, T] -> logits [B, T, vocab]; with `targets` -> ModelOutput(loss, aux_loss).
 
     With `cache` (from `make_cache`) the forward is incremental: the new tokens are written at
     the cache's position and the logits of the new tokens only are returned.
@@ -118,35 +116,35 @@ class Transformer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False, return_logits: bool = True) -> torch.Tensor | ModelOutput:
-        """`last_only=True` (inference) computes the output layer for the last position only:
-        logits [B, 1, vocab] — a prompt prefill then never materializes [B, T, vocab].
-        `return_logits=False` (training, with targets) fuses the output layer into the loss
-        (`linear_cross_entropy`): ModelOutput(None, loss, aux_loss), no [B, T, vocab] tensor."""
-        if last_only and targets is not None:
-            raise ValueError("last_only=True is for inference: it cannot be combined with targets")
-        if not return_logits and targets is None:
-            raise ValueError("return_logits=False needs targets: it computes the loss without the logits")
+                cache: KVCache | None = None) -> torch.Tensor | ModelOutput:
+        """tokens [B, T] -> logits [B, T, vocab] (with `cache`: of the new tokens only).
+
+        With `targets` [B, T] (training): ModelOutput(loss, aux_loss). The output layer is fused
+        into the loss (`linear_cross_entropy`): no [B, T, vocab] tensor is materialized."""
         self.check_input(tokens, cache)
         if self.training and self.config.token_dropout > 0:
             tokens, targets = self._drop_tokens(tokens, targets)
+        x = self._blocks(tokens, cache)
+        if targets is None:
+            return self.head(x)
+        loss = linear_cross_entropy(self._final_norm(x).flatten(0, 1), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX)
+        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return ModelOutput(loss, torch.stack(aux).sum() if aux else None)
+
+    def next_token_logits(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, vocab] after the last of `tokens` [B, T]: the output layer runs on the last
+        position only, so a prompt prefill never materializes [B, T, vocab]."""
+        self.check_input(tokens, cache)
+        return self.head(self._blocks(tokens, cache)[:, -1])
+
+    def _blocks(self, tokens: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """tokens [B, T] -> the last block's output [B, T, d]; advances the cache."""
         x, ctx = self.context(tokens, cache)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, cache.layers[i] if cache is not None else None)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.head(x) if return_logits else None
         if cache is not None:
             cache.advance(tokens.shape[1])
-        if targets is None:
-            return logits
-        if logits is None:
-            x = self._final_norm(x)
-            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX)
-        else:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        return ModelOutput(logits, loss, torch.stack(aux).sum() if aux else None)
+        return x
 
     # Pieces of the forward that the decode layer (latentformer.infer.decode) composes too.
 
