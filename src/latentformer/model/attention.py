@@ -11,6 +11,7 @@ Hk key/value heads, D head_dim. MLA dims (DeepSeek-V2 §2.1):
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
