@@ -18,17 +18,19 @@ import time
 import torch
 
 from latentformer import ModelConfig, Transformer
+from latentformer.infer.decode import Decoder
 
 
 @torch.inference_mode()
 def run_cache(model: Transformer, prompt: torch.Tensor, new: int) -> tuple[list[int], float, float]:
     t0 = time.perf_counter()
     cache = model.make_cache(1, prompt.shape[1] + new)
-    nxt = model(prompt, cache=cache)[:, -1].argmax(-1)
+    nxt = model.next_token_logits(prompt, cache).argmax(-1)
+    step = Decoder(model, cache)  # the decode layer, as generate uses it
     t1 = time.perf_counter()
     out = [int(nxt)]
     for _ in range(new - 1):
-        nxt = model(nxt[:, None], cache=cache)[:, -1].argmax(-1)
+        nxt = step(nxt[:, None])[:, -1].argmax(-1)
         out.append(int(nxt))
     return out, t1 - t0, time.perf_counter() - t1
 

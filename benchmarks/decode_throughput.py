@@ -24,6 +24,7 @@ import torch
 
 from latentformer import ModelConfig, Transformer
 from latentformer.infer.cuda_graph import GraphDecodeStep
+from latentformer.infer.decode import Decoder
 
 
 def bandwidth() -> float:
@@ -37,14 +38,11 @@ def bandwidth() -> float:
     return 2 * x.numel() * 2 / (statistics.median(times[5:]) * 1e-3)
 
 
-def build(preset: str, ctx: int, decode: str = "absorb") -> Transformer:
-    over = {"max_seq_len": max(ctx + 64, 1024)}
-    cfg = ModelConfig.preset(preset)
-    if cfg.attention == "mla":
-        over["mla_decode"] = decode
+def build(preset: str, ctx: int) -> Transformer:
+    cfg = ModelConfig.preset(preset).replace(max_seq_len=max(ctx + 64, 1024))
     torch.manual_seed(0)
     with torch.device("cuda"):
-        return Transformer(cfg.replace(**over)).to(torch.bfloat16).eval()
+        return Transformer(cfg).to(torch.bfloat16).eval()
 
 
 def filled_cache(model: Transformer, B: int, ctx: int):
@@ -77,7 +75,7 @@ def bench(preset: str, B: int, ctx: int, bw: float, modes) -> list[tuple]:
     rows = []
     for mode in modes:
         decode = "naive" if mode.startswith("naive") else "absorb"
-        model = build(preset, ctx, decode)
+        model = build(preset, ctx)
         need = model.kv_cache_bytes_per_token(torch.bfloat16) * B * (ctx + 8)
         if need > 0.7 * torch.cuda.mem_get_info()[0]:
             rows.append((preset, B, ctx, mode, None, None, None))
@@ -88,14 +86,14 @@ def bench(preset: str, B: int, ctx: int, bw: float, modes) -> list[tuple]:
             with torch.no_grad():
                 if "graph" in mode:
                     torch._dynamo.reset()  # every (model, B, ctx) is a new specialization: stay under the recompile limit
-                    step = GraphDecodeStep(model, cache, compile=mode.endswith("compiled"))
+                    step = GraphDecodeStep(model, cache, compile=mode.endswith("compiled"), mla_decode=decode)
                     if mode.endswith("compiled") and not step.compiled:
                         mode += " (compile failed: uncompiled)"
                     step.tokens.copy_(tok)
                     ms = time_steps(step.graph.replay, cache, ctx)
                 else:
-                    cache.static = False
-                    ms = time_steps(lambda: model(tok, cache=cache), cache, ctx)
+                    step = Decoder(model, cache, decode)
+                    ms = time_steps(lambda: step(tok), cache, ctx)
         except torch.OutOfMemoryError:
             rows.append((preset, B, ctx, mode, None, None, None))
             continue
@@ -114,15 +112,16 @@ def check_numerics(B: int = 64) -> dict[str, float]:
     errs, ref = {}, None
     for mode, decode, dtype in [("fp32 naive eager", "naive", torch.float32), ("bf16 naive eager", "naive", torch.bfloat16),
                                 ("bf16 absorb eager", "absorb", torch.bfloat16), ("bf16 absorb graph+compiled", "absorb", torch.bfloat16)]:
-        model = build("mla-125m", 512, decode).to(dtype)
+        model = build("mla-125m", 512).to(dtype)
         cache = model.make_cache(B, 512)
         with torch.no_grad():
             model(x[:, :256], cache=cache)
             if "graph" in mode:
-                step = GraphDecodeStep(model, cache, compile=True)
+                step = GraphDecodeStep(model, cache, compile=True, mla_decode=decode)
                 logits = [step(x[:, t:t + 1]).clone() for t in range(256, 300)]
             else:
-                logits = [model(x[:, t:t + 1], cache=cache) for t in range(256, 300)]
+                step = Decoder(model, cache, decode)
+                logits = [step(x[:, t:t + 1]) for t in range(256, 300)]
         out = torch.cat(logits, 1).float()
         if ref is None:
             ref = out

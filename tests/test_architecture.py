@@ -4,6 +4,9 @@
   function only hides a cycle; it does not remove it).
 - `model/` imports nothing from the layers built on it (train, infer, data, serve, compare,
   interop, cli): the model files stay readable on their own.
+- `model/` holds the math: the decode kernels (kernels/) are the decode layer's (infer/decode.py).
+  The one exception is the fused output-layer loss of training (model/loss.py ->
+  kernels/cross_entropy.py), an autograd op with its own torch path.
 """
 
 from __future__ import annotations
@@ -104,3 +107,12 @@ def test_model_imports_no_layer_above_it():
         if name.startswith("latentformer.model")
     }
     assert {k: v for k, v in offending.items() if v} == {}
+
+
+def test_model_imports_no_kernels():
+    """Decode speed work lives in the decode layer; model/ reads as the math (see the module docstring)."""
+    allowed = {("latentformer.model.loss", "latentformer.kernels.cross_entropy")}
+    offending = sorted((name, d) for name, deps in _graph().items() if name.startswith("latentformer.model")
+                       for d in deps if d.startswith("latentformer.kernels") and (name, d) not in allowed)
+    assert offending == []
+    assert "latentformer.kernels.mla_decode" in _graph()["latentformer.infer.decode"]

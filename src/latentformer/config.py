@@ -105,6 +105,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         data = _drop_legacy_mla_fields(data)
     hints = _type_hints(cls)
     names = {f.name for f in fields(cls) if f.init}
+    data = {k: v for k, v in data.items() if k not in getattr(cls, "RETIRED_FIELDS", ())}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"unknown config field {prefix}{unknown[0]!r} (valid: {', '.join(sorted(names))})")
@@ -243,7 +244,6 @@ class ModelConfig:
     qk_nope_head_dim: int | None = None
     qk_rope_head_dim: int | None = None
     v_head_dim: int | None = None
-    mla_decode: str = "absorb"  # absorb | naive
     qkv_bias: bool = False  # mha/gqa/mqa: a bias on the q/k/v projections (Qwen2), none on o_proj
     # positions
     rope: bool = True
@@ -315,7 +315,6 @@ class ModelConfig:
                 _check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", f"rope dim must be even, got {self.qk_rope_head_dim}")
             else:
                 _check(self.qk_rope_head_dim == 0, "qk_rope_head_dim", "must be 0 when rope is off")
-            _check(self.mla_decode in ("absorb", "naive"), "mla_decode", f"must be 'absorb' or 'naive', got {self.mla_decode!r}")
         else:
             if self.head_dim is None:
                 _check(self.d_model % self.n_heads == 0, "d_model", f"{self.d_model} is not divisible by n_heads={self.n_heads}")
@@ -413,6 +412,10 @@ class ModelConfig:
         return scale
 
     # -- I/O -----------------------------------------------------------------------------
+    # Fields that older config.json files may hold and that are no longer model settings; dropped
+    # on load. mla_decode: an inference choice (latentformer.infer.decode.Decoder), not the model's.
+    RETIRED_FIELDS: typing.ClassVar[tuple[str, ...]] = ("mla_decode",)
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 

@@ -47,7 +47,7 @@ class LatentformerModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
-        out = self.model(x, y, return_logits=False)
+        out = self.model(x, y)
         loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
         self.log("train/loss", out.loss, prog_bar=True)
         if out.aux_loss is not None:

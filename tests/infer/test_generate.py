@@ -32,11 +32,10 @@ class Scripted(lf.Transformer):
                                         kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8))
         self.scripts, self.step = scripts, 0
 
-    def forward(self, tokens, targets=None, cache=None, last_only=False):
-        super().forward(tokens, cache=cache, last_only=last_only)
-        logits = torch.zeros(tokens.shape[0], 1 if last_only else tokens.shape[1], 257)
+    def head(self, x):  # prefill and every decode step end here, once each; x [B, (T,) d]
+        logits = torch.zeros(*x.shape[:-1], 257)
         for b, script in enumerate(self.scripts):
-            logits[b, -1, script[min(self.step, len(script) - 1)]] = 10.0
+            logits[b, ..., script[min(self.step, len(script) - 1)]] = 10.0
         self.step += 1
         return logits
 
@@ -46,9 +45,9 @@ def utf8(text: str) -> list[int]:
 
 
 def record_inputs(model) -> list[torch.Tensor]:
-    """Every tokens tensor the model is called with."""
+    """Every tokens tensor the model embeds (its own forward, or the decode layer's step)."""
     calls = []
-    model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(args[0].clone()), with_kwargs=True)
+    model.embed.register_forward_pre_hook(lambda mod, args: calls.append(args[0].clone()))
     return calls
 
 

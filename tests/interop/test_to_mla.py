@@ -24,6 +24,7 @@ from latentformer.checkpoint import load, load_model, save_checkpoint
 from latentformer.cli import main
 from latentformer.config import ModelConfig
 from latentformer.data.tokenizer import ByteTokenizer
+from latentformer.infer.decode import Decoder
 from latentformer.infer.generate import generate
 from latentformer.interop.to_mla import calibration_stats, convert_attention, mla_config, to_mla
 from latentformer.model.rope import RotaryEmbedding, apply_rope
@@ -56,6 +57,15 @@ CALIB = torch.randint(0, V, (2048,), generator=torch.Generator().manual_seed(1))
 PROMPT = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(2))
 
 
+def _decoded(model: Transformer, prompt: int, mla_decode: str, end: int = PROMPT.shape[1]) -> torch.Tensor:
+    """Logits of PROMPT[:, :end]: a prefill of `prompt` tokens, then one-token decode steps."""
+    cache = model.make_cache(2, 64)
+    decoder = Decoder(model, cache, mla_decode)
+    with torch.no_grad():
+        logits = [model(PROMPT[:, :prompt], cache=cache)] + [decoder(PROMPT[:, t:t + 1]) for t in range(prompt, end)]
+    return torch.cat(logits, dim=1)
+
+
 @pytest.mark.parametrize("interleave", [False, True])
 def test_exact_case_logits_equal(interleave):
     src = _gqa(interleave, identical_keys=True)
@@ -64,10 +74,7 @@ def test_exact_case_logits_equal(interleave):
     ref = src(PROMPT)
     assert (mla(PROMPT) - ref).abs().max() < 1e-6
     for impl in ("naive", "absorb"):  # cached, past the prompt, through both decode paths
-        mla.config.mla_decode = impl
-        cache = mla.make_cache(2, 64)
-        out = torch.cat([mla(PROMPT[:, :30], cache=cache)] + [mla(PROMPT[:, t:t + 1], cache=cache) for t in range(30, 40)], dim=1)
-        assert (out - ref).abs().max() < 1e-6, impl
+        assert (_decoded(mla, 30, impl) - ref).abs().max() < 1e-6, impl
 
 
 def test_latent_norm_weight_is_mean_rms():
@@ -123,13 +130,7 @@ def test_error_grows_as_rank_falls_and_decodes():
         errors.append((mla(PROMPT) - ref).pow(2).mean().item())
     assert errors == sorted(errors), errors
     mla = to_mla(src, CALIB, 16, stats=stats).float()
-    mla.config.mla_decode = "naive"
-    cache = mla.make_cache(2, 64)
-    naive = torch.cat([mla(PROMPT[:, :20], cache=cache)] + [mla(PROMPT[:, t:t + 1], cache=cache) for t in range(20, 30)], 1)
-    mla.config.mla_decode = "absorb"
-    cache = mla.make_cache(2, 64)
-    absorbed = torch.cat([mla(PROMPT[:, :20], cache=cache)] + [mla(PROMPT[:, t:t + 1], cache=cache) for t in range(20, 30)], 1)
-    assert (naive - absorbed).abs().max() < 1e-4
+    assert (_decoded(mla, 20, "naive", 30) - _decoded(mla, 20, "absorb", 30)).abs().max() < 1e-4
     assert mla.kv_cache_bytes_per_token(torch.float32) == (16 + D) * 2 * 4
     assert src.kv_cache_bytes_per_token(torch.float32) == 2 * G * D * 2 * 4
     text = generate(mla, ByteTokenizer(), "hello", max_new_tokens=5, temperature=0.0)

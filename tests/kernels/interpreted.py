@@ -91,10 +91,11 @@ def check_decode_new_token() -> None:
 
 
 def check_decode_model() -> None:
-    """The model's absorbed decode through the kernel (kv_a_norm, rope and the cache write done in the
-    kernel) == naive decode, with dynamic and static caches, left padding, interleaved rope and q_lora.
-    The interpreter stands in for the GPU: the kernel is allowed on CPU tensors, on a 3-SM 'GPU'."""
+    """The decode layer's absorbed path through the kernel (kv_a_norm, rope and the cache write done in
+    the kernel) == naive decode, with dynamic and static caches, left padding, interleaved rope and
+    q_lora. The interpreter stands in for the GPU: the kernel is allowed on CPU tensors, on a 3-SM 'GPU'."""
     from latentformer import Transformer
+    from latentformer.infer.decode import Decoder
     from latentformer.kernels import mla_decode
     from tests.model.helpers import small
 
@@ -111,25 +112,24 @@ def check_decode_model() -> None:
     x = torch.randint(0, 97, (2, 44))
     for extra in ({}, {"rope_interleave": True, "q_lora_rank": 20}):
         torch.manual_seed(0)
-        absorb = Transformer(small(**shape, **extra)).eval()
-        naive = Transformer(small(**shape, **extra, mla_decode="naive")).eval()
-        naive.load_state_dict(absorb.state_dict())
+        model = Transformer(small(**shape, **extra)).eval()
         for static in (False, True):
-            outs, caches = [], []
-            for model in (absorb, naive):
+            outs, caches, decoders = [], [], []
+            for impl in ("absorb", "naive"):
                 cache = model.make_cache(2, 48)
                 cache.set_left_padding([5, 0])
+                decoder = Decoder(model, cache, impl, static=static)
                 with torch.no_grad():
                     logits = [model(x[:, :12], cache=cache)]
-                    cache.static = static
-                    logits += [model(x[:, t:t + 1], cache=cache) for t in range(12, 44)]
+                    logits += [decoder(x[:, t:t + 1]) for t in range(12, 44)]
                 outs.append(torch.cat(logits, 1))
                 caches.append(cache)
+                decoders.append(decoder)
             err = ((outs[0] - outs[1]).abs().max() / outs[1].abs().max()).item()
             assert err < 1e-4, f"{extra} static={static}: absorbed (kernel) vs naive decode logits differ by {err:.1e}"
             for a, n in zip(caches[0].layers, caches[1].layers):  # the kernel wrote the same cache entries
                 torch.testing.assert_close(a[0][:, :44], n[0][:, :44], rtol=1e-5, atol=1e-5)
-            assert not caches[0].arrivals.any()
+            assert not decoders[0].arrivals.any()
     assert fused and all(fused), "every decode step must take the kernel's new-token path"
 
 

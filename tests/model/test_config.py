@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latentformer import ModelConfig, Transformer
-from latentformer.config import ATTENTION_FIELDS, MLA_DEFAULTS, MLA_FIELDS, apply_overrides, preset_names
+from latentformer.config import ATTENTION_FIELDS, MLA_DEFAULTS, MLA_FIELDS, apply_overrides, from_dict, preset_names
 from latentformer.train.config import build_run_config
 
 
@@ -23,7 +23,6 @@ from latentformer.train.config import build_run_config
     (dict(rope=False), "rope"),
     (dict(norm="batchnorm"), "norm"),
     (dict(ffn="relu"), "ffn"),
-    (dict(mla_decode="fast"), "mla_decode"),
     (dict(dropout=1.0), "dropout"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(yarn_factor=0.5), "yarn_factor"),
@@ -41,6 +40,17 @@ def test_from_dict_rejects_unknown_and_mistyped_fields():
         ModelConfig.from_dict({"n_layers": "three"})
     with pytest.raises(ValueError, match="tie_embeddings"):
         ModelConfig.from_dict({"tie_embeddings": "maybe"})
+
+
+def test_old_configs_with_mla_decode_still_load():
+    """mla_decode was a model field; it is an inference choice now (infer.decode.Decoder): checkpoints
+    written before hold it in config.json, and it is dropped on load, also nested in a run config."""
+    from latentformer.train.config import RunConfig
+
+    old = {**ModelConfig.preset("tiny").to_dict(), "mla_decode": "naive"}
+    assert ModelConfig.from_dict(old) == ModelConfig.preset("tiny")
+    assert "mla_decode" not in ModelConfig.preset("tiny").to_dict()
+    assert from_dict(RunConfig, {"model": old}).model == ModelConfig.preset("tiny")
 
 
 @pytest.mark.parametrize("name", preset_names())

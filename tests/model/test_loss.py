@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from latentformer import Transformer
 from latentformer.model.loss import default_chunk_rows, linear_cross_entropy
-from latentformer.model.transformer import IGNORE_INDEX
+from latentformer.model.transformer import IGNORE_INDEX, ModelOutput
 
 from .helpers import ATTENTION, FFNS, small
 
@@ -107,14 +107,19 @@ def test_user_errors():
         linear_cross_entropy(x, w, t[:-1])
     with pytest.raises(ValueError, match="weight"):
         linear_cross_entropy(x, w[:, :-1], t)
-    with pytest.raises(ValueError, match="return_logits=False needs targets"):
-        Transformer(small())(t[None, :8], return_logits=False)
 
 
-def train_step(model, x, y, **kwargs):
+def train_step(model, x, y, fused: bool = True):
+    """(ModelOutput, gradients) of one step; fused=False: the same loss from the full logits."""
     model.zero_grad()
     torch.manual_seed(1)
-    out = model(x, y, **kwargs)
+    if fused:
+        out = model(x, y)
+    else:
+        logits = model(x)
+        aux = [m.aux_loss for m in model.moe_layers() if m.aux_loss is not None]
+        out = ModelOutput(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX),
+                          torch.stack(aux).sum() if aux else None)
     loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
     loss.backward()
     return out, {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
@@ -130,9 +135,8 @@ def test_transformer_fused_loss_equals_logits_path(name, overrides):
     model = Transformer(small(**overrides)).train()
     x, y = torch.randint(0, 97, (3, 20)), torch.randint(0, 97, (3, 20))
     y[0, :7] = IGNORE_INDEX
-    want, want_grads = train_step(model, x, y)
-    got, got_grads = train_step(model, x, y, return_logits=False)
-    assert got.logits is None
+    want, want_grads = train_step(model, x, y, fused=False)
+    got, got_grads = train_step(model, x, y)
     assert_close(got.loss, want.loss, 1e-6)
     if want.aux_loss is not None:
         assert_close(got.aux_loss, want.aux_loss, 1e-6)
@@ -144,9 +148,9 @@ def test_compiled_fused_training_step_equals_eager():
     model = Transformer(small(n_layers=1, tie_embeddings=True)).train()
     x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
     y[1, :3] = IGNORE_INDEX
-    want, want_grads = train_step(model, x, y, return_logits=False)
+    want, want_grads = train_step(model, x, y)
     compiled = torch.compile(model, fullgraph=True)  # no graph break around the autograd.Function
-    got, got_grads = train_step(compiled, x, y, return_logits=False)
+    got, got_grads = train_step(compiled, x, y)
     assert_close(got.loss, want.loss, 1e-5)
     for n in want_grads:
         assert_close(got_grads[n], want_grads[n], 1e-5)

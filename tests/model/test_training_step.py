@@ -31,7 +31,7 @@ def test_loss_is_cross_entropy_with_ignored_positions():
     y = torch.randint(0, 97, (2, 16))
     y[0, :5] = IGNORE_INDEX
     out = model(x, y)
-    logp = out.logits.log_softmax(-1)
+    logp = model(x).log_softmax(-1)
     keep = y != IGNORE_INDEX
     ref = -logp[keep].gather(-1, y[keep][:, None]).mean()
     assert torch.allclose(out.loss, ref, atol=1e-6)
@@ -51,15 +51,13 @@ def test_token_dropout_replaces_inputs_and_masks_their_targets():
         assert torch.equal(model(x), model(x))
 
 
-def test_last_only_equals_the_last_position_of_the_full_output():
+def test_next_token_logits_equal_the_last_position_of_the_full_output():
     model = Transformer(small(n_routed_experts=4, experts_per_token=2)).eval()
     x = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
         full = model(x)
-        last = model(x, last_only=True)
+        last = model.next_token_logits(x)
         cache = model.make_cache(2, 16)
-        cached = model(x, cache=cache, last_only=True)
-    assert last.shape == (2, 1, 97)
-    assert torch.allclose(last, full[:, -1:], atol=1e-6) and torch.allclose(cached, full[:, -1:], atol=1e-5)
-    with pytest.raises(ValueError, match="last_only"):
-        model(x, x, last_only=True)
+        cached = model.next_token_logits(x, cache)
+    assert last.shape == (2, 97) and cache.pos == 12
+    assert torch.allclose(last, full[:, -1], atol=1e-6) and torch.allclose(cached, full[:, -1], atol=1e-5)

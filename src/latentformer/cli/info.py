@@ -28,8 +28,6 @@ def describe(model, tokenizer) -> dict:
     dtype = next(model.parameters()).dtype
     attention = {"kind": cfg.attention, "n_heads": cfg.n_heads, "summary": attention_module(cfg).describe(cfg),
                  **{name: getattr(cfg, name) for name in ATTENTION_FIELDS[cfg.attention]}}
-    if cfg.attention == "mla":
-        attention["decode"] = cfg.mla_decode
     train_flops = model.flops_per_token()
     return {
         "parameters": model.num_params(),

@@ -10,7 +10,7 @@
   benchmarks/decode_throughput.py), tokens/s = batch / step time. CUDA: the step captured in a CUDA
   graph (`GraphDecodeStep`, uncompiled), bf16, median of 20 replays; CPU: eager, fp32, the fastest
   of repeated steps (on a shared CPU slower ones time the other processes). MLA is measured
-  both ways (`ModelConfig.mla_decode`: absorbed and naive), on each variant's first seed only (the
+  both ways (the decode layer's `mla_decode`: absorbed and naive), on each variant's first seed only (the
   step's time depends on the architecture, not on the weights). Contexts may exceed the training
   context: the measured model is the trained one with `max_seq_len` raised (RoPE has no table).
 - Memory: KV-cache bytes per token in bf16 (`Transformer.kv_cache_bytes_per_token`) and the
@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from latentformer.config import ModelConfig
+from latentformer.infer.decode import Decoder
 from latentformer.model.transformer import Transformer
 
 KV_DTYPE = torch.bfloat16
@@ -69,14 +70,12 @@ def val_curve(records: list[dict[str, Any]], batch_tokens: int) -> list[dict[str
             if r.get("eval") and r.get("loss") is not None]  # a non-finite loss is logged as null
 
 
-def _decode_model(checkpoint: Path, max_len: int, mode: str, device: torch.device, dtype: torch.dtype) -> Transformer:
+def _decode_model(checkpoint: Path, max_len: int, device: torch.device, dtype: torch.dtype) -> Transformer:
     from latentformer.checkpoint import model_from_state, read_config, read_weights
 
     cfg = read_config(checkpoint)
-    over: dict[str, Any] = {"max_seq_len": max(cfg.max_seq_len, max_len)}
-    if cfg.attention == "mla":
-        over["mla_decode"] = mode
-    return model_from_state(cfg.replace(**over), read_weights(checkpoint), str(checkpoint)).to(device, dtype).eval()
+    cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max_len))
+    return model_from_state(cfg, read_weights(checkpoint), str(checkpoint)).to(device, dtype).eval()
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -85,17 +84,18 @@ def _free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def _step_bytes(model: Transformer, batch: int, context: int, dtype: torch.dtype) -> int:
+def _step_bytes(model: Transformer, batch: int, context: int, dtype: torch.dtype, mode: str) -> int:
     """Cache plus the naive path's per-layer keys/values expanded from the latent (its transient)."""
     cfg = model.config
     need = model.kv_cache_bytes_per_token(dtype) * batch * (context + 1)
-    if cfg.attention == "mla" and cfg.mla_decode == "naive":
+    if mode == "naive":
         need += batch * (context + 1) * cfg.n_heads * (cfg.qk_head_dim + cfg.v_dim) * dtype.itemsize * 2
     return need
 
 
 @torch.no_grad()
-def _time_step(model: Transformer, batch: int, context: int, device: torch.device, min_seconds: float) -> float:
+def _time_step(model: Transformer, batch: int, context: int, device: torch.device, min_seconds: float,
+               mla_decode: str) -> float:
     """Seconds of one decode step at `context` cached tokens: the median of CUDA-event timings of
     graph replays, or on a CPU the fastest of repeated eager steps."""
     cache = model.make_cache(batch, context + 1)
@@ -113,7 +113,7 @@ def _time_step(model: Transformer, batch: int, context: int, device: torch.devic
     if device.type == "cuda":
         from latentformer.infer.cuda_graph import GraphDecodeStep
 
-        step = GraphDecodeStep(model, cache)
+        step = GraphDecodeStep(model, cache, mla_decode=mla_decode)
         step.tokens.copy_(tokens)
         for i in range(25):
             reset()
@@ -125,12 +125,13 @@ def _time_step(model: Transformer, batch: int, context: int, device: torch.devic
             if i >= 5:
                 times.append(a.elapsed_time(b) / 1e3)
         return statistics.median(times)
-    model(tokens, cache=cache)  # warm-up (absorbed weights are built on the first step)
+    decoder = Decoder(model, cache, mla_decode)
+    decoder(tokens)  # warm-up
     start = time.perf_counter()
     while len(times) < 5 or (time.perf_counter() - start < min_seconds and len(times) < 100):
         reset()
         t0 = time.perf_counter()
-        model(tokens, cache=cache)
+        decoder(tokens)
         times.append(time.perf_counter() - t0)
     # the fastest step: on a shared CPU, slower ones measure the other processes (timeit's rule)
     return min(times)
@@ -146,13 +147,14 @@ def decode_throughput(checkpoint: Path, contexts: list[int], batch_sizes: list[i
     modes = ["absorb", "naive"] if read_config(checkpoint).attention == "mla" else ["standard"]
     rows = []
     for mode in modes:
-        model = _decode_model(checkpoint, max(contexts) + 1, mode, device, dtype)
+        model = _decode_model(checkpoint, max(contexts) + 1, device, dtype)
+        mla_decode = "naive" if mode == "naive" else "absorb"  # "standard": no MLA layer to choose for
         for batch in batch_sizes:
             for context in contexts:
                 seconds = None
-                if _step_bytes(model, batch, context, dtype) < 0.5 * _free_bytes(device):
+                if _step_bytes(model, batch, context, dtype, mode) < 0.5 * _free_bytes(device):
                     try:
-                        seconds = _time_step(model, batch, context, device, min_seconds)
+                        seconds = _time_step(model, batch, context, device, min_seconds, mla_decode)
                     except torch.OutOfMemoryError:
                         seconds = None
                     if device.type == "cuda":

@@ -2,8 +2,8 @@
 
 At small batch a decode step is hundreds of tiny kernel launches; the CPU cannot issue them
 as fast as the GPU runs them. Capturing the step once and replaying it removes that
-overhead. The cache runs in static mode (device-side position counter, whole-buffer
-attention masked to the valid length), so the same graph serves every position.
+overhead. The step is the decode layer's (`Decoder(static=True)`: device-side position counter,
+whole-buffer attention masked to the valid length), so the same graph serves every position.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from latentformer.infer.decode import Decoder
 from latentformer.model.cache import KVCache
 from latentformer.model.transformer import Transformer
 
@@ -21,17 +22,18 @@ class GraphDecodeStep:
 
     `compile=True` first fuses the step's elementwise work with torch.compile (fewer, larger
     kernels: inside a graph each kernel still costs a few microseconds), then captures that.
-    The returned logits tensor is reused by the next call: copy it if you keep it."""
+    `mla_decode` as for `Decoder`. The returned logits tensor is reused by the next call: copy it
+    if you keep it."""
 
-    def __init__(self, model: Transformer, cache: KVCache, warmup: int = 2, compile: bool = False) -> None:
+    def __init__(self, model: Transformer, cache: KVCache, warmup: int = 2, compile: bool = False,
+                 mla_decode: str = "absorb") -> None:
         device = cache.length.device
         if device.type != "cuda":
             raise ValueError("CUDA-graph decoding needs a CUDA device")
         self.model, self.cache = model, cache
-        model.prepare_decode()
-        fn = torch.compile(model, dynamic=False) if compile else model
+        self.decoder = decoder = Decoder(model, cache, mla_decode, static=True)
+        fn = torch.compile(decoder.__call__, dynamic=False) if compile else decoder
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
-        cache.static = True
         pos, length = cache.pos, cache.length.clone()
 
         def restore() -> None:  # warm-up and capture write one garbage slot that the first real step overwrites
@@ -44,23 +46,23 @@ class GraphDecodeStep:
             try:
                 self._warm_up(fn, warmup, restore)
             except Exception as e:  # an inductor/Triton failure must not take decoding down with it
-                if fn is model:
+                if fn is decoder:
                     raise
                 warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                               "capturing the uncompiled step instead", RuntimeWarning, stacklevel=2)
                 restore()
-                fn = model
+                fn = decoder
                 self._warm_up(fn, warmup, restore)
         torch.cuda.current_stream(device).wait_stream(side)
-        self.compiled = fn is not model  # False after a fallback
+        self.compiled = fn is not decoder  # False after a fallback
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = fn(self.tokens, cache=cache)
+            self.logits = fn(self.tokens)
         restore()
 
     def _warm_up(self, fn, n: int, restore) -> None:
         for _ in range(n):  # compile kernels, init cuBLAS workspaces outside the capture
-            fn(self.tokens, cache=self.cache)
+            fn(self.tokens)
             restore()
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from latentformer.infer.decode import Decoder
 from latentformer.infer.detokenize import RowText
 from latentformer.infer.prefill import prefill_attention
 from latentformer.infer.sampling import sample_rows
@@ -154,7 +155,7 @@ class Engine:
 
                 self._step = GraphDecodeStep(model, self.cache, compile=True)
             else:
-                self._step = lambda tokens: model(tokens, cache=self.cache)
+                self._step = Decoder(model, self.cache)
         self._thread = threading.Thread(target=self._run, name="latentformer-engine", daemon=True)
 
     # -- public, any thread ----------------------------------------------------------------
@@ -272,7 +273,7 @@ class Engine:
         for i, r in enumerate(group):
             tokens[i, L - len(r.ids):] = torch.tensor(r.ids)
         with prefill_attention():  # a new shape with nearly every group: no per-shape plan
-            logits = self.model(tokens.to(self.device), cache=prefill, last_only=True)[:, -1, :self.vocab]
+            logits = self.model.next_token_logits(tokens.to(self.device), prefill)[:, :self.vocab]
         generators = [torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None and r.temperature > 0 else None
                       for r in group]
         first = sample_rows(logits, [r.temperature for r in group], [r.top_p for r in group], generators).tolist()

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from latentformer.infer.decode import Decoder
 from latentformer.infer.detokenize import RowText
 from latentformer.infer.prefill import prefill_attention
 from latentformer.infer.sampling import SamplingParams, sample
@@ -28,8 +29,9 @@ def generate(model: Transformer, tokenizer, prompts: str | list[str], max_new_to
     temperature 0 is greedy; `seed` makes sampling reproducible; `stop` strings end a row and
     are cut from its text. `truncate=True` keeps the last tokens of a prompt too long for
     `max_new_tokens` within the model's max_seq_len (else ValueError). `compile=True` (CUDA only)
-    fuses the one-token decode step with torch.compile and replays it as a CUDA graph over the
-    cache in static mode (`latentformer.infer.cuda_graph.GraphDecodeStep`); the prefill runs eagerly.
+    fuses the one-token decode step with torch.compile and replays it as a CUDA graph
+    (`latentformer.infer.cuda_graph.GraphDecodeStep`); the prefill runs eagerly. Decoding goes
+    through the decode layer (`latentformer.infer.decode.Decoder`, absorbed MLA).
     stream=True returns an iterator of text increments: str for a single prompt, (row, str)
     for a list; the increments of a row concatenate to the text returned without streaming.
     Argument errors raise ValueError at the call, also when streaming.
@@ -79,10 +81,10 @@ def _decode_step(model: Transformer, cache, compile: bool):
     """tokens [B, 1] -> logits [B, 1, V] through `cache`: eager, or (compile) a captured CUDA graph
     whose output buffer is reused by the next call (the loop consumes it before that)."""
     if not compile:
-        return lambda tokens: model(tokens, cache=cache)
+        return Decoder(model, cache)
     from latentformer.infer.cuda_graph import GraphDecodeStep
 
-    return GraphDecodeStep(model, cache, compile=True)  # switches the cache to static addressing
+    return GraphDecodeStep(model, cache, compile=True)
 
 
 @torch.inference_mode()
@@ -105,7 +107,7 @@ def _decode(model: Transformer, tokenizer, ids: list[list[int]], max_new_tokens:
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     rows = [RowText(tokenizer, stops, incremental) for _ in ids]
     with prefill_attention():
-        logits = model(tokens, cache=cache, last_only=True)[:, -1, :vocab]  # [B, V]
+        logits = model.next_token_logits(tokens, cache)[:, :vocab]  # [B, V]
     step = _decode_step(model, cache, compile and max_new_tokens > 1)
     for i in range(max_new_tokens):
         nxt = sample(logits, params, seen, generator)  # [B]

@@ -20,7 +20,7 @@ latentformer-348m 1.634 -> 1.548 ms (-5.3%). Timed alone, the new-token work add
 launch (NOTES.md, "Decode").
 
 Used on CUDA for T == 1 when r and dr are powers of two (>= 16); otherwise the portable
-matmul path in attention.py runs.
+matmul path of the decode layer (infer/decode.py, `latent_attention`) runs.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: tor
     Without `new`, q_pe is rotated and the cache already holds the new token. With `new`, q_pe is
     as projected, and the kernel writes the finished token to slot length - 1 (see `NewToken`).
     `arrivals`: int32 zeros [>= B], the kernel's per-row counter, left at zero after each call (a
-    caller that decodes step after step keeps one, e.g. `KVCache.arrivals`, so no step has to
+    caller that decodes step after step keeps one, e.g. `Decoder.arrivals`, so no step has to
     zero a new one; default: a new one per call). One launch at a time may use a given counter.
     `n_splits` (slices of the cache per row), `num_stages` (Triton pipelining depth), `block_s`
     (cache slots per iteration) and `num_warps` are exposed for the tuning benchmark; the

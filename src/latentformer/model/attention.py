@@ -11,14 +11,12 @@ Hk key/value heads, D head_dim. MLA dims (DeepSeek-V2 §2.1):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from latentformer.config import ModelConfig
-from latentformer.kernels import decode_gemm, mla_decode
 from latentformer.model.norm import RMSNorm
 from latentformer.model.rope import apply_rope
 
@@ -34,10 +32,9 @@ class AttnContext:
     mask:    bool [B|1, 1, T, S], True = may attend; None means plain causal over the T new
              tokens (start == 0) or everything cached (T == 1).
     pad:     [B] left-padding slots per row (ragged batches), or None.
-    slots/end: static addressing for CUDA-graph capture: the new tokens go to the device index
-             tensor `slots` [T], attention covers the whole buffer, masked to the device scalar
-             `end` (valid slots after the write); `start` is then unused. None otherwise.
-    arrivals: the cache's scratch counter for the fused MLA decode kernel (`KVCache.arrivals`), or None.
+
+    The new tokens go to slots start..start+T-1 and attention reads slots 0..start+T-1. The decode
+    layer (latentformer.infer.decode) addresses the cache on the device instead, for CUDA graphs.
     """
 
     cos: torch.Tensor | None
@@ -45,14 +42,9 @@ class AttnContext:
     start: int
     mask: torch.Tensor | None
     pad: torch.Tensor | None = None
-    slots: torch.Tensor | None = None
-    end: torch.Tensor | None = None
-    arrivals: torch.Tensor | None = None
 
     def write(self, buf: torch.Tensor, dim: int, new: torch.Tensor) -> torch.Tensor:
         """Store `new` (T tokens along `dim`) in the cache buffer; return the slots to attend over."""
-        if self.slots is not None:
-            return buf.index_copy_(dim, self.slots, new)
         T = new.shape[dim]
         buf.narrow(dim, self.start, T).copy_(new)  # written once, rotated once: never re-rotated
         return buf.narrow(dim, 0, self.start + T)
@@ -60,7 +52,7 @@ class AttnContext:
     @property
     def reads_cache(self) -> bool:
         """False for a prefill from an empty cache: attention needs only the new tokens."""
-        return self.slots is not None or self.start > 0
+        return self.start > 0
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -141,31 +133,20 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
 
 
-# Decoding can fold W_UK into the query projection and W_UV into o_proj ("merged" weights):
-# two fewer matrix products per layer and step, for more weight bytes when r > dn, dv. At
-# decode batch sizes a kernel costs a few microseconds, about what reading 8 MB takes at
-# ~3 TB/s, so layers merge when that adds at most this many bytes (mla-125m: 1 MB, merged;
-# DeepSeek-V2-Lite: 23 MB, not merged).
-MERGE_MAX_EXTRA_BYTES = 8 * 2**20
+def latent_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, scale: float,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention in MLA's latent space: every head attends over the one cached latent 'head'
+    (keys [c_kv, k_pe], values c_kv), read as is, never expanded per head.
 
-
-class DecodeWeights(NamedTuple):
-    """Weights of the absorbed decode path, built from the parameters (see MLA.decode_weights).
-
-    w_in:  [rows, d_model] the query (or q_a) and kv_a projections as one matrix (one GEMM).
-    w_q:   q_lora only: [H*(dq+dr), q_lora_rank], the query up-projection.
-    w_out: merged only: [d_model, H*r] = o_proj o W_UV; None when W_UK/W_UV stay separate.
-    """
-
-    source: tuple
-    w_in: torch.Tensor
-    w_q: torch.Tensor | None
-    w_out: torch.Tensor | None
-
-    @property
-    def merged(self) -> bool:
-        """The query part yields q_lat directly (dq = r; W_UK folded in), not q_nope (dq = dn)."""
-        return self.w_out is not None
+    q_lat [B,H,T,r] (q_nope absorbed through W_UK), q_pe [B,H,T,dr] rotated, latent [B,S,r+dr],
+    mask bool [B|1,1,T,S] or None (every slot) -> o_lat [B,H,T,r] in the latent's dtype."""
+    B, H, T, r = q_lat.shape
+    S = latent.shape[1]
+    qk = torch.cat((q_lat, q_pe), dim=-1).reshape(B, H * T, -1)  # [B,H*T,r+dr]
+    scores = torch.matmul(qk, latent.transpose(1, 2)).float() * scale  # [B,H*T,S]
+    if mask is not None:
+        scores = scores.view(B, H, T, S).masked_fill(~mask, float("-inf")).view(B, H * T, S)
+    return torch.matmul(scores.softmax(-1).to(latent.dtype), latent[..., :r]).view(B, H, T, r)
 
 
 @attention_kinds("mla")
@@ -176,11 +157,11 @@ class MLA(nn.Module):
     [c_kv, k_pe] = kv_a_proj(x); c_kv = kv_a_norm(c_kv)                    [B,T,r], [B,T,dr]
     [k_nope, v] = kv_b_proj(c_kv) per head                                 [B,S,H,dn], [B,S,H,dv]
     score_h = (q_nope_h . k_nope_h + rope(q_pe_h) . rope(k_pe)) * softmax_scale
-    Training and prefill use this expanded form. Decoding with `mla_decode="absorb"` folds
-    W_UK into the query and W_UV into the output and attends over the cached latent directly:
-    q_lat_h = W_UK_h^T q_nope_h [r]; score_h = q_lat_h . c_kv + q_pe_h . k_pe;
-    o_h = W_UV_h (softmax . c_kv). The projections it needs are rebuilt from the parameters
-    whenever those change (`decode_weights`); they are not saved and carry no gradient.
+
+    `forward` is this expanded form (training, prefill, and the naive decode oracle). `absorbed`
+    is the same attention over the cached latent (DeepSeek-V2 §2.1.3): W_UK folded into the query
+    and W_UV applied after attention, so no per-head keys or values are ever formed. The decode
+    layer (latentformer.infer.decode) runs that form with merged weights and fused kernels.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -197,7 +178,6 @@ class MLA(nn.Module):
         self.kv_a_norm = RMSNorm(r, cfg.latent_eps)
         self.kv_b_proj = nn.Linear(r, H * (dn + dv), bias=False)
         self.o_proj = nn.Linear(H * dv, cfg.d_model, bias=False)
-        self._decode_weights: DecodeWeights | None = None
 
     def make_cache(self, batch: int, seq: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
         cfg = self.cfg
@@ -213,14 +193,20 @@ class MLA(nn.Module):
         q = f", q_lora_rank {cfg.q_lora_rank}" if cfg.q_lora_rank else ""
         return f"MLA (kv_lora_rank {cfg.kv_lora_rank}, rope {cfg.qk_rope_head_dim}{q}, {cfg.n_heads} heads)"
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.q_lora_rank > 0:
-            return self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
-        return self.q_proj(x)
+    def _project(self, x: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, ...]:
+        """x [B,T,d] -> q_nope [B,T,H,dn], rotated q_pe [B,T,H,dr], normalized c_kv [B,T,r], rotated k_pe [B,T,dr]."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, dn, dr, r = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))) if cfg.q_lora_rank > 0 else self.q_proj(x)
+        q_nope, q_pe = q.view(B, T, H, dn + dr).split([dn, dr], dim=-1)
+        c_kv, k_pe = self.kv_a_proj(x).split([r, dr], dim=-1)
+        c_kv, q_pe, k_pe = self.norm_rope(c_kv, q_pe, k_pe, ctx)
+        return q_nope, q_pe, c_kv, k_pe
 
-    def _norm_rope(self, c_kv: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor,
-                   ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Latent norm; per-head query rope and the one shared rope key."""
+    def norm_rope(self, c_kv: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor,
+                  ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latent norm; per-head query rope and the one shared rope key (rotated after the head split)."""
         c_kv = self.kv_a_norm(c_kv)
         if ctx.cos is not None:
             q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, self.cfg.rope_interleave)
@@ -228,109 +214,35 @@ class MLA(nn.Module):
         return c_kv, q_pe, k_pe
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """The expanded form: the latent goes through W_UK/W_UV into per-head keys and values. Returns [B,T,d_model]."""
         cfg = self.cfg
-        if cache is not None and ctx.reads_cache and cfg.mla_decode == "absorb":
-            return self._absorbed(x, ctx, cache[0])
         B, T, _ = x.shape
-        H, dn, dr, r = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-        q_nope, q_pe = self._query(x).view(B, T, H, dn + dr).split([dn, dr], dim=-1)  # [B,T,H,dn], [B,T,H,dr]
-        c_kv, k_pe = self.kv_a_proj(x).split([r, dr], dim=-1)  # [B,T,r], [B,T,dr]
-        c_kv, q_pe, k_pe = self._norm_rope(c_kv, q_pe, k_pe, ctx)
+        H, dn, dr, dv, r = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        q_nope, q_pe, c_kv, k_pe = self._project(x, ctx)
         if cache is not None:
             latent = ctx.write(cache[0], 1, torch.cat((c_kv, k_pe), dim=-1))  # [B,S,r+dr]
-            if ctx.reads_cache:  # naive decode: expand the whole cached latent
+            if ctx.reads_cache:  # decoding: expand the whole cached latent
                 c_kv, k_pe = latent.split([r, dr], dim=-1)
-        return self._expanded(q_nope, q_pe, c_kv, k_pe, ctx.mask)
-
-    def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
-                  mask: torch.Tensor | None) -> torch.Tensor:
-        """Non-absorbed attention: expand the latent to per-head keys/values. Returns [B,T,d_model]."""
-        cfg = self.cfg
-        B, T, H = q_nope.shape[0], q_nope.shape[1], cfg.n_heads
-        dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         S = c_kv.shape[1]
         k_nope, v = self.kv_b_proj(c_kv).view(B, S, H, dn + dv).split([dn, dv], dim=-1)  # [B,S,H,dn], [B,S,H,dv]
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # [B,H,T,dn+dr]
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, H, dr)), dim=-1).transpose(1, 2)  # [B,H,S,dn+dr]
         dropout = cfg.dropout if self.training else 0.0
-        out = attend(q, k, v.transpose(1, 2), cfg.softmax_scale, mask, dropout)  # [B,H,T,dv]
+        out = attend(q, k, v.transpose(1, 2), cfg.softmax_scale, ctx.mask, dropout)  # [B,H,T,dv]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * dv))
 
-    def _merge(self, dtype: torch.dtype) -> bool:
-        cfg = self.cfg
-        H, dn, dv, r, d = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.d_model
-        q_in = cfg.q_lora_rank or d
-        extra = H * q_in * (r - dn) - H * dn * r + d * H * (r - dv) - H * dv * r  # merged - separate elements
-        return extra * dtype.itemsize <= MERGE_MAX_EXTRA_BYTES
-
-    def decode_weights(self) -> DecodeWeights:
-        """The absorbed decode path's weights, rebuilt (in fp32, stored in the parameters' dtype)
-        when a parameter they derive from was replaced, moved or modified in place since the last build.
-        Inside torch.compile the last build is used as is (`Transformer.prepare_decode` builds it first)."""
-        cfg = self.cfg
-        params = [p.weight for p in (getattr(self, "q_a_proj", None), getattr(self, "q_b_proj", None),
-                                     getattr(self, "q_proj", None), self.kv_a_proj, self.kv_b_proj, self.o_proj) if p is not None]
-        cached = self._decode_weights
-        if cached is not None and (torch.compiler.is_compiling() or all(
-                a is p and ptr == p.data_ptr() and ver == p._version for (a, ptr, ver), p in zip(cached.source, params))):
-            return cached
-        H, dn, dr, dv, r, d = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.d_model
-        dtype = self.kv_b_proj.weight.dtype
-        with torch.no_grad():
-            q_up = (self.q_b_proj if cfg.q_lora_rank else self.q_proj).weight.float()
-            wq = q_up.view(H, dn + dr, -1)  # [H, dn+dr, in]
-            w_out = None
-            if self._merge(dtype):
-                kv_b = self.kv_b_proj.weight.float().view(H, dn + dv, r)
-                q_lat = torch.einsum("hnr,hni->hri", kv_b[:, :dn], wq[:, :dn])  # [H, r, in]
-                wq = torch.cat((q_lat, wq[:, dn:]), dim=1)  # [H, r+dr, in]
-                w_o = self.o_proj.weight.float().view(d, H, dv)
-                w_out = torch.einsum("dhv,hvr->dhr", w_o, kv_b[:, dn:]).reshape(d, H * r).to(dtype)
-            wq = wq.reshape(-1, wq.shape[-1]).to(dtype)
-            if cfg.q_lora_rank:
-                w_in, w_q = torch.cat((self.q_a_proj.weight, self.kv_a_proj.weight)), wq
-            else:
-                w_in, w_q = torch.cat((wq, self.kv_a_proj.weight)), None
-        source = tuple((p, p.data_ptr(), p._version) for p in params)
-        self._decode_weights = DecodeWeights(source, w_in, w_q, w_out)
-        return self._decode_weights
-
-    def _absorbed(self, x: torch.Tensor, ctx: AttnContext, buf: torch.Tensor) -> torch.Tensor:
-        """Attention in the latent space over the cache buffer [B,S_max,r+dr]. Returns [B,T,d_model]."""
+    def absorbed(self, x: torch.Tensor, ctx: AttnContext, cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The absorbed form over the cache (same result as `forward`): q_lat_h = q_nope_h W_UK_h,
+        scores against the cached c_kv plus the rope term, o_h = W_UV_h (softmax . c_kv), then o_proj.
+        For decoding: the cache holds earlier tokens or T == 1 (a prefill's causal mask is implicit)."""
         cfg = self.cfg
         B, T, _ = x.shape
-        H, dn, dr, dv, r = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-        w = self.decode_weights()
-        h = decode_gemm.linear(x, w.w_in)  # decode_gemm: small-batch products on CUDA, else F.linear
-        q_rows = h.shape[-1] - r - dr
-        q, c_kv, k_pe = h.split([q_rows, r, dr], dim=-1)
-        if w.w_q is not None:
-            q = decode_gemm.linear(self.q_a_norm(q), w.w_q)
-        dq = r if w.merged else dn
-        q_x, q_pe = q.view(B, T, H, dq + dr).split([dq, dr], dim=-1)  # [B,T,H,dq], [B,T,H,dr]
-        kv_b = self.kv_b_proj.weight.view(H, dn + dv, r)  # W_UK = kv_b[:, :dn], W_UV = kv_b[:, dn:]
-        q_lat = q_x.transpose(1, 2) if w.merged else torch.einsum("bthn,hnr->bhtr", q_x, kv_b[:, :dn])  # [B,H,T,r]
-        if mla_decode.supported(buf, r, dr, T):
-            # the kernel normalizes and rotates the new token, caches it and rotates the query itself
-            latent = buf if ctx.slots is not None else buf.narrow(1, 0, ctx.start + T)  # new token: slot S - 1
-            new = mla_decode.NewToken(h[:, 0, q_rows:], self.kv_a_norm.weight, self.kv_a_norm.eps,
-                                      ctx.cos[:, 0], ctx.sin[:, 0], cfg.rope_interleave)
-            o_lat = mla_decode.latent_decode_attention(q_lat[:, :, 0], q_pe[:, 0], latent, r, cfg.softmax_scale,
-                                                       ctx.pad, ctx.end, arrivals=ctx.arrivals, new=new)[:, :, None]
-        else:
-            c_kv, q_pe, k_pe = self._norm_rope(c_kv, q_pe, k_pe, ctx)
-            latent = ctx.write(buf, 1, torch.cat((c_kv, k_pe), dim=-1))  # [B,S,r+dr]
-            q_pe = q_pe.transpose(1, 2)  # [B,H,T,dr]
-            # all heads share one key/value "head" (the latent): plain matmuls read the cache
-            # without expanding it per head; keys = [c_kv, k_pe], values = c_kv
-            S = latent.shape[1]
-            qk = torch.cat((q_lat, q_pe), dim=-1).reshape(B, H * T, r + dr)
-            scores = torch.matmul(qk, latent.transpose(1, 2)).float() * cfg.softmax_scale  # [B,H*T,S]
-            if ctx.mask is not None:
-                scores = scores.view(B, H, T, S).masked_fill(~ctx.mask, float("-inf")).view(B, H * T, S)
-            o_lat = torch.matmul(scores.softmax(-1).to(latent.dtype), latent[..., :r]).view(B, H, T, r)
-        # the output product feeds the block's residual add: it may split K (decode_gemm.linear)
-        if w.merged:
-            return decode_gemm.linear(o_lat.transpose(1, 2).reshape(B, T, H * r), w.w_out, split_k=True)
-        out = torch.einsum("bhtr,hvr->bthv", o_lat, kv_b[:, dn:])  # [B,T,H,dv]
-        return decode_gemm.linear(out.reshape(B, T, H * dv), self.o_proj.weight, split_k=True)
+        assert ctx.reads_cache or T == 1 or ctx.mask is not None, "absorbed attention needs an explicit mask here"
+        H, dn, dv, r = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        q_nope, q_pe, c_kv, k_pe = self._project(x, ctx)
+        latent = ctx.write(cache[0], 1, torch.cat((c_kv, k_pe), dim=-1))  # [B,S,r+dr]
+        w_uk, w_uv = self.kv_b_proj.weight.view(H, dn + dv, r).split([dn, dv], dim=1)  # [H,dn,r], [H,dv,r]
+        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)  # [B,H,T,r]
+        o_lat = latent_attention(q_lat, q_pe.transpose(1, 2), latent, cfg.softmax_scale, ctx.mask)  # [B,H,T,r]
+        out = torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)  # [B,T,H,dv]
+        return self.o_proj(out.reshape(B, T, H * dv))

@@ -17,12 +17,8 @@ class KVCache:
     left-padded: `pad[b]` slots at the start of row b hold padding that is never attended to,
     and row b's token in slot s has position s - pad[b].
 
-    `static=True` switches to device-side addressing (`length`, a device counter kept equal to
-    `pos`) so that one decode step can be captured in a CUDA graph and replayed: shapes and
-    launch arguments then no longer depend on the position.
-
-    `arrivals` [B] is scratch for the fused MLA decode kernel (kernels/mla_decode.py): a per-row
-    counter that every launch leaves at zero, kept here so that no step has to zero a new one.
+    `length` is `pos` as a device scalar, kept equal to it: the decode layer's CUDA-graph step
+    (latentformer.infer.decode) addresses the cache with it, so one captured step serves every position.
     """
 
     def __init__(self, layers: list[tuple[torch.Tensor, ...]], batch_size: int, max_seq_len: int) -> None:
@@ -31,9 +27,12 @@ class KVCache:
         self.max_seq_len = max_seq_len
         self.pos = 0
         self.pad: torch.Tensor | None = None
-        self.static = False
         self.length = torch.zeros((), dtype=torch.long, device=layers[0][0].device)
-        self.arrivals = torch.zeros(batch_size, dtype=torch.int32, device=layers[0][0].device)
+
+    def advance(self, n: int) -> None:
+        """Count `n` newly written slots (after a forward wrote them)."""
+        self.pos += n
+        self.length += n
 
     def set_left_padding(self, pad: torch.Tensor | list[int]) -> None:
         """Declare per-row left padding [B] before the first (prefill) forward."""

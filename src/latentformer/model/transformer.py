@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from latentformer.config import ModelConfig
@@ -22,7 +22,6 @@ IGNORE_INDEX = -100
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor | None  # [B, T, vocab]; None when return_logits=False
     loss: torch.Tensor  # mean cross-entropy over targets != IGNORE_INDEX
     aux_loss: torch.Tensor | None  # MoE balance loss (already times its coefficient), or None
 
@@ -40,15 +39,21 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        return self.compose(x, lambda h: self.attn(h, ctx, cache), self.ffn)
+
+    def compose(self, x: torch.Tensor, attn: Callable[[torch.Tensor], torch.Tensor],
+                ffn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The block around its two sublayers `attn` and `ffn` ([B,T,d] -> [B,T,d] each); the decode
+        layer passes its own implementations of this block's attention and FFN (same math)."""
         if self.cfg.norm_placement == "pre":
-            x = x + self.dropout(self.attn(self.attn_norm(x), ctx, cache))
-            return x + self.dropout(self.ffn(self.ffn_norm(x)))
-        x = self.attn_norm(x + self.dropout(self.attn(x, ctx, cache)))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+            x = x + self.dropout(attn(self.attn_norm(x)))
+            return x + self.dropout(ffn(self.ffn_norm(x)))
+        x = self.attn_norm(x + self.dropout(attn(x)))
+        return self.ffn_norm(x + self.dropout(ffn(x)))
 
 
 class Transformer(nn.Module):
-    """tokens [B, T] -> logits [B, T, vocab]; with `targets` -> ModelOutput(logits, loss, aux_loss).
+    """tokens [B, T] -> logits [B, T, vocab]; with `targets` -> ModelOutput(loss, aux_loss).
 
     With `cache` (from `make_cache`) the forward is incremental: the new tokens are written at
     the cache's position and the logits of the new tokens only are returned.
@@ -111,72 +116,83 @@ class Transformer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False, return_logits: bool = True) -> torch.Tensor | ModelOutput:
-        """`last_only=True` (inference) computes the output layer for the last position only:
-        logits [B, 1, vocab] — a prompt prefill then never materializes [B, T, vocab].
-        `return_logits=False` (training, with targets) fuses the output layer into the loss
-        (`linear_cross_entropy`): ModelOutput(None, loss, aux_loss), no [B, T, vocab] tensor."""
-        cfg = self.config
-        if last_only and targets is not None:
-            raise ValueError("last_only=True is for inference: it cannot be combined with targets")
-        if not return_logits and targets is None:
-            raise ValueError("return_logits=False needs targets: it computes the loss without the logits")
+                cache: KVCache | None = None) -> torch.Tensor | ModelOutput:
+        """tokens [B, T] -> logits [B, T, vocab] (with `cache`: of the new tokens only).
+
+        With `targets` [B, T] (training): ModelOutput(loss, aux_loss). The output layer is fused
+        into the loss (`linear_cross_entropy`): no [B, T, vocab] tensor is materialized."""
+        self.check_input(tokens, cache)
+        if self.training and self.config.token_dropout > 0:
+            tokens, targets = self._drop_tokens(tokens, targets)
+        x = self._blocks(tokens, cache)
+        if targets is None:
+            return self.head(x)
+        loss = linear_cross_entropy(self._final_norm(x).flatten(0, 1), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX)
+        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return ModelOutput(loss, torch.stack(aux).sum() if aux else None)
+
+    def next_token_logits(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, vocab] after the last of `tokens` [B, T]: the output layer runs on the last
+        position only, so a prompt prefill never materializes [B, T, vocab]."""
+        self.check_input(tokens, cache)
+        return self.head(self._blocks(tokens, cache)[:, -1])
+
+    def _blocks(self, tokens: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """tokens [B, T] -> the last block's output [B, T, d]; advances the cache."""
+        x, ctx = self.context(tokens, cache)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.advance(tokens.shape[1])
+        return x
+
+    # Pieces of the forward that the decode layer (latentformer.infer.decode) composes too.
+
+    def check_input(self, tokens: torch.Tensor, cache: KVCache | None) -> None:
+        """tokens [B, T] must fit the cache (or the model's context without one)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {list(tokens.shape)}")
         B, T = tokens.shape
-        start = cache.pos if cache is not None else 0
-        end = start + T
-        limit = cache.max_seq_len if cache is not None else cfg.max_seq_len
+        end = (cache.pos if cache is not None else 0) + T
+        limit = cache.max_seq_len if cache is not None else self.config.max_seq_len
         if end > limit:
             raise ValueError(f"sequence of {end} tokens exceeds the {'cache' if cache is not None else 'model'} limit of {limit}")
         if cache is not None and B != cache.batch_size:
             raise ValueError(f"batch of {B} does not match the cache's batch size {cache.batch_size}")
 
-        if self.training and cfg.token_dropout > 0:
-            tokens, targets = self._drop_tokens(tokens, targets)
-
+    def context(self, tokens: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, AttnContext]:
+        """Embedded inputs [B,T,d] and the layers' context for `tokens` [B,T] written at the cache's
+        position (0 without a cache): the mask is causal over slots 0..pos+T-1, minus left padding."""
+        T = tokens.shape[1]
+        start = cache.pos if cache is not None else 0
         pad = cache.pad if cache is not None else None
-        if cache is not None and cache.static:
-            slots = cache.length + torch.arange(T, device=tokens.device)  # [T], device-side
-            positions = slots[None]
-        else:
-            positions = torch.arange(start, end, device=tokens.device)[None]  # [1, T]
-        if pad is not None:
-            positions = (positions - pad[:, None]).clamp(min=0)  # [B, T]
+        slots = torch.arange(start, start + T, device=tokens.device)  # [T]
+        x, cos, sin = self.inputs(tokens, slots[None], pad)
+        if pad is None and (start == 0 or T == 1):  # SDPA's causal flag (or no mask at all) suffices
+            return x, AttnContext(cos, sin, start, None, pad)
+        return x, AttnContext(cos, sin, start, self.attention_mask(slots, start + T, pad), pad)
+
+    def inputs(self, tokens: torch.Tensor, slots: torch.Tensor, pad: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Token (+ position) embeddings [B,T,d] and rope angles for tokens in cache `slots` [1, T]:
+        row b's token in slot s has position s - pad[b]."""
+        positions = slots if pad is None else (slots - pad[:, None]).clamp(min=0)  # [B|1, T]
         x = self.embed(tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions).to(x.dtype)
         x = self.dropout(x)
         cos, sin = self.rope(positions) if self.rope is not None else (None, None)
-        arrivals = cache.arrivals if cache is not None else None
-        if cache is not None and cache.static:
-            ctx = AttnContext(cos, sin, start, self._mask(slots, cache.max_seq_len, pad), pad, slots, slots[-1] + 1, arrivals)
-        elif pad is None and (start == 0 or T == 1):  # SDPA's causal flag (or no mask at all) suffices
-            ctx = AttnContext(cos, sin, start, None, pad, arrivals=arrivals)
-        else:
-            ctx = AttnContext(cos, sin, start, self._mask(torch.arange(start, end, device=tokens.device), end, pad), pad,
-                              arrivals=arrivals)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, ctx, cache.layers[i] if cache is not None else None)
-        if last_only:
-            x = x[:, -1:]
-        if self.norm is not None:
-            x = self.norm(x)
-        logits = self.lm_head(x) if return_logits else None
-        if cache is not None:
-            cache.pos = end
-            cache.length += T
-        if targets is None:
-            return logits
-        if logits is None:
-            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX)
-        else:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        return ModelOutput(logits, loss, torch.stack(aux).sum() if aux else None)
+        return x, cos, sin
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and output layer: [B,T,d] -> logits [B,T,vocab]."""
+        return self.lm_head(self._final_norm(x))
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) if self.norm is not None else x
 
     @staticmethod
-    def _mask(slots: torch.Tensor, S: int, pad: torch.Tensor | None) -> torch.Tensor:
+    def attention_mask(slots: torch.Tensor, S: int, pad: torch.Tensor | None) -> torch.Tensor:
         """Boolean attention mask [B|1, 1, T, S] (True = may attend) for queries in cache `slots` [T]
         over keys 0..S-1: causal, and padding slots are never keys except a padding query's own
         slot (which keeps its softmax finite)."""
@@ -208,14 +224,6 @@ class Transformer(nn.Module):
         dtype = dtype or weight.dtype
         layers = [blk.attn.make_cache(batch_size, max_seq_len, dtype, weight.device) for blk in self.layers]
         return KVCache(layers, batch_size, max_seq_len)
-
-    def prepare_decode(self) -> None:
-        """(Re)build absorbed-MLA decode weights from the current parameters (`MLA.decode_weights`).
-        Eager decoding does this itself when parameters change; a compiled step uses the build
-        that exists when it is traced, so `GraphDecodeStep` calls this first."""
-        if self.config.attention == "mla" and self.config.mla_decode == "absorb":
-            for blk in self.layers:
-                blk.attn.decode_weights()
 
     def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         """Cache bytes per token over all layers: each layer's `cache_values_per_token` (MLA r + dr,

@@ -287,7 +287,7 @@ class Trainer:
             sync = model.no_sync() if (self.env.distributed and not last) else contextlib.nullcontext()
         with sync:
             with self._autocast():
-                out = model(x, y, return_logits=False)
+                out = model(x, y)
                 loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
             loss = loss / self.accum
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

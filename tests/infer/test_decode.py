@@ -1,0 +1,115 @@
+"""The decode layer (infer/decode.py) == the model's own incremental forward: absorbed == naive ==
+full forward for every MLA variant, merged or separate decode weights, weights followed through
+parameter changes, static (CUDA-graph) addressing == dynamic, a compiled step == the eager one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentformer.infer import decode
+from latentformer.infer.decode import Decoder
+from tests.model.helpers import ATTENTION
+from tests.model.test_cache import CASES, CHUNK, MAX_LEN, PROMPT, TOTAL, build, rel_err
+
+
+@torch.no_grad()
+def decoded(model, tokens: torch.Tensor, mla_decode: str = "absorb", decoder: Decoder | None = None) -> torch.Tensor:
+    """Logits of `tokens` [B, TOTAL]: the model's prefill, then a chunk and one-token steps through a Decoder."""
+    cache = model.make_cache(tokens.shape[0], MAX_LEN) if decoder is None else decoder.cache
+    cache.reset()
+    out = [model(tokens[:, :PROMPT], cache=cache)]
+    decoder = decoder or Decoder(model, cache, mla_decode)
+    out.append(decoder(tokens[:, PROMPT:PROMPT + CHUNK]))
+    out += [decoder(tokens[:, t:t + 1]) for t in range(PROMPT + CHUNK, TOTAL)]
+    assert cache.pos == TOTAL and cache.length.item() == TOTAL
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.startswith("mla")] + ["mha|rope", "gqa|rope|moe", "mha|learned|post-ln"])
+def test_decoder_equals_full_forward(name):
+    """Every variant (MHA family: the model's attention; MLA: absorbed and naive)."""
+    model = build(**CASES[name])
+    tokens = torch.randint(0, 97, (2, TOTAL))
+    with torch.no_grad():
+        full = model(tokens)
+    for mla_decode in ("absorb", "naive") if name.startswith("mla") else ("absorb",):
+        assert rel_err(decoded(model, tokens, mla_decode), full) < 1e-4, mla_decode
+
+
+def test_mla_decode_choice_is_checked():
+    model = build(**ATTENTION["mla"])
+    with pytest.raises(ValueError, match="mla_decode"):
+        Decoder(model, model.make_cache(1, 8), "fast")
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "separate"])
+@pytest.mark.parametrize("name", ["mla|rope", "mla-q|rope"])
+def test_absorbed_decode_weights_merged_or_separate_equal_naive(name, merge, monkeypatch):
+    """Both forms of the absorbed decode weights (W_UK/W_UV folded into the projections, or applied
+    per step) reproduce the naive decode; the size rule picks between them."""
+    monkeypatch.setattr(decode, "MERGE_MAX_EXTRA_BYTES", 10**12 if merge else -(10**12))
+    model = build(**CASES[name])
+    tokens = torch.randint(0, 97, (2, TOTAL))
+    decoder = Decoder(model, model.make_cache(2, MAX_LEN))
+    assert all(w.merged == merge for w in decoder.weights)
+    assert rel_err(decoded(model, tokens, decoder=decoder), decoded(model, tokens, "naive")) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["mla|rope", "mla-q|rope"])
+def test_absorbed_decode_follows_weight_changes(name):
+    """The derived decode weights are rebuilt when parameters change in place (an optimizer
+    step) or are replaced (load_state_dict(assign=True)), so decoding never uses stale weights."""
+    model = build(**CASES[name])
+    tokens = torch.randint(0, 97, (2, TOTAL))
+    decoder = Decoder(model, model.make_cache(2, MAX_LEN))
+    decoded(model, tokens, decoder=decoder)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert rel_err(decoded(model, tokens, decoder=decoder), decoded(model, tokens, "naive")) < 1e-4
+    model.load_state_dict(build(seed=1, **CASES[name]).state_dict(), assign=True)
+    assert rel_err(decoded(model, tokens, decoder=decoder), decoded(model, tokens, "naive")) < 1e-4
+
+
+@pytest.mark.parametrize("attention", ["mha", "gqa", "mla", "mla-q"])
+@pytest.mark.parametrize("mla_decode", ["absorb", "naive"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_decode_equals_dynamic(attention, mla_decode, padded):
+    """Device-side addressing (what a CUDA graph captures) == the sliced addressing of eager decoding."""
+    if mla_decode == "naive" and not attention.startswith("mla"):
+        pytest.skip("mla_decode applies to MLA only")
+    model = build(**ATTENTION[attention])
+    x = torch.randint(0, 97, (2, 20))
+    caches = [model.make_cache(2, 32), model.make_cache(2, 32)]
+    outs = []
+    with torch.no_grad():
+        for static, cache in zip((False, True), caches):
+            if padded:
+                cache.set_left_padding([3, 0])
+            logits = [model(x[:, :12], cache=cache)]
+            step = Decoder(model, cache, mla_decode, static=static)
+            logits += [step(x[:, t:t + 1]) for t in range(12, 20)]
+            outs.append(torch.cat(logits, 1))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert caches[1].pos == 20 and caches[1].length.item() == 20
+    assert torch.equal(caches[0].layers[0][0], caches[1].layers[0][0])
+
+
+@pytest.mark.parametrize("attention", ["mha", "mla-q"])
+def test_compiled_static_step_equals_eager(attention):
+    """The step GraphDecodeStep compiles (torch.compile of a static Decoder) traces as one graph and == the eager step."""
+    model = build(**ATTENTION[attention])
+    x = torch.randint(0, 97, (2, 16))
+    outs = []
+    torch._dynamo.reset()  # each step's position is a new specialization (a graph captures only one)
+    with torch.no_grad():
+        for compile in (False, True):
+            cache = model.make_cache(2, 32)
+            cache.set_left_padding([2, 0])
+            logits = [model(x[:, :10], cache=cache)]
+            step = Decoder(model, cache, static=True)
+            fn = torch.compile(step.__call__, dynamic=False, fullgraph=True, backend="aot_eager") if compile else step
+            logits += [fn(x[:, t:t + 1]) for t in range(10, 16)]
+            outs.append(torch.cat(logits, 1))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
