@@ -202,7 +202,6 @@ def test_import_export_llama_family(tmp_path, case):
 def test_rope_scalings_change_the_model(tmp_path):
     """The cases above are oracles only if each scaling changes the logits against plain rope."""
     x = _tokens(40)
-    logits = {}
     for case in ("llama3.1-rope", "llama-linear-rope"):
         hf = _hf_model(transformers.LlamaConfig(**LLAMA_SHAPE, **ARCH_CASES[case][2]))
         hf.save_pretrained(tmp_path / case)

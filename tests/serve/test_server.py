@@ -366,7 +366,7 @@ def test_queue_full_is_429_and_disconnect_frees_the_row(slow):
             lines = first.iter_lines()  # kept: a dropped iterator closes the response
             next(lines)  # it holds the only row
             assert engine.active == 1
-            with http.stream("POST", "/v1/completions", json=body) as second:  # it waits in the queue
+            with http.stream("POST", "/v1/completions", json=body):  # it waits in the queue
                 assert _wait(lambda: engine.queued == 1)
                 err = _error(httpx.post(url + "/v1/completions", json=body, headers=auth), 429)
                 assert err["type"] == "rate_limit_error"

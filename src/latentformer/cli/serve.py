@@ -11,7 +11,7 @@ import argparse
 import socket
 from pathlib import Path
 
-from latentformer.cli.generate import add_model_arguments, load_from_args
+from latentformer.cli.generate import add_model_arguments
 
 HELP = "serve a checkpoint over an OpenAI-compatible HTTP API (completions, chat, streaming; continuous batching)"
 
