@@ -9,7 +9,8 @@ written next to the output as `<out>.manifest.json`).
     python benchmarks/python_corpus.py --out data/pycode.jsonl            # torch transformers jax sympy + stdlib
     latentformer prepare --source data/pycode.jsonl --tokenizer gpt2 --out data/pycode-gpt2
 
-One document per `.py` file, `{"id": "<package>/<relative path>", "text": ...}`, in sorted order.
+One document per `.py` file, `{"id": "<package>/<relative path>", "text": ...}`, package by package
+in the order given, each walked in sorted order.
 Skipped: files that are not UTF-8, files over `--max-bytes` (generated tables), and exact
 duplicates of a file already written (vendored copies, empty `__init__.py`).
 """

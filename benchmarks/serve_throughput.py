@@ -13,7 +13,8 @@ completion tokens / wall time from the first request to the last `[DONE]`), time
 p50/p99, inter-token latency p50/p99 (gaps between streamed chunks; tokens/chunk > 1 means the
 server coalesced increments that queued up), then the serving engine alone in process (no HTTP: where the
 time goes), offline `generate` (compile=True) on the same prompts at batch N, and the ratio
-served/offline. Each `--stream-intervals` value is a server run (`serve --stream-interval MS`). Then the most 8k-context requests MLA and MHA
+served/offline. Each `--stream-intervals` x `--api-processes` pair is a server run (`serve
+--stream-interval MS --api-processes N`). Then the most 8k-context requests MLA and MHA
 can serve at once in the same cache memory (`--mem-gib`), verified by running that many through
 one engine. The table is printed again at the end.
 
@@ -98,10 +99,11 @@ class Server:
     """`latentformer serve` in a child process; the port comes from its startup line."""
 
     def __init__(self, ckpt: Path, batch: int, device: str, dtype: str, compile: bool, site: str | None,
-                 interval_ms: float = 0.0) -> None:
+                 interval_ms: float = 0.0, processes: int = 1) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (site, str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p))
         cmd = [sys.executable, "-m", "latentformer", "serve", str(ckpt), "--port", "0", "--max-batch", str(batch),
-               "--max-queue", str(batch), "--device", device, "--dtype", dtype, "--stream-interval", str(interval_ms)]
+               "--max-queue", str(batch), "--device", device, "--dtype", dtype, "--stream-interval", str(interval_ms),
+               "--api-processes", str(processes)]
         cmd += ["--compile"] if compile else []
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines: queue.Queue = queue.Queue()
@@ -295,6 +297,8 @@ def main() -> None:
     p.add_argument("--clients", nargs="+", type=int, default=[64, 256])
     p.add_argument("--stream-intervals", nargs="+", type=float, default=[0.0, 20.0], metavar="MS",
                    help="serve --stream-interval values to measure, milliseconds (default: 0 20)")
+    p.add_argument("--api-processes", nargs="+", type=int, default=[1, 4], metavar="N",
+                   help="serve --api-processes values to measure (default: 1 4)")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -310,7 +314,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"# serve_throughput {time.strftime('%Y-%m-%d %H:%M')} on {device_name}; prompts {args.prompt_len} random tokens, "
           f"{args.new_tokens} new tokens, greedy, {dtype_name}, compile={compile}", flush=True)
-    header = ("preset", "clients", "interval ms", "served tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
+    header = ("preset", "clients", "interval ms", "api procs", "served tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
               "tok/chunk", "errors", "engine tok/s", "offline tok/s", "served/offline")
     table = []
     print(" | ".join(header), flush=True)
@@ -325,8 +329,8 @@ def main() -> None:
                 g = torch.Generator().manual_seed(n)
                 prompts = [torch.randint(0, tok.vocab_size - 1, (args.prompt_len,), generator=g).tolist() for _ in range(n)]
                 measured = []
-                for interval in args.stream_intervals:
-                    server = Server(ckpt, n, args.device, dtype_name, compile, site, interval)
+                for interval, procs in [(i, k) for i in args.stream_intervals for k in args.api_processes]:
+                    server = Server(ckpt, n, args.device, dtype_name, compile, site, interval, procs)
                     try:
                         warm_up(server.url, prompts[0], site)
                         results = serve_clients(server.url, prompts, args.new_tokens, site, min(args.client_procs, n))
@@ -340,9 +344,9 @@ def main() -> None:
                     tokens = sum(r["tokens"] for r in ok)
                     ttft = [1e3 * (r["first"] - r["sent"]) for r in ok]
                     gaps = [1e3 * g for r in ok for g in r["gaps"]]
-                    measured.append((interval, tokens / wall, ttft, gaps, tokens / max(1, sum(r["chunks"] for r in ok)), errors))
+                    measured.append((interval, procs, tokens / wall, ttft, gaps, tokens / max(1, sum(r["chunks"] for r in ok)), errors))
                     spans = [r["end"] - r["first"] for r in ok]
-                    print(f"# interval {interval:g} ms: wall {wall:.3f} s, chunk gaps mean {statistics.fmean(gaps or [0]):.2f} ms, "
+                    print(f"# interval {interval:g} ms, {procs} HTTP processes: wall {wall:.3f} s, chunk gaps mean {statistics.fmean(gaps or [0]):.2f} ms, "
                           f"max {max(gaps or [0]):.1f} ms; first chunk to end per request p50 {percentile(spans, 50):.3f} s, "
                           f"max {max(spans or [0]):.3f} s", flush=True)
                 torch._dynamo.reset()  # stay under the recompile limit across configurations
@@ -352,8 +356,8 @@ def main() -> None:
                 del model
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
-                for interval, served, ttft, gaps, per_chunk, errors in measured:
-                    row = (preset, n, f"{interval:g}", f"{served:,.0f}", f"{percentile(ttft, 50):.1f}", f"{percentile(ttft, 99):.1f}",
+                for interval, procs, served, ttft, gaps, per_chunk, errors in measured:
+                    row = (preset, n, f"{interval:g}", procs, f"{served:,.0f}", f"{percentile(ttft, 50):.1f}", f"{percentile(ttft, 99):.1f}",
                            f"{percentile(gaps, 50):.2f}", f"{percentile(gaps, 99):.2f}", f"{per_chunk:.2f}", len(errors),
                            f"{alone[interval]:,.0f}", f"{offline:,.0f}", f"{served / offline:.2f}")
                     table.append(row)

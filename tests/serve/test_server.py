@@ -427,3 +427,39 @@ def test_readme_example_runs_against_the_cli_server(ckpt):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_cli_with_three_http_processes(ckpt):
+    """`serve --api-processes 3`: three processes accept on one port and feed one engine; greedy
+    texts over many connections at once equal generate's, and the in-flight count they share is
+    back to zero afterwards whichever process answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "latentformer", "serve", str(ckpt), "--port", "0", "--device", "cpu",
+                             "--api-processes", "3", "--max-batch", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "3 HTTP processes" in line, line + proc.stderr.read()
+        port = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line).group(1)
+        url = f"http://127.0.0.1:{port}"
+        model, tok = tiny_model("mla")
+
+        async def go():
+            c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+            async def one(i: int, prompt: str) -> str:
+                kw = dict(model="tiny", prompt=prompt, max_tokens=4 + i % 6, temperature=0)
+                if i % 2:
+                    return "".join([ch.choices[0].text async for ch in await c.completions.create(stream=True, **kw)])
+                return (await c.completions.create(**kw)).choices[0].text
+
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS * 3)))
+
+        for i, (prompt, got) in enumerate(zip(PROMPTS * 3, asyncio.run(go()))):
+            assert got == greedy(model, tok, prompt, 4 + i % 6), prompt
+        for _ in range(6):  # fresh connections: any of the processes may answer
+            health = httpx.get(url + "/health", headers={"Connection": "close"}).json()
+            assert health["active"] == 0 and health["queued"] == 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode is not None

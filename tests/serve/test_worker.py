@@ -1,9 +1,11 @@
 """The engine in its own process (what `latentformer serve` runs): each request's text equals
-`generate` alone, cancelling frees the request, the queue limit holds, a load error is one line,
-and a dead engine process fails the requests in flight instead of hanging them."""
+`generate` alone, cancelling frees the request, the queue limit holds (also across the clients of
+several HTTP processes), a load error is one line, a dead engine process fails the requests in
+flight instead of hanging them, and a client that goes away loses only its own requests."""
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
 import types
 
@@ -12,7 +14,9 @@ import pytest
 import latentformer as lf
 from latentformer.checkpoint import save_checkpoint
 from latentformer.infer.engine import QueueFull, Request
-from latentformer.serve.worker import EngineProcess, EngineSpec
+import time
+
+from latentformer.serve.worker import EngineClient, EngineProcess, EngineSpec
 from tests.serve.test_engine import PROMPTS, Collector, tiny_model
 
 
@@ -30,11 +34,21 @@ def ckpt(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("worker") / "tiny", model, tok), model, tok
 
 
-def start(path, max_batch=4, max_queue=8, device="cpu", tok=None) -> EngineProcess:
-    spec = EngineSpec(str(path), device, None, max_batch, max_queue, False, 0.0)
-    engine = EngineProcess(spec, tok)
+def deliver_to_sinks(engine):
     engine.deliver = lambda batch: [request.sink(event) for request, event in batch]
     return engine.start()
+
+
+def start(path, max_batch=4, max_queue=8, device="cpu", tok=None, processes=1) -> EngineProcess:
+    spec = EngineSpec(str(path), device, None, max_batch, max_queue, False, 0.0)
+    return deliver_to_sinks(EngineProcess(spec, tok, processes=processes))
+
+
+def until(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
 
 
 def test_texts_equal_generate_alone(ckpt):
@@ -95,3 +109,44 @@ def test_a_dead_engine_process_fails_the_requests_in_flight(ckpt):
     text, last = sink.wait()
     assert last.finish_reason == "error" and "engine process" in last.error
     engine.stop()
+
+
+def _client_process(channel, path, ready) -> None:
+    """Another HTTP process's client: submits one long request, says so, then waits to be killed
+    (its reader never runs, so only the engine can free its slot)."""
+    from latentformer.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path)
+    client = EngineClient.connect(channel, tok, 1, 1)
+    client.submit(Request(tok.encode("a"), 60, None, temperature=0.0))
+    ready.set()
+    time.sleep(600)
+
+
+def test_two_clients_share_one_engine_and_its_queue_limit(ckpt):
+    """Two HTTP processes' clients of one engine: the limit counts both (a third request is 429
+    here while the other process holds a place), and when that process dies the engine frees its
+    place and its request while this one keeps working (texts as generate's)."""
+    path, model, tok = ckpt
+    engine = start(path, max_batch=1, max_queue=1, tok=tok, processes=2)
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_client_process, args=(engine.channels[0], str(path), ready), daemon=True)
+    proc.start()
+    engine.channels[0].close()
+    try:
+        assert ready.wait(60)
+        waiting = Request(tok.encode("b"), 5, Collector(), temperature=0.0)
+        engine.submit(waiting)
+        with pytest.raises(QueueFull):
+            engine.submit(Request(tok.encode("c"), 5, Collector()))
+        assert waiting.sink.wait()[0] == lf.generate(model, tok, "b", max_new_tokens=5, temperature=0)
+        assert engine.active + engine.queued == 1  # the other process's request is still counted
+        proc.kill()
+        assert until(lambda: engine.active + engine.queued == 0)
+        sink = Collector()
+        engine.submit(Request(tok.encode("d"), 7, sink, temperature=0.0))
+        assert sink.wait()[0] == lf.generate(model, tok, "d", max_new_tokens=7, temperature=0)
+    finally:
+        proc.kill()
+        engine.stop()

@@ -36,6 +36,7 @@ from typing import Any, Callable
 from latentformer.compare.matrix import Cell, Family, Variant, cells as make_cells, check_matching, resolve_variants, steps_for_tokens
 from latentformer.config import from_dict, load_yaml, to_dict
 from latentformer.fsutil import atomic_write_text
+from latentformer.procutil import die_with_parent
 from latentformer.train.config import TrainConfig
 
 PLAN = "compare.json"
@@ -427,21 +428,9 @@ def save_plan(root: Path, plan: Plan) -> None:
     atomic_write_text(root / PLAN, json.dumps(plan.to_dict(), indent=1) + "\n")
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the parent dies (a killed comparison leaves no orphan workers)."""
-    parent = int(os.environ.get("LATENTFORMER_COMPARE_PARENT", "0"))
-    if sys.platform.startswith("linux") and parent:
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            sys.exit(1)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Worker entry point: `python -m latentformer.compare.runner DIR CELL` runs one cell of DIR's plan."""
-    _die_with_parent()
+    die_with_parent(int(os.environ.get("LATENTFORMER_COMPARE_PARENT", "0")))  # a killed comparison leaves no orphan
     root, name = (argv if argv is not None else sys.argv[1:])[:2]
     root = Path(root)
     plan = load_plan(root)

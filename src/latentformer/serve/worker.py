@@ -10,20 +10,29 @@ a pipe as plain tuples; each engine step's events come back as one message, sent
 the child (the engine never blocks on a slow reader); a request the client abandons is cancelled
 by id. The server applies the queue limit itself (rows + `max_queue` requests in flight), so a
 full queue is still an immediate 429.
+
+One engine serves several HTTP processes (`latentformer serve --api-processes N`): each has a
+`Channel` of its own (two pipes and its slot in a shared count of requests in flight). One Python
+process writes some tens of thousands of stream chunks a second (~35 us each measured on a 2-core
+CPU, most of it the socket write), fewer than 64 streams of a ~1 ms decode step ask for; N
+processes accepting on one listening socket share that work. The queue limit is
+checked against the sum of the slots under the array's lock, so it holds across processes. An
+HTTP process that dies loses only its own requests: the engine cancels them and clears its slot.
 """
 
 from __future__ import annotations
 
 import itertools
 import multiprocessing
+import multiprocessing.connection
 import queue
 import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from latentformer.infer.engine import Event, QueueFull, Request
-
 
 UNBOUNDED = 1 << 30
 
@@ -51,118 +60,159 @@ class EngineInfo:
     context: int
 
 
-def _child(spec: EngineSpec, commands, events) -> None:
-    """The engine process: load, report, then serve commands until "stop" or the pipe closes."""
+@dataclass
+class Channel:
+    """What one HTTP process needs to reach the engine: its command and event pipe ends, the
+    shared count of requests in flight (one slot per HTTP process) and its slot. Picklable into a
+    spawned process."""
+
+    commands: Any  # multiprocessing Connection, send side
+    events: Any  # multiprocessing Connection, receive side
+    in_flight: Any  # multiprocessing Array('i', processes), with its lock
+    slot: int
+
+    def close(self) -> None:
+        """Close this process's copy of the pipes once the channel is handed to its HTTP process:
+        the engine sees that process's exit only when every copy of its command pipe is closed."""
+        self.commands.close()
+        self.events.close()
+
+
+def _child(spec: EngineSpec, channels: list[tuple[Any, Any]], in_flight) -> None:
+    """The engine process: load, report on every channel, then serve the channels' commands
+    until "stop" or until every channel has closed. channels[i] = (commands in, events out)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us in order
     from argparse import Namespace
 
     from latentformer.cli.generate import load_from_args
     from latentformer.infer.engine import Engine
 
-    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    outboxes: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in channels]
     try:
         model, tokenizer = load_from_args(Namespace(path=spec.path, device=spec.device, dtype=spec.dtype))
-        # the server process applies --max-queue (a request it cancelled may still sit in this queue)
+        # the HTTP processes apply --max-queue (a request one cancelled may still sit in this queue)
         engine = Engine(model, tokenizer, max_batch=spec.max_batch, max_queue=UNBOUNDED, compile=spec.compile,
                         stream_interval=spec.stream_interval)
     except Exception as e:  # noqa: BLE001 - reported to the server as one line
-        events.send(("error", str(e) or type(e).__name__))
+        for _, events in channels:
+            events.send(("error", str(e) or type(e).__name__))
         return
-    ids: dict[Request, int] = {}  # the requests in the engine; both maps are edited by two threads, one key at a time
-    by_id: dict[int, Request] = {}
+    # the requests in the engine, keyed both ways by (channel, id); edited by two threads, one key at a time
+    ids: dict[Request, tuple[int, int]] = {}
+    by_id: dict[tuple[int, int], Request] = {}
 
     def deliver(batch: list[tuple[Request, Event]]) -> None:  # the engine thread
-        out = []
+        out: dict[int, list] = {}
         for request, event in batch:
-            rid = ids.pop(request, None) if event.finish_reason else ids.get(request)
-            if rid is not None:
-                out.append((rid, event))
+            key = ids.pop(request, None) if event.finish_reason else ids.get(request)
+            if key is not None:
+                out.setdefault(key[0], []).append((key[1], event))
                 if event.finish_reason:
-                    by_id.pop(rid, None)
-        if out:
-            outbox.put(out)
+                    by_id.pop(key, None)
+        for c, events in out.items():
+            outboxes[c].put(events)
 
     engine.deliver = deliver
 
-    def send() -> None:
-        while (batch := outbox.get()) is not None:
-            events.send(batch)
-
-    sender = threading.Thread(target=send, name="latentformer-engine-sender", daemon=True)
-    sender.start()
-    events.send(("ready", EngineInfo(model.config, model.num_params(), engine.cache.nbytes, engine.context)))
-    engine.start()
-    try:
-        while True:
+    def send(c: int) -> None:  # one thread per channel: a slow HTTP process never holds up the others
+        while (batch := outboxes[c].get()) is not None:
             try:
-                message = commands.recv()
-            except EOFError:
-                break
-            if message[0] == "submit":
-                _, rid, fields = message
-                request = Request(sink=None, **fields)
-                ids[request], by_id[rid] = rid, request
+                channels[c][1].send(batch)
+            except (BrokenPipeError, OSError):  # that HTTP process is gone; its requests are cancelled below
+                pass
+
+    senders = [threading.Thread(target=send, args=(c,), name=f"latentformer-engine-sender-{c}", daemon=True)
+               for c in range(len(channels))]
+    for t in senders:
+        t.start()
+    info = EngineInfo(model.config, model.num_params(), engine.cache.nbytes, engine.context)
+    for c in range(len(channels)):
+        outboxes[c].put(("ready", info))
+    engine.start()
+    open_commands = {commands: c for c, (commands, _) in enumerate(channels)}
+    try:
+        while open_commands:
+            for commands in multiprocessing.connection.wait(list(open_commands)):
+                c = open_commands[commands]
                 try:
-                    engine.submit(request)
-                except (ValueError, RuntimeError) as e:  # checked by the server already; never fatal here
-                    deliver([(request, Event("", "error", 0, str(e)))])
-            elif message[0] == "cancel":
-                request = by_id.pop(message[1], None)
-                if request is not None:
-                    ids.pop(request, None)
-                    request.cancel()  # the engine frees its row without an event
-            else:
-                break
+                    message = commands.recv()
+                except (EOFError, OSError):  # that HTTP process exited: cancel what it had in flight
+                    del open_commands[commands]
+                    for key in [k for k in list(by_id) if k[0] == c]:
+                        if (request := by_id.pop(key, None)) is not None:
+                            ids.pop(request, None)
+                            request.cancel()
+                    with in_flight.get_lock():
+                        in_flight[c] = 0
+                    continue
+                if message[0] == "submit":
+                    _, rid, fields = message
+                    request = Request(sink=None, **fields)
+                    ids[request], by_id[(c, rid)] = (c, rid), request
+                    try:
+                        engine.submit(request)
+                    except (ValueError, RuntimeError) as e:  # checked by the server already; never fatal here
+                        deliver([(request, Event("", "error", 0, str(e)))])
+                elif message[0] == "cancel":
+                    request = by_id.pop((c, message[1]), None)
+                    if request is not None:
+                        ids.pop(request, None)
+                        request.cancel()  # the engine frees its row without an event
+                else:
+                    return
     finally:
         engine.stop()  # tells the requests in flight
-        outbox.put(None)
-        sender.join()
+        for box in outboxes:
+            box.put(None)
+        for t in senders:
+            t.join(5)
 
 
-class EngineProcess:
+class EngineClient:
     """`Engine`'s serving interface (`submit`, `cancel`, `deliver`, `start`, `stop`, `active`,
-    `queued`, `max_batch`, `context`, `config`, `tokenizer`) over an engine in a child process."""
+    `queued`, `max_batch`, `context`, `config`, `tokenizer`) over a `Channel` to the engine process.
+    `stop` closes this client only; the owner (`EngineProcess`) stops the engine."""
 
-    def __init__(self, spec: EngineSpec, tokenizer) -> None:
-        self.tokenizer, self.max_batch, self.max_queue = tokenizer, spec.max_batch, spec.max_queue
+    def __init__(self, channel: Channel, tokenizer, info: EngineInfo, max_batch: int, max_queue: int) -> None:
+        self.tokenizer, self.max_batch, self.max_queue = tokenizer, max_batch, max_queue
+        self.info, self.config, self.context = info, info.config, info.context
         self.deliver: Callable[[list[tuple[Request, Event]]], None] = lambda batch: None
-        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
-        commands_out, commands_in = ctx.Pipe(duplex=False)
-        self._events, events_in = ctx.Pipe(duplex=False)
-        self._commands = commands_in
-        self._proc = ctx.Process(target=_child, args=(spec, commands_out, events_in), name="latentformer-engine", daemon=True)
-        self._proc.start()
-        commands_out.close()
-        events_in.close()
-        try:
-            kind, payload = self._events.recv()
-        except EOFError:
-            raise RuntimeError(f"the engine process exited with {self._proc.join(5) or self._proc.exitcode}") from None
-        if kind == "error":
-            self._proc.join(5)
-            raise ValueError(payload)
-        self.info: EngineInfo = payload
-        self.config, self.context = payload.config, payload.context
+        self._channel = channel
+        self._commands, self._events = channel.commands, channel.events
         self._requests: dict[int, Request] = {}  # in flight, by id
         self._rid: dict[Request, int] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, name="latentformer-engine-reader", daemon=True)
 
-    def start(self) -> EngineProcess:
+    @staticmethod
+    def connect(channel: Channel, tokenizer, max_batch: int, max_queue: int) -> EngineClient:
+        """A client for `channel` once the engine has loaded: waits for its ready message (its one
+        error line becomes a ValueError)."""
+        try:
+            kind, payload = channel.events.recv()
+        except (EOFError, OSError):
+            raise RuntimeError("the engine process exited before it was ready") from None
+        if kind == "error":
+            raise ValueError(payload)
+        return EngineClient(channel, tokenizer, payload, max_batch, max_queue)
+
+    def start(self) -> EngineClient:
         self._reader.start()
         return self
 
     def stop(self) -> None:
-        try:
-            self._commands.send(("stop",))
-        except (BrokenPipeError, OSError):
-            pass
-        self._proc.join(30)
-        if self._proc.is_alive():
-            self._proc.kill()
+        self._commands.close()
         if self._reader.is_alive():
             self._reader.join(5)
+
+    def _count(self, delta: int) -> None:
+        """This process's slot of the shared in-flight count (call with self._lock held)."""
+        with self._channel.in_flight.get_lock():
+            self._channel.in_flight[self._channel.slot] += delta
+
+    def _total(self) -> int:
+        return sum(self._channel.in_flight[:])
 
     def submit(self, request: Request) -> None:
         """As `Engine.submit`: ValueError for a prompt that does not fit, QueueFull past the limit."""
@@ -170,13 +220,15 @@ class EngineProcess:
             raise ValueError(f"a request needs 1 <= prompt tokens and prompt + max_tokens <= {self.context}, "
                              f"got {len(request.ids)} + {request.max_tokens}")
         with self._lock:
-            if len(self._requests) >= self.max_batch + self.max_queue:
-                raise QueueFull(f"{len(self._requests) - self.max_batch} requests are waiting already "
-                                f"(--max-queue {self.max_queue})")
+            with self._channel.in_flight.get_lock():  # check and take a place as one step across processes
+                total = self._total()
+                if total >= self.max_batch + self.max_queue:
+                    raise QueueFull(f"{total - self.max_batch} requests are waiting already (--max-queue {self.max_queue})")
+                self._channel.in_flight[self._channel.slot] += 1
             rid = next(self._ids)
             self._requests[rid], self._rid[request] = request, rid
-        fields = dict(ids=request.ids, max_tokens=request.max_tokens, temperature=request.temperature,
-                      top_p=request.top_p, seed=request.seed, stops=request.stops, stream=request.stream)
+        fields = {"ids": request.ids, "max_tokens": request.max_tokens, "temperature": request.temperature,
+                      "top_p": request.top_p, "seed": request.seed, "stops": request.stops, "stream": request.stream}
         self._commands.send(("submit", rid, fields))
 
     def cancel(self, request: Request) -> None:
@@ -187,15 +239,19 @@ class EngineProcess:
             if rid is None:
                 return
             del self._requests[rid]
-        self._commands.send(("cancel", rid))
+            self._count(-1)
+        try:
+            self._commands.send(("cancel", rid))
+        except (BrokenPipeError, OSError):  # the engine is gone: nothing left to cancel
+            pass
 
     @property
     def active(self) -> int:
-        return min(len(self._requests), self.max_batch)
+        return min(self._total(), self.max_batch)
 
     @property
     def queued(self) -> int:
-        return max(0, len(self._requests) - self.max_batch)
+        return max(0, self._total() - self.max_batch)
 
     def _read(self) -> None:
         """Each message is one engine step's events: hand them to `deliver` in one call."""
@@ -212,9 +268,54 @@ class EngineProcess:
                         out.append((request, event))
                         if event.finish_reason:
                             del self._rid[request]
+                            self._count(-1)
             if out:
                 self.deliver(out)
         with self._lock:  # the engine process is gone: every request still waiting fails
             left, self._requests, self._rid = list(self._requests.values()), {}, {}
+            self._count(-len(left))
         if left:
             self.deliver([(r, Event("", "error", 0, "the engine process stopped")) for r in left])
+
+
+class EngineProcess(EngineClient):
+    """Starts the engine process and is the first HTTP process's client of it; `channels` are
+    the other HTTP processes' (`processes` - 1 of them), to hand to `EngineClient.connect` there.
+    `stop` stops the engine."""
+
+    def __init__(self, spec: EngineSpec, tokenizer, processes: int = 1) -> None:
+        if processes < 1:
+            raise ValueError(f"the number of HTTP processes must be >= 1, got {processes}")
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+        in_flight = ctx.Array("i", processes)
+        ours, theirs = [], []
+        for slot in range(processes):
+            commands_out, commands_in = ctx.Pipe(duplex=False)
+            events_out, events_in = ctx.Pipe(duplex=False)
+            ours.append(Channel(commands_in, events_out, in_flight, slot))
+            theirs.append((commands_out, events_in))
+        self._proc = ctx.Process(target=_child, args=(spec, theirs, in_flight), name="latentformer-engine", daemon=True)
+        self._proc.start()
+        for commands_out, events_in in theirs:
+            commands_out.close()
+            events_in.close()
+        try:
+            client = EngineClient.connect(ours[0], tokenizer, spec.max_batch, spec.max_queue)
+        except RuntimeError:
+            raise RuntimeError(f"the engine process exited with {self._proc.join(5) or self._proc.exitcode}") from None
+        except ValueError:
+            self._proc.join(5)
+            raise
+        super().__init__(ours[0], tokenizer, client.info, spec.max_batch, spec.max_queue)
+        self.channels = ours[1:]
+
+    def stop(self) -> None:
+        try:
+            self._commands.send(("stop",))
+        except (BrokenPipeError, OSError):
+            pass
+        self._proc.join(30)
+        if self._proc.is_alive():
+            self._proc.kill()
+        if self._reader.is_alive():
+            self._reader.join(5)
