@@ -42,7 +42,7 @@ def package_roots(names: list[str], stdlib: bool) -> list[tuple[str, str, Path]]
             version = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             version = "unknown"
-        roots.append((name, version, Path(list(spec.submodule_search_locations)[0])))
+        roots.append((name, version, Path(next(iter(spec.submodule_search_locations)))))
     if stdlib:
         roots.append(("stdlib", sysconfig.get_python_version(), Path(sysconfig.get_paths()["stdlib"])))
     return roots

@@ -118,6 +118,23 @@ def test_second_invocation_trains_nothing(finished, micro_family, micro_data, mo
     assert json.loads((out / "results.json").read_text())["variants"] == json.loads((finished / "results.json").read_text())["variants"]
 
 
+def test_cells_must_match_the_config_except_in_bookkeeping(finished, micro_family, micro_data, monkeypatch, tmp_path, capsys):
+    """Another learning rate is refused, naming the field; how often a cell saves or logs may differ
+    (the finished cells are kept and nothing is trained)."""
+    out = tmp_path / "again"
+    shutil.copytree(finished, out)
+    assert compare(micro_family, micro_data, out, "--train.lr", "0.5", "--no-report") == 1
+    err = capsys.readouterr().err
+    assert "was trained with train.lr=" in err and len(err.strip().splitlines()) == 1
+    import latentformer.train.trainer as trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", refuse)
+    assert compare(micro_family, micro_data, out, "--train.checkpoint_interval", "0", "--train.log_interval", "3", "--no-report") == 0
+
+
 def test_killed_comparison_resumes(micro_family, micro_data, tmp_path):
     """SIGKILL a comparison after its first cell finished; the re-run keeps that cell and completes the rest."""
     out = tmp_path / "killed"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+import time
 import types
 
 import pytest
@@ -14,8 +15,6 @@ import pytest
 import latentformer as lf
 from latentformer.checkpoint import save_checkpoint
 from latentformer.infer.engine import QueueFull, Request
-import time
-
 from latentformer.serve.worker import EngineClient, EngineProcess, EngineSpec
 from tests.serve.test_engine import PROMPTS, Collector, tiny_model
 

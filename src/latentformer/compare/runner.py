@@ -138,8 +138,14 @@ def is_done(root: Path, cell: Cell) -> bool:
     return state is not None and state.get("status") == "done"
 
 
+# train fields that change when and what a cell saves or prints, never what it computes: cells
+# may differ in them (fewer checkpoints for the remaining cells of a comparison, say)
+BOOKKEEPING = frozenset({"checkpoint_interval", "checkpoint_minutes", "keep_last", "log_interval", "progress", "tensorboard"})
+
+
 def check_existing(root: Path, matrix: Matrix) -> None:
-    """A cell directory trained with another config is an error (never silently mixed in)."""
+    """A cell directory trained with another config is an error (never silently mixed in); the
+    `BOOKKEEPING` train fields may differ."""
     for cell in matrix.cells:
         saved = cell_dir(root, cell) / "config.yaml"
         if not saved.is_file():
@@ -147,6 +153,8 @@ def check_existing(root: Path, matrix: Matrix) -> None:
         old, new = load_yaml(saved), cell.cfg.to_dict()
         for section in ("model", "train"):
             for key, value in new[section].items():
+                if section == "train" and key in BOOKKEEPING:
+                    continue
                 if old.get(section, {}).get(key) != value:
                     raise ValueError(f"cell {cell.name} in {root} was trained with {section}.{key}="
                                      f"{old.get(section, {}).get(key)!r}, this comparison wants {value!r}: "
