@@ -61,6 +61,29 @@ def test_kill_and_resume_is_bit_identical(sotu_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["best", "step_10", "step_8"]
 
 
+def test_bookkeeping_does_not_change_the_weights(sotu_dir, tmp_path):
+    """What compare lets cells differ in (when and what is saved or logged) leaves the trained
+    weights and the evaluations bit-identical; without save_best there is no best/ checkpoint."""
+    from latentformer.compare.runner import BOOKKEEPING
+
+    a = run_config(sotu_dir, max_steps=10, checkpoint_interval=4, eval_interval=5)
+    b = run_config(sotu_dir, max_steps=10, checkpoint_interval=0, eval_interval=5, save_best=False, log_interval=3,
+                   keep_last=1, checkpoint_minutes=0.0, progress=False, tensorboard=False)
+    assert {k for k in a.train.__dataclass_fields__ if getattr(a.train, k) != getattr(b.train, k)} <= BOOKKEEPING
+    first, second = Trainer(a, tmp_path / "a"), Trainer(b, tmp_path / "b")
+    first.fit()
+    second.fit()
+    wa, wb = weights(first.model), weights(second.model)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    def evals(run):
+        return [(r["step"], r["loss"], r["best"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("eval")]
+
+    assert evals(tmp_path / "a") == evals(tmp_path / "b") and evals(tmp_path / "b")[-1][2]
+    assert (tmp_path / "a" / "checkpoints" / "best").is_dir()
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step_10"]
+
+
 def test_early_stopping_triggers(sotu_dir, tmp_path):
     # lr 0 after warmup: the val loss stops improving, patience 2 stops at the third eval
     cfg = run_config(sotu_dir, max_steps=100, schedule="step", milestones=[1], gamma=1e-30, warmup_steps=1,

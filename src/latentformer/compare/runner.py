@@ -101,8 +101,9 @@ def common_overrides(plan: Plan, family: Family) -> dict[str, Any]:
     steps = steps_for_tokens(plan.tokens, batch_tokens)
     every = max(1, steps // family.evals)
     derived = {"train.max_steps": steps, "train.eval_interval": every,
-               # a checkpoint at every other evaluation: an interrupted cell loses at most that much
-               "train.checkpoint_interval": 2 * every, "train.keep_last": 1}
+               # a checkpoint at every other evaluation: an interrupted cell loses at most that much;
+               # no best/ weights (the study reads the final weights, the curve gives the best loss)
+               "train.checkpoint_interval": 2 * every, "train.keep_last": 1, "train.save_best": False}
     return {**base, **derived, **plan.overrides, **FIXED, **QUIET, "data.dir": plan.data_dir}
 
 
@@ -140,7 +141,8 @@ def is_done(root: Path, cell: Cell) -> bool:
 
 # train fields that change when and what a cell saves or prints, never what it computes: cells
 # may differ in them (fewer checkpoints for the remaining cells of a comparison, say)
-BOOKKEEPING = frozenset({"checkpoint_interval", "checkpoint_minutes", "keep_last", "log_interval", "progress", "tensorboard"})
+BOOKKEEPING = frozenset({"checkpoint_interval", "checkpoint_minutes", "keep_last", "save_best", "log_interval", "progress",
+                         "tensorboard"})
 
 
 def check_existing(root: Path, matrix: Matrix) -> None:

@@ -93,6 +93,7 @@ class TrainConfig:
     checkpoint_interval: int = 0  # steps; 0 = by time only (checkpoint_minutes) and at the end
     checkpoint_minutes: float = 5.0  # also save when this much wall time passed since the last save; 0 = off
     keep_last: int = 2
+    save_best: bool = True  # write checkpoints/best/ at each new best validation loss
     # logging
     log_interval: int = 10
     progress: bool = True

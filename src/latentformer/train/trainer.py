@@ -503,6 +503,19 @@ class Trainer:
             record["moe_dropped"] = int(sum(int(m.dropped) for m in moe))
         return record
 
+    def _save_best(self, result: dict[str, Any], log: RunLogger) -> None:
+        """checkpoints/best/ from this evaluation (every rank takes part: FSDP gathers the weights)."""
+        model = self._full_model()
+        if self.env.is_main:
+            problem = self._unsaveable(model)
+            if problem is None:
+                ckpt.save_best(self.run_dir, model, self.tokenizer,
+                               {"step": self.step, "val_loss": result["loss"], "val_bpb": result["bpb"],
+                                "train_seq_len": self.cfg.train.seq_len})
+            else:
+                log.message(f"step {self.step}: best checkpoint not saved: {problem}")
+        D.barrier()
+
     def _eval_and_track(self, log: RunLogger) -> dict[str, Any]:
         result = {"step": self.step, **self.evaluate()}
         self.last_eval_finite = math.isfinite(result["loss"])
@@ -510,16 +523,8 @@ class Trainer:
         if improved:
             self.best_val = result["loss"]
             self.bad_evals = 0
-            model = self._full_model()
-            if self.env.is_main:
-                problem = self._unsaveable(model)
-                if problem is None:
-                    ckpt.save_best(self.run_dir, model, self.tokenizer,
-                                   {"step": self.step, "val_loss": result["loss"], "val_bpb": result["bpb"],
-                                    "train_seq_len": self.cfg.train.seq_len})
-                else:
-                    log.message(f"step {self.step}: best checkpoint not saved: {problem}")
-            D.barrier()
+            if self.cfg.train.save_best:
+                self._save_best(result, log)
         else:
             self.bad_evals += 1
         result["best"] = improved
