@@ -149,3 +149,20 @@ def test_two_clients_share_one_engine_and_its_queue_limit(ckpt):
     finally:
         proc.kill()
         engine.stop()
+
+
+def test_a_client_that_stops_leaves_at_once_and_the_engine_serves_on(ckpt):
+    """An HTTP process's graceful shutdown: its client's stop returns without waiting for the
+    engine (which closes that channel's events), and the other client keeps being served."""
+    path, model, tok = ckpt
+    engine = start(path, tok=tok, processes=2)
+    other = deliver_to_sinks(EngineClient.connect(engine.channels[0], tok, engine.max_batch, engine.max_queue))
+    try:
+        t = time.monotonic()
+        other.stop()
+        assert time.monotonic() - t < 3 and not other._reader.is_alive()
+        sink = Collector()
+        engine.submit(Request(tok.encode("e"), 6, sink, temperature=0.0))
+        assert sink.wait()[0] == lf.generate(model, tok, "e", max_new_tokens=6, temperature=0)
+    finally:
+        engine.stop()

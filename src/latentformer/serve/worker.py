@@ -120,6 +120,7 @@ def _child(spec: EngineSpec, channels: list[tuple[Any, Any]], in_flight) -> None
                 channels[c][1].send(batch)
             except (BrokenPipeError, OSError):  # that HTTP process is gone; its requests are cancelled below
                 pass
+        channels[c][1].close()  # its reader sees the end at once
 
     senders = [threading.Thread(target=send, args=(c,), name=f"latentformer-engine-sender-{c}", daemon=True)
                for c in range(len(channels))]
@@ -144,6 +145,7 @@ def _child(spec: EngineSpec, channels: list[tuple[Any, Any]], in_flight) -> None
                             request.cancel()
                     with in_flight.get_lock():
                         in_flight[c] = 0
+                    outboxes[c].put(None)
                     continue
                 if message[0] == "submit":
                     _, rid, fields = message
