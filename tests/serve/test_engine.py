@@ -58,6 +58,14 @@ class Collector:
                 return "".join(self.pieces), event
 
 
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    """Poll `condition` until it holds or `timeout` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
 def make_request(tok, prompt: str, max_tokens: int, **kw) -> tuple[Request, Collector]:
     sink = Collector()
     return Request(tok.encode(prompt), max_tokens, sink, **kw), sink
@@ -141,10 +149,7 @@ def test_cancel_frees_the_row_at_once(model, engine):
     engine.submit(req)
     sink.events.get(timeout=30)  # it is decoding
     req.cancel()
-    deadline = time.monotonic() + 10
-    while engine.active and time.monotonic() < deadline:
-        time.sleep(0.002)
-    assert engine.active == 0
+    assert wait_until(lambda: engine.active == 0)
     steps = engine.steps
     time.sleep(0.05)
     assert engine.steps == steps  # nothing left to decode

@@ -28,7 +28,7 @@ from latentformer.infer.chat import chat_stops, render_chat
 from latentformer.infer.engine import Engine
 from latentformer.serve.server import create_app
 
-from .test_engine import CONTEXT, PROMPTS, tiny_model
+from .test_engine import CONTEXT, PROMPTS, tiny_model, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "tiny"
@@ -340,13 +340,6 @@ def slow():
         yield url, engine
 
 
-def _wait(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return cond()
-
-
 def test_api_key(slow):
     url, _ = slow
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit"}):
@@ -367,17 +360,17 @@ def test_queue_full_is_429_and_disconnect_frees_the_row(slow):
             next(lines)  # it holds the only row
             assert engine.active == 1
             with http.stream("POST", "/v1/completions", json=body):  # it waits in the queue
-                assert _wait(lambda: engine.queued == 1)
+                assert wait_until(lambda: engine.queued == 1)
                 err = _error(httpx.post(url + "/v1/completions", json=body, headers=auth), 429)
                 assert err["type"] == "rate_limit_error"
                 steps = engine.steps
             # the waiting client went away: its request never takes the row
         # the first client disconnects mid-stream: its row is free at once, long before 40 steps
-        assert _wait(lambda: engine.active == 0 and engine.queued == 0, timeout=0.5)
+        assert wait_until(lambda: engine.active == 0 and engine.queued == 0, timeout=0.5)
         assert engine.steps - steps < 30
         with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
             http.post("/v1/completions", json={**body, "stream": False}, timeout=0.2)
-        assert _wait(lambda: engine.active == 0, timeout=0.5)
+        assert wait_until(lambda: engine.active == 0, timeout=0.5)
         r = http.post("/v1/completions", json={"prompt": "ok", "max_tokens": 3})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
 

@@ -16,7 +16,7 @@ import latentformer as lf
 from latentformer.checkpoint import save_checkpoint
 from latentformer.infer.engine import QueueFull, Request
 from latentformer.serve.worker import EngineClient, EngineProcess, EngineSpec
-from tests.serve.test_engine import PROMPTS, Collector, tiny_model
+from tests.serve.test_engine import PROMPTS, Collector, tiny_model, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -41,13 +41,6 @@ def deliver_to_sinks(engine):
 def start(path, max_batch=4, max_queue=8, device="cpu", tok=None, processes=1) -> EngineProcess:
     spec = EngineSpec(str(path), device, None, max_batch, max_queue, False, 0.0)
     return deliver_to_sinks(EngineProcess(spec, tok, processes=processes))
-
-
-def until(condition, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
 
 
 def test_texts_equal_generate_alone(ckpt):
@@ -142,7 +135,7 @@ def test_two_clients_share_one_engine_and_its_queue_limit(ckpt):
         assert waiting.sink.wait()[0] == lf.generate(model, tok, "b", max_new_tokens=5, temperature=0)
         assert engine.active + engine.queued == 1  # the other process's request is still counted
         proc.kill()
-        assert until(lambda: engine.active + engine.queued == 0)
+        assert wait_until(lambda: engine.active + engine.queued == 0, timeout=30)
         sink = Collector()
         engine.submit(Request(tok.encode("d"), 7, sink, temperature=0.0))
         assert sink.wait()[0] == lf.generate(model, tok, "d", max_new_tokens=7, temperature=0)
