@@ -66,12 +66,12 @@ def _http_process(parent: int, sock: socket.socket, channel, path: str, name: st
     import signal
 
     from latentformer.checkpoint import find_checkpoint
-    from latentformer.procutil import die_with_parent
-
-    die_with_parent(parent, signal.SIGTERM)
     from latentformer.data.tokenizer import load_tokenizer
+    from latentformer.procutil import die_with_parent
     from latentformer.serve.server import create_app
     from latentformer.serve.worker import EngineClient
+
+    die_with_parent(parent, signal.SIGTERM)
 
     engine = EngineClient.connect(channel, load_tokenizer(find_checkpoint(path)), max_batch, max_queue)
     serve_http(create_app(engine, name, api_key=api_key), sock)

@@ -170,6 +170,18 @@ def _child(spec: EngineSpec, channels: list[tuple[Any, Any]], in_flight) -> None
             t.join(5)
 
 
+def _ready(channel: Channel) -> EngineInfo:
+    """Wait for the engine's first message on `channel`: its info once loaded, or its one error
+    line (ValueError); RuntimeError when the engine process exited without a word."""
+    try:
+        kind, payload = channel.events.recv()
+    except (EOFError, OSError):
+        raise RuntimeError("the engine process exited before it was ready") from None
+    if kind == "error":
+        raise ValueError(payload)
+    return payload
+
+
 class EngineClient:
     """`Engine`'s serving interface (`submit`, `cancel`, `deliver`, `start`, `stop`, `active`,
     `queued`, `max_batch`, `context`, `config`, `tokenizer`) over a `Channel` to the engine process.
@@ -189,15 +201,8 @@ class EngineClient:
 
     @staticmethod
     def connect(channel: Channel, tokenizer, max_batch: int, max_queue: int) -> EngineClient:
-        """A client for `channel` once the engine has loaded: waits for its ready message (its one
-        error line becomes a ValueError)."""
-        try:
-            kind, payload = channel.events.recv()
-        except (EOFError, OSError):
-            raise RuntimeError("the engine process exited before it was ready") from None
-        if kind == "error":
-            raise ValueError(payload)
-        return EngineClient(channel, tokenizer, payload, max_batch, max_queue)
+        """A client for `channel` once the engine has loaded (see `_ready`)."""
+        return EngineClient(channel, tokenizer, _ready(channel), max_batch, max_queue)
 
     def start(self) -> EngineClient:
         self._reader.start()
@@ -230,7 +235,7 @@ class EngineClient:
             rid = next(self._ids)
             self._requests[rid], self._rid[request] = request, rid
         fields = {"ids": request.ids, "max_tokens": request.max_tokens, "temperature": request.temperature,
-                      "top_p": request.top_p, "seed": request.seed, "stops": request.stops, "stream": request.stream}
+                  "top_p": request.top_p, "seed": request.seed, "stops": request.stops, "stream": request.stream}
         self._commands.send(("submit", rid, fields))
 
     def cancel(self, request: Request) -> None:
@@ -302,13 +307,13 @@ class EngineProcess(EngineClient):
             commands_out.close()
             events_in.close()
         try:
-            client = EngineClient.connect(ours[0], tokenizer, spec.max_batch, spec.max_queue)
+            info = _ready(ours[0])
         except RuntimeError:
             raise RuntimeError(f"the engine process exited with {self._proc.join(5) or self._proc.exitcode}") from None
         except ValueError:
             self._proc.join(5)
             raise
-        super().__init__(ours[0], tokenizer, client.info, spec.max_batch, spec.max_queue)
+        super().__init__(ours[0], tokenizer, info, spec.max_batch, spec.max_queue)
         self.channels = ours[1:]
 
     def stop(self) -> None:
@@ -319,5 +324,4 @@ class EngineProcess(EngineClient):
         self._proc.join(30)
         if self._proc.is_alive():
             self._proc.kill()
-        if self._reader.is_alive():
-            self._reader.join(5)
+        super().stop()
