@@ -26,6 +26,16 @@ def compare(family, data, out, *extra) -> int:
     return main(["compare", "--family", str(family), "--data", str(data), "--out", str(out), *extra])
 
 
+def forbid_training(monkeypatch) -> None:
+    """From here on, constructing a Trainer fails the test: every cell must be skipped."""
+    import latentformer.train.trainer as trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", refuse)
+
+
 @pytest.fixture(scope="module")
 def finished(micro_family, micro_data, tmp_path_factory):
     """One 2-variant x 2-seed comparison, shared by the tests that only read it."""
@@ -106,12 +116,7 @@ def test_second_invocation_trains_nothing(finished, micro_family, micro_data, mo
     out = tmp_path / "again"
     shutil.copytree(finished, out)
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*") if p.is_file()}
-    import latentformer.train.trainer as trainer
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a finished cell was trained again")
-
-    monkeypatch.setattr(trainer.Trainer, "__init__", refuse)
+    forbid_training(monkeypatch)
     assert compare(micro_family, micro_data, out) == 0
     assert main(["compare", "--out", str(out), "--report-only"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*") if p.is_file()} == stamps
@@ -126,12 +131,7 @@ def test_cells_must_match_the_config_except_in_bookkeeping(finished, micro_famil
     assert compare(micro_family, micro_data, out, "--train.lr", "0.5", "--no-report") == 1
     err = capsys.readouterr().err
     assert "was trained with train.lr=" in err and len(err.strip().splitlines()) == 1
-    import latentformer.train.trainer as trainer
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a finished cell was trained again")
-
-    monkeypatch.setattr(trainer.Trainer, "__init__", refuse)
+    forbid_training(monkeypatch)
     assert compare(micro_family, micro_data, out, "--train.checkpoint_interval", "0", "--train.log_interval", "3", "--no-report") == 0
 
 
