@@ -101,9 +101,10 @@ def common_overrides(plan: Plan, family: Family) -> dict[str, Any]:
     steps = steps_for_tokens(plan.tokens, batch_tokens)
     every = max(1, steps // family.evals)
     derived = {"train.max_steps": steps, "train.eval_interval": every,
-               # a checkpoint at every other evaluation: an interrupted cell loses at most that much;
-               # no best/ weights (the study reads the final weights, the curve gives the best loss)
-               "train.checkpoint_interval": 2 * every, "train.keep_last": 1, "train.save_best": False}
+               # step checkpoints by wall time (checkpoint_minutes), at the end and on SIGTERM/SIGINT:
+               # a hard-killed cell loses at most checkpoint_minutes; no best/ weights (the study
+               # reads the final weights, the curve gives the best loss)
+               "train.checkpoint_interval": 0, "train.keep_last": 1, "train.save_best": False}
     return {**base, **derived, **plan.overrides, **FIXED, **QUIET, "data.dir": plan.data_dir}
 
 
