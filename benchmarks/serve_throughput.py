@@ -231,12 +231,14 @@ def offline_generate(model, tok, prompts: list[list[int]], new_tokens: int, comp
 
 def engine_alone(model, tok, prompts: list[list[int]], new_tokens: int, compile: bool, interval_ms: float) -> float:
     """Output tokens/s of the serving engine in process (no HTTP): every prompt submitted at once,
-    timed to the last finished request (prefill included), after one warm-up request."""
+    timed to the last finished request (prefill included), after one warm-up request. The engine
+    loop runs in this thread, as in `serve`'s engine process; a second thread submits."""
     from latentformer.infer.engine import Engine, Request
 
     engine = Engine(model, tok, max_batch=len(prompts), max_queue=len(prompts), compile=compile,
-                    stream_interval=interval_ms / 1000).start()
+                    stream_interval=interval_ms / 1000)
     done = threading.Semaphore(0)
+    took: list[float] = []
 
     def run(batch: list[list[int]]) -> float:
         t = time.perf_counter()
@@ -246,11 +248,18 @@ def engine_alone(model, tok, prompts: list[list[int]], new_tokens: int, compile:
             done.acquire()
         return time.perf_counter() - t
 
-    try:
-        run(prompts[:1])
-        return len(prompts) * new_tokens / run(prompts)
-    finally:
-        engine.stop()
+    def client() -> None:
+        try:
+            run(prompts[:1])
+            took.append(run(prompts))
+        finally:
+            engine.stop()
+
+    submitter = threading.Thread(target=client)
+    submitter.start()
+    engine.run()
+    submitter.join()
+    return len(prompts) * new_tokens / took[0]
 
 
 def sync() -> None:

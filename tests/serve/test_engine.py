@@ -246,3 +246,29 @@ def test_engine_thread_stops_cleanly(model):
     stopper.join(timeout=30)
     assert not stopper.is_alive()
     assert sink.wait()[1].finish_reason in ("error", "length")
+
+
+def test_run_in_the_callers_thread(model):
+    """`run()` is the engine loop in the calling thread (the engine process runs it in the thread
+    that loaded the model): requests submitted from another thread are served, greedy text equals
+    generate alone, and `stop()` from that thread ends `run()` with the request in flight told."""
+    m, tok = model
+    eng = Engine(m, tok, max_batch=2)
+    done, (long, long_sink) = make_request(tok, "abc", 12, temperature=0.0), make_request(tok, "long", CONTEXT - 8)
+    outcome = {}
+
+    def client() -> None:
+        eng.submit(done[0])
+        outcome["text"] = done[1].wait()[0]
+        eng.submit(long)
+        long_sink.events.get(timeout=30)
+        eng.stop()
+
+    feeder = threading.Thread(target=client)
+    feeder.start()
+    eng.run()
+    feeder.join(timeout=30)
+    assert outcome["text"] == lf.generate(m, tok, "abc", max_new_tokens=12, temperature=0)
+    assert long_sink.wait()[1].finish_reason in ("error", "length")
+    with pytest.raises(RuntimeError, match="stopped"):
+        eng.submit(make_request(tok, "late", 4)[0])

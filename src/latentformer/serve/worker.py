@@ -129,45 +129,49 @@ def _child(spec: EngineSpec, channels: list[tuple[Any, Any]], in_flight) -> None
     info = EngineInfo(model.config, model.num_params(), engine.cache.nbytes, engine.context)
     for c in range(len(channels)):
         outboxes[c].put(("ready", info))
-    engine.start()
-    open_commands = {commands: c for c, (commands, _) in enumerate(channels)}
-    try:
-        while open_commands:
-            for commands in multiprocessing.connection.wait(list(open_commands)):
-                c = open_commands[commands]
-                try:
-                    message = commands.recv()
-                except (EOFError, OSError):  # that HTTP process exited: cancel what it had in flight
-                    del open_commands[commands]
-                    for key in [k for k in list(by_id) if k[0] == c]:
-                        if (request := by_id.pop(key, None)) is not None:
-                            ids.pop(request, None)
-                            request.cancel()
-                    with in_flight.get_lock():
-                        in_flight[c] = 0
-                    outboxes[c].put(None)
-                    continue
-                if message[0] == "submit":
-                    _, rid, fields = message
-                    request = Request(sink=None, **fields)
-                    ids[request], by_id[(c, rid)] = (c, rid), request
+
+    def serve_commands() -> None:  # a thread of its own: the engine loop keeps the thread that loaded the model
+        open_commands = {commands: c for c, (commands, _) in enumerate(channels)}
+        try:
+            while open_commands:
+                for commands in multiprocessing.connection.wait(list(open_commands)):
+                    c = open_commands[commands]
                     try:
-                        engine.submit(request)
-                    except (ValueError, RuntimeError) as e:  # checked by the server already; never fatal here
-                        deliver([(request, Event("", "error", 0, str(e)))])
-                elif message[0] == "cancel":
-                    request = by_id.pop((c, message[1]), None)
-                    if request is not None:
-                        ids.pop(request, None)
-                        request.cancel()  # the engine frees its row without an event
-                else:
-                    return
-    finally:
-        engine.stop()  # tells the requests in flight
-        for box in outboxes:
-            box.put(None)
-        for t in senders:
-            t.join(5)
+                        message = commands.recv()
+                    except (EOFError, OSError):  # that HTTP process exited: cancel what it had in flight
+                        del open_commands[commands]
+                        for key in [k for k in list(by_id) if k[0] == c]:
+                            if (request := by_id.pop(key, None)) is not None:
+                                ids.pop(request, None)
+                                request.cancel()
+                        with in_flight.get_lock():
+                            in_flight[c] = 0
+                        outboxes[c].put(None)
+                        continue
+                    if message[0] == "submit":
+                        _, rid, fields = message
+                        request = Request(sink=None, **fields)
+                        ids[request], by_id[(c, rid)] = (c, rid), request
+                        try:
+                            engine.submit(request)
+                        except (ValueError, RuntimeError) as e:  # checked by the server already; never fatal here
+                            deliver([(request, Event("", "error", 0, str(e)))])
+                    elif message[0] == "cancel":
+                        request = by_id.pop((c, message[1]), None)
+                        if request is not None:
+                            ids.pop(request, None)
+                            request.cancel()  # the engine frees its row without an event
+                    else:
+                        return
+        finally:
+            engine.stop()
+
+    threading.Thread(target=serve_commands, name="latentformer-engine-commands", daemon=True).start()
+    engine.run()  # in the thread that loaded the model (see Engine: one OpenMP team on a CPU); tells the requests in flight
+    for box in outboxes:
+        box.put(None)
+    for t in senders:
+        t.join(5)
 
 
 def _ready(channel: Channel) -> EngineInfo:
