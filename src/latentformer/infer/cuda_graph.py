@@ -72,3 +72,9 @@ class GraphDecodeStep:
         self.graph.replay()
         self.cache.pos += 1
         return self.logits
+
+
+def decode_step(model: Transformer, cache: KVCache, compile: bool) -> Decoder | GraphDecodeStep:
+    """tokens [B, 1] -> logits [B, 1, V] through `cache`: the decode layer, eagerly, or (`compile`,
+    CUDA) its compiled step captured as a CUDA graph, whose output buffer the next call reuses."""
+    return GraphDecodeStep(model, cache, compile=True) if compile else Decoder(model, cache)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from latentformer.infer.decode import Decoder
+from latentformer.infer.cuda_graph import decode_step
 from latentformer.infer.detokenize import RowText
 from latentformer.infer.prefill import prefill_attention
 from latentformer.infer.sampling import sample_rows
@@ -156,12 +156,7 @@ class Engine:
         self._inflight: _Step | None = None
         self.shifts = 0
         with torch.inference_mode():
-            if compile:
-                from latentformer.infer.cuda_graph import GraphDecodeStep
-
-                self._step = GraphDecodeStep(model, self.cache, compile=True)
-            else:
-                self._step = Decoder(model, self.cache)
+            self._step = decode_step(model, self.cache, compile)
         self._thread = threading.Thread(target=self.run, name="latentformer-engine", daemon=True)
 
     # -- public, any thread ----------------------------------------------------------------

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from latentformer.infer.decode import Decoder
+from latentformer.infer.cuda_graph import decode_step
 from latentformer.infer.detokenize import RowText
 from latentformer.infer.prefill import prefill_attention
 from latentformer.infer.sampling import SamplingParams, sample
@@ -77,16 +77,6 @@ def fit_prompt(ids: list[int], max_new_tokens: int, max_seq_len: int, truncate: 
                      f"max_seq_len={max_seq_len} (shorten it or pass truncate=True to keep its last {room} tokens)")
 
 
-def _decode_step(model: Transformer, cache, compile: bool):
-    """tokens [B, 1] -> logits [B, 1, V] through `cache`: eager, or (compile) a captured CUDA graph
-    whose output buffer is reused by the next call (the loop consumes it before that)."""
-    if not compile:
-        return Decoder(model, cache)
-    from latentformer.infer.cuda_graph import GraphDecodeStep
-
-    return GraphDecodeStep(model, cache, compile=True)
-
-
 @torch.inference_mode()
 def _decode(model: Transformer, tokenizer, ids: list[list[int]], max_new_tokens: int, params: SamplingParams,
             seed: int | None, stops: list[str], incremental: bool, compile: bool) -> Iterator[tuple[int, str]]:
@@ -108,7 +98,7 @@ def _decode(model: Transformer, tokenizer, ids: list[list[int]], max_new_tokens:
     rows = [RowText(tokenizer, stops, incremental) for _ in ids]
     with prefill_attention():
         logits = model.next_token_logits(tokens, cache)[:, :vocab]  # [B, V]
-    step = _decode_step(model, cache, compile and max_new_tokens > 1)
+    step = decode_step(model, cache, compile and max_new_tokens > 1)  # consumed before the next call
     for i in range(max_new_tokens):
         nxt = sample(logits, params, seen, generator)  # [B]
         for b, token in enumerate(nxt.tolist()):
