@@ -22,7 +22,7 @@ def decoded(model, tokens: torch.Tensor, mla_decode: str = "absorb", decoder: De
     decoder = decoder or Decoder(model, cache, mla_decode)
     out.append(decoder(tokens[:, PROMPT:PROMPT + CHUNK]))
     out += [decoder(tokens[:, t:t + 1]) for t in range(PROMPT + CHUNK, TOTAL)]
-    assert cache.pos == TOTAL and cache.length.item() == TOTAL
+    assert cache.pos == TOTAL and cache.length.tolist() == [TOTAL] * tokens.shape[0]
     return torch.cat(out, dim=1)
 
 
@@ -92,7 +92,7 @@ def test_static_decode_equals_dynamic(attention, mla_decode, padded):
             logits += [step(x[:, t:t + 1]) for t in range(12, 20)]
             outs.append(torch.cat(logits, 1))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
-    assert caches[1].pos == 20 and caches[1].length.item() == 20
+    assert caches[1].pos == 20 and caches[1].length.tolist() == [20, 20]
     assert torch.equal(caches[0].layers[0][0], caches[1].layers[0][0])
 
 
@@ -113,3 +113,44 @@ def test_compiled_static_step_equals_eager(attention):
             logits += [fn(x[:, t:t + 1]) for t in range(10, 16)]
             outs.append(torch.cat(logits, 1))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mla|rope", "mla-q|rope", "mha|rope", "gqa|rope|moe", "mha|learned|post-ln"])
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "device-addressed"])
+def test_ragged_rows_decode_as_each_alone(name, static):
+    """A ragged cache (continuous batching): rows that joined with prompts of different lengths
+    (`set_row`, copied out of one left-padded prefill) and a free row decode together, each at
+    its own position, and every row's logits == the full forward of its own sequence alone; the
+    other rows' slots are never touched by a join."""
+    model = build(**CASES[name])
+    lengths, steps = [11, 3, 7], 5
+    seqs = [torch.randint(0, 97, (n + steps,)) for n in lengths]
+    L = max(lengths)
+    prefill = model.make_cache(len(lengths), L)
+    prefill.set_left_padding([L - n for n in lengths])
+    padded = torch.stack([torch.cat((torch.zeros(L - n, dtype=torch.long), s[:n])) for s, n in zip(seqs, lengths)])
+    cache = model.make_cache(4, MAX_LEN)  # row 2 stays free: it writes and reads its slot 0 only
+    cache.ragged = True
+    with torch.no_grad():
+        model(padded, cache=prefill)
+        for row, i in zip([0, 3], [0, 1]):
+            cache.set_row(row, prefill, i, lengths[i])
+        before = [t.clone() for t in cache.layers[0]]
+        cache.set_row(1, prefill, 2, lengths[2])  # a join leaves the other rows as they were
+        for t, b in zip(cache.layers[0], before):
+            assert torch.equal(t[[0, 3]], b[[0, 3]])
+        rows = {0: seqs[0], 3: seqs[1], 1: seqs[2]}
+        decoder = Decoder(model, cache, static=static)
+        out = {b: [] for b in rows}
+        for t in range(steps):
+            cache.length[2] = 0
+            cache.pos = max(lengths) + t
+            tokens = torch.zeros(4, 1, dtype=torch.long)
+            for b, s in rows.items():
+                tokens[b, 0] = s[cache.length[b]]
+            logits = decoder(tokens)
+            for b in rows:
+                out[b].append(logits[b, 0])
+        for b, s in rows.items():
+            alone = model(s[None])[0, -steps:]
+            assert rel_err(torch.stack(out[b]), alone) < 1e-4, b

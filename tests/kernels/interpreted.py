@@ -4,6 +4,7 @@ kernel with a plain torch reference and raises AssertionError on a mismatch."""
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import torch
@@ -44,14 +45,15 @@ def check_decode() -> None:
     B, H, r, dr, S, scale = 3, 5, 32, 16, 150, 0.2
     q_lat, q_pe = torch.randn(B, H, r), torch.randn(B, H, dr)
     latent = torch.randn(B, S, r + dr)
-    length, pad = torch.tensor(137, dtype=torch.int32), torch.tensor([0, 9, 40], dtype=torch.int32)
+    pad = torch.tensor([0, 9, 40], dtype=torch.int32)
     arrivals = torch.zeros(B, dtype=torch.int32)  # one counter for every call: each must leave it at zero
-    for n_splits in (1, 3, 7):  # several slices, some of them empty for the padded rows
+    # one length for every row, or each row its own (a ragged cache); several slices, some of them empty
+    for length, n_splits in itertools.product((torch.tensor(137), torch.tensor([137, 41, 150])), (1, 3, 7)):
         got = latent_decode_attention(q_lat, q_pe, latent, r, scale, pad, length, n_splits=n_splits, num_stages=1,
                                       block_s=16, num_warps=1, arrivals=arrivals)
         assert not arrivals.any(), "the last program of each row must re-arm its counter"
         for b in range(B):
-            keys = latent[b, pad[b]:length]  # [S_b, r+dr]
+            keys = latent[b, pad[b]:length.expand(B)[b]]  # [S_b, r+dr]
             p = torch.softmax((keys[:, :r] @ q_lat[b].T + keys[:, r:] @ q_pe[b].T) * scale, dim=0)  # [S_b, H]
             torch.testing.assert_close(got[b], p.T @ keys[:, :r], rtol=1e-4, atol=1e-5)
 

@@ -8,10 +8,10 @@ model's own modules (`Block.compose`), with three substitutions that change the 
   the fused Triton kernel (kernels/mla_decode.py), which also finishes and caches the new token;
 - SwiGLU FFNs through the small-batch products of kernels/decode_gemm.py (fused gate/up/SiLU; the
   products before a residual add split K under torch.compile);
-- with `static=True`, device-side cache addressing (`StaticContext`): the new tokens' slots and the
-  attended length come from `cache.length`, so one step can be captured in a CUDA graph and replayed
-  at every position (infer/cuda_graph.py). Eager decoding keeps the model's sliced addressing, which
-  reads only the valid slots.
+- with `static=True`, device-side cache addressing over the whole buffer (`Transformer.row_context`,
+  `RowContext`): the new tokens' slots and the attended lengths come from `cache.length`, so one step
+  can be captured in a CUDA graph and replayed at every position (infer/cuda_graph.py). Eager decoding
+  keeps the model's addressing, which reads only the slots written so far.
 
 Shape legend as in model/attention.py: H heads, dn/dr/dv per-head nope/rope/value dims, r kv_lora_rank.
 """
@@ -19,7 +19,6 @@ Shape legend as in model/attention.py: H heads, dn/dr/dv per-head nope/rope/valu
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -104,23 +103,6 @@ class DecodeWeights(NamedTuple):
         return DecodeWeights(source, w_in, w_q, w_out)
 
 
-@dataclass(kw_only=True)
-class StaticContext(AttnContext):
-    """Device-side cache addressing for CUDA-graph capture: the new tokens go to the device index
-    tensor `slots` [T], attention covers the whole buffer, masked to the valid slots (the mask, or
-    the device scalar `end` = valid slots after the write, for the fused kernel); `start` is unused."""
-
-    slots: torch.Tensor
-    end: torch.Tensor
-
-    def write(self, buf: torch.Tensor, dim: int, new: torch.Tensor) -> torch.Tensor:
-        return buf.index_copy_(dim, self.slots, new)
-
-    @property
-    def reads_cache(self) -> bool:
-        return True
-
-
 def _swiglu(ffn: SwiGLU, h: torch.Tensor) -> torch.Tensor:
     """SwiGLU through decode_gemm: decode-sized inputs on CUDA take gate, up and SiLU in one Triton pass."""
     y = decode_gemm.swiglu(h, ffn.gate_proj.weight, ffn.up_proj.weight)
@@ -150,19 +132,13 @@ class Decoder:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         model, cache = self.model, self.cache
         model.check_input(tokens, cache)
-        x, ctx = self._context(tokens) if self.static else model.context(tokens, cache)
+        # static: per-row device-side addressing over the whole buffer, what a CUDA graph captures
+        x, ctx = model.row_context(tokens, cache, None) if self.static else model.context(tokens, cache)
         for i, blk in enumerate(model.layers):
             x = blk.compose(x, partial(self._attention, i, ctx), self._ffns[i])
         logits = model.head(x)
         cache.advance(tokens.shape[1])
         return logits
-
-    def _context(self, tokens: torch.Tensor) -> tuple[torch.Tensor, StaticContext]:
-        cache = self.cache
-        slots = cache.length + torch.arange(tokens.shape[1], device=tokens.device)  # [T], device-side
-        x, cos, sin = self.model.inputs(tokens, slots[None], cache.pad)
-        mask = self.model.attention_mask(slots, cache.max_seq_len, cache.pad)
-        return x, StaticContext(cos, sin, cache.pos, mask, cache.pad, slots=slots, end=slots[-1] + 1)
 
     def _attention(self, i: int, ctx: AttnContext, h: torch.Tensor) -> torch.Tensor:
         attn, layer = self.model.layers[i].attn, self.cache.layers[i]
@@ -194,13 +170,11 @@ class Decoder:
         q_lat = q_x.transpose(1, 2) if w.merged else torch.einsum("bthn,hnr->bhtr", q_x, kv_b[:, :dn])  # [B,H,T,r]
         if mla_decode.supported(buf, r, dr, T):
             # the kernel normalizes and rotates the new token, caches it and rotates the query itself
-            static = isinstance(ctx, StaticContext)
-            latent = buf if static else buf.narrow(1, 0, ctx.start + T)  # new token: slot S - 1
+            latent = ctx.keys(buf, 1, T)  # the new token's slot: each row's last valid one
             new = mla_decode.NewToken(h[:, 0, q_rows:], attn.kv_a_norm.weight, attn.kv_a_norm.eps,
                                       ctx.cos[:, 0], ctx.sin[:, 0], cfg.rope_interleave)
             o_lat = mla_decode.latent_decode_attention(q_lat[:, :, 0], q_pe[:, 0], latent, r, cfg.softmax_scale, ctx.pad,
-                                                       ctx.end if static else None, arrivals=self.arrivals,
-                                                       new=new)[:, :, None]
+                                                       ctx.end, arrivals=self.arrivals, new=new)[:, :, None]
         else:
             c_kv, q_pe, k_pe = attn.norm_rope(c_kv, q_pe, k_pe, ctx)
             latent = ctx.write(buf, 1, torch.cat((c_kv, k_pe), dim=-1))  # [B,S,r+dr]

@@ -1,35 +1,35 @@
 """Continuous batching: concurrent requests share one decode batch over one preallocated cache.
 
-One engine thread owns a KVCache of `max_batch` rows at the model's context. The rows share one
-write position `pos`; row b's left padding `pad[b]` says where its own tokens start (its token in
-slot s has position s - pad[b]; padding is never attended: the attention mask and the fused MLA
-decode kernel both honour per-row padding).
+One engine thread owns a ragged KVCache of `max_batch` rows at the model's context: each row
+holds one request at its own length (its tokens at slots 0..n-1, position = slot), so a request
+joins and leaves without moving any other row (as vLLM's and SGLang's per-sequence positions; the
+rows here are contiguous, not paged: a row is reserved at the full context).
 
 - Waiting requests join after a prefill of their prompts (one left-padded batch of up to
   `prefill_tokens` tokens per engine step, in a cache sized to those prompts); each prompt's slots
-  are copied into a free row so that its last token sits at slot pos - 1 (pad[b] = pos - P).
-  If pos < P, every row first moves right (`KVCache.shift`).
-- Every step, all active rows decode together, each writing slot pos. A free row attends only to
-  its own slot (pad = pos) and its token is discarded, so a row costs its own length, not the
-  longest prompt's.
+  are copied into a free row (`KVCache.set_row`), and its first token is sampled on the device.
+- Every step, all active rows decode together, each writing its own next slot. A free row writes
+  and attends only to its slot 0, and its token is discarded.
 - A request leaves as soon as it finishes (a stop id, a stop string, max_tokens) or is cancelled
-  (a client that went away); its row is free for the next step. When pos reaches the context,
-  the rows move left to the longest active row (one copy of the cache, rare); when the batch
-  empties, pos starts again at the next prompt's length.
-- The engine launches step t+1 before it reads step t's tokens back, so the host's work per token
-  (detokenizing, stop strings, delivery) overlaps the device's next step; the price is that a
-  finished row runs one extra step whose token is discarded.
+  (a client that went away); its row is free for the next step.
+- Nothing waits for the device while the device works: the engine launches a prefill and step t+1
+  before it reads back the tokens of step t (and of the prefill before it), so the host's work per
+  token (detokenizing, stop strings, delivery) and the next prefill's launches overlap the device.
+  The price: a row that finished at the step read back also ran in the step launched, whose token
+  for it is discarded; a request that ends at its first token still runs one step.
 - `stream_interval` (seconds) coalesces a streamed row's text: after its first piece, a row's
   text is handed out when it finishes or when that long has passed since its last delivery, so
-  that the receiving side (an HTTP server's event loop, sharing this process's GIL) handles one
-  event per row per interval instead of one per token. 0 delivers every token's text.
+  that the receiving side handles one event per row per interval instead of one per token. 0
+  delivers every token's text.
 - Sampling is per row (`sample_rows`): temperature and top_p per request, and a seeded request
-  draws with its own torch.Generator, so the same seed gives the same text whatever else runs.
+  draws with its own torch.Generator, so the same seed gives the same text whatever else runs. A
+  row whose distribution is not finite fails alone; the others go on.
 
 With `compile=True` (CUDA) the decode step is a captured CUDA graph over the whole cache
-(`GraphDecodeStep`); joins, leaves and shifts edit the cache and `pad` in place, so the one
-graph serves every step. Text and stop strings go through `RowText` (incremental
-detokenization, as `generate`), so a request's text is what `generate` returns for it.
+(`GraphDecodeStep`); joins and leaves edit the cache and its per-row lengths in place, so the one
+graph serves every step. Text and stop strings go through `RowText` (incremental detokenization,
+as `generate`), so a request's text is what `generate` returns for it. `stats` counts where the
+engine's time goes (steps, rows, prefill and host time), for benchmarks and monitoring.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import torch
 from latentformer.infer.cuda_graph import decode_step
 from latentformer.infer.detokenize import RowText
 from latentformer.infer.prefill import prefill_attention
-from latentformer.infer.sampling import sample_rows
+from latentformer.infer.sampling import check_temperature, check_top_p, sample_rows
 from latentformer.model.transformer import Transformer
 
 
@@ -79,16 +79,49 @@ class Request:
     stream: bool = True  # False: the text comes in one piece at the end (no detokenizing per token)
     cancelled: bool = False
 
+    def __post_init__(self) -> None:
+        check_temperature(self.temperature)  # ValueError: settings no distribution can follow
+        check_top_p(self.top_p)
+
     def cancel(self) -> None:
         """Stop generating for this request (from any thread): its row is freed before the next step."""
         self.cancelled = True
 
 
 @dataclass
-class _Step:
-    """A decode step launched on the device and not yet read back: the rows it ran for, its
-    sampled tokens (copied to the host without blocking) and the event that says they are there."""
+class EngineStats:
+    """Where the engine thread's time goes (seconds of host wall time, summed since start): `prefill`
+    launching prefills (and sampling their first tokens), `launch` launching decode steps, `wait`
+    blocked until the device has a step's tokens, `read` the host's work on those tokens (text,
+    stop strings), `deliver` handing events out. `row_steps / steps` is the mean batch."""
 
+    steps: int = 0
+    row_steps: int = 0
+    prefills: int = 0
+    prefill_requests: int = 0
+    prefill_tokens: int = 0
+    prefill: float = 0.0
+    launch: float = 0.0
+    wait: float = 0.0
+    read: float = 0.0
+    deliver: float = 0.0
+
+    def summary(self, wall: float) -> str:
+        """One line: steps/s, mean active rows, and each part's share of `wall` seconds."""
+        busy = {k: getattr(self, k) for k in ("prefill", "launch", "wait", "read", "deliver")}
+        parts = ", ".join(f"{k} {100 * v / wall:.0f}%" for k, v in busy.items()) if wall > 0 else ""
+        return (f"{self.steps / wall if wall > 0 else 0:.0f} steps/s, mean rows {self.row_steps / max(1, self.steps):.1f}, "
+                f"{self.prefills} prefills ({self.prefill_requests} requests, {self.prefill_tokens} tokens); "
+                f"time: {parts}, idle {100 * max(0.0, wall - sum(busy.values())) / wall if wall > 0 else 0:.0f}%")
+
+
+@dataclass
+class _Readback:
+    """Tokens sampled on the device and not yet read: engine row `index[i]` held `rows[i]` when
+    they were sampled (tokens for a row since freed or replaced are discarded). `host` is filled
+    by a copy that does not block; `ready` says it has landed."""
+
+    index: list[int]
     rows: list
     host: torch.Tensor
     ready: torch.cuda.Event | None
@@ -99,8 +132,9 @@ class _Row:
     request: Request
     text: RowText
     generator: torch.Generator | None
-    start: int = 0  # the row's first slot (= pad[b]), mirrored here so that no step reads `pad` back
-    count: int = 0  # tokens sampled so far
+    length: int  # slots written in the cache row (mirrors cache.length[b]; no step reads it back)
+    launched: int = 1  # tokens sampled on the device so far (the prefill's first, then one per step)
+    count: int = 0  # tokens read back so far
     pending: str = ""  # text not yet delivered (stream_interval)
     delivered: float | None = None  # time.monotonic() of the last delivery (None: nothing delivered yet)
 
@@ -143,18 +177,16 @@ class Engine:
         self.vocab = min(tokenizer.vocab_size, model.config.vocab_size)  # never sample the model's padding ids
         self.deliver = deliver or _deliver_now
         self.cache = model.make_cache(max_batch, self.context)
-        self.pad = self.cache.use_row_padding()
+        self.cache.ragged = True
         self.idle = torch.ones(max_batch, dtype=torch.bool, device=self.device)  # rows without a request
         self.rows: list[_Row | None] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
-        self.steps = 0  # decode steps run (for tests and monitoring)
+        self.stats = EngineStats()
         self._inputs = torch.full((max_batch, 1), tokenizer.eot_id, dtype=torch.long, device=self.device)
-        pinned = self.device.type == "cuda"
-        self._host = [torch.empty(max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
-        self._inflight: _Step | None = None
-        self.shifts = 0
+        self._pinned = self.device.type == "cuda"
+        self._inflight: list[_Readback] = []
         with torch.inference_mode():
             self._step = decode_step(model, self.cache, compile)
         self._thread = threading.Thread(target=self.run, name="latentformer-engine", daemon=True)
@@ -192,6 +224,11 @@ class Engine:
             self._wake.notify()
 
     @property
+    def steps(self) -> int:
+        """Decode steps run (for tests and monitoring)."""
+        return self.stats.steps
+
+    @property
     def active(self) -> int:
         return sum(r is not None for r in self.rows)
 
@@ -207,23 +244,30 @@ class Engine:
     def run(self) -> None:
         """The engine loop in the calling thread, until `stop()` (from another thread); the
         requests still in flight then get an error event."""
+        stats = self.stats
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._stopping and not self.waiting and not any(self.rows) and self._inflight is None:
+                    while not self._stopping and not self.waiting and not any(self.rows) and not self._inflight:
                         self._wake.wait()
                     if self._stopping:
                         break
                 events: list[tuple[Request, Event]] = []
                 try:
                     self._drop_cancelled()
-                    self._admit(events)
-                    self._decode(events)
+                    launched = self._admit(events)
+                    if any(r is not None and r.launched < r.request.max_tokens for r in self.rows):
+                        launched.append(self._launch())
+                    for readback in self._inflight:
+                        self._read(readback, events)
+                    self._inflight = launched
                 except Exception as e:  # e.g. out of memory: fail the requests in flight, keep serving
-                    self._inflight = None
+                    self._inflight = []
                     self._fail_all(events, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 if events:
+                    t = time.perf_counter()
                     self.deliver(events)
+                    stats.deliver += time.perf_counter() - t
         with self._wake:  # stopping: tell the requests in flight and those still waiting
             left = [(r.request, r.count) for r in self.rows if r is not None] + [(q, 0) for q in self.waiting]
             self.waiting.clear()
@@ -237,9 +281,6 @@ class Engine:
     def _free(self, b: int) -> None:
         self.rows[b] = None
         self.idle[b] = True
-        if not any(self.rows):
-            self.cache.pos = 0  # the batch is empty: the next prompt starts a new timeline
-            self.cache.length.zero_()
 
     def _fail_all(self, events: list, message: str) -> None:
         for b, row in enumerate(self.rows):
@@ -247,7 +288,7 @@ class Engine:
                 events.append((row.request, Event("", "error", row.count, message)))
                 self._free(b)
 
-    def _admit(self, events: list) -> None:
+    def _admit(self, events: list) -> list[_Readback]:
         """Take waiting requests (FIFO) into free rows: one prefill of at most `prefill_tokens`
         (padded) tokens per engine step, so that running rows keep decoding meanwhile."""
         free = [b for b, r in enumerate(self.rows) if r is None]
@@ -262,15 +303,22 @@ class Engine:
                     break
                 group.append(self.waiting.popleft())
         if not group:
-            return
+            return []
+        t = time.perf_counter()
         try:
-            self._join(group, free, events)
+            return [self._join(group, free)]
         except Exception as e:  # this prefill failed (e.g. out of memory): its requests fail, the others go on
+            for b, row in enumerate(self.rows):
+                if row is not None and row.request in group:
+                    self._free(b)
             events.extend((r, Event("", "error", 0, f"{type(e).__name__}: {e}")) for r in group)
+            return []
+        finally:
+            self.stats.prefill += time.perf_counter() - t
 
-    def _join(self, group: list[Request], free: list[int], events: list) -> None:
-        """Prefill `group` as one left-padded batch, sample each first token, and copy the
-        prompts that go on into free rows at the shared position."""
+    def _join(self, group: list[Request], free: list[int]) -> _Readback:
+        """Prefill `group` as one left-padded batch, sample each first token on the device, and
+        copy each prompt's slots into a free row, whose first decode input is that token."""
         L = max(len(r.ids) for r in group)
         prefill = self.model.make_cache(len(group), L)
         prefill.set_left_padding([L - len(r.ids) for r in group])
@@ -278,40 +326,83 @@ class Engine:
         for i, r in enumerate(group):
             tokens[i, L - len(r.ids):] = torch.tensor(r.ids)
         with prefill_attention():  # a new shape with nearly every group: no per-shape plan
-            logits = self.model.next_token_logits(tokens.to(self.device), prefill)[:, :self.vocab]
+            logits = self.model.next_token_logits(tokens.to(self.device, non_blocking=self._pinned), prefill)[:, :self.vocab]
         generators = [torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None and r.temperature > 0 else None
                       for r in group]
-        first = sample_rows(logits, [r.temperature for r in group], [r.top_p for r in group], generators).tolist()
-        for i, (request, generator, token) in enumerate(zip(group, generators, first)):
-            row = _Row(request, RowText(self.tokenizer, request.stops, incremental=request.stream), generator)
-            if self._push(row, token, events, time.monotonic()):
-                continue  # finished on its first token: never enters the batch
-            P = len(request.ids)
-            if not any(self.rows):
-                self.cache.pos = P
-                self.cache.length.fill_(P)
-            elif self.cache.pos < P:
-                self._shift(P)
+        first = sample_rows(logits, [r.temperature for r in group], [r.top_p for r in group], generators)  # [G], -1: failed
+        index, rows = [], []
+        for i, (request, generator) in enumerate(zip(group, generators)):
             b = free.pop(0)
-            self.cache.insert(b, prefill, i, P)
-            row.start = self.cache.pos - P
-            self._inputs[b, 0] = token
-            self.rows[b] = row
-            self.idle[b] = False
+            self.cache.set_row(b, prefill, i, len(request.ids))
+            self.rows[b] = _Row(request, RowText(self.tokenizer, request.stops, incremental=request.stream), generator,
+                                length=len(request.ids))
+            index.append(b)
+            rows.append(self.rows[b])
+        where = torch.tensor(index, device=self.device)
+        self.idle[where] = False
+        self._inputs[where, 0] = first.clamp(min=0)  # a failed row's input must still be a valid id
+        self.stats.prefills += 1
+        self.stats.prefill_requests += len(group)
+        self.stats.prefill_tokens += len(group) * L
+        return self._readback(first, index, rows)
 
-    def _shift(self, new_pos: int) -> None:
-        """Move every row so that the last written slot is new_pos - 1 (see KVCache.shift)."""
-        span = self.cache.pos - min(r.start for r in self.rows if r is not None)
-        delta = new_pos - self.cache.pos
-        self.cache.shift(new_pos, span)
-        for r in self.rows:
+    def _readback(self, tokens: torch.Tensor, index: list[int], rows: list) -> _Readback:
+        """Start copying `tokens` to the host without waiting for them."""
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=self._pinned)
+        host.copy_(tokens, non_blocking=self._pinned)
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Readback(index, rows, host, ready)
+
+    def _launch(self) -> _Readback:
+        """One token for every row that may need one, from `_inputs` (each row's last token, on the
+        device). A row whose max_tokens are all sampled already sits out like a free row (its last
+        tokens are still to be read), so no row ever writes past prompt + max_tokens - 1 slots."""
+        t = time.perf_counter()
+        cache = self.cache
+        rows = [r if r is not None and r.launched < r.request.max_tokens else None for r in self.rows]
+        for b, (r, held) in enumerate(zip(rows, self.rows)):
+            if held is not None and r is None and held.launched == held.request.max_tokens:
+                held.launched += 1  # sits out from now on: mark it once
+                self.idle[b] = True
+        cache.length.masked_fill_(self.idle, 0)  # a row out of the step writes and reads its slot 0 only
+        cache.pos = max(r.length for r in rows if r is not None)  # the slots attention reads, with the new one
+        logits = self._step(self._inputs)[:, -1, :self.vocab]
+        for r in rows:
             if r is not None:
-                r.start += delta
-        self.shifts += 1
+                r.length += 1
+                r.launched += 1
+        nxt = sample_rows(logits, [r.request.temperature if r else 0.0 for r in rows],
+                          [r.request.top_p if r else 1.0 for r in rows], [r.generator if r else None for r in rows])
+        self._inputs.copy_(nxt.clamp(min=0)[:, None])
+        self.stats.steps += 1
+        self.stats.row_steps += sum(r is not None for r in rows)
+        readback = self._readback(nxt, list(range(len(rows))), rows)
+        self.stats.launch += time.perf_counter() - t
+        return readback
+
+    def _read(self, readback: _Readback, events: list) -> None:
+        t = time.perf_counter()
+        if readback.ready is not None:
+            readback.ready.synchronize()  # these tokens only, not the work launched after them
+        now = time.perf_counter()
+        self.stats.wait += now - t
+        mono = time.monotonic()
+        for b, row, token in zip(readback.index, readback.rows, readback.host.tolist()):
+            if row is not None and row is self.rows[b] and self._push(row, token, events, mono):
+                self._free(b)
+        self.stats.read += time.perf_counter() - now
 
     def _push(self, row: _Row, token: int, events: list, now: float) -> bool:
         """Feed one sampled token to a row's text; queue its event when due (see `stream_interval`);
         True when the request is done."""
+        if token < 0:  # its distribution was not finite (sample_rows): this request alone fails
+            events.append((row.request, Event(row.pending, "error", row.count,
+                                              "sampling failed: the token distribution was not finite for these "
+                                              "sampling settings")))
+            return True
         row.count += 1
         row.pending += row.text.push(token)
         reason = "stop" if row.text.done else "length" if row.count >= row.request.max_tokens else None
@@ -321,41 +412,3 @@ class Engine:
             events.append((row.request, Event(row.pending, reason, row.count)))
             row.pending, row.delivered = "", now
         return reason is not None
-
-    def _decode(self, events: list) -> None:
-        """Launch the next step, then read back the one before it: the host's work on a step's
-        tokens (text, stop strings, delivery) overlaps the device's next step. A row that ended at
-        the step read back was also in the launched one; that extra token is discarded."""
-        launched = self._launch() if any(self.rows) else None
-        if self._inflight is not None:
-            self._read(self._inflight, events)
-        self._inflight = launched
-
-    def _launch(self) -> _Step:
-        """One token for every active row, from `_inputs` (each row's last token, on the device)."""
-        cache = self.cache
-        if cache.pos >= self.context:  # move every row left, to the longest one
-            self._shift(cache.pos - min(r.start for r in self.rows if r is not None))
-        self.pad.masked_fill_(self.idle, cache.pos)  # a free row attends only to the slot it writes
-        logits = self._step(self._inputs)[:, -1, :self.vocab]
-        self.steps += 1
-        rows = list(self.rows)
-        nxt = sample_rows(logits, [r.request.temperature if r else 0.0 for r in rows],
-                          [r.request.top_p if r else 1.0 for r in rows], [r.generator if r else None for r in rows])
-        self._inputs.copy_(nxt[:, None])
-        host = self._host[self.steps % 2]  # two buffers: the step being read back keeps its own
-        host.copy_(nxt, non_blocking=host.is_pinned())
-        ready = None
-        if self.device.type == "cuda":
-            ready = torch.cuda.Event()
-            ready.record()
-        return _Step(rows, host, ready)
-
-    def _read(self, step: _Step, events: list) -> None:
-        if step.ready is not None:
-            step.ready.synchronize()  # this step's tokens only, not the one launched after it
-        now = time.monotonic()
-        for b, token in enumerate(step.host.tolist()):
-            row = step.rows[b]
-            if row is not None and row is self.rows[b] and self._push(row, token, events, now):
-                self._free(b)

@@ -13,12 +13,25 @@ logits (a model with NaN weights) are a ValueError, never a silent argmax over N
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 GREEDY_BELOW = torch.finfo(torch.float32).tiny  # 1.2e-38: smaller temperatures mean greedy decoding
+FLOAT32_MAX = torch.finfo(torch.float32).max  # 3.4e38: sampling runs in fp32, larger values are inf there
+
+
+def check_temperature(temperature: float, name: str = "temperature") -> None:
+    """ValueError unless `temperature` is a number in [0, FLOAT32_MAX] (0 = greedy)."""
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            and 0 <= temperature <= FLOAT32_MAX):
+        raise ValueError(f"{name} must be a number in [0, {FLOAT32_MAX:.3g}] (0 = greedy), got {temperature!r}")
+
+
+def check_top_p(top_p: float, name: str = "top_p") -> None:
+    """ValueError unless `top_p` is in [GREEDY_BELOW, 1]: a smaller p is 0 in float32, which keeps no token."""
+    if not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and GREEDY_BELOW <= top_p <= 1):
+        raise ValueError(f"{name} must be in [{GREEDY_BELOW:.3g}, 1] (1 = off; smaller values are 0 in float32), got {top_p!r}")
 
 
 @dataclass(frozen=True)
@@ -32,17 +45,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        check_temperature(self.temperature)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        check_top_p(self.top_p)
         if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p < 1):
             raise ValueError(f"min_p must be in [0, 1) (0 = off), got {self.min_p!r}")
-        if not (isinstance(self.repetition_penalty, (int, float)) and math.isfinite(self.repetition_penalty)
-                and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty <= FLOAT32_MAX):
+            raise ValueError(f"repetition_penalty must be in (0, {FLOAT32_MAX:.3g}] (1 = off), got {self.repetition_penalty!r}")
 
     @property
     def greedy(self) -> bool:
@@ -132,23 +142,29 @@ def sample_rows(logits: torch.Tensor, temperature: list[float], top_p: list[floa
     Row b is greedy when temperature[b] < GREEDY_BELOW (0 included), else it draws from softmax(logits / temperature[b])
     cut to top_p[b], with its own `generators[b]` (None: the global generator). A row's draw uses
     only its own logits and generator, so a seeded row gives the same tokens whatever else is in
-    the batch, and the same as `sample` on that row alone."""
+    the batch, and the same as `sample` on that row alone. A row whose logits or distribution are
+    not finite (a diverged model; settings that leave no token) gets -1 instead of a token, with no
+    host sync and no effect on the other rows (`multinomial` never sees it: on CUDA a NaN there is
+    a device-side assert that ends the process's CUDA context)."""
     logits = logits.float()
+    ok = torch.isfinite(logits).all(-1)  # [B]
     out = logits.argmax(-1)
     drawn = [b for b, t in enumerate(temperature) if t >= GREEDY_BELOW]
-    if not drawn:
-        return out
-    idx = torch.tensor(drawn, device=logits.device)
-    t = torch.tensor([temperature[b] for b in drawn], device=logits.device)[:, None]
-    p = torch.tensor([top_p[b] for b in drawn], device=logits.device)[:, None]
-    rows = logits[idx]
-    probs = top_p_rows((rows - rows.amax(-1, keepdim=True)) / t, p).softmax(-1)  # [len(drawn), V], stable as in `sample`
-    shared = [i for i, b in enumerate(drawn) if generators[b] is None]
-    picks = torch.empty(len(drawn), dtype=torch.long, device=logits.device)
-    if shared:
-        picks[shared] = torch.multinomial(probs[shared], 1)[:, 0]
-    for i, b in enumerate(drawn):
-        if generators[b] is not None:
-            picks[i] = torch.multinomial(probs[i:i + 1], 1, generator=generators[b])[0, 0]
-    out[idx] = picks
-    return out
+    if drawn:
+        idx = torch.tensor(drawn, device=logits.device)
+        t = torch.tensor([temperature[b] for b in drawn], device=logits.device)[:, None]
+        p = torch.tensor([top_p[b] for b in drawn], device=logits.device)[:, None]
+        rows = logits[idx]
+        probs = top_p_rows((rows - rows.amax(-1, keepdim=True)) / t, p).softmax(-1)  # [len(drawn), V], stable as in `sample`
+        finite = torch.isfinite(probs).all(-1)
+        probs = torch.where(finite[:, None], probs, 1.0)
+        shared = [i for i, b in enumerate(drawn) if generators[b] is None]
+        picks = torch.empty(len(drawn), dtype=torch.long, device=logits.device)
+        if shared:
+            picks[shared] = torch.multinomial(probs[shared], 1)[:, 0]
+        for i, b in enumerate(drawn):
+            if generators[b] is not None:
+                picks[i] = torch.multinomial(probs[i:i + 1], 1, generator=generators[b])[0, 0]
+        out[idx] = picks
+        ok[idx] = ok[idx] & finite
+    return torch.where(ok, out, -1)

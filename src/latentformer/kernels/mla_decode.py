@@ -6,7 +6,7 @@ once (scores against [c_kv, k_pe], an online softmax, and the weighted sum of c_
 writes a partial result. The last program of a row to finish (an arrival counter per row,
 which that program sets back to 0) merges the row's partial results: one launch per step,
 no separate merge kernel. The cache is read exactly once per step, which is what makes the
-decode step approach the memory roofline. The number of valid slots is read from device
+decode step approach the memory roofline. Each row's number of valid slots is read from device
 memory, so one launch configuration serves every step of a CUDA-graph-captured decode loop
 (slices past the end exit at once).
 
@@ -81,7 +81,7 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(q_lat, q_pe, latent, length, pad, part, m_part, l_part, arrivals, o,
                        new, norm_w, cos, sin, eps,
-                       H, chunk, scale,
+                       H, chunk, scale, stride_len,
                        stride_qb, stride_qh, stride_pb, stride_ph,
                        stride_lb, stride_ls,
                        stride_ob, stride_os, stride_oh,
@@ -97,7 +97,7 @@ if triton is not None:
         h_mask = offs_h < H
         ql = tl.load(q_lat + b * stride_qb + offs_h[:, None] * stride_qh + offs_r[None, :], mask=h_mask[:, None], other=0.0)
         q_row = q_pe + b * stride_pb + offs_h[:, None] * stride_ph
-        S = tl.load(length)  # valid slots 0..S-1
+        S = tl.load(length + b * stride_len)  # valid slots 0..S-1 of this row
         lo = split * chunk
         if HAS_PAD:
             lo = tl.maximum(lo, tl.load(pad + b))  # left padding of this row is never a key
@@ -196,7 +196,8 @@ def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: tor
                             new: NewToken | None = None) -> torch.Tensor:
     """q_lat [B,H,r], q_pe [B,H,dr], latent [B,S,r+dr] -> o_lat [B,H,r] in q's dtype.
 
-    Keys are slots [pad[b], length) of row b; `length` is a device int scalar (default S).
+    Keys are slots [pad[b], length[b]) of row b; `length` is a device int tensor [B], or a scalar
+    for every row (default S).
     Without `new`, q_pe is rotated and the cache already holds the new token. With `new`, q_pe is
     as projected, and the kernel writes the finished token to slot length - 1 (see `NewToken`).
     `arrivals`: int32 zeros [>= B], the kernel's per-row counter, left at zero after each call (a
@@ -236,7 +237,7 @@ def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: tor
         stride_cb = cos.stride(0) if cos.shape[0] > 1 else 0  # one row of angles for every row: stride 0
     _decode_kernel[(B, n_splits)](
         q_lat, q_pe, latent, length, pad if pad is not None else length, part, m, l, arrivals, o, *new_args,
-        H, chunk, scale,
+        H, chunk, scale, length.stride(0) if length.dim() else 0,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
         latent.stride(0), latent.stride(1),
         part.stride(0), part.stride(1), part.stride(2),

@@ -33,8 +33,8 @@ class AttnContext:
              tokens (start == 0) or everything cached (T == 1).
     pad:     [B] left-padding slots per row (ragged batches), or None.
 
-    The new tokens go to slots start..start+T-1 and attention reads slots 0..start+T-1. The decode
-    layer (latentformer.infer.decode) addresses the cache on the device instead, for CUDA graphs.
+    The new tokens go to slots start..start+T-1 and attention reads slots 0..start+T-1. `RowContext`
+    addresses each row on its own instead (ragged caches, CUDA-graph decode steps).
     """
 
     cos: torch.Tensor | None
@@ -47,12 +47,50 @@ class AttnContext:
         """Store `new` (T tokens along `dim`) in the cache buffer; return the slots to attend over."""
         T = new.shape[dim]
         buf.narrow(dim, self.start, T).copy_(new)  # written once, rotated once: never re-rotated
+        return self.keys(buf, dim, T)
+
+    def keys(self, buf: torch.Tensor, dim: int, T: int) -> torch.Tensor:
+        """The cache slots attention reads once T new tokens are written."""
         return buf.narrow(dim, 0, self.start + T)
+
+    @property
+    def end(self) -> torch.Tensor | None:
+        """Valid slots per row after the write, on the device [B] (None: every slot that `keys` returns)."""
+        return None
 
     @property
     def reads_cache(self) -> bool:
         """False for a prefill from an empty cache: attention needs only the new tokens."""
         return self.start > 0
+
+
+@dataclass(kw_only=True)
+class RowContext(AttnContext):
+    """Per-row cache addressing on the device: row b's new tokens go to `slots[b]` ([B, T], from
+    the cache's per-row `length`), so rows of different lengths decode together (a ragged cache)
+    and one captured CUDA graph serves every position. Attention reads slots 0..span-1 of every row
+    (`span` None: the whole buffer, as a captured graph must), masked per row by `mask`;
+    `start` is unused."""
+
+    slots: torch.Tensor
+    span: int | None
+
+    def write(self, buf: torch.Tensor, dim: int, new: torch.Tensor) -> torch.Tensor:
+        B, T = self.slots.shape
+        shape = [B] + [1] * (dim - 1) + [T] + [1] * (buf.dim() - dim - 1)  # slots along `dim`, broadcast elsewhere
+        buf.scatter_(dim, self.slots.view(shape).expand_as(new), new)
+        return self.keys(buf, dim, T)
+
+    def keys(self, buf: torch.Tensor, dim: int, T: int) -> torch.Tensor:
+        return buf if self.span is None else buf.narrow(dim, 0, self.span)
+
+    @property
+    def end(self) -> torch.Tensor:
+        return self.slots[:, -1] + 1
+
+    @property
+    def reads_cache(self) -> bool:
+        return True
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from latentformer.config import ModelConfig
-from latentformer.model.attention import AttnContext, attention_module
+from latentformer.model.attention import AttnContext, RowContext, attention_module
 from latentformer.model.cache import KVCache
 from latentformer.model.ffn import make_ffn
 from latentformer.model.loss import linear_cross_entropy
@@ -162,8 +162,11 @@ class Transformer(nn.Module):
 
     def context(self, tokens: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, AttnContext]:
         """Embedded inputs [B,T,d] and the layers' context for `tokens` [B,T] written at the cache's
-        position (0 without a cache): the mask is causal over slots 0..pos+T-1, minus left padding."""
+        position (0 without a cache): the mask is causal over slots 0..pos+T-1, minus left padding.
+        A ragged cache: each row at its own length (`row_context`), attention over pos+T slots."""
         T = tokens.shape[1]
+        if cache is not None and cache.ragged:
+            return self.row_context(tokens, cache, cache.pos + T)
         start = cache.pos if cache is not None else 0
         pad = cache.pad if cache is not None else None
         slots = torch.arange(start, start + T, device=tokens.device)  # [T]
@@ -172,9 +175,17 @@ class Transformer(nn.Module):
             return x, AttnContext(cos, sin, start, None, pad)
         return x, AttnContext(cos, sin, start, self.attention_mask(slots, start + T, pad), pad)
 
+    def row_context(self, tokens: torch.Tensor, cache: KVCache, span: int | None) -> tuple[torch.Tensor, RowContext]:
+        """As `context`, with each row's new tokens at its own `cache.length[b]` (device-side
+        addressing: no host value but `span`, the slots attention reads; None = all of them)."""
+        slots = cache.length[:, None] + torch.arange(tokens.shape[1], device=tokens.device)  # [B, T]
+        x, cos, sin = self.inputs(tokens, slots, cache.pad)
+        mask = self.attention_mask(slots, span or cache.max_seq_len, cache.pad)
+        return x, RowContext(cos, sin, cache.pos, mask, cache.pad, slots=slots, span=span)
+
     def inputs(self, tokens: torch.Tensor, slots: torch.Tensor, pad: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Token (+ position) embeddings [B,T,d] and rope angles for tokens in cache `slots` [1, T]:
+        """Token (+ position) embeddings [B,T,d] and rope angles for tokens in cache `slots` [B|1, T]:
         row b's token in slot s has position s - pad[b]."""
         positions = slots if pad is None else (slots - pad[:, None]).clamp(min=0)  # [B|1, T]
         x = self.embed(tokens)
@@ -193,14 +204,14 @@ class Transformer(nn.Module):
 
     @staticmethod
     def attention_mask(slots: torch.Tensor, S: int, pad: torch.Tensor | None) -> torch.Tensor:
-        """Boolean attention mask [B|1, 1, T, S] (True = may attend) for queries in cache `slots` [T]
-        over keys 0..S-1: causal, and padding slots are never keys except a padding query's own
-        slot (which keeps its softmax finite)."""
-        k_slot = torch.arange(S, device=slots.device)[None]  # [1, S]
-        q_slot = slots[:, None]  # [T, 1]
-        mask = (k_slot <= q_slot)[None, None]  # [1, 1, T, S]
+        """Boolean attention mask [B|1, 1, T, S] (True = may attend) for queries in cache `slots`
+        ([T], or [B, T] per row) over keys 0..S-1: causal, and padding slots are never keys except a
+        padding query's own slot (which keeps its softmax finite)."""
+        k_slot = torch.arange(S, device=slots.device)  # [S]
+        q_slot = (slots if slots.dim() == 2 else slots[None])[:, None, :, None]  # [B|1, 1, T, 1]
+        mask = k_slot <= q_slot  # [B|1, 1, T, S]
         if pad is not None:
-            mask = mask & ((k_slot[None, None] >= pad[:, None, None, None]) | (k_slot == q_slot)[None, None])
+            mask = mask & ((k_slot >= pad[:, None, None, None]) | (k_slot == q_slot))
         return mask
 
     def _drop_tokens(self, tokens: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -225,8 +225,11 @@ def create_app(engine: Engine | EngineProcess, model_name: str, api_key: str | N
         top_p = 1.0 if req.top_p is None else req.top_p
         if top_p == 0:  # only the most likely token is left
             temperature, top_p = 0.0, 1.0
-        job = Request(ids, max_tokens, queue.put_nowait, temperature, top_p,
-                      None if req.seed is None else req.seed % 2**64, stops, stream=bool(req.stream))
+        try:
+            job = Request(ids, max_tokens, queue.put_nowait, temperature, top_p,
+                          None if req.seed is None else req.seed % 2**64, stops, stream=bool(req.stream))
+        except ValueError as e:  # sampling settings no distribution can follow (e.g. top_p below float32's range)
+            raise ApiError(400, str(e), str(e).split()[0]) from None
         try:
             engine.submit(job)
         except QueueFull as e:
