@@ -13,6 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+import latentformer  # noqa: E402
 from latentformer.checkpoint import load, load_model, save_checkpoint  # noqa: E402
 from latentformer.cli import main  # noqa: E402
 from latentformer.config import ModelConfig  # noqa: E402
@@ -179,8 +180,13 @@ def test_gguf_source_must_be_a_file(tmp_path, capsys, hf_dir):
 def test_an_imported_model_without_a_tokenizer_says_so(tmp_path, capsys, hf_dir):
     assert main(["convert", "--from", "hf", str(hf_dir), str(tmp_path / "out")]) == 0
     assert "no tokenizer" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="checkpoint without a tokenizer"):
+    with pytest.raises(ValueError, match="checkpoint without a tokenizer.*tokenizer=False"):
         load(tmp_path / "out", device="cpu")
+    model, tok = latentformer.load(tmp_path / "out", device="cpu", tokenizer=False)  # the documented model-only load
+    assert tok is None and model.config.vocab_size == V
+    x = torch.randint(0, V, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(model(x), transformers.AutoModelForCausalLM.from_pretrained(hf_dir).float().eval()(x).logits, atol=1e-4)
     _fails(capsys, ["generate", str(tmp_path / "out"), "--prompt", "hi"], "checkpoint without a tokenizer")
 
 

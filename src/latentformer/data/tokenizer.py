@@ -557,7 +557,8 @@ def load_tokenizer(spec) -> Tokenizer:
                 return BPETokenizer.from_file(p / BPE_FILE)
             if is_checkpoint_dir(p):
                 raise ValueError(f"{p} is a checkpoint without a tokenizer (its model was converted without one): "
-                                 f"copy the model's tokenizer.json and tokenizer_config.json into {p}")
+                                 f"copy the model's tokenizer.json and tokenizer_config.json into {p} "
+                                 "(Python: latentformer.load(path, tokenizer=False) loads the model alone)")
             raise ValueError(f"{p} holds no {META_FILE} (not a prepared data or checkpoint directory)")
         try:
             meta = json.loads(meta_path.read_text())
