@@ -114,8 +114,23 @@ def results(root: Path, matrix: Matrix) -> dict[str, Any]:
     }
 
 
-def write_results(root: Path, matrix: Matrix) -> dict[str, Any]:
+def finished_cells(path: Path) -> int:
+    """How many cells a results.json holds as done (0 when it is absent or unreadable: nothing to keep)."""
+    try:
+        cells = json.loads(path.read_text(encoding="utf-8")).get("cells")
+        return sum(isinstance(c, dict) and c.get("status") == "done" for c in cells)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
+        return 0
+
+
+def write_results(root: Path, matrix: Matrix, force: bool = False) -> dict[str, Any]:
+    """Write results.json from the cells; never over one with more finished cells unless `force`
+    (a cell directory lost or moved would otherwise take its numbers with it)."""
     data = results(root, matrix)
+    done, before = sum(c["status"] == "done" for c in data["cells"]), finished_cells(root / RESULTS)
+    if done < before and not force:
+        raise ValueError(f"{root / RESULTS} holds {before} finished cells, the cells in {root / 'cells'} only {done}: "
+                         "not replaced (restore the missing cells, or pass --force to write it anyway)")
     atomic_write_text(root / RESULTS, json.dumps(data, indent=1) + "\n")
     return data
 

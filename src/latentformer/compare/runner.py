@@ -124,11 +124,60 @@ def cell_dir(root: Path, cell: Cell) -> Path:
     return root / CELLS / cell.name
 
 
+_NUM = (int, float)
+_NUM_OR_NULL = (int, float, type(None))
+# what the report and a resumed cell read from cell.json, by status: a type, a nested object (dict)
+# or a list of such objects ([dict]). cell.json is written atomically, so a file that does not
+# match was damaged or edited by hand: refused, never read as "not run yet".
+STATE_FIELDS = {
+    "trained": {"status": str},
+    "done": {"status": str, "val": {"loss": _NUM, "perplexity": _NUM, "bpb": _NUM, "tokens": int},
+             "train": {"tokens_per_s": _NUM_OR_NULL, "mfu": _NUM_OR_NULL, "seconds": _NUM},
+             "curve": [{"tokens": int, "loss": _NUM, "bpb": _NUM}], "device": str, "finished": str,
+             "decode": [{"mode": str, "batch_size": int, "context": int, "tokens_per_s": _NUM_OR_NULL}]},
+}
+_KIND_NAMES = {str: "a string", int: "an integer", _NUM: "a number", _NUM_OR_NULL: "a number or null"}
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def check_fields(value: Any, spec: Any, where: str) -> None:
+    """ValueError naming the first field of `value` (JSON) that does not match `spec` (see STATE_FIELDS)."""
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be an object, got {_json_kind(value)}")
+        for key, sub in spec.items():
+            if key not in value:
+                raise ValueError(f"{where}: field {key!r} is missing")
+            check_fields(value[key], sub, f"{where}.{key}")
+    elif isinstance(spec, list):
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {_json_kind(value)}")
+        for i, item in enumerate(value):
+            check_fields(item, spec[0], f"{where}[{i}]")
+    elif isinstance(value, bool) or not isinstance(value, spec):  # JSON true is no number
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{where} must be {_KIND_NAMES[spec]}, got {shown}")
+
+
 def read_state(run_dir: Path) -> dict[str, Any] | None:
+    """A cell's cell.json, None when it has none (not trained yet); ValueError naming the file and
+    what is wrong when it is damaged."""
+    path = run_dir / CELL_STATE
     try:
-        return json.loads((run_dir / CELL_STATE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is damaged ({e}): restore it, or delete it to redo the cell") from None
+    status = state.get("status") if isinstance(state, dict) else None
+    check_fields(state, STATE_FIELDS.get(status, {"status": str}), str(path))
+    if status not in STATE_FIELDS:
+        raise ValueError(f"{path}: field 'status' must be one of {', '.join(STATE_FIELDS)}, got {status!r}")
+    return state
 
 
 def write_state(run_dir: Path, state: dict[str, Any]) -> None:
@@ -426,13 +475,21 @@ def run_matrix(root: Path, matrix: Matrix, console, gpus: int | None = None) -> 
 
 
 def load_plan(root: Path) -> Plan | None:
+    """The plan in `root`, None when there is none; ValueError naming compare.json and what is
+    wrong when it is damaged or edited into something that is no plan."""
+    path = root / PLAN
     try:
-        data = json.loads((root / PLAN).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except ValueError as e:
-        raise ValueError(f"{root / PLAN} is corrupt: {e}") from None
-    return Plan.from_dict(data)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is corrupt: {e}") from None
+    try:
+        plan = Plan.from_dict(data)
+        Family.from_dict(plan.family)  # build() reads the family: it must parse as well
+    except (ValueError, TypeError, AttributeError) as e:  # from_dict names the field; a family's nested parts may not
+        raise ValueError(f"{path}: {str(e).splitlines()[0]}") from None
+    return plan
 
 
 def save_plan(root: Path, plan: Plan) -> None:
