@@ -179,13 +179,18 @@ def find_checkpoint(path: str | Path, which: str = "best") -> Path:
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         which: str = "best") -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) from a checkpoint directory or a run directory (its best, else latest, checkpoint)."""
+         which: str = "best", tokenizer: bool = True) -> tuple[Transformer, Tokenizer | None]:
+    """(model, tokenizer) from a checkpoint directory or a run directory (its best, else latest, checkpoint).
+
+    tokenizer=False: (model, None), the tokenizer files not read, for a checkpoint that has none (a
+    model converted without one, a model-only export) or a caller that feeds token ids itself."""
     from latentformer.data.tokenizer import load_tokenizer
 
     ckpt = find_checkpoint(path, which)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(ckpt, device=device, dtype=dtype)
+    if not tokenizer:
+        return model, None
     tokenizer = load_tokenizer(ckpt)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{ckpt}: tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}")

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -55,6 +56,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def inside(directory: str | Path, name: Any, source: str | Path) -> Path:
+    """`directory / name` for a file name that `source` (an index, a metadata file) records, refused
+    with a ValueError when the name is not a string, is absolute or climbs out with "..": a directory
+    names only files inside itself. A symlink there is the directory's own (the hub cache's are)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{source} names {name!r} where a file name inside {directory} belongs")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"{source} names {name!r}, a path outside {directory}: refused")
+    return Path(directory) / name
 
 
 # Every directory a command creates (run, prepared data, export, comparison) carries this file, so

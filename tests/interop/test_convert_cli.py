@@ -13,6 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+import latentformer  # noqa: E402
 from latentformer.checkpoint import load, load_model, save_checkpoint  # noqa: E402
 from latentformer.cli import main  # noqa: E402
 from latentformer.config import ModelConfig  # noqa: E402
@@ -179,8 +180,13 @@ def test_gguf_source_must_be_a_file(tmp_path, capsys, hf_dir):
 def test_an_imported_model_without_a_tokenizer_says_so(tmp_path, capsys, hf_dir):
     assert main(["convert", "--from", "hf", str(hf_dir), str(tmp_path / "out")]) == 0
     assert "no tokenizer" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="checkpoint without a tokenizer"):
+    with pytest.raises(ValueError, match="checkpoint without a tokenizer.*tokenizer=False"):
         load(tmp_path / "out", device="cpu")
+    model, tok = latentformer.load(tmp_path / "out", device="cpu", tokenizer=False)  # the documented model-only load
+    assert tok is None and model.config.vocab_size == V
+    x = torch.randint(0, V, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(model(x), transformers.AutoModelForCausalLM.from_pretrained(hf_dir).float().eval()(x).logits, atol=1e-4)
     _fails(capsys, ["generate", str(tmp_path / "out"), "--prompt", "hi"], "checkpoint without a tokenizer")
 
 
@@ -227,3 +233,32 @@ def test_convert_from_gguf_file(tmp_path, capsys):
         assert (model(x) - hf(x).logits).abs().max() <= 1e-5
     _fails(capsys, ["convert", "--from", "gguf", str(tmp_path / "tiny.gguf"), str(out)], "pass --force")
     _fails(capsys, ["convert", "--from", "gguf", str(tmp_path / "tiny.gguf"), str(tmp_path)], "is or contains the input")
+
+
+@pytest.mark.parametrize("outside", ["../outside/tokenizer.json", "ABSOLUTE"])
+def test_tokenizer_meta_naming_a_file_outside_the_model_directory_is_not_read(tmp_path, capsys, outside):
+    """An exported directory whose tokenizer_meta.json points outside it (its tokenizer moved there,
+    sha256 intact): the file is never read; the model converts without a tokenizer, with a warning."""
+    from latentformer.data.tokenizer import load_tokenizer, train_bpe
+
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog. " * 4] * 8, vocab_size=300)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=320, n_layers=1, d_model=16, n_heads=2, max_seq_len=32, d_ff=24))
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    assert main(["convert", "--to", "hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "hf" / "tokenizer.json").rename(tmp_path / "outside" / "tokenizer.json")
+    meta_path = tmp_path / "hf" / "tokenizer_meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["file"] = str(tmp_path / "outside" / "tokenizer.json") if outside == "ABSOLUTE" else outside
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="outside"):
+        load_tokenizer(tmp_path / "hf")
+    with pytest.warns(UserWarning, match="a path outside"):
+        _, imported = import_hf(tmp_path / "hf")
+    assert imported is None
+    assert main(["convert", "--from", "hf", str(tmp_path / "hf"), str(tmp_path / "out")]) == 0
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    meta_path.write_text("[]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        load_tokenizer(tmp_path / "hf")

@@ -212,6 +212,63 @@ def test_rope_scalings_change_the_model(tmp_path):
             assert (plain.eval()(x) - model(x)).abs().max() > 1e-2
 
 
+YARN = {"rope_type": "yarn", "rope_theta": 100.0, "factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+
+def _drop(*keys):
+    """An edit that deletes `keys` from config.json and original_max_position_embeddings from its rope
+    dicts (save_pretrained writes the value transformers resolved)."""
+    def edit(c):
+        for key in keys:
+            c.pop(key, None)
+        for rope in (c.get("rope_parameters"), c.get("rope_scaling")):
+            if isinstance(rope, dict):
+                rope.pop("original_max_position_embeddings", None)
+    return edit
+
+
+# config.json edits where transformers' precedence decides the model: (config class, rope_parameters,
+# the edit of the saved config.json)
+PRECEDENCE_CASES = {
+    # a top-level original_max_position_embeddings wins over the rope dict's (Phi-3 style)
+    "yarn-top-level-original": ("LlamaConfig", YARN, lambda c: c.update(original_max_position_embeddings=32)),
+    "llama3-top-level-original": ("LlamaConfig", LLAMA3, lambda c: c.update(original_max_position_embeddings=32)),
+    "deepseek-yarn-top-level-original": ("DeepseekV3Config", YARN, lambda c: c.update(original_max_position_embeddings=32)),
+    # an empty rope_scaling is no rope_scaling: rope_parameters applies
+    "empty-rope-scaling": ("LlamaConfig", YARN, lambda c: c.update(rope_scaling={})),
+    # neither names the original context: max_position_embeddings stands in (transformers' class
+    # default, 2048 for Llama, when config.json has none)
+    "llama3-no-original": ("LlamaConfig", LLAMA3, _drop()),
+    "yarn-no-max-positions": ("LlamaConfig", YARN, _drop("max_position_embeddings")),
+}
+
+
+@pytest.mark.parametrize("case", list(PRECEDENCE_CASES))
+def test_import_follows_transformers_precedence(tmp_path, case):
+    """Our logits == those of transformers loading the same edited config.json, and so is the original context."""
+    config_class, rope, edit = PRECEDENCE_CASES[case]
+    shape = MLA_SHAPE if config_class == "DeepseekV3Config" else LLAMA_SHAPE
+    _hf_model(getattr(transformers, config_class)(**shape, rope_parameters=dict(rope))).save_pretrained(tmp_path)
+    hf_cfg = json.loads((tmp_path / "config.json").read_text())
+    edit(hf_cfg)
+    (tmp_path / "config.json").write_text(json.dumps(hf_cfg))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    model, _ = import_hf(tmp_path)
+    x = _tokens(60)
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max() <= TOL
+    cfg = model.config  # the original context too, where a case's logits cannot tell two values apart
+    ours = cfg.yarn_original_max_seq_len if rope["rope_type"] == "yarn" else cfg.llama3_original_max_seq_len
+    assert ours == hf.config.rope_parameters["original_max_position_embeddings"]
+
+
+def test_import_refuses_a_null_top_level_original_context(tmp_path):
+    _write_hf_config(tmp_path / "hf", rope_parameters=dict(YARN), original_max_position_embeddings=None)
+    with pytest.raises(ValueError, match="'original_max_position_embeddings' is null"):
+        import_hf(tmp_path / "hf")
+
+
 def _deepseek_v3(**changes):
     return _hf_model(transformers.DeepseekV3Config(**MLA_SHAPE, **{**V3_CASES["moe-qlora-interleave-groups"], **changes}))
 

@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     phase = parser.add_mutually_exclusive_group()
     phase.add_argument("--no-report", action="store_true", help="train and measure, write results.json; no figures (no matplotlib needed)")
     phase.add_argument("--report-only", action="store_true", help="write results.json, reports and figures from the cells in --out")
-    parser.add_argument("--force", action="store_true", help="delete the comparison in --out and start over")
+    parser.add_argument("--force", action="store_true", help="delete the comparison in --out and start over; with "
+                        "--report-only: write results.json even with fewer finished cells than the one there")
     parser.epilog = ("Every cell takes dotted overrides: --train.compile true --train.lr 1e-3 --model.max_seq_len 512. "
                      "Cells are ordinary run directories under OUT/cells/.")
     parser.set_defaults(_overrides=True)
@@ -154,10 +155,10 @@ def _describe(console, matrix) -> None:
                       highlight=False, soft_wrap=True)
 
 
-def _report(console, out: Path, matrix, write_report: bool) -> None:
+def _report(console, out: Path, matrix, write_report: bool, force: bool = False) -> None:
     from latentformer.compare import report
 
-    data = report.write_results(out, matrix)
+    data = report.write_results(out, matrix, force)
     written = ["results.json"] + (report.write_report(out, data) if write_report else [])
     head, rows = report.summary_table(data)
     keep = [0, 2, 3, 6, 7, 9]
@@ -188,13 +189,11 @@ def run(args: argparse.Namespace) -> int:
         data_name = Path(args.data).name if args.data else (args.source or "sotu")
         out = Path("runs") / f"compare-{Path(args.family or 'tiny').stem}-{data_name.replace(':', '_')}"
     if args.report_only:
-        if args.force:
-            raise ValueError("--report-only never deletes: drop --force")
         plan = runner.load_plan(out)
         if plan is None:
             raise ValueError(f"--report-only: {out} is not a comparison directory (no {runner.PLAN})")
         _check_matplotlib()
-        _report(console, out, runner.build(plan), True)
+        _report(console, out, runner.build(plan), True, force=args.force)
         return 0
     if not args.no_report:
         _check_matplotlib()

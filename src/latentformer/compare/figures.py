@@ -128,12 +128,16 @@ def decode(plt, data, colors, out: Path) -> str | None:
     for ax, b in zip(axes[0], batches):
         for v in data["variants"]:
             for mode in sorted({r["mode"] for r in v["decode"]}):
-                rows = sorted((r["context"], r["tokens_per_s"]["mean"]) for r in v["decode"]
-                              if r["mode"] == mode and r["batch_size"] == b and r["tokens_per_s"])
-                if rows:
+                points = sorted((r["context"], r["tokens_per_s"]["median"], r["tokens_per_s"]["flag"]) for r in v["decode"]
+                                if r["mode"] == mode and r["batch_size"] == b and r["tokens_per_s"])
+                if points:
                     label = v["name"] + (f" ({mode})" if mode != "standard" else "")
-                    ax.plot(*zip(*rows), marker="o", ms=4, color=colors[v["name"]], ls="--" if mode == "naive" else "-",
-                            label=label)
+                    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=4, color=colors[v["name"]],
+                            ls="--" if mode == "naive" else "-", label=label)
+                    noisy = [p for p in points if p[2]]  # the report's "(noisy)": a spread too wide to read
+                    if noisy:
+                        ax.scatter([p[0] for p in noisy], [p[1] for p in noisy], marker="x", s=70, color="black", zorder=3,
+                                   label="noisy (see report)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         _context_axis(ax.xaxis, data["settings"]["decode_contexts"])
@@ -141,7 +145,8 @@ def decode(plt, data, colors, out: Path) -> str | None:
         ax.set_xlabel("context (cached tokens; log scale)")
         ax.set_ylabel("decode tokens/s (log scale)")
         ax.set_title(f"batch {b}")
-    axes[0][-1].legend(fontsize=8)
+    by_label = dict(zip(*reversed(axes[0][-1].get_legend_handles_labels())))  # label -> handle: "noisy" once
+    axes[0][-1].legend(by_label.values(), by_label.keys(), fontsize=8)
     devices = ", ".join(data["environment"]["devices"])
     fig.suptitle(f"Decode throughput: one-token steps over a filled cache ({devices})", fontsize=10)
     return _save(plt, fig, out, "decode_throughput")

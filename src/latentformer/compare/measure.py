@@ -2,17 +2,21 @@
 
 - Quality: validation loss (nats/token), perplexity and bits per byte of the final weights over
   the whole validation split (`Trainer.evaluate`, the trainer's own batch, context and dtype).
-- Training speed: the median of the trainer's logged tokens/s (step time only; the first record,
-  which holds warm-up and compilation, is left out) and its MFU (GPU: flops_per_token x tokens/s /
-  the GPU's dense bf16 peak; `Transformer.flops_per_token`, `train.logging.PEAK_FLOPS`).
+- Training speed: the trainer's logged tokens/s per window (step time only; the first record,
+  which holds warm-up and compilation, is left out), kept whole so the report can give their median
+  and spread, and its MFU (GPU: flops_per_token x tokens/s / the GPU's dense bf16 peak;
+  `Transformer.flops_per_token`, `train.logging.PEAK_FLOPS`).
 - Decode speed: one-token steps at each (batch, context) over a cache filled with random values
   up to the context (a step's cost does not depend on what the cache holds, as in
   benchmarks/decode_throughput.py), tokens/s = batch / step time. CUDA: the step captured in a CUDA
-  graph (`GraphDecodeStep`, uncompiled), bf16, median of 20 replays; CPU: eager, fp32, the fastest
-  of repeated steps (on a shared CPU slower ones time the other processes). MLA is measured
-  both ways (the decode layer's `mla_decode`: absorbed and naive), on each variant's first seed only (the
-  step's time depends on the architecture, not on the weights). Contexts may exceed the training
-  context: the measured model is the trained one with `max_seq_len` raised (RoPE has no table).
+  graph (`GraphDecodeStep`, uncompiled), bf16, median of 20 replays; CPU: eager, fp32, median of a
+  burst of steps. Measured after every variant trained, in `DECODE_ROUNDS` rounds that each time
+  every variant once at a point (`decode_samples`): a machine that slows down for a while slows
+  every variant's samples alike, and the report gives the median over rounds and flags a spread
+  too wide to read. MLA is measured both ways (the decode layer's `mla_decode`: absorbed and
+  naive), on each variant's first seed only (the step's time depends on the architecture, not on
+  the weights). Contexts may exceed the training context: the measured model is the trained one
+  with `max_seq_len` raised (RoPE has no table).
 - Memory: KV-cache bytes per token in bf16 (`Transformer.kv_cache_bytes_per_token`) and the
   largest batch whose cache alone fits in `memory_gib` GiB at a context (weights and activations
   not counted): floor(memory / (bytes per token x context)).
@@ -34,6 +38,7 @@ from latentformer.infer.decode import Decoder
 from latentformer.model.transformer import Transformer
 
 KV_DTYPE = torch.bfloat16
+DECODE_ROUNDS = 5  # samples of each decode point, one per round over all variants
 MAX_BATCH_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 
 
@@ -60,8 +65,9 @@ def training_speed(records: list[dict[str, Any]]) -> dict[str, float | None]:
     steps = [r for r in records if not r.get("eval")]
     timed = steps[1:] or steps  # the first window holds warm-up / compilation
     mfu = [r["mfu"] for r in timed if r.get("mfu") is not None]
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed) if timed else None,
-            "mfu": statistics.median(mfu) if mfu else None}
+    windows = [r["tokens_per_s"] for r in timed]
+    return {"tokens_per_s": statistics.median(windows) if windows else None,
+            "mfu": statistics.median(mfu) if mfu else None, "window_tokens_per_s": windows}
 
 
 def val_curve(records: list[dict[str, Any]], batch_tokens: int) -> list[dict[str, float]]:
@@ -97,7 +103,7 @@ def _step_bytes(model: Transformer, batch: int, context: int, dtype: torch.dtype
 def _time_step(model: Transformer, batch: int, context: int, device: torch.device, min_seconds: float,
                mla_decode: str) -> float:
     """Seconds of one decode step at `context` cached tokens: the median of CUDA-event timings of
-    graph replays, or on a CPU the fastest of repeated eager steps."""
+    graph replays, or on a CPU of a burst of eager steps (at least 3, for at least `min_seconds`)."""
     cache = model.make_cache(batch, context + 1)
     for layer in cache.layers:
         for t in layer:
@@ -128,41 +134,54 @@ def _time_step(model: Transformer, batch: int, context: int, device: torch.devic
     decoder = Decoder(model, cache, mla_decode)
     decoder(tokens)  # warm-up
     start = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < min_seconds and len(times) < 100):
+    while len(times) < 3 or (time.perf_counter() - start < min_seconds and len(times) < 100):
         reset()
         t0 = time.perf_counter()
         decoder(tokens)
         times.append(time.perf_counter() - t0)
-    # the fastest step: on a shared CPU, slower ones measure the other processes (timeit's rule)
-    return min(times)
+    return statistics.median(times)
 
 
-def decode_throughput(checkpoint: Path, contexts: list[int], batch_sizes: list[int], device: torch.device,
-                      min_seconds: float = 0.1) -> list[dict[str, Any]]:
-    """Rows {mode, batch_size, context, tokens_per_s, step_ms}; tokens_per_s is None where the
-    cache (plus, for naive MLA, its expanded keys/values) would not fit in half the free memory."""
+def _sample(model: Transformer, batch: int, context: int, mode: str, device: torch.device, min_seconds: float) -> float | None:
+    """Decode tokens/s of one timing, None where the cache (plus, for naive MLA, its expanded
+    keys/values) would not fit in half the free memory."""
+    dtype = next(model.parameters()).dtype
+    if _step_bytes(model, batch, context, dtype, mode) >= 0.5 * _free_bytes(device):
+        return None
+    try:  # "standard": no MLA layer to choose for
+        seconds = _time_step(model, batch, context, device, min_seconds, "naive" if mode == "naive" else "absorb")
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return batch / seconds
+
+
+def decode_samples(checkpoints: dict[str, Path], contexts: list[int], batch_sizes: list[int], device: torch.device,
+                   rounds: int = DECODE_ROUNDS, min_seconds: float = 0.02) -> list[dict[str, Any]]:
+    """Rows {variant, mode, batch_size, context, tokens_per_s}: one tokens/s sample per round, or
+    None where the point does not fit (`_sample`). `checkpoints`: variant name -> checkpoint.
+
+    Interleaved: at each point, round r times every (variant, mode) once, in an order rotated by r,
+    so slow spells of a shared machine fall on every variant rather than on one."""
     from latentformer.checkpoint import read_config
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    modes = ["absorb", "naive"] if read_config(checkpoint).attention == "mla" else ["standard"]
+    models = {name: _decode_model(ckpt, max(contexts) + 1, device, dtype) for name, ckpt in checkpoints.items()}
+    entries = [(name, mode) for name, ckpt in checkpoints.items()
+               for mode in (["absorb", "naive"] if read_config(ckpt).attention == "mla" else ["standard"])]
     rows = []
-    for mode in modes:
-        model = _decode_model(checkpoint, max(contexts) + 1, device, dtype)
-        mla_decode = "naive" if mode == "naive" else "absorb"  # "standard": no MLA layer to choose for
-        for batch in batch_sizes:
-            for context in contexts:
-                seconds = None
-                if _step_bytes(model, batch, context, dtype, mode) < 0.5 * _free_bytes(device):
-                    try:
-                        seconds = _time_step(model, batch, context, device, min_seconds, mla_decode)
-                    except torch.OutOfMemoryError:
-                        seconds = None
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                rows.append({"mode": mode, "batch_size": batch, "context": context,
-                             "tokens_per_s": None if seconds is None else batch / seconds,
-                             "step_ms": None if seconds is None else 1e3 * seconds})
-        del model
+    for batch in batch_sizes:
+        for context in contexts:
+            samples: dict[tuple[str, str], list[float] | None] = {e: [] for e in entries}
+            for r in range(rounds):
+                for e in entries[r % len(entries):] + entries[:r % len(entries)]:
+                    if samples[e] is not None:  # None: did not fit, not tried again
+                        tps = _sample(models[e[0]], batch, context, e[1], device, min_seconds)
+                        samples[e] = None if tps is None else samples[e] + [tps]
+            rows += [{"variant": name, "mode": mode, "batch_size": batch, "context": context, "tokens_per_s": samples[(name, mode)]}
+                     for name, mode in entries]
     return rows
 
 
@@ -174,26 +193,18 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def measure_cell(trainer, run_dir: Path, plan, *, decode: bool = True) -> dict[str, Any]:
-    """Everything measured on one trained cell (its `trainer` holds the final weights). Decode speed
-    depends on the architecture, not on the weights' values: `decode=False` leaves it out (the
-    runner measures it on each variant's first seed only)."""
-    from latentformer.checkpoint import find_checkpoint
-
+def measure_cell(trainer, run_dir: Path) -> dict[str, Any]:
+    """Quality and training speed of one trained cell (its `trainer` holds the final weights); decode
+    speed is measured over all variants at once (`decode_samples`)."""
     val = trainer.evaluate(max_tokens=0)
     records = read_metrics(run_dir)
     cfg = trainer.cfg
-    t0 = time.perf_counter()
-    rows = decode_throughput(find_checkpoint(run_dir, "latest"), plan.decode_contexts, plan.decode_batch_sizes,
-                             trainer.env.device) if decode else []
     return {
         "val": {"loss": val["loss"], "perplexity": val["perplexity"], "bpb": val["bpb"], "tokens": val["tokens"]},
         "train": {**training_speed(records), "steps": trainer.step, "tokens": trainer.step * cfg.train.batch_tokens,
                   "seconds": trainer.train_seconds, "skipped_steps": trainer.skipped_steps,
                   "dtype": trainer.dtype, "compile": cfg.train.compile},
         "curve": val_curve(records, cfg.train.batch_tokens),
-        "decode": rows,
-        "decode_seconds": time.perf_counter() - t0,
         "device": device_name(trainer.env.device),
         "params": trainer.model.num_params(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

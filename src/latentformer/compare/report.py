@@ -2,8 +2,10 @@
 report.html (tables + inline SVG figures) from the cells of a comparison directory.
 
 Every statistic over seeds is {"mean", "std" (sample standard deviation; 0 for one seed), "n",
-"values"}; a statistic with no measurement (no finished cell, CPU MFU, a decode point that did not
-fit) is null. Aggregation reads only the cells' cell.json, so it runs anywhere (no data, no GPU).
+"values"}; a timing (training and decode tokens/s) is {"median", "mean", "std", "cv", "n", "values",
+"flag"} over its repeats, shown as its median, and `flag` says why the spread makes it no result
+(`noise_flag`); a statistic with no measurement (no finished cell, CPU MFU, a decode point that did
+not fit) is null. Aggregation reads only cell.json and decode.json, so it runs anywhere (no data, no GPU).
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from typing import Any
 import torch
 
 from latentformer.compare.matrix import TOLERANCE
-from latentformer.compare.measure import KV_DTYPE, MAX_BATCH_CONTEXTS, flops_per_token, kv_bytes_per_token, max_batch
-from latentformer.compare.runner import Matrix, cell_dir, read_state
+from latentformer.compare.measure import DECODE_ROUNDS, KV_DTYPE, MAX_BATCH_CONTEXTS, flops_per_token, kv_bytes_per_token, max_batch
+from latentformer.compare.runner import Matrix, cell_dir, read_decode, read_state
 from latentformer.fsutil import atomic_write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RESULTS = "results.json"
+# a timing whose repeats spread wider than this (coefficient of variation: std / mean), or that has
+# fewer repeats than MIN_SAMPLES, is flagged: on shared cores one variant's figure can be 100x off
+NOISY_CV = 0.10
+MIN_SAMPLES = 3
 
 
 def schema() -> dict[str, Any]:
@@ -39,6 +45,31 @@ def stat(values: list[float | None]) -> dict[str, Any] | None:
     return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals), "values": vals}
 
 
+def noise_flag(values: list[float]) -> str | None:
+    """Why a timing's repeats are no result (None: they are one)."""
+    if len(values) < MIN_SAMPLES:
+        return f"{len(values)} sample{'s' if len(values) != 1 else ''}, fewer than {MIN_SAMPLES}"
+    cv = statistics.stdev(values) / statistics.fmean(values)
+    return f"spread {100 * cv:.0f}% of the mean (CV) over {len(values)} samples, above {100 * NOISY_CV:.0f}%" if cv > NOISY_CV else None
+
+
+def timing(values: list[float]) -> dict[str, Any] | None:
+    """A timing's repeats: their median (the figure shown), spread and noise flag; None without any."""
+    if not values:
+        return None
+    s = stat(values)
+    return {"median": statistics.median(s["values"]), **s, "cv": s["std"] / s["mean"] if s["mean"] else 0.0,
+            "flag": noise_flag(s["values"])}
+
+
+def _windows(state: dict[str, Any]) -> list[float]:
+    """A cell's training tokens/s per logged window (a cell finished before windows were kept: its median)."""
+    train = state["train"]
+    if "window_tokens_per_s" in train:
+        return train["window_tokens_per_s"]
+    return [train["tokens_per_s"]] if train["tokens_per_s"] is not None else []
+
+
 def _curve(states: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_tokens: dict[int, list[dict[str, float]]] = {}
     for s in states:
@@ -48,18 +79,22 @@ def _curve(states: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for t, pts in sorted(by_tokens.items())]
 
 
-def _decode(states: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows: dict[tuple, list[float | None]] = {}
-    for s in states:
-        for r in s["decode"]:
-            rows.setdefault((r["mode"], r["batch_size"], r["context"]), []).append(r["tokens_per_s"])
-    return [{"mode": m, "batch_size": b, "context": c, "tokens_per_s": stat(v)} for (m, b, c), v in rows.items()]
+def _decode(decode: dict[str, Any] | None, variant: str, states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The variant's decode rows from decode.json; for a variant it does not hold, the one timing per
+    point that cells finished before decode.json kept in their cell.json (flagged: one sample)."""
+    rows = [{**r, "tokens_per_s": r["tokens_per_s"] or []} for r in (decode["rows"] if decode else []) if r["variant"] == variant]
+    if not rows:
+        rows = [{**r, "tokens_per_s": [r["tokens_per_s"]] if r["tokens_per_s"] is not None else []}
+                for r in next((s["decode"] for s in states if s.get("decode")), [])]
+    return [{"mode": r["mode"], "batch_size": r["batch_size"], "context": r["context"], "tokens_per_s": timing(r["tokens_per_s"])}
+            for r in rows]
 
 
 def results(root: Path, matrix: Matrix) -> dict[str, Any]:
     plan, family = matrix.plan, matrix.family
     states = {c.name: read_state(cell_dir(root, c)) for c in matrix.cells}
     done = {n: s for n, s in states.items() if s is not None and s.get("status") == "done"}
+    decode = read_decode(root)
     first = matrix.cells[0].cfg.train if matrix.cells else None
     variants = []
     for v in matrix.variants:
@@ -75,10 +110,10 @@ def results(root: Path, matrix: Matrix) -> dict[str, Any]:
             "bpb": stat([s["val"]["bpb"] for s in ds]),
             "best_val_loss": stat([min(p["loss"] for p in s["curve"]) for s in ds if s["curve"]]),
             "best_val_tokens": stat([min(s["curve"], key=lambda p: p["loss"])["tokens"] for s in ds if s["curve"]]),
-            "train_tokens_per_s": stat([s["train"]["tokens_per_s"] for s in ds]),
+            "train_tokens_per_s": timing([w for s in ds for w in _windows(s)]),
             "mfu": stat([s["train"]["mfu"] for s in ds]),
             "train_seconds": stat([s["train"]["seconds"] for s in ds]),
-            "decode": _decode(ds),
+            "decode": _decode(decode, v.name, ds),
             "max_batch": [{"context": c, "batch_size": max_batch(kv, c, plan.memory_gib)} for c in MAX_BATCH_CONTEXTS],
             "curve": _curve(ds),
         })
@@ -89,9 +124,9 @@ def results(root: Path, matrix: Matrix) -> dict[str, Any]:
         row = {"name": c.name, "variant": c.variant.name, "seed": c.cfg.train.seed, "status": status,
                "run_dir": str(Path("cells") / c.name)}
         if status == "done":
-            row.update({k: s[k] for k in ("val", "train", "decode", "curve", "device", "finished")})
+            row.update({k: s[k] for k in ("val", "train", "curve", "device", "finished")})
         cells.append(row)
-    devices = sorted({s["device"] for s in done.values()})
+    devices = sorted({s["device"] for s in done.values()} | ({decode["device"]} if decode else set()))
     return {
         "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -105,6 +140,8 @@ def results(root: Path, matrix: Matrix) -> dict[str, Any]:
             "seq_len": first.seq_len if first else 0, "param_tolerance": TOLERANCE, "memory_gib": plan.memory_gib,
             "kv_dtype": str(KV_DTYPE).removeprefix("torch."), "decode_contexts": plan.decode_contexts,
             "decode_batch_sizes": plan.decode_batch_sizes, "max_batch_contexts": MAX_BATCH_CONTEXTS,
+            "decode_rounds": decode["settings"]["rounds"] if decode else DECODE_ROUNDS,
+            "noise": {"max_cv": NOISY_CV, "min_samples": MIN_SAMPLES},
             "overrides": {k: str(v) for k, v in plan.overrides.items()},
         },
         "environment": {"devices": devices, "python": platform.python_version(), "torch": torch.__version__,
@@ -114,8 +151,23 @@ def results(root: Path, matrix: Matrix) -> dict[str, Any]:
     }
 
 
-def write_results(root: Path, matrix: Matrix) -> dict[str, Any]:
+def finished_cells(path: Path) -> int:
+    """How many cells a results.json holds as done (0 when it is absent or unreadable: nothing to keep)."""
+    try:
+        cells = json.loads(path.read_text(encoding="utf-8")).get("cells")
+        return sum(isinstance(c, dict) and c.get("status") == "done" for c in cells)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
+        return 0
+
+
+def write_results(root: Path, matrix: Matrix, force: bool = False) -> dict[str, Any]:
+    """Write results.json from the cells; never over one with more finished cells unless `force`
+    (a cell directory lost or moved would otherwise take its numbers with it)."""
     data = results(root, matrix)
+    done, before = sum(c["status"] == "done" for c in data["cells"]), finished_cells(root / RESULTS)
+    if done < before and not force:
+        raise ValueError(f"{root / RESULTS} holds {before} finished cells, the cells in {root / 'cells'} only {done}: "
+                         "not replaced (restore the missing cells, or pass --force to write it anyway)")
     atomic_write_text(root / RESULTS, json.dumps(data, indent=1) + "\n")
     return data
 
@@ -128,13 +180,24 @@ def _pm(s: dict[str, Any] | None, fmt: str = "{:.4f}", scale: float = 1.0) -> st
     return text + (" ± " + fmt.format(s["std"] * scale) if s["n"] > 1 else "")
 
 
+def _timed(t: dict[str, Any] | None, fmt: str = "{:,.0f}") -> str:
+    """A timing's median, marked "(noisy)" when its flag says the spread makes it no result."""
+    if t is None:
+        return "–"
+    return fmt.format(t["median"]) + (" (noisy)" if t["flag"] else "")
+
+
+NOISE_NOTE = ("(noisy): the repeats spread more than {cv:.0f}% of their mean (coefficient of variation) or are fewer "
+              "than {n}; the figure is not a result (results.json gives each repeat and the reason).")
+
+
 def _best_decode(v: dict[str, Any]) -> tuple[str, str]:
     """The variant's decode tokens/s at the largest measured batch and context (its preferred mode)."""
     rows = [r for r in v["decode"] if r["mode"] in ("absorb", "standard") and r["tokens_per_s"] is not None]
     if not rows:
         return "–", ""
     r = max(rows, key=lambda r: (r["batch_size"], r["context"]))
-    return f"{r['tokens_per_s']['mean']:,.0f}", f"B{r['batch_size']} × {r['context']:,}"
+    return _timed(r["tokens_per_s"]), f"B{r['batch_size']} × {r['context']:,}"
 
 
 def _best_val(v: dict[str, Any]) -> str:
@@ -156,7 +219,7 @@ def summary_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         rows.append([v["name"], v["attention"], f"{v['params'] / 1e6:.2f}M ({100 * v['param_deviation']:+.1f}%)",
                      f"{v['kv_cache_bytes_per_token']:,}", _pm(v["val_loss"]), _pm(v["perplexity"], "{:.2f}"), _pm(v["bpb"]),
                      _best_val(v),
-                     _pm(v["train_tokens_per_s"], "{:,.0f}"), _pm(v["mfu"], "{:.1f}%", 100), _best_decode(v)[0], f"{mb:,}"])
+                     _timed(v["train_tokens_per_s"]), _pm(v["mfu"], "{:.1f}%", 100), _best_decode(v)[0], f"{mb:,}"])
     return head, rows
 
 
@@ -167,7 +230,7 @@ def decode_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for v in data["variants"]:
         by = {(r["mode"], r["batch_size"], r["context"]): r["tokens_per_s"] for r in v["decode"]}
         for mode in sorted({r["mode"] for r in v["decode"]}):
-            rows.append([v["name"], mode] + [_pm(by.get((mode, b, c)), "{:,.0f}") for b, c in points])
+            rows.append([v["name"], mode] + [_timed(by.get((mode, b, c))) for b, c in points])
     return head, rows
 
 
@@ -213,13 +276,16 @@ def _finished(data: dict[str, Any]) -> str:
 def _sections(data: dict[str, Any]) -> list[tuple[str, str, tuple]]:
     """(title, explanation, table) in report order."""
     s = data["settings"]
+    noise = NOISE_NOTE.format(cv=100 * s["noise"]["max_cv"], n=s["noise"]["min_samples"])
     return [
         ("Summary", f"Mean ± sample standard deviation over the finished seeds ({_finished(data)}). Quality of the final "
                     "weights over the whole validation split; best val loss: the lowest periodic validation loss and the "
-                    "training tokens where it was reached; KV bytes per token over all layers in bf16; training tokens/s is the median logged step "
-                    "rate; decode tokens/s at the largest measured batch and context (MLA absorbed).", summary_table(data)),
-        ("Decode throughput", "Decode tokens/s (batch / median one-token step time) over a cache filled to the context. "
-                              "MLA: absorbed and naive decoding.", decode_table(data)),
+                    "training tokens where it was reached; KV bytes per token over all layers in bf16; training tokens/s is the "
+                    "median of every logged window of the variant's cells (seeds alternate variants); decode tokens/s at the "
+                    f"largest measured batch and context (MLA absorbed). {noise}", summary_table(data)),
+        ("Decode throughput", "Decode tokens/s (batch / median one-token step time) over a cache filled to the context, "
+                              f"the median of {s['decode_rounds']} rounds that each time every variant once, interleaved. "
+                              f"MLA: absorbed and naive decoding. {noise}", decode_table(data)),
         ("Largest batch", f"Largest batch whose bf16 KV cache alone fits in {s['memory_gib']:g} GiB at each context "
                           "(weights and activations not counted).", max_batch_table(data)),
         ("Cells", "Every cell is an ordinary run directory: `latentformer eval/generate/info` work on it.", cells_table(data)),

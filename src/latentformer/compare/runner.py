@@ -7,6 +7,7 @@ A comparison directory:
     DIR/compare.json           the plan: family, variants, seeds, tokens, overrides, data (`Plan`)
     DIR/cells/<variant>-s<k>/  run directories (config.yaml, checkpoints/, metrics.jsonl, tb/) + cell.json
     DIR/logs/<cell>.log        what the cell's training printed
+    DIR/decode.json            decode speed of every variant, timed interleaved once all cells finished
     DIR/results.json, report.md, report.html, figures/   (report.py)
 
 A cell's `cell.json` says how far it got: absent (train, or resume from its latest step
@@ -43,6 +44,7 @@ PLAN = "compare.json"
 CELLS = "cells"
 LOGS = "logs"
 CELL_STATE = "cell.json"
+DECODE = "decode.json"
 # compare trains every cell for the same number of tokens, step-exact and resumable
 FIXED = {"train.max_time_minutes": 0, "train.early_stopping_patience": 0}
 # the matrix display replaces the trainer's progress bar; cells print no sample
@@ -124,11 +126,68 @@ def cell_dir(root: Path, cell: Cell) -> Path:
     return root / CELLS / cell.name
 
 
+_NUM = (int, float)
+_NUM_OR_NULL = (int, float, type(None))
+# what the report and a resumed cell read from cell.json, by status: a type, a nested object (dict)
+# or a list of such objects ([dict]). cell.json is written atomically, so a file that does not
+# match was damaged or edited by hand: refused, never read as "not run yet".
+STATE_FIELDS = {
+    "trained": {"status": str},
+    "done": {"status": str, "val": {"loss": _NUM, "perplexity": _NUM, "bpb": _NUM, "tokens": int},
+             "train": {"tokens_per_s": _NUM_OR_NULL, "mfu": _NUM_OR_NULL, "seconds": _NUM},
+             "curve": [{"tokens": int, "loss": _NUM, "bpb": _NUM}], "device": str, "finished": str},
+}
+LEGACY_DECODE = [{"mode": str, "batch_size": int, "context": int, "tokens_per_s": _NUM_OR_NULL}]
+DECODE_FIELDS = {"settings": {"variants": [str], "contexts": [int], "batch_sizes": [int], "rounds": int}, "device": str,
+                 "rows": [{"variant": str, "mode": str, "batch_size": int, "context": int}]}
+_KIND_NAMES = {str: "a string", int: "an integer", _NUM: "a number", _NUM_OR_NULL: "a number or null",
+               (list, type(None)): "a list or null"}
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def check_fields(value: Any, spec: Any, where: str) -> None:
+    """ValueError naming the first field of `value` (JSON) that does not match `spec` (see STATE_FIELDS)."""
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be an object, got {_json_kind(value)}")
+        for key, sub in spec.items():
+            if key not in value:
+                raise ValueError(f"{where}: field {key!r} is missing")
+            check_fields(value[key], sub, f"{where}.{key}")
+    elif isinstance(spec, list):
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {_json_kind(value)}")
+        for i, item in enumerate(value):
+            check_fields(item, spec[0], f"{where}[{i}]")
+    elif isinstance(value, bool) or not isinstance(value, spec):  # JSON true is no number
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{where} must be {_KIND_NAMES[spec]}, got {shown}")
+
+
 def read_state(run_dir: Path) -> dict[str, Any] | None:
+    """A cell's cell.json, None when it has none (not trained yet); ValueError naming the file and
+    what is wrong when it is damaged."""
+    path = run_dir / CELL_STATE
     try:
-        return json.loads((run_dir / CELL_STATE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is damaged ({e}): restore it, or delete it to redo the cell") from None
+    status = state.get("status") if isinstance(state, dict) else None
+    check_fields(state, STATE_FIELDS.get(status, {"status": str}), str(path))
+    if status not in STATE_FIELDS:
+        raise ValueError(f"{path}: field 'status' must be one of {', '.join(STATE_FIELDS)}, got {status!r}")
+    if status == "done":  # optional: windows are absent from, and decode rows only in, cells finished before decode.json
+        if "window_tokens_per_s" in state["train"]:
+            check_fields(state["train"]["window_tokens_per_s"], [_NUM], f"{path}.train.window_tokens_per_s")
+        if "decode" in state:
+            check_fields(state["decode"], LEGACY_DECODE, f"{path}.decode")
+    return state
 
 
 def write_state(run_dir: Path, state: dict[str, Any]) -> None:
@@ -225,7 +284,7 @@ def run_cell(root: Path, matrix: Matrix, cell: Cell, on_step: Callable[[int], No
             trainer = Trainer(cell.cfg, run_dir, resume=True, vocab_explicit=True)
         if on_phase:
             on_phase("measuring")
-        state = {**state, "status": "done", **measure_cell(trainer, run_dir, matrix.plan, decode=cell.seed_index == 0)}
+        state = {**state, "status": "done", **measure_cell(trainer, run_dir)}
         write_state(run_dir, state)
     del trainer
     _release(cell.cfg.train.compile)
@@ -410,8 +469,62 @@ def _workers(root: Path, todo: list[Cell], devices: list[str], progress: MatrixP
     return failed
 
 
+# -- decode speed, all variants at once ----------------------------------------------------------
+def decode_settings(root: Path, matrix: Matrix) -> dict[str, Any]:
+    """What decode.json was measured for: the variants whose first seed finished with its weights
+    here (cells carried from another machine come without checkpoints), and the grid."""
+    from latentformer.checkpoint import step_dirs
+    from latentformer.compare.measure import DECODE_ROUNDS
+
+    firsts = [c for c in matrix.cells if c.seed_index == 0 and is_done(root, c) and step_dirs(cell_dir(root, c))]
+    return {"variants": [c.variant.name for c in firsts], "contexts": matrix.plan.decode_contexts,
+            "batch_sizes": matrix.plan.decode_batch_sizes, "rounds": DECODE_ROUNDS}
+
+
+def read_decode(root: Path) -> dict[str, Any] | None:
+    """decode.json, None when absent; ValueError naming it when damaged (as `read_state`)."""
+    path = root / DECODE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is damaged ({e}): delete it to measure decode speed again") from None
+    check_fields(data, DECODE_FIELDS, str(path))
+    for i, row in enumerate(data["rows"]):
+        check_fields(row["tokens_per_s"], (list, type(None)), f"{path}.rows[{i}].tokens_per_s")
+        for j, v in enumerate(row["tokens_per_s"] or []):
+            check_fields(v, _NUM, f"{path}.rows[{i}].tokens_per_s[{j}]")
+    return data
+
+
+def measure_decode(root: Path, matrix: Matrix, console) -> None:
+    """Time decoding of every variant whose first seed finished, interleaved (`decode_samples`), into
+    decode.json; kept while the variants and the grid stay the same."""
+    import torch
+
+    from latentformer.checkpoint import find_checkpoint
+    from latentformer.compare.measure import decode_samples, device_name
+    from latentformer.train.distributed import best_device
+
+    settings = decode_settings(root, matrix)
+    old = read_decode(root)
+    if not settings["variants"] or (old is not None and old["settings"] == settings):
+        return
+    wanted = matrix.cells[0].cfg.train.device
+    device = torch.device(best_device() if wanted == "auto" else wanted)
+    console.print(f"compare: decode speed of {', '.join(settings['variants'])}, {settings['rounds']} interleaved rounds",
+                  highlight=False, soft_wrap=True)
+    firsts = {c.variant.name: find_checkpoint(cell_dir(root, c), "latest")
+              for c in matrix.cells if c.seed_index == 0 and c.variant.name in settings["variants"]}
+    rows = decode_samples(firsts, settings["contexts"], settings["batch_sizes"], device, settings["rounds"])
+    data = {"settings": settings, "device": device_name(device), "rows": rows}
+    atomic_write_text(root / DECODE, json.dumps(data, indent=1) + "\n")
+    _release(False)
+
+
 def run_matrix(root: Path, matrix: Matrix, console, gpus: int | None = None) -> list[str]:
-    """Run every unfinished cell; returns the names of the cells that failed."""
+    """Run every unfinished cell, then time decoding; returns the names of the cells that failed."""
     todo = [c for c in matrix.cells if not is_done(root, c)]
     devices = cuda_devices() if matrix.cells and matrix.cells[0].cfg.train.device in ("auto", "cuda") else []
     if gpus is not None:
@@ -419,20 +532,31 @@ def run_matrix(root: Path, matrix: Matrix, console, gpus: int | None = None) -> 
     progress = MatrixProgress(console, matrix, root)
     try:
         if len(devices) > 1 and len(todo) > 1:
-            return _workers(root, todo, devices, progress)
-        return _in_process(root, matrix, todo, progress)
+            failed = _workers(root, todo, devices, progress)
+        else:
+            failed = _in_process(root, matrix, todo, progress)
     finally:
         progress.close()
+    measure_decode(root, matrix, console)
+    return failed
 
 
 def load_plan(root: Path) -> Plan | None:
+    """The plan in `root`, None when there is none; ValueError naming compare.json and what is
+    wrong when it is damaged or edited into something that is no plan."""
+    path = root / PLAN
     try:
-        data = json.loads((root / PLAN).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except ValueError as e:
-        raise ValueError(f"{root / PLAN} is corrupt: {e}") from None
-    return Plan.from_dict(data)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is corrupt: {e}") from None
+    try:
+        plan = Plan.from_dict(data)
+        Family.from_dict(plan.family)  # build() reads the family: it must parse as well
+    except (ValueError, TypeError, AttributeError) as e:  # from_dict names the field; a family's nested parts may not
+        raise ValueError(f"{path}: {str(e).splitlines()[0]}") from None
+    return plan
 
 
 def save_plan(root: Path, plan: Plan) -> None:

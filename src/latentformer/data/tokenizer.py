@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from latentformer.fsutil import inside
+
 EOT = "<|endoftext|>"
 META_FILE = "tokenizer_meta.json"
 BPE_FILE = "tokenizer.json"
@@ -435,7 +437,7 @@ class PretrainedTokenizer(BPETokenizer):
     @classmethod
     def from_saved(cls, directory: Path, meta: dict) -> PretrainedTokenizer:
         """Rebuild from a directory written by `save` (a checkpoint of an imported model)."""
-        path = directory / meta.get("file", BPE_FILE)
+        path = inside(directory, meta.get("file", BPE_FILE), directory / META_FILE)
         tk = _read_hf_tokenizer(path)
         special = meta.get("hf")
         if not isinstance(special, dict):
@@ -555,12 +557,15 @@ def load_tokenizer(spec) -> Tokenizer:
                 return BPETokenizer.from_file(p / BPE_FILE)
             if is_checkpoint_dir(p):
                 raise ValueError(f"{p} is a checkpoint without a tokenizer (its model was converted without one): "
-                                 f"copy the model's tokenizer.json and tokenizer_config.json into {p}")
+                                 f"copy the model's tokenizer.json and tokenizer_config.json into {p} "
+                                 "(Python: latentformer.load(path, tokenizer=False) loads the model alone)")
             raise ValueError(f"{p} holds no {META_FILE} (not a prepared data or checkpoint directory)")
         try:
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_path} must hold a JSON object, got {type(meta).__name__}")
         kind = meta.get("kind")
         if kind == "gpt2" and meta.get("sha256") != _GPT2_SHA256:
             raise ValueError(f"{meta_path}: gpt2 vocabulary hashes differ from OpenAI's gpt2 files")
@@ -569,7 +574,7 @@ def load_tokenizer(spec) -> Tokenizer:
         if kind == PretrainedTokenizer.kind:
             return PretrainedTokenizer.from_saved(p, meta)
         if kind == "bpe":
-            tok = BPETokenizer.from_file(p / meta.get("file", BPE_FILE))
+            tok = BPETokenizer.from_file(inside(p, meta.get("file", BPE_FILE), meta_path))
             if meta.get("sha256") and tok.describe()["sha256"] != meta["sha256"]:
                 raise ValueError(f"{p / BPE_FILE} does not match the sha256 recorded in {meta_path}")
             return tok

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from latentformer.checkpoint import model_from_state, model_state
 from latentformer.config import ModelConfig
 from latentformer.data.tokenizer import EOT, PretrainedTokenizer, Tokenizer, load_tokenizer
-from latentformer.fsutil import atomic_directory, mark_output
+from latentformer.fsutil import atomic_directory, inside, mark_output
 from latentformer.interop.hf_config import DEEPSEEK_V2, DEEPSEEK_V3, from_hf_config, hf_model_type, to_hf_config
 from latentformer.model.transformer import Transformer
 
@@ -265,9 +265,8 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise ValueError(f"{hf_dir / INDEX}: weight_map must map tensor names to file names")
         files = sorted(set(weight_map.values()))
-        for name in files:  # a shard is named inside this directory (it may be a symlink there: the hub cache's are)
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise ValueError(f"{hf_dir / INDEX} names {name!r}, a path outside {hf_dir}: refused")
+        for name in files:
+            inside(hf_dir, name, hf_dir / INDEX)
     elif (hf_dir / WEIGHTS).is_file():
         files = [WEIGHTS]
     elif any(hf_dir.glob("pytorch_model*.bin")) or any(hf_dir.glob("*.pt")):

@@ -27,6 +27,9 @@ FAMILY = {LLAMA: LLAMA, MISTRAL: LLAMA, QWEN2: LLAMA, DEEPSEEK_V2: DEEPSEEK_V2, 
 # whatever rms_norm_eps says (rms_norm_eps is for the other norms): ours is latent_norm_eps.
 DEEPSEEK_LATENT_NORM_EPS = 1e-6
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+# transformers' class defaults of max_position_embeddings, for a config.json without it: YaRN's and
+# llama3's original context (and YaRN's factor) default to it
+MAX_POSITIONS = {LLAMA: 2048, MISTRAL: 131072, QWEN2: 32768, DEEPSEEK_V2: 2048, DEEPSEEK_V3: 4096, KIMI_K2: 4096}
 
 
 def _unsupported(feature: str, target: str, why: str = "") -> ValueError:
@@ -182,12 +185,29 @@ def _get(hf: dict[str, Any], key: str, typ: type, default: Any = _REQUIRED, posi
     return int(value) if typ is int else float(value) if typ is float else value
 
 
-def _rope_from_hf(hf: dict[str, Any], head_dim: int, family: str) -> dict[str, Any]:
-    key = "rope_scaling" if hf.get("rope_scaling") is not None else "rope_parameters"
-    params = _get(hf, key, dict, {})
+def _rope_params(hf: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The rope dict transformers reads and its name: rope_scaling when it is non-empty, else
+    rope_parameters (PreTrainedConfig.convert_rope_params_to_dict: `rope_scaling or rope_parameters`)."""
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    return _get(hf, key, dict, {}), f"config.json {key}"
+
+
+def _original_max_pos(hf: dict[str, Any], params: dict[str, Any], where: str, max_pos: int) -> int:
+    """The pretraining context of llama3 and yarn rope as transformers resolves it
+    (standardize_rope_params): a top-level original_max_position_embeddings wins over the rope
+    dict's (Phi-3 style configs), and max_position_embeddings stands in when neither has one."""
+    key = "original_max_position_embeddings"
+    if key in hf:  # present even as null: transformers then uses the null and cannot load the model
+        if hf[key] is None:
+            raise ValueError(f"config.json: field {key!r} is null (transformers applies it to the rope and fails)")
+        return _get(hf, key, int, positive=True)
+    return _get(params, key, int, max_pos, positive=True, where=where)
+
+
+def _rope_from_hf(hf: dict[str, Any], head_dim: int, family: str, max_pos: int) -> dict[str, Any]:
+    params, where = _rope_params(hf)
     if any(isinstance(v, dict) for v in params.values()):
         raise ValueError("cannot convert: per-layer rope_parameters are not supported")
-    where = f"config.json {key}"
     rope_type = params.get("rope_type", params.get("type", "default"))
     theta = _get(params, "rope_theta", float, None, positive=True, where=where) or _get(hf, "rope_theta", float, 10000.0, positive=True)
     out: dict[str, Any] = {"rope_theta": theta}
@@ -205,12 +225,11 @@ def _rope_from_hf(hf: dict[str, Any], head_dim: int, family: str) -> dict[str, A
         if rope_type == "llama3":
             out.update(llama3_low_freq_factor=_get(params, "low_freq_factor", float, positive=True, where=where),
                        llama3_high_freq_factor=_get(params, "high_freq_factor", float, positive=True, where=where),
-                       llama3_original_max_seq_len=_get(params, "original_max_position_embeddings", int, positive=True, where=where))
+                       llama3_original_max_seq_len=_original_max_pos(hf, params, where, max_pos))
         return out
     if params.get("truncate", True) is False:
         raise ValueError("cannot convert: yarn with truncate=false is not supported")
-    max_pos = _get(hf, "max_position_embeddings", int, 4096, positive=True)
-    orig = _get(params, "original_max_position_embeddings", int, max_pos, positive=True, where=where)
+    orig = _original_max_pos(hf, params, where, max_pos)
     factor = _get(params, "factor", float, max_pos / orig, where=where)
     mscale = _get(params, "mscale", float, None, where=where) or 1.0
     mscale_all = _get(params, "mscale_all_dim", float, None, where=where) or 0.0
@@ -271,7 +290,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
     d = _get(hf, "hidden_size", int, positive=True)
     H = _get(hf, "num_attention_heads", int, positive=True)
     n_layers = _get(hf, "num_hidden_layers", int, positive=True)
-    max_pos = _get(hf, "max_position_embeddings", int, 2048, positive=True)
+    max_pos = _get(hf, "max_position_embeddings", int, MAX_POSITIONS[model_type], positive=True)
     if family == LLAMA:
         _check_sliding_window(hf, model_type, n_layers, max_pos)
     else:
@@ -291,7 +310,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
             raise ValueError(f"config.json: num_attention_heads={H} is not divisible by num_key_value_heads={n_kv}")
         kind = "mha" if n_kv == H else "mqa" if n_kv == 1 else "gqa"
         return ModelConfig(attention=kind, n_kv_heads=n_kv, head_dim=head_dim, rope_interleave=False,
-                           qkv_bias=model_type == QWEN2, **_rope_from_hf(hf, head_dim, family), **common)
+                           qkv_bias=model_type == QWEN2, **_rope_from_hf(hf, head_dim, family, max_pos), **common)
 
     n_kv = _get(hf, "num_key_value_heads", int, H)
     if n_kv != H:
@@ -304,7 +323,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
                v_head_dim=_get(hf, "v_head_dim", int, positive=True),
                rope_interleave=_get(hf, "rope_interleave", bool, True) if family == DEEPSEEK_V3 else True,
                latent_norm_eps=None if eps == DEEPSEEK_LATENT_NORM_EPS else DEEPSEEK_LATENT_NORM_EPS,
-               **_rope_from_hf(hf, dr, family))
+               **_rope_from_hf(hf, dr, family, max_pos))
     first_dense = _get(hf, "first_k_dense_replace", int, 0)
     E = _get(hf, "n_routed_experts", int, 0)
     if not E or first_dense >= n_layers:
