@@ -229,3 +229,19 @@ def test_usage_errors_are_one_line(tree, capsys, monkeypatch):
     for argv in (["bogus-verb"], ["prepare"], ["tokenizer", "decode", "x"], ["eval"]):
         rc, err = run_cli(capsys, monkeypatch, tree, argv)
         assert rc == 2 and err.count("\n") == 1 and "error: " in err and "--help" in err, err
+
+
+def test_stdout_closed_early_ends_quietly():
+    """`latentformer info --presets | head -1`: the reader is gone before the command writes; no
+    "Broken pipe" error, the status a shell gives a process ended by SIGPIPE."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(lf.__file__).parents[1])}
+    env.pop("LATENTFORMER_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "latentformer", "info", "--presets", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before the child has imported anything, so its first write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""

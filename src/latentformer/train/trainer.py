@@ -366,8 +366,11 @@ class Trainer:
             self.stop_signal = signum
             signal.signal(signum, previous[signum])
             if self.env.is_main:
-                os.write(2, f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
-                            "(send it again to stop at once)\n".encode())
+                # stderr may be a pipe whose reader the same Ctrl-C ended (`2>&1 | tee log`): the
+                # save must not depend on this line being written
+                with contextlib.suppress(OSError):
+                    os.write(2, f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
+                                "(send it again to stop at once)\n".encode())
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.getsignal(sig) if signal.getsignal(sig) is not None else signal.SIG_DFL
