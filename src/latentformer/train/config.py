@@ -54,6 +54,9 @@ class TrainConfig:
     threads: int = 0  # CPU intra-op threads (0 = all cores)
     compile: bool = False
     activation_checkpointing: bool = False
+    # refuse, before building the model, a run whose estimated memory (train/memory.py) clearly
+    # exceeds what the device has available
+    memory_check: bool = True
     # bf16 autocast: carry the residual stream in bf16 instead of fp32 (Megatron's default): +2-4%
     # tokens/s and less memory on an H100, loss within 3e-4 of fp32 over 200 steps (NOTES.md, "Training");
     # not applied under fp16, whose range a residual stream can exceed

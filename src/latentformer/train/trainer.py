@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -35,6 +36,7 @@ from latentformer.train import distributed as D
 from latentformer.train.config import RunConfig
 from latentformer.train.evaluate import evaluate
 from latentformer.train.logging import RunLogger, peak_flops
+from latentformer.train.memory import available_bytes, check_fits, training_bytes
 from latentformer.train.optim import build_optimizer
 from latentformer.train.schedule import lr_at, set_lr
 
@@ -106,6 +108,8 @@ class Trainer:
         self.accum = t.grad_accum(env.world_size)
         self.dtype = resolve_dtype(t.dtype, env.device)
 
+        if t.memory_check:
+            self._check_memory()
         # model, optimizer; state restored before wrapping so every rank starts identical
         seed_everything(t.seed)
         with torch.device(env.device):
@@ -157,6 +161,18 @@ class Trainer:
             self._restore(self.resumed_from)
         self.peak = peak_flops(env.device)
         self.flops_per_token = self.model.flops_per_token(t.seq_len)
+
+    def _check_memory(self) -> None:
+        """Refuse (ValueError) a run that clearly will not fit the device's available memory."""
+        t, env = self.cfg.train, self.env
+        with torch.device("meta"):
+            n_params = Transformer(self.cfg.model).num_params()
+        estimate = training_bytes(self.cfg.model, n_params, micro_batch_size=t.micro_batch_size, seq_len=t.seq_len,
+                                  dtype=self.dtype, device_type=env.device.type,
+                                  activation_checkpointing=t.activation_checkpointing,
+                                  shards=env.world_size if self.sharded else 1)
+        check_fits(estimate, available_bytes(env.device), env.device,
+                   f"micro_batch_size {t.micro_batch_size} x seq_len {t.seq_len} in {self.dtype}")
 
     # -- state -----------------------------------------------------------------------------
     def _autocast(self):
@@ -403,11 +419,22 @@ class Trainer:
 
         Raises NonFiniteError (too many non-finite steps in a row, or a non-finite end state, which
         is not saved) and TrainingInterrupted (SIGINT/SIGTERM, after saving at the step boundary)."""
-        t, env = self.cfg.train, self.env
+        env = self.env
         if self.resumed_from is not None and (reason := self.finished()) is not None:
             return self._already_finished(reason)
+        # a new run that ends in an error before saving anything leaves no run directory behind
+        created = env.is_main and not self.run_dir.exists()
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._fit()
+        except BaseException:
+            if created and not ckpt.step_dirs(self.run_dir) and not (self.run_dir / "checkpoints" / "best").is_dir():
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def _fit(self) -> dict[str, Any]:
+        t, env = self.cfg.train, self.env
         # the logger first: it checks the run's metrics.jsonl before anything in the run is rewritten
         log = self.log = RunLogger(self.run_dir, enabled=env.is_main, total_steps=t.max_steps, start_step=self.step,
                                    progress=t.progress, tensorboard=t.tensorboard, budget_seconds=60 * t.max_time_minutes)
