@@ -68,7 +68,9 @@ class TrainConfig:
     batch_tokens: int = 2048
     # length
     max_steps: int = 2000
-    max_time_minutes: float = 7.5  # training-time budget (the schedule anneals by it too); 0 = none
+    # time budget of the training loop: its steps, evaluations and checkpoint saves, the final
+    # evaluation included (the schedule anneals by it too); 0 = none
+    max_time_minutes: float = 7.5
     # optimizer
     lr: float = 2e-3
     min_lr: float = 1e-4  # floor of cosine / wsd

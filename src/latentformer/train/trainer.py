@@ -120,9 +120,13 @@ class Trainer:
         self.bad_evals = 0
         self.skipped_steps = 0
         self.nonfinite_run = 0
-        self.train_seconds = 0.0  # step time (evals and saves excluded), rank 0's is saved
-        # rank 0's train_seconds as of the previous step, received by every rank in the step's
-        # reduction: the lr's time fraction and every time-based decision use it (see the module doc)
+        self.train_seconds = 0.0  # step time (evals and saves excluded; tokens/s), rank 0's is saved
+        # time in the loop's evaluations and checkpoint saves: the time budget counts it too
+        self.eval_seconds = 0.0
+        self.final_eval_seconds = 0.0  # the latest evaluation's duration: the final one's, expected
+        # rank 0's budget time as of the previous step (train_seconds + eval_seconds + the expected
+        # final evaluation, so that the run ends within its budget), received by every rank in the
+        # step's reduction: the lr's time fraction and every time-based decision use it (module doc)
         self.clock = 0.0
         self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler during fit
         self.stop_requested = False  # some rank got a signal (agreed in the step's reduction)
@@ -192,6 +196,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "nonfinite_run": self.nonfinite_run,
             "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
             "config": self.cfg.to_dict(),
         }
 
@@ -220,7 +225,9 @@ class Trainer:
         self.bad_evals = state["bad_evals"]
         self.skipped_steps = state["skipped_steps"]
         self.nonfinite_run = state["nonfinite_run"]
-        self.train_seconds = self.clock = state["train_seconds"]
+        self.train_seconds = state["train_seconds"]
+        self.eval_seconds = state.get("eval_seconds", 0.0)  # absent from checkpoints of older versions
+        self.clock = self.train_seconds + self.eval_seconds
         self.saved_config = state["config"]
         self._extend_past_budget()
 
@@ -229,7 +236,7 @@ class Trainer:
         (the budget unchanged) trains on to it without a budget: the extension the user asked for,
         recorded in the run's config.yaml. Raising max_time_minutes instead gives it a new budget."""
         t, saved = self.cfg.train, self.saved_config.get("train", {})
-        spent = t.max_time_minutes and self.train_seconds >= 60 * t.max_time_minutes
+        spent = t.max_time_minutes and self.clock >= 60 * t.max_time_minutes
         new_steps = t.max_steps != saved.get("max_steps", t.max_steps) and t.max_steps > self.step
         if spent and new_steps and t.max_time_minutes == saved.get("max_time_minutes"):
             self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, max_time_minutes=0.0))
@@ -339,7 +346,8 @@ class Trainer:
         # summed over ranks: [loss, any rank signalled, rank 0's clock, rank 0's checkpoint timer];
         # the grad norm (last) is already global
         main = float(env.is_main)
-        agreed = torch.tensor([float(self.stop_signal is not None), main * self.train_seconds,
+        agreed = torch.tensor([float(self.stop_signal is not None),
+                               main * (self.train_seconds + self.eval_seconds + self.final_eval_seconds),
                                main * self._checkpoint_timer_due()], dtype=torch.float64, device=env.device)
         stats = torch.cat([(loss_sum / self.accum).double().reshape(1), agreed, norm.double().reshape(1)])
         D.all_reduce_sum(stats[:4])
@@ -412,7 +420,8 @@ class Trainer:
         self._say(f"the run in {self.run_dir} already ended at step {self.step} ({reason}): nothing to train; "
                   "pass a larger --train.max_steps (or --train.max_time_minutes) with --resume to train on")
         return {"step": self.step, "stop_reason": reason, "val": val, "best_val_loss": self.best_val,
-                "skipped_steps": self.skipped_steps, "train_seconds": self.train_seconds, "diverged": False}
+                "skipped_steps": self.skipped_steps, "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
+                "diverged": False}
 
     def fit(self) -> dict[str, Any]:
         """Train until max_steps, the time budget or early stopping; returns a summary dict.
@@ -487,24 +496,29 @@ class Trainer:
                     if self.step % t.log_interval == 0 or self.step == t.max_steps:
                         elapsed = self.train_seconds - window_start
                         record = self._step_record(loss, norm, window_steps * tokens_per_step / max(elapsed, 1e-9))
-                        log.log_step(record)
+                        log.log_step(record, self.clock)
                         window_start, window_steps = self.train_seconds, 0
                     else:
-                        log.advance(self.step, self.train_seconds)
+                        log.advance(self.step, self.clock)
                     for fn in self.on_step:
                         fn(self, self.step)
                     if self.stop_requested:
                         raise TrainingInterrupted(self.stop_signal or signal.SIGTERM, self.step, self.save())
                     at_end = self.step >= t.max_steps
+                    t1 = time.perf_counter()
                     if ((t.eval_interval and self.step % t.eval_interval == 0) or self.clock >= next_eval) and not at_end:
                         last_eval = self._eval_and_track(log)
+                        self.final_eval_seconds = time.perf_counter() - t1
                         if eval_every:
                             next_eval = (math.floor(self.clock / eval_every) + 1) * eval_every
                     if ((t.checkpoint_interval and self.step % t.checkpoint_interval == 0) or self.save_due) and not at_end:
                         self.save()
+                    self.eval_seconds += time.perf_counter() - t1
+                t1 = time.perf_counter()
                 if last_eval is None or last_eval["step"] != self.step:
                     last_eval = self._eval_and_track(log)
                 saved = self.save()
+                self.eval_seconds += time.perf_counter() - t1
             if stop_reason == "early_stopping":
                 log.message(f"early stopping: no better val loss in {self.bad_evals} evaluations")
             if env.is_main and saved is None:
@@ -519,7 +533,8 @@ class Trainer:
             log.close()
             self.log = None
         return {"step": self.step, "stop_reason": stop_reason, "val": last_eval, "best_val_loss": self.best_val,
-                "skipped_steps": self.skipped_steps, "train_seconds": self.train_seconds, "diverged": diverged}
+                "skipped_steps": self.skipped_steps, "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
+                "diverged": diverged}
 
     def _step_record(self, loss: float, norm: float, tokens_per_s: float) -> dict[str, Any]:
         record = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm,
