@@ -125,7 +125,10 @@ def test_bad_device_names_the_flag(tree, capsys, monkeypatch, verb, device, need
     (["generate", "ckpt", "--prompt", "x", "--seed", str(2**64)], "--seed must be in [0, 2^64)"),
     (["generate", "ckpt", "--prompt", "x", "--seed", "-1"], "--seed must be in [0, 2^64)"),
     (["generate", "ckpt", "--prompt", "x", "--temperature", "nan"], "temperature must be a finite number"),
-    (["generate", "ckpt", "--prompt", "x", "--max-new-tokens", "64"], "leaves no room for a prompt"),
+    (["generate", "ckpt", "--prompt", "x", "--max-new-tokens", "64"], "--max-new-tokens 64 leaves no room for a prompt"),
+    # the flags, not the Python arguments (`truncate=True`), at the command line
+    (["generate", "ckpt", "--prompt", "x" * 70, "--max-new-tokens", "4"],
+     "prompt 0 has 70 tokens; with --max-new-tokens 4 that exceeds max_seq_len=64 (shorten it or pass --truncate"),
     (["generate", "user", "--prompt", "x"], "holds no checkpoint"),
     (["generate", "ckpt"], "the following arguments are required: --prompt"),
     (["generate", "ckpt", "--prompt", "x", "--top-k", "many"], "invalid int value"),

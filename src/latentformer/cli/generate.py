@@ -108,6 +108,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from latentformer.infer.generate import PromptTooLong
+
+    try:
+        return _run(args)
+    except PromptTooLong as e:
+        raise ValueError(e.worded("--max-new-tokens {}", "--truncate")) from None
+
+
+def _run(args: argparse.Namespace) -> int:
     from latentformer.infer.generate import generate
 
     model, tokenizer = load_from_args(args)
