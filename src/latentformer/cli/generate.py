@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 
@@ -107,16 +108,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt too long for the context")
 
 
-def run(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def flag_names():
+    """A prompt that does not fit the context, worded with the command's flags."""
     from latentformer.infer.generate import PromptTooLong
 
     try:
-        return _run(args)
+        yield
     except PromptTooLong as e:
         raise ValueError(e.worded("--max-new-tokens {}", "--truncate")) from None
 
 
-def _run(args: argparse.Namespace) -> int:
+@flag_names()
+def run(args: argparse.Namespace) -> int:
     from latentformer.infer.generate import generate
 
     model, tokenizer = load_from_args(args)
