@@ -125,7 +125,10 @@ def test_bad_device_names_the_flag(tree, capsys, monkeypatch, verb, device, need
     (["generate", "ckpt", "--prompt", "x", "--seed", str(2**64)], "--seed must be in [0, 2^64)"),
     (["generate", "ckpt", "--prompt", "x", "--seed", "-1"], "--seed must be in [0, 2^64)"),
     (["generate", "ckpt", "--prompt", "x", "--temperature", "nan"], "temperature must be a finite number"),
-    (["generate", "ckpt", "--prompt", "x", "--max-new-tokens", "64"], "leaves no room for a prompt"),
+    (["generate", "ckpt", "--prompt", "x", "--max-new-tokens", "64"], "--max-new-tokens 64 leaves no room for a prompt"),
+    # the flags, not the Python arguments (`truncate=True`), at the command line
+    (["generate", "ckpt", "--prompt", "x" * 70, "--max-new-tokens", "4"],
+     "prompt 0 has 70 tokens; with --max-new-tokens 4 that exceeds max_seq_len=64 (shorten it or pass --truncate"),
     (["generate", "user", "--prompt", "x"], "holds no checkpoint"),
     (["generate", "ckpt"], "the following arguments are required: --prompt"),
     (["generate", "ckpt", "--prompt", "x", "--top-k", "many"], "invalid int value"),
@@ -229,3 +232,19 @@ def test_usage_errors_are_one_line(tree, capsys, monkeypatch):
     for argv in (["bogus-verb"], ["prepare"], ["tokenizer", "decode", "x"], ["eval"]):
         rc, err = run_cli(capsys, monkeypatch, tree, argv)
         assert rc == 2 and err.count("\n") == 1 and "error: " in err and "--help" in err, err
+
+
+def test_stdout_closed_early_ends_quietly():
+    """`latentformer info --presets | head -1`: the reader is gone before the command writes; no
+    "Broken pipe" error, the status a shell gives a process ended by SIGPIPE."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(lf.__file__).parents[1])}
+    env.pop("LATENTFORMER_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "latentformer", "info", "--presets", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before the child has imported anything, so its first write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""

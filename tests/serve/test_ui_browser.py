@@ -177,3 +177,15 @@ def test_generate_stream_and_stop_in_chromium(app_url, browser, tmp_path):
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     if os.environ.get("LATENTFORMER_UI_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["LATENTFORMER_UI_SCREENSHOT"])
+
+
+def test_buttons_show_their_whole_labels_at_1400_px(app_url, browser):
+    """The primary button read "Gener…" in a 1400-px window: no label is cut."""
+    browser.set_window_size(1400, 1000)
+    browser.get(app_url)
+    WebDriverWait(browser, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".st-key-generate button"))
+    for key, label in (("generate", "Generate"), ("stop", "Stop"), ("clear", "Clear")):
+        button = browser.find_element(By.CSS_SELECTOR, f".st-key-{key} button")
+        cut = browser.execute_script(
+            "return [arguments[0], ...arguments[0].querySelectorAll('*')].some(e => e.scrollWidth > e.clientWidth)", button)
+        assert button.text == label and not cut, key

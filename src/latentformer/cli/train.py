@@ -174,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     if not is_main:
         return 0
     val = summary["val"]
-    print(f"done: {summary['step']} steps ({summary['stop_reason']}), {summary['train_seconds'] / 60:.1f} min training; "
+    print(f"done: {summary['step']} steps ({summary['stop_reason']}), {summary['train_seconds'] / 60:.1f} min training "
+          f"+ {summary['eval_seconds'] / 60:.1f} min evaluating and saving; "
           f"val loss {val['loss']:.4f}, ppl {format_ppl(val['perplexity'])}, {val['bpb']:.4f} bits/byte; run: {out}"
           + (" (diverged)" if summary["diverged"] else ""))
     if cfg.train.sample_tokens and not args.no_sample:

@@ -63,18 +63,33 @@ def generate(model: Transformer, tokenizer, prompts: str | list[str], max_new_to
     return texts[0] if single else texts
 
 
+class PromptTooLong(ValueError):
+    """A prompt that does not fit the context with `max_new_tokens` after it. The message names the
+    Python arguments; `worded(...)` names a caller's own (the CLI's flags)."""
+
+    def __init__(self, index: int, n_tokens: int, max_new_tokens: int, max_seq_len: int) -> None:
+        self.index, self.n_tokens, self.max_new_tokens, self.max_seq_len = index, n_tokens, max_new_tokens, max_seq_len
+        super().__init__(self.worded("max_new_tokens={}", "truncate=True"))
+
+    def worded(self, max_new_tokens: str, truncate: str) -> str:
+        """The message with `max_new_tokens` (a format with one {} for the value) and `truncate` as the
+        caller names them."""
+        new, room = max_new_tokens.format(self.max_new_tokens), self.max_seq_len - self.max_new_tokens
+        if room < 1:
+            return f"{new} leaves no room for a prompt within max_seq_len={self.max_seq_len}"
+        return (f"prompt {self.index} has {self.n_tokens} tokens; with {new} that exceeds max_seq_len={self.max_seq_len} "
+                f"(shorten it or pass {truncate} to keep its last {room} tokens)")
+
+
 def fit_prompt(ids: list[int], max_new_tokens: int, max_seq_len: int, truncate: bool, index: int = 0) -> list[int]:
     """The prompt's ids, checked (or, with `truncate`, cut from the left) so that prompt +
-    max_new_tokens fits the model's context."""
+    max_new_tokens fits the model's context; PromptTooLong otherwise."""
     room = max_seq_len - max_new_tokens
     if len(ids) <= room:
         return ids
-    if room < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt within max_seq_len={max_seq_len}")
-    if truncate:
+    if truncate and room >= 1:
         return ids[-room:]
-    raise ValueError(f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
-                     f"max_seq_len={max_seq_len} (shorten it or pass truncate=True to keep its last {room} tokens)")
+    raise PromptTooLong(index, len(ids), max_new_tokens, max_seq_len)
 
 
 @torch.inference_mode()

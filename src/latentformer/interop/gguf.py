@@ -11,6 +11,7 @@ wants, is not needed.
 
 from __future__ import annotations
 
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -79,8 +80,32 @@ def gguf_tokenizer(path: str | Path, hf_config: dict[str, Any]) -> Tokenizer | N
         return None
 
 
+# GGUF matrix types whose dequantized values bfloat16 holds within a small part of the source's own
+# quantization step: every block-quantized type of 8 bits or fewer, and bf16 and MXFP4 (whose values it
+# holds exactly; NOTES.md, "Interop")
+_BF16_ENOUGH = re.compile(r"BF16|MXFP4|I?Q[1-8](_[0-9A-Z]+)*|TQ[12]_0")
+
+
+def import_dtype(matrix_types: set[str]) -> torch.dtype:
+    """The checkpoint dtype that keeps a GGUF file's precision, from the types of its matrices
+    (GGMLQuantizationType names; 1-D tensors, always F32, do not count): bfloat16 when every matrix
+    is quantized (Q4_1, Q8_0, Q6_K, ...) or BF16, else float32 (an F32 source, and F16, whose values
+    bfloat16 would round to 3 fewer mantissa bits and float16 compute could overflow)."""
+    if matrix_types and all(_BF16_ENOUGH.fullmatch(t) for t in matrix_types):
+        return torch.bfloat16
+    return torch.float32
+
+
+def matrix_types(path: str | Path) -> set[str]:
+    """The GGMLQuantizationType names of a GGUF file's tensors of 2 or more dimensions."""
+    from gguf import GGUFReader
+
+    return {t.tensor_type.name for t in GGUFReader(str(path)).tensors if len(t.shape) >= 2}
+
+
 def import_gguf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
-    """(model, tokenizer or None) from a GGUF file; weights dequantized to fp32 (or `dtype`)."""
+    """(model, tokenizer or None) from a GGUF file, in `dtype`, by default the one that keeps the
+    source's precision (`import_dtype`)."""
     hf_cfg, tensors, _ = read_gguf(path)
-    model = model_from_hf(hf_cfg, tensors, str(path), dtype)
+    model = model_from_hf(hf_cfg, tensors, str(path), dtype or import_dtype(matrix_types(path)))
     return model, checked_tokenizer(gguf_tokenizer(path, hf_cfg), model.config)

@@ -35,13 +35,15 @@ Everything else (embeddings, norms, FFN/MoE, o_proj, output layer) is copied unc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
 from latentformer.config import ModelConfig
 from latentformer.model.transformer import Transformer
+
+Progress = Callable[[int, int], None]  # (done, total) of a phase
 
 # rows of the attention input kept per layer to estimate the latent's mean RMS (Sigma needs none)
 RMS_SAMPLE_ROWS = 4096
@@ -79,9 +81,10 @@ def mla_config(cfg: ModelConfig, rank: int) -> ModelConfig:
 
 @torch.no_grad()
 def calibration_stats(model: Transformer, tokens: torch.Tensor, seq_len: int = 512, batch: int = 8,
-                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                      progress: Progress | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (Sigma [d, d] float64 = sum x x^T, sample [<= RMS_SAMPLE_ROWS, d]) of the attention
-    inputs x of `model` over `tokens` [N] cut into windows of `seq_len`."""
+    inputs x of `model` over `tokens` [N] cut into windows of `seq_len`; `progress(done, total)`
+    after each batch of windows."""
     cfg = model.config
     seq_len = min(seq_len, cfg.max_seq_len)
     n = tokens.numel() // seq_len * seq_len
@@ -104,11 +107,14 @@ def calibration_stats(model: Transformer, tokens: torch.Tensor, seq_len: int = 5
     was_training = model.training
     model.eval()
     try:
-        for chunk in windows.split(batch):
+        chunks = windows.split(batch)
+        for done, chunk in enumerate(chunks, 1):
             try:
                 model(chunk.to(model.embed.weight.device))
             except _Stop:
                 pass
+            if progress is not None:
+                progress(done, len(chunks))
     finally:
         for h in hooks:
             h.remove()
@@ -193,18 +199,23 @@ def convert_attention(attn, src: ModelConfig, dst: ModelConfig, sigma: torch.Ten
 
 @torch.no_grad()
 def to_mla(model: Transformer, tokens: torch.Tensor, rank: int, *, balance: bool = True, seq_len: int = 512,
-           stats: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Transformer:
+           stats: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+           progress: Callable[[str], Progress] | None = None) -> Transformer:
     """The MLA model (same dtype and device as `model`) converted from `model` with calibration
-    `tokens` [N]; `stats` (from `calibration_stats`) may be given instead, to convert at several ranks."""
+    `tokens` [N]; `stats` (from `calibration_stats`) may be given instead, to convert at several ranks.
+    `progress(phase)` ("calibrating", "converting layers") returns the phase's `(done, total)` callback."""
     src = model.config
     dst = mla_config(src, rank)
     if stats is None:
-        stats = calibration_stats(model, tokens, seq_len)
+        stats = calibration_stats(model, tokens, seq_len, progress=progress and progress("calibrating"))
+    layers_done = progress and progress("converting layers")
     dtype, device = model.embed.weight.dtype, model.embed.weight.device
     state = {k: v for k, v in model.state_dict().items() if ".attn." not in k}
     for i, (layer, (sigma, sample)) in enumerate(zip(model.layers, stats)):
         for name, value in convert_attention(layer.attn, src, dst, sigma, sample, balance).items():
             state[f"layers.{i}.attn.{name}"] = value.to(dtype)
+        if layers_done:
+            layers_done(i + 1, len(model.layers))
     with torch.device("meta"):
         out = Transformer(dst)
     out.load_state_dict(state, strict=True, assign=True)

@@ -54,6 +54,9 @@ class TrainConfig:
     threads: int = 0  # CPU intra-op threads (0 = all cores)
     compile: bool = False
     activation_checkpointing: bool = False
+    # refuse, before building the model, a run whose estimated memory (train/memory.py) clearly
+    # exceeds what the device has available
+    memory_check: bool = True
     # bf16 autocast: carry the residual stream in bf16 instead of fp32 (Megatron's default): +2-4%
     # tokens/s and less memory on an H100, loss within 3e-4 of fp32 over 200 steps (NOTES.md, "Training");
     # not applied under fp16, whose range a residual stream can exceed
@@ -65,7 +68,9 @@ class TrainConfig:
     batch_tokens: int = 2048
     # length
     max_steps: int = 2000
-    max_time_minutes: float = 7.5  # training-time budget (the schedule anneals by it too); 0 = none
+    # time budget of the training loop: its steps, evaluations and checkpoint saves, the final
+    # evaluation included (the schedule anneals by it too); 0 = none
+    max_time_minutes: float = 7.5
     # optimizer
     lr: float = 2e-3
     min_lr: float = 1e-4  # floor of cosine / wsd

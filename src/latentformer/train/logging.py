@@ -112,7 +112,7 @@ class RunLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int,
                  progress: bool = True, tensorboard: bool = True, console: Console | None = None,
                  budget_seconds: float = 0.0) -> None:
-        """`budget_seconds`: the run's training-time budget (0 = none), for the ETA."""
+        """`budget_seconds`: the run's time budget (0 = none), for the ETA."""
         self.enabled = enabled
         self.budget_seconds = budget_seconds
         self.console = console or Console(stderr=True)
@@ -147,8 +147,9 @@ class RunLogger:
                     for i, imbalance in enumerate(value):
                         self._tb.add_scalar(f"moe/imbalance_layer{i}", imbalance, record["step"])
 
-    def log_step(self, record: dict[str, Any]) -> None:
-        """A training record (`step`, `loss`, `lr`, `tokens_per_s`, `elapsed_s` = training seconds, ...)."""
+    def log_step(self, record: dict[str, Any], spent_seconds: float) -> None:
+        """A training record (`step`, `loss`, `lr`, `tokens_per_s`, `elapsed_s` = training seconds, ...);
+        `spent_seconds`: the time counted against the budget so far (for the ETA)."""
         if not self.enabled:
             return
         self._write(record, "train")
@@ -156,14 +157,14 @@ class RunLogger:
         if record.get("mfu") is not None:
             info += f"  MFU {100 * record['mfu']:.1f}%"
         if self._bar is not None:
-            self.advance(record["step"], record["elapsed_s"], info=info)
+            self.advance(record["step"], spent_seconds, info=info)
         else:
             self.console.print(f"step {record['step']}  {info}", highlight=False, soft_wrap=True)
 
-    def advance(self, step: int, train_seconds: float, **fields: Any) -> None:
+    def advance(self, step: int, spent_seconds: float, **fields: Any) -> None:
         if self._bar is not None:
             if self.budget_seconds:
-                fields["budget_end"] = time.monotonic() + self.budget_seconds - train_seconds
+                fields["budget_end"] = time.monotonic() + self.budget_seconds - spent_seconds
             self._bar.update(self._task, completed=step, **fields)
 
     def log_eval(self, record: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -35,6 +36,7 @@ from latentformer.train import distributed as D
 from latentformer.train.config import RunConfig
 from latentformer.train.evaluate import evaluate
 from latentformer.train.logging import RunLogger, peak_flops
+from latentformer.train.memory import available_bytes, check_fits, training_bytes
 from latentformer.train.optim import build_optimizer
 from latentformer.train.schedule import lr_at, set_lr
 
@@ -106,6 +108,8 @@ class Trainer:
         self.accum = t.grad_accum(env.world_size)
         self.dtype = resolve_dtype(t.dtype, env.device)
 
+        if t.memory_check:
+            self._check_memory()
         # model, optimizer; state restored before wrapping so every rank starts identical
         seed_everything(t.seed)
         with torch.device(env.device):
@@ -116,9 +120,13 @@ class Trainer:
         self.bad_evals = 0
         self.skipped_steps = 0
         self.nonfinite_run = 0
-        self.train_seconds = 0.0  # step time (evals and saves excluded), rank 0's is saved
-        # rank 0's train_seconds as of the previous step, received by every rank in the step's
-        # reduction: the lr's time fraction and every time-based decision use it (see the module doc)
+        self.train_seconds = 0.0  # step time (evals and saves excluded; tokens/s), rank 0's is saved
+        # time in the loop's evaluations and checkpoint saves: the time budget counts it too
+        self.eval_seconds = 0.0
+        self.final_eval_seconds = 0.0  # the latest evaluation's duration: the final one's, expected
+        # rank 0's budget time as of the previous step (train_seconds + eval_seconds + the expected
+        # final evaluation, so that the run ends within its budget), received by every rank in the
+        # step's reduction: the lr's time fraction and every time-based decision use it (module doc)
         self.clock = 0.0
         self.stop_signal: int | None = None  # set by the SIGINT/SIGTERM handler during fit
         self.stop_requested = False  # some rank got a signal (agreed in the step's reduction)
@@ -158,6 +166,18 @@ class Trainer:
         self.peak = peak_flops(env.device)
         self.flops_per_token = self.model.flops_per_token(t.seq_len)
 
+    def _check_memory(self) -> None:
+        """Refuse (ValueError) a run that clearly will not fit the device's available memory."""
+        t, env = self.cfg.train, self.env
+        with torch.device("meta"):
+            n_params = Transformer(self.cfg.model).num_params()
+        estimate = training_bytes(self.cfg.model, n_params, micro_batch_size=t.micro_batch_size, seq_len=t.seq_len,
+                                  dtype=self.dtype, device_type=env.device.type,
+                                  activation_checkpointing=t.activation_checkpointing,
+                                  shards=env.world_size if self.sharded else 1)
+        check_fits(estimate, available_bytes(env.device), env.device,
+                   f"micro_batch_size {t.micro_batch_size} x seq_len {t.seq_len} in {self.dtype}")
+
     # -- state -----------------------------------------------------------------------------
     def _autocast(self):
         if self.dtype == "fp32":
@@ -176,6 +196,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "nonfinite_run": self.nonfinite_run,
             "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
             "config": self.cfg.to_dict(),
         }
 
@@ -204,7 +225,9 @@ class Trainer:
         self.bad_evals = state["bad_evals"]
         self.skipped_steps = state["skipped_steps"]
         self.nonfinite_run = state["nonfinite_run"]
-        self.train_seconds = self.clock = state["train_seconds"]
+        self.train_seconds = state["train_seconds"]
+        self.eval_seconds = state.get("eval_seconds", 0.0)  # absent from checkpoints of older versions
+        self.clock = self.train_seconds + self.eval_seconds
         self.saved_config = state["config"]
         self._extend_past_budget()
 
@@ -213,7 +236,7 @@ class Trainer:
         (the budget unchanged) trains on to it without a budget: the extension the user asked for,
         recorded in the run's config.yaml. Raising max_time_minutes instead gives it a new budget."""
         t, saved = self.cfg.train, self.saved_config.get("train", {})
-        spent = t.max_time_minutes and self.train_seconds >= 60 * t.max_time_minutes
+        spent = t.max_time_minutes and self.clock >= 60 * t.max_time_minutes
         new_steps = t.max_steps != saved.get("max_steps", t.max_steps) and t.max_steps > self.step
         if spent and new_steps and t.max_time_minutes == saved.get("max_time_minutes"):
             self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(t, max_time_minutes=0.0))
@@ -323,7 +346,8 @@ class Trainer:
         # summed over ranks: [loss, any rank signalled, rank 0's clock, rank 0's checkpoint timer];
         # the grad norm (last) is already global
         main = float(env.is_main)
-        agreed = torch.tensor([float(self.stop_signal is not None), main * self.train_seconds,
+        agreed = torch.tensor([float(self.stop_signal is not None),
+                               main * (self.train_seconds + self.eval_seconds + self.final_eval_seconds),
                                main * self._checkpoint_timer_due()], dtype=torch.float64, device=env.device)
         stats = torch.cat([(loss_sum / self.accum).double().reshape(1), agreed, norm.double().reshape(1)])
         D.all_reduce_sum(stats[:4])
@@ -366,8 +390,11 @@ class Trainer:
             self.stop_signal = signum
             signal.signal(signum, previous[signum])
             if self.env.is_main:
-                os.write(2, f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
-                            "(send it again to stop at once)\n".encode())
+                # stderr may be a pipe whose reader the same Ctrl-C ended (`2>&1 | tee log`): the
+                # save must not depend on this line being written
+                with contextlib.suppress(OSError):
+                    os.write(2, f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
+                                "(send it again to stop at once)\n".encode())
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.getsignal(sig) if signal.getsignal(sig) is not None else signal.SIG_DFL
@@ -393,18 +420,30 @@ class Trainer:
         self._say(f"the run in {self.run_dir} already ended at step {self.step} ({reason}): nothing to train; "
                   "pass a larger --train.max_steps (or --train.max_time_minutes) with --resume to train on")
         return {"step": self.step, "stop_reason": reason, "val": val, "best_val_loss": self.best_val,
-                "skipped_steps": self.skipped_steps, "train_seconds": self.train_seconds, "diverged": False}
+                "skipped_steps": self.skipped_steps, "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
+                "diverged": False}
 
     def fit(self) -> dict[str, Any]:
         """Train until max_steps, the time budget or early stopping; returns a summary dict.
 
         Raises NonFiniteError (too many non-finite steps in a row, or a non-finite end state, which
         is not saved) and TrainingInterrupted (SIGINT/SIGTERM, after saving at the step boundary)."""
-        t, env = self.cfg.train, self.env
+        env = self.env
         if self.resumed_from is not None and (reason := self.finished()) is not None:
             return self._already_finished(reason)
+        # a new run that ends in an error before saving anything leaves no run directory behind
+        created = env.is_main and not self.run_dir.exists()
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._fit()
+        except BaseException:
+            if created and not ckpt.step_dirs(self.run_dir) and not (self.run_dir / "checkpoints" / "best").is_dir():
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def _fit(self) -> dict[str, Any]:
+        t, env = self.cfg.train, self.env
         # the logger first: it checks the run's metrics.jsonl before anything in the run is rewritten
         log = self.log = RunLogger(self.run_dir, enabled=env.is_main, total_steps=t.max_steps, start_step=self.step,
                                    progress=t.progress, tensorboard=t.tensorboard, budget_seconds=60 * t.max_time_minutes)
@@ -457,24 +496,29 @@ class Trainer:
                     if self.step % t.log_interval == 0 or self.step == t.max_steps:
                         elapsed = self.train_seconds - window_start
                         record = self._step_record(loss, norm, window_steps * tokens_per_step / max(elapsed, 1e-9))
-                        log.log_step(record)
+                        log.log_step(record, self.clock)
                         window_start, window_steps = self.train_seconds, 0
                     else:
-                        log.advance(self.step, self.train_seconds)
+                        log.advance(self.step, self.clock)
                     for fn in self.on_step:
                         fn(self, self.step)
                     if self.stop_requested:
                         raise TrainingInterrupted(self.stop_signal or signal.SIGTERM, self.step, self.save())
                     at_end = self.step >= t.max_steps
+                    t1 = time.perf_counter()
                     if ((t.eval_interval and self.step % t.eval_interval == 0) or self.clock >= next_eval) and not at_end:
                         last_eval = self._eval_and_track(log)
+                        self.final_eval_seconds = time.perf_counter() - t1
                         if eval_every:
                             next_eval = (math.floor(self.clock / eval_every) + 1) * eval_every
                     if ((t.checkpoint_interval and self.step % t.checkpoint_interval == 0) or self.save_due) and not at_end:
                         self.save()
+                    self.eval_seconds += time.perf_counter() - t1
+                t1 = time.perf_counter()
                 if last_eval is None or last_eval["step"] != self.step:
                     last_eval = self._eval_and_track(log)
                 saved = self.save()
+                self.eval_seconds += time.perf_counter() - t1
             if stop_reason == "early_stopping":
                 log.message(f"early stopping: no better val loss in {self.bad_evals} evaluations")
             if env.is_main and saved is None:
@@ -489,7 +533,8 @@ class Trainer:
             log.close()
             self.log = None
         return {"step": self.step, "stop_reason": stop_reason, "val": last_eval, "best_val_loss": self.best_val,
-                "skipped_steps": self.skipped_steps, "train_seconds": self.train_seconds, "diverged": diverged}
+                "skipped_steps": self.skipped_steps, "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
+                "diverged": diverged}
 
     def _step_record(self, loss: float, norm: float, tokens_per_s: float) -> dict[str, Any]:
         record = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm,
