@@ -116,14 +116,22 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_http(app, engine, sock: socket.socket, limits: dict) -> None:
+def serve_http(app, engine, sock: socket.socket, limits: dict) -> bool:
     """Run uvicorn on `app`, accepting on `sock` (shared by every HTTP process), until SIGINT/SIGTERM
-    or until `engine`'s process is gone."""
+    or until `engine`'s process is lost; True if that is why it stopped."""
+    import threading
+
     from latentformer.serve.server import Server
 
-    server = Server(app, **limits)
-    engine.on_lost = lambda: setattr(server, "should_exit", True)
+    server, lost = Server(app, **limits), threading.Event()
+
+    def on_lost() -> None:
+        lost.set()
+        server.should_exit = True
+
+    engine.on_lost = on_lost
     server.run(sockets=[sock])
+    return lost.is_set()
 
 
 def _http_process(parent: int, sock: socket.socket, channel, path: str, name: str, api_key: str | None,
@@ -198,8 +206,7 @@ def run(args: argparse.Namespace) -> int:
         p.start()
         channel.close()
     try:
-        serve_http(app, engine, sock, limits)
-        if not engine.alive:  # a supervisor restarts the server; a live one failing every request helps nobody
+        if serve_http(app, engine, sock, limits):  # a supervisor restarts the server; a live one failing every request helps nobody
             code = engine.exitcode
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
             print(f"latentformer serve: error: the engine process stopped ({how}); the server stops too",

@@ -631,6 +631,8 @@ class _HttpProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, reason: str, message: str) -> None:
         self._refused = True
         self._disarm()
+        if self.transport.is_closing():  # uvicorn refused it already (a parse error)
+            return
         body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
                                      "param": None, "code": None}}).encode()
         self.transport.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
