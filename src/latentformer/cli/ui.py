@@ -2,12 +2,14 @@
 
 The arguments are checked here, before Streamlit starts (a bad PATH or URL is one line and
 exit 1); then `streamlit run` runs the app in a child process, headless, bound to loopback, with
-usage statistics, the file watcher and the developer toolbar off: nothing calls out.
+usage statistics, the file watcher and the developer toolbar off: nothing calls out. The server's
+API key reaches the child in its environment (LATENTFORMER_API_KEY), never on its command line.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from latentformer.cli.generate import add_model_arguments, check_device
+from latentformer.cli.serve import API_KEY_ENV, add_api_key_arguments, api_key
 
 HELP = "a web playground for a checkpoint or a running server (Streamlit, on 127.0.0.1)"
 
@@ -27,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default: 8501)")
     parser.add_argument("--server", metavar="URL", default=None,
                         help="generate with a running `latentformer serve` at URL instead (PATH then only feeds the model card)")
-    parser.add_argument("--api-key", default=None, metavar="KEY", help="the server's API key (with --server)")
+    add_api_key_arguments(parser, f"the server's API key, with --server (default: ${API_KEY_ENV})")
 
 
 def streamlit_command(args: argparse.Namespace) -> list[str]:
@@ -37,10 +40,17 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
              "browser.gatherUsageStats": "false", "server.fileWatcherType": "none", "server.runOnSave": "false",
              "client.toolbarMode": "minimal", "global.developmentMode": "false"}
     app_args = [str(Path(args.path).resolve())] if args.path else []
-    for name in ("server", "api_key", "device", "dtype"):
+    for name in ("server", "device", "dtype"):
         if getattr(args, name):
             app_args += [f"--{name.replace('_', '-')}", getattr(args, name)]
     return [sys.executable, "-m", "streamlit", "run", *(f"--{k}={v}" for k, v in flags.items()), str(app), "--", *app_args]
+
+
+def streamlit_env(args: argparse.Namespace) -> dict[str, str]:
+    """The child's environment: ours, with the API key of --api-key / --api-key-file / the environment."""
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    key = api_key(args)
+    return env | ({API_KEY_ENV: key} if key else {})
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -71,7 +81,7 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     print(f"latentformer ui: http://{HOST}:{args.port} (Ctrl-C stops)", flush=True)
-    child = subprocess.Popen(streamlit_command(args))
+    child = subprocess.Popen(streamlit_command(args), env=streamlit_env(args))
     # SIGTERM to this process ends the app too (Ctrl-C reaches both: they share the terminal)
     signal.signal(signal.SIGTERM, lambda *_: child.terminate())
     try:

@@ -1,18 +1,26 @@
 """An OpenAI-compatible HTTP API (FastAPI) over the continuous-batching engine.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both also as server-sent events
-with `"stream": true`, ending in `data: [DONE]`), GET /v1/models, GET /health.
+with `"stream": true`, ending in `data: [DONE]`), GET /v1/models, GET /metrics (Prometheus),
+GET /health (no API key needed: 200 while the engine runs, 503 once it has gone).
 
 Requests are validated strictly (pydantic strict mode: no "5" for 5, no 0 for false); every
 rejection is a 4xx in OpenAI's error shape {"error": {"message", "type", "param", "code"}}:
-400 for bad JSON, non-UTF-8 bodies, wrong types or ranges, n != 1, a known OpenAI parameter
-this server does not implement (logprobs, echo, penalties, tools, ...: named in the message),
-and prompts that do not fit the context (code "context_length_exceeded"; prompts are never
-truncated silently); 401 without the API key; 404 for another model name; 413 for bodies over
-`max_body_bytes`; 429 when the engine's queue is full. Unknown fields are ignored.
+400 for bad JSON (also nested too deep, or an integer literal too long), non-UTF-8 bodies, wrong
+types or ranges, a known OpenAI parameter this server does not implement (logprobs, penalties,
+tools, ...: named in the message), and prompts that do not fit the context (code
+"context_length_exceeded"; prompts are never truncated silently); 401 without the API key; 404
+for another model name; 413 for bodies over `max_body_bytes`; 429 (with Retry-After) when the
+engine's queue is full; 503 when the engine has gone or the server is shutting down. Unknown
+fields are ignored. `n` > 1 runs n requests in the engine (a given seed is offset per choice);
+`echo` (completions) puts the prompt before the text.
 
 `max_tokens` left out: 16 for completions (OpenAI's default), the rest of the context for chat;
 either is cut to the room the prompt leaves. A given `max_tokens` that does not fit is an error.
+
+Every request but /health and /metrics is one log line (logger "latentformer.serve", INFO): id,
+status, method and path, prompt and completion tokens, time to first token (streams), duration.
+`Server` runs the app under uvicorn with the limits a server on a network needs (see `Server`).
 """
 
 from __future__ import annotations
@@ -20,25 +28,39 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from latentformer.infer.chat import chat_stops, check_messages, has_template, render_chat
 from latentformer.infer.engine import Engine, Event, QueueFull, Request
-from latentformer.serve.worker import EngineProcess
+from latentformer.serve.worker import EngineClient, EngineProcess
+
+log = logging.getLogger("latentformer.serve")
 
 MAX_BODY_BYTES = 1 << 20
+MAX_HEADER_BYTES = 64 << 10  # request line + headers; nginx's large_client_header_buffers allow 4 x 8 KiB
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MAX_STOPS = 4  # as OpenAI
+MAX_N = 128  # as OpenAI
+RETRY_AFTER_SECONDS = 1  # a full queue drains in about a request's time
+SHUTDOWN = "the server is shutting down"
+UNAUTHENTICATED = {"/health"}  # liveness probes carry no key
 
-# OpenAI parameters this server does not implement, with the values that mean "off" (accepted)
+# OpenAI parameters this server does not implement, with the values that mean "off" (accepted);
+# echo is implemented for completions (a field of CompletionRequest) and stays refused for chat
 UNSUPPORTED: dict[str, tuple] = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
     "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}), "suffix": (None, ""),
@@ -49,17 +71,19 @@ UNSUPPORTED: dict[str, tuple] = {
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error") -> None:
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.param, self.code, self.type)
+        return error_response(self.status, self.message, self.param, self.code, self.type, self.headers)
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   type: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
+                   type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status,
+                        headers=headers)
 
 
 # -- request schemas ----------------------------------------------------------------------------
@@ -80,13 +104,14 @@ class _Sampling(_Strict):
     top_p: float | None = Field(None, ge=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # OpenAI's int64; taken mod 2^64: one seed, one stream
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_N)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str]
+    echo: bool | None = None
 
 
 class ChatRequest(_Sampling):
@@ -110,30 +135,124 @@ def _parse(schema: type[_Sampling], body: dict) -> _Sampling:
     for name, value in (req.model_extra or {}).items():
         if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
             raise ApiError(400, f"{name} is not supported by this server", name)
-    if req.n not in (None, 1):
-        raise ApiError(400, "only n=1 is supported", "n")
     return req
+
+
+# -- metrics and the log line of a request --------------------------------------------------------
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+class Metrics:
+    """The app's Prometheus metrics, in a registry of its own (several apps may share a process).
+    Running/waiting count every HTTP process's requests (the engine's count is shared); the
+    counters and histograms are this process's."""
+
+    def __init__(self, engine: Engine | EngineClient) -> None:
+        r = self.registry = CollectorRegistry()
+        Gauge("latentformer_requests_running", "requests in the decode batch", registry=r).set_function(lambda: engine.active)
+        Gauge("latentformer_requests_waiting", "requests waiting for a row of the batch", registry=r).set_function(
+            lambda: engine.queued)
+        Gauge("latentformer_batch_rows", "rows of the decode batch, preallocated in the cache (--max-batch)",
+              registry=r).set(engine.max_batch)
+        Gauge("latentformer_cache_usage_ratio", "share of the cache's rows in use", registry=r).set_function(
+            lambda: engine.active / engine.max_batch)
+        self.requests = Counter("latentformer_requests", "HTTP requests answered, by status", ["status"], registry=r)
+        self.prompt_tokens = Counter("latentformer_prompt_tokens", "prompt tokens of the requests run", registry=r)
+        self.generation_tokens = Counter("latentformer_generation_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram("latentformer_time_to_first_token_seconds", "arrival to first text of a stream",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("latentformer_inter_token_latency_seconds", "time between a stream's tokens",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.duration = Histogram("latentformer_request_duration_seconds", "arrival to last byte of a request",
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+
+
+@dataclass
+class _Record:
+    """What one request's log line says; the middleware makes it, the handlers fill it in."""
+
+    start: float
+    id: str
+    status: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft: float | None = None
+    note: str = ""
+
+    def line(self, method: str, path: str, duration: float) -> str:
+        ttft = "-" if self.ttft is None else f"{self.ttft:.3f}s"
+        return (f"{self.id} {self.status} {method} {path} prompt_tokens={self.prompt_tokens} "
+                f"completion_tokens={self.completion_tokens} ttft={ttft} duration={duration:.3f}s"
+                + (f" ({self.note})" if self.note else ""))
+
+
+class _Tokens:
+    """Per-choice token times of one request, for the TTFT and inter-token metrics (streams)."""
+
+    def __init__(self, record: _Record, metrics: Metrics, n: int, stream: bool) -> None:
+        self.record, self.metrics, self.stream = record, metrics, stream
+        self.counts, self.times = [0] * n, [record.start] * n
+
+    def observe(self, i: int, event: Event) -> None:
+        now, new = time.monotonic(), event.completion_tokens - self.counts[i]
+        if self.stream and new > 0:
+            if self.counts[i] > 0:  # the tokens that came together share the gap since the last ones
+                for _ in range(new):
+                    self.metrics.itl.observe((now - self.times[i]) / new)
+            elif self.record.ttft is None:
+                self.record.ttft = now - self.record.start
+                self.metrics.ttft.observe(self.record.ttft)
+        self.counts[i], self.times[i] = max(self.counts[i], event.completion_tokens), now
 
 
 # -- the app ------------------------------------------------------------------------------------
 class _Guard:
-    """ASGI middleware: the API key (401) and the body-size limit by Content-Length (413) before any
-    handler runs; the handlers also count the bytes of bodies sent without a length."""
+    """ASGI middleware around every request: the API key (401; not for /health) and the body-size
+    limit by Content-Length (413) before any handler runs (the handlers also count the bytes of
+    bodies sent without a length); an unexpected exception becomes a 500 in OpenAI's shape on a
+    connection that stays open (logged with its traceback: a bug), a request cancelled by
+    shutdown ends quietly; then the request's log line and metrics."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: Metrics) -> None:
+        self.app, self.api_key, self.max_body_bytes, self.metrics = app, api_key, max_body_bytes, metrics
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            headers = dict(scope["headers"])
-            if self.api_key is not None:
-                given = headers.get(b"authorization", b"").decode("latin-1")
-                if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                    return await error_response(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                                                code="invalid_api_key")(scope, receive, send)
-            length = headers.get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_body_bytes:
-                return await _too_large(self.max_body_bytes).response()(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        record = scope["latentformer"] = _Record(time.monotonic(), f"req-{uuid.uuid4().hex[:16]}")
+        started = False
+
+        async def send_status(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started, record.status = True, message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_status)
+        except asyncio.CancelledError:  # uvicorn's graceful-shutdown timeout: the reply cannot be finished
+            record.status, record.note = record.status or 499, "cancelled at shutdown"
+        except Exception:  # noqa: BLE001 - a bug: its traceback, and a reply that keeps the connection
+            log.exception("%s: internal error", record.id)
+            if not started:
+                await error_response(500, "internal error", type="server_error")(scope, receive, send_status)
+        path = scope["path"]
+        if path not in ("/health", "/metrics"):
+            duration = time.monotonic() - record.start
+            self.metrics.requests.labels(str(record.status)).inc()
+            self.metrics.duration.observe(duration)
+            log.info(record.line(scope["method"], path, duration))
+
+    async def _guarded(self, scope, receive, send) -> None:
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"] not in UNAUTHENTICATED:
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return await error_response(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                            code="invalid_api_key")(scope, receive, send)
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return await _too_large(self.max_body_bytes).response()(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -141,13 +260,20 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
 
 
+def _engine_up(engine: Engine | EngineClient) -> bool:
+    return engine.alive if isinstance(engine, EngineClient) else True
+
+
 def create_app(engine: Engine | EngineProcess, model_name: str, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving `engine`'s model as `model_name` (an `Engine` in this process, or the
     `EngineProcess` that `latentformer serve` runs). Its lifespan starts the engine and hands it
-    this event loop for delivering tokens (one wake-up per decode step)."""
+    this event loop for delivering tokens (one wake-up per decode step). `app.state.abort()` ends
+    every request in flight with an error (what `Server` does when its drain time is up)."""
     tokenizer, context = engine.tokenizer, engine.context
     created = int(time.time())
+    metrics = Metrics(engine)
+    inflight: set[Request] = set()
 
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
@@ -164,7 +290,14 @@ def create_app(engine: Engine | EngineProcess, model_name: str, api_key: str | N
             await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="latentformer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+
+    def abort() -> None:
+        for job in list(inflight):
+            engine.cancel(job)
+            job.sink(Event("", "error", 0, SHUTDOWN))
+
+    app.state.abort = abort
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
@@ -174,23 +307,25 @@ def create_app(engine: Engine | EngineProcess, model_name: str, api_key: str | N
     async def _http_error(_, e: StarletteHTTPException):
         return error_response(e.status_code, str(e.detail), code=None)
 
-    @app.exception_handler(Exception)
-    async def _internal(_, e: Exception):
-        return error_response(500, f"internal error: {type(e).__name__}", type="server_error")
-
     async def read_json(http: HTTPRequest) -> dict:
         body = bytearray()
-        async for chunk in http.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                raise _too_large(max_body_bytes)
+        try:
+            async for chunk in http.stream():
+                body += chunk
+                if len(body) > max_body_bytes:
+                    raise _too_large(max_body_bytes)
+        except ClientDisconnect:  # went away, or cut by the server's read timeout: nobody reads a reply
+            http.scope["latentformer"].note = "the connection closed before the request body arrived"
+            raise ApiError(499, "the connection closed before the request body arrived") from None
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ApiError(400, f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError as e:
+        except RecursionError:
+            raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
+        except ValueError as e:  # JSONDecodeError, or an integer literal over Python's digit limit
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(obj, dict):
             raise ApiError(400, "the request body must be a JSON object")
@@ -219,28 +354,59 @@ def create_app(engine: Engine | EngineProcess, model_name: str, api_key: str | N
             raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them", "stop")
         return stops
 
-    async def run(http: HTTPRequest, req: _Sampling, ids: list[int], max_tokens: int, stops: list[str], chat: bool):
-        queue: asyncio.Queue[Event] = asyncio.Queue()
+    def submit(jobs: list[Request]) -> None:
+        """All of `jobs` into the engine, or none."""
+        for k, job in enumerate(jobs):
+            try:
+                engine.submit(job)
+            except (QueueFull, RuntimeError) as e:
+                for taken in jobs[:k]:
+                    engine.cancel(taken)
+                if isinstance(e, QueueFull):
+                    raise ApiError(429, f"the server is busy: {e}; retry later", code="rate_limit_exceeded",
+                                   type="rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+                raise ApiError(503, f"the engine is not running ({e})", code="engine_error", type="server_error") from None
+
+    async def run(http: HTTPRequest, req: _Sampling, ids: list[int], max_tokens: int, stops: list[str], chat: bool,
+                  echo: str = ""):
+        n = req.n or 1
+        if n > engine.max_batch + engine.max_queue:
+            raise ApiError(400, f"n={n} exceeds the {engine.max_batch + engine.max_queue} requests this server holds "
+                                "at once (--max-batch + --max-queue)", "n")
+        record: _Record = http.scope["latentformer"]
+        record.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        record.prompt_tokens = len(ids)
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         temperature = 1.0 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
         if top_p == 0:  # only the most likely token is left
             temperature, top_p = 0.0, 1.0
         try:
-            job = Request(ids, max_tokens, queue.put_nowait, temperature, top_p,
-                          None if req.seed is None else req.seed % 2**64, stops, stream=bool(req.stream))
+            jobs = [Request(ids, max_tokens, lambda event, i=i: queue.put_nowait((i, event)), temperature, top_p,
+                            None if req.seed is None else (req.seed + i) % 2**64, stops, stream=bool(req.stream))
+                    for i in range(n)]
         except ValueError as e:  # sampling settings no distribution can follow (e.g. top_p below float32's range)
             raise ApiError(400, str(e), str(e).split()[0]) from None
-        try:
-            engine.submit(job)
-        except QueueFull as e:
-            raise ApiError(429, f"the server is busy: {e}; retry later", code="rate_limit_exceeded", type="rate_limit_error") from None
-        meta = dict(id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()), model=model_name,
+        submit(jobs)
+        inflight.update(jobs)
+        metrics.prompt_tokens.inc(len(ids) * n)
+        tokens = _Tokens(record, metrics, n, bool(req.stream))
+        meta = dict(id=record.id, created=int(time.time()), model=model_name,
                     object="chat.completion" if chat else "text_completion")
+
+        def done() -> None:  # the request's end, however it ends
+            for job in jobs:
+                engine.cancel(job)  # a no-op for a finished request; frees the row of one whose client went away
+            inflight.difference_update(jobs)
+            record.completion_tokens = sum(tokens.counts)
+            metrics.generation_tokens.inc(record.completion_tokens)
+
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(engine, job, queue, meta, chat, usage, len(ids)), media_type="text/event-stream",
+            return StreamingResponse(_stream(queue, tokens, done, meta, chat, usage, len(ids), echo),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(http, engine, job, queue, meta, chat, len(ids))
+        return await _complete(http, queue, tokens, done, meta, chat, len(ids), echo)
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
@@ -258,7 +424,8 @@ def create_app(engine: Engine | EngineProcess, model_name: str, api_key: str | N
                 raise ApiError(400, f"a token-id prompt must be a non-empty list of ids in [0, {tokenizer.vocab_size})", "prompt")
             ids = list(prompt)
         max_tokens = fit(ids, req.max_tokens, DEFAULT_COMPLETION_TOKENS)
-        return await run(http, req, ids, max_tokens, stops_of(req), chat=False)
+        echo = (prompt if isinstance(prompt, str) else tokenizer.decode(ids)) if req.echo else ""
+        return await run(http, req, ids, max_tokens, stops_of(req), chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HTTPRequest):
@@ -280,9 +447,15 @@ def create_app(engine: Engine | EngineProcess, model_name: str, api_key: str | N
             "context_length": context, "attention": engine.config.attention,
             "chat_template": has_template(tokenizer), "base_model": not has_template(tokenizer)}]}
 
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "active": engine.active, "queued": engine.queued, "max_batch": engine.max_batch}
+        if not _engine_up(engine):
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return {"status": "ok"}
 
     return app
 
@@ -311,83 +484,236 @@ async def _until_disconnect(http: HTTPRequest) -> None:
         pass
 
 
-async def _collect(queue: asyncio.Queue) -> tuple[str, Event]:
-    pieces = []
-    while True:
-        event = await queue.get()
-        pieces.append(event.text)
-        if event.finish_reason:
-            return "".join(pieces), event
+async def _collect(queue: asyncio.Queue, tokens: _Tokens) -> list[tuple[str, Event]]:
+    """Every choice's text and last event."""
+    n = len(tokens.counts)
+    pieces: list[list[str]] = [[] for _ in range(n)]
+    last: list[Event | None] = [None] * n
+    while None in last:
+        i, event = await queue.get()
+        if last[i] is None:
+            tokens.observe(i, event)
+            pieces[i].append(event.text)
+            if event.finish_reason:
+                last[i] = event
+    return [("".join(p), e) for p, e in zip(pieces, last)]
 
 
-async def _complete(http: HTTPRequest, engine: Engine, job: Request, queue: asyncio.Queue, meta: dict, chat: bool, prompt_tokens: int):
+async def _complete(http: HTTPRequest, queue: asyncio.Queue, tokens: _Tokens, done, meta: dict, chat: bool,
+                    prompt_tokens: int, echo: str):
     """The whole completion as one JSON object; a client that goes away cancels its request."""
-    collect, gone = asyncio.ensure_future(_collect(queue)), asyncio.ensure_future(_until_disconnect(http))
+    collect, gone = asyncio.ensure_future(_collect(queue, tokens)), asyncio.ensure_future(_until_disconnect(http))
     try:
-        done, _ = await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finished, _ = await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not collect.done():
-            collect.cancel()
-            engine.cancel(job)
-    if collect not in done:
-        return JSONResponse({}, status_code=499)  # the client went away: nobody reads this
-    text, last = collect.result()
-    if last.finish_reason == "error":
-        raise _engine_error(last)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": last.finish_reason, "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    return {**meta, "choices": [choice], "usage": _usage(prompt_tokens, last.completion_tokens)}
+        collect.cancel()
+        done()
+    if collect not in finished:
+        tokens.record.note = "client went away"
+        return JSONResponse({}, status_code=499)  # nobody reads this
+    results = collect.result()
+    for _, last in results:
+        if last.finish_reason == "error":
+            raise _engine_error(last)
+    choices = []
+    for i, (text, last) in enumerate(results):
+        choice: dict[str, Any] = {"index": i, "finish_reason": last.finish_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = echo + text
+        choices.append(choice)
+    return {**meta, "choices": choices, "usage": _usage(prompt_tokens, sum(last.completion_tokens for _, last in results))}
 
 
 def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _stream(engine: Engine, job: Request, queue: asyncio.Queue, meta: dict, chat: bool, usage: bool, prompt_tokens: int):
-    """Server-sent events: one chunk per delivery (increments that queued up meanwhile are sent
-    together), the finish_reason in the last, then optional usage and `data: [DONE]`. Closing the
-    connection cancels the generator here and so the request in the engine."""
+async def _stream(queue: asyncio.Queue, tokens: _Tokens, done, meta: dict, chat: bool, usage: bool, prompt_tokens: int,
+                  echo: str):
+    """Server-sent events: one chunk per choice per delivery (increments that queued up meanwhile
+    are sent together), the finish_reason in a choice's last, then optional usage and
+    `data: [DONE]`. An error (the engine's, or shutdown's) is an error event, then [DONE]. Closing
+    the connection cancels the generator here and so the requests in the engine."""
+    n = len(tokens.counts)
     meta = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
     # the common chunk (text, no finish_reason) is formatted from fixed parts: it is sent once per
     # token per client, the server's main cost per token after the model
-    head = "data: " + json.dumps(meta)[:-1] + ', "choices": [{"index": 0, ' + ('"delta": {"content": ' if chat else '"text": ')
+    prefix = "data: " + json.dumps(meta)[:-1] + ', "choices": [{"index": '
+    heads = [prefix + f'{i}, ' + ('"delta": {"content": ' if chat else '"text": ') for i in range(n)]
     tail = ("}" if chat else "") + ', "finish_reason": null, "logprobs": null}]' + (', "usage": null' if usage else "") + "}\n\n"
 
-    def chunk(text: str | None, reason: str | None, role: bool = False) -> str:
+    def chunk(i: int, text: str | None, reason: str | None, role: bool = False) -> str:
         if text and reason is None and not role:
-            return head + json.dumps(text, ensure_ascii=False) + tail
+            return heads[i] + json.dumps(text, ensure_ascii=False) + tail
         if chat:
             delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+            choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": None}
         return _sse({**meta, "choices": [choice]} | ({"usage": None} if usage else {}))
 
     try:
-        if chat:
-            yield chunk(None, None, role=True)
-        while True:
-            events = [await queue.get()]
-            while not events[-1].finish_reason and not queue.empty():
-                events.append(queue.get_nowait())
-            last, text = events[-1], "".join(e.text for e in events)
-            if last.finish_reason == "error":
-                e = _engine_error(last)
-                yield _sse({"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}})
-                break
-            if text and last.finish_reason:
-                yield chunk(text, None)
-                text = ""
-            if text or last.finish_reason:
-                yield chunk(text if text or not chat else None, last.finish_reason)
-            if last.finish_reason:
-                if usage:
-                    yield _sse({**meta, "choices": [], "usage": _usage(prompt_tokens, last.completion_tokens)})
-                break
+        for i in range(n):
+            if chat:
+                yield chunk(i, None, None, role=True)
+            elif echo:
+                yield chunk(i, echo, None)
+        finished: list[Event | None] = [None] * n
+        while None in finished:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            by_choice: dict[int, list[Event]] = {}
+            for i, event in items:
+                if finished[i] is None and not (by_choice.get(i) and by_choice[i][-1].finish_reason):
+                    tokens.observe(i, event)
+                    by_choice.setdefault(i, []).append(event)
+            for i, events in by_choice.items():
+                last, text = events[-1], "".join(e.text for e in events)
+                if last.finish_reason == "error":
+                    e = _engine_error(last)
+                    yield _sse({"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}})
+                    yield _sse("[DONE]")
+                    return
+                if text and last.finish_reason:
+                    yield chunk(i, text, None)
+                    text = ""
+                if text or last.finish_reason:
+                    yield chunk(i, text if text or not chat else None, last.finish_reason)
+                if last.finish_reason:
+                    finished[i] = last
+        if usage:
+            yield _sse({**meta, "choices": [], "usage": _usage(prompt_tokens, sum(e.completion_tokens for e in finished))})
         yield _sse("[DONE]")
     finally:
-        engine.cancel(job)  # a no-op for a finished request; frees the row of one whose client went away
+        done()
+
+
+# -- uvicorn, with the limits of a server on a network ---------------------------------------------
+class _HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits it lacks (h11's `h11_max_incomplete_event_size`
+    has no httptools counterpart). `max_header_bytes`: a request line and headers over it get 431
+    and a closed connection; counted as the bytes arrive, so a 60 MiB header is refused after about
+    this much (httptools would buffer it whole). `read_timeout`: a request must arrive whole within
+    that many seconds of its first byte; if not, its connection is closed (a 408 when its headers
+    were incomplete; a handler waiting for the body sees a disconnect). A connection that never
+    sends a byte is closed after the same time, silently. `max_connections`: a request on a
+    connection beyond that many is answered 503 (in OpenAI's shape) and its connection closed, so
+    that idle or slow clients cannot use up the process's file descriptors. Each refusal is one
+    warning line."""
+
+    max_header_bytes = MAX_HEADER_BYTES
+    read_timeout = 30.0
+    max_connections = 1024
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._header_bytes, self._exact, self._in_headers, self._refused = 0, 0, False, False
+        self._deadline: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.read_timeout, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _peer(self) -> str:
+        return "%s:%d" % self.client if self.client else "a client"
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        self._refused = True
+        self._disarm()
+        if self.transport.is_closing():  # uvicorn refused it already (a parse error)
+            return
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+                                     "param": None, "code": None}}).encode()
+        self.transport.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                             "connection: close\r\n\r\n".encode() + body)
+        self.transport.close()
+        log.warning("%s %s: %s", self._peer(), status, message)
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if self._refused or self.transport.is_closing():
+            return
+        if self._in_headers:
+            return self._refuse(408, "Request Timeout", f"the request did not arrive within {self.read_timeout:g} s")
+        self.transport.close()  # nothing sent (quietly), or a body that stopped: its handler logs it
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._arm()
+        super().data_received(data)
+        if self._in_headers and not self._refused:  # all of `data` was headers, still incomplete
+            self._header_bytes += len(data)
+            if self._header_bytes > self.max_header_bytes:
+                self._refuse(431, "Request Header Fields Too Large", f"the request's headers exceed {self.max_header_bytes} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers, self._header_bytes = True, 0
+        self._exact = 0  # the parsed request line and headers (exact once they are complete)
+
+    def on_url(self, url: bytes) -> None:
+        if not self._refused:
+            self._exact += len(url)
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._refused:
+            self._exact += len(name) + len(value) + 4
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_headers = False
+        if self._refused:
+            return
+        if self._exact > self.max_header_bytes:
+            return self._refuse(431, "Request Header Fields Too Large", f"the request's headers exceed {self.max_header_bytes} bytes")
+        if len(self.connections) > self.max_connections:
+            return self._refuse(503, "Service Unavailable", f"the server has {self.max_connections} connections open "
+                                                            "already; retry later")
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        if not self._refused:
+            super().on_message_complete()
+
+
+class Server(uvicorn.Server):
+    """uvicorn serving an app of `create_app` with `_HttpProtocol`'s limits. On SIGINT/SIGTERM (or
+    `should_exit`) it stops accepting, lets the requests in flight run for up to `drain` seconds,
+    then ends the rest with an error (OpenAI's shape; an error event and `[DONE]` for a stream)
+    and gives those replies 5 s more to go out before uvicorn cancels what is left."""
+
+    def __init__(self, app: FastAPI, drain: float = 10.0, read_timeout: float = 30.0,
+                 max_header_bytes: int = MAX_HEADER_BYTES, max_connections: int = 1024) -> None:
+        protocol = type("HttpProtocol", (_HttpProtocol,), {
+            "read_timeout": read_timeout, "max_header_bytes": max_header_bytes, "max_connections": max_connections})
+        super().__init__(uvicorn.Config(app, http=protocol, log_level="warning", access_log=False,
+                                        timeout_graceful_shutdown=drain + 5))
+        self.drain, self.abort = drain, app.state.abort
+
+    async def shutdown(self, sockets=None) -> None:
+        timer = asyncio.get_running_loop().call_later(self.drain, self.abort)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()

@@ -1,9 +1,9 @@
 """The Streamlit playground behind `latentformer ui` (run as `streamlit run ui_app.py -- ARGS`).
 
-ARGS: `[PATH] [--server URL] [--api-key KEY] [--device D] [--dtype T]`. With PATH alone the
-checkpoint is loaded once per process (st.cache_resource) and generates here; with --server the
-text comes from a running `latentformer serve` (OpenAI API, streamed) and PATH, if given, only
-feeds the model card.
+ARGS: `[PATH] [--server URL] [--device D] [--dtype T]`. With PATH alone the checkpoint is loaded
+once per process (st.cache_resource) and generates here; with --server the text comes from a
+running `latentformer serve` (OpenAI API, streamed; its key from LATENTFORMER_API_KEY) and PATH,
+if given, only feeds the model card.
 
 Streamlit reruns this script top to bottom on every interaction, so a generation is a job kept
 in st.session_state: the Generate button's callback queues it, the next run streams it into the
@@ -16,6 +16,7 @@ conversation (chat mode) lives in session_state and is redrawn on every rerun.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -33,7 +34,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="latentformer ui (app)")
     parser.add_argument("path", nargs="?")
     parser.add_argument("--server", default=None)
-    parser.add_argument("--api-key", default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     return parser.parse_args(argv)
@@ -152,7 +152,7 @@ def card_model(path: str):
 def open_backend(args: argparse.Namespace):
     """(backend, model for the card or None); raises the loader's errors."""
     if args.server:
-        return connect(args.server, args.api_key), card_model(args.path) if args.path else None
+        return connect(args.server, os.environ.get("LATENTFORMER_API_KEY")), card_model(args.path) if args.path else None
     if not args.path:
         raise ValueError("give a checkpoint or run directory, or --server URL")
     backend = load_local(args.path, args.device, args.dtype)

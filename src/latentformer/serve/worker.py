@@ -44,7 +44,7 @@ class EngineSpec:
     path: str
     device: str | None
     dtype: str | None
-    max_batch: int
+    max_batch: int | None  # None: sized to the device and the model (`serve.sizing.default_max_batch`)
     max_queue: int
     compile: bool
     stream_interval: float
@@ -58,6 +58,8 @@ class EngineInfo:
     params: int
     cache_bytes: int
     context: int
+    max_batch: int
+    sizing: str  # why max_batch is what it is
 
 
 @dataclass
@@ -86,12 +88,14 @@ def _child(spec: EngineSpec, channels: list[tuple[Any, Any]], in_flight) -> None
 
     from latentformer.cli.generate import load_from_args
     from latentformer.infer.engine import Engine
+    from latentformer.serve.sizing import default_max_batch
 
     outboxes: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in channels]
     try:
         model, tokenizer = load_from_args(Namespace(path=spec.path, device=spec.device, dtype=spec.dtype))
+        max_batch, sizing = default_max_batch(model) if spec.max_batch is None else (spec.max_batch, "--max-batch")
         # the HTTP processes apply --max-queue (a request one cancelled may still sit in this queue)
-        engine = Engine(model, tokenizer, max_batch=spec.max_batch, max_queue=UNBOUNDED, compile=spec.compile,
+        engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=UNBOUNDED, compile=spec.compile,
                         stream_interval=spec.stream_interval)
     except Exception as e:  # noqa: BLE001 - reported to the server as one line
         for _, events in channels:
@@ -126,7 +130,7 @@ def _child(spec: EngineSpec, channels: list[tuple[Any, Any]], in_flight) -> None
                for c in range(len(channels))]
     for t in senders:
         t.start()
-    info = EngineInfo(model.config, model.num_params(), engine.cache.nbytes, engine.context)
+    info = EngineInfo(model.config, model.num_params(), engine.cache.nbytes, engine.context, max_batch, sizing)
     for c in range(len(channels)):
         outboxes[c].put(("ready", info))
 
@@ -189,7 +193,11 @@ def _ready(channel: Channel) -> EngineInfo:
 class EngineClient:
     """`Engine`'s serving interface (`submit`, `cancel`, `deliver`, `start`, `stop`, `active`,
     `queued`, `max_batch`, `context`, `config`, `tokenizer`) over a `Channel` to the engine process.
-    `stop` closes this client only; the owner (`EngineProcess`) stops the engine."""
+    `stop` closes this client only; the owner (`EngineProcess`) stops the engine.
+
+    `alive` turns False when the engine process is gone; if that was not by `stop`, `on_lost()`
+    is called (from the reader thread) after the requests in flight have failed, and `submit`
+    raises RuntimeError from then on."""
 
     def __init__(self, channel: Channel, tokenizer, info: EngineInfo, max_batch: int, max_queue: int) -> None:
         self.tokenizer, self.max_batch, self.max_queue = tokenizer, max_batch, max_queue
@@ -202,6 +210,8 @@ class EngineClient:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, name="latentformer-engine-reader", daemon=True)
+        self.alive, self._closing = True, False
+        self.on_lost: Callable[[], None] = lambda: None
 
     @staticmethod
     def connect(channel: Channel, tokenizer, max_batch: int, max_queue: int) -> EngineClient:
@@ -213,6 +223,7 @@ class EngineClient:
         return self
 
     def stop(self) -> None:
+        self._closing = True
         self._commands.close()
         if self._reader.is_alive():
             self._reader.join(5)
@@ -231,6 +242,8 @@ class EngineClient:
             raise ValueError(f"a request needs 1 <= prompt tokens and prompt + max_tokens <= {self.context}, "
                              f"got {len(request.ids)} + {request.max_tokens}")
         with self._lock:
+            if not self.alive:
+                raise RuntimeError("the engine process has stopped")
             with self._channel.in_flight.get_lock():  # check and take a place as one step across processes
                 total = self._total()
                 if total >= self.max_batch + self.max_queue:
@@ -240,7 +253,14 @@ class EngineClient:
             self._requests[rid], self._rid[request] = request, rid
         fields = {"ids": request.ids, "max_tokens": request.max_tokens, "temperature": request.temperature,
                   "top_p": request.top_p, "seed": request.seed, "stops": request.stops, "stream": request.stream}
-        self._commands.send(("submit", rid, fields))
+        try:
+            self._commands.send(("submit", rid, fields))
+        except (BrokenPipeError, OSError):  # the engine died a moment ago; the reader is about to notice
+            with self._lock:
+                if self._requests.pop(rid, None) is not None:
+                    del self._rid[request]
+                    self._count(-1)
+            raise RuntimeError("the engine process has stopped") from None
 
     def cancel(self, request: Request) -> None:
         """Stop generating for `request` (a no-op once it has finished); no event follows."""
@@ -285,8 +305,11 @@ class EngineClient:
         with self._lock:  # the engine process is gone: every request still waiting fails
             left, self._requests, self._rid = list(self._requests.values()), {}, {}
             self._count(-len(left))
+            self.alive = False
         if left:
             self.deliver([(r, Event("", "error", 0, "the engine process stopped")) for r in left])
+        if not self._closing:
+            self.on_lost()
 
 
 class EngineProcess(EngineClient):
@@ -317,10 +340,16 @@ class EngineProcess(EngineClient):
         except ValueError:
             self._proc.join(5)
             raise
-        super().__init__(ours[0], tokenizer, info, spec.max_batch, spec.max_queue)
+        super().__init__(ours[0], tokenizer, info, info.max_batch, spec.max_queue)
         self.channels = ours[1:]
 
+    @property
+    def exitcode(self) -> int | None:
+        """The engine process's exit code (-N: killed by signal N); None while it runs."""
+        return self._proc.exitcode
+
     def stop(self) -> None:
+        self._closing = True
         try:
             self._commands.send(("stop",))
         except (BrokenPipeError, OSError):
