@@ -124,7 +124,7 @@ def test_bad_device_names_the_flag(tree, capsys, monkeypatch, verb, device, need
     (["generate", "nan", "--prompt", "x", "--max-new-tokens", "4", "--temperature", "0"], "weights are not finite"),
     (["generate", "ckpt", "--prompt", "x", "--seed", str(2**64)], "--seed must be in [0, 2^64)"),
     (["generate", "ckpt", "--prompt", "x", "--seed", "-1"], "--seed must be in [0, 2^64)"),
-    (["generate", "ckpt", "--prompt", "x", "--temperature", "nan"], "temperature must be a finite number"),
+    (["generate", "ckpt", "--prompt", "x", "--temperature", "nan"], "--temperature must be a number in [0, 3.4e+38]"),
     (["generate", "ckpt", "--prompt", "x", "--max-new-tokens", "64"], "--max-new-tokens 64 leaves no room for a prompt"),
     # the flags, not the Python arguments (`truncate=True`), at the command line
     (["generate", "ckpt", "--prompt", "x" * 70, "--max-new-tokens", "4"],

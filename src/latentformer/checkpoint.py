@@ -179,16 +179,22 @@ def find_checkpoint(path: str | Path, which: str = "best") -> Path:
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         which: str = "best", tokenizer: bool = True) -> tuple[Transformer, Tokenizer | None]:
+         which: str = "best", tokenizer: bool = True, check_finite: bool = False) -> tuple[Transformer, Tokenizer | None]:
     """(model, tokenizer) from a checkpoint directory or a run directory (its best, else latest, checkpoint).
 
     tokenizer=False: (model, None), the tokenizer files not read, for a checkpoint that has none (a
-    model converted without one, a model-only export) or a caller that feeds token ids itself."""
+    model converted without one, a model-only export) or a caller that feeds token ids itself.
+    check_finite=True: ValueError naming the checkpoint when a weight holds NaN or inf (sampling
+    from it would fail with an opaque error, and greedy decoding would print garbage)."""
     from latentformer.data.tokenizer import load_tokenizer
 
     ckpt = find_checkpoint(path, which)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(ckpt, device=device, dtype=dtype)
+    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None) if check_finite else None
+    if bad is not None:
+        raise ValueError(f"{ckpt}: the checkpoint's weights are not finite (NaN or inf in {bad}, as loaded in "
+                         f"{str(next(model.parameters()).dtype).removeprefix('torch.')}): the run diverged or the file is damaged")
     if not tokenizer:
         return model, None
     tokenizer = load_tokenizer(ckpt)

@@ -132,11 +132,18 @@ def test_corrupt_checkpoint_is_one_line_and_exit_1(ckpt, tmp_path, capsys, kind,
     assert err.count("\n") == 1 and err.startswith(f"latentformer {verb[0]}: error: ")
 
 
-def test_cli_bad_sampling_flag_is_one_line(ckpt, capsys):
+@pytest.mark.parametrize("flag, value", [("--top-p", "0"), ("--top-p", "1e-300"), ("--temperature", "1e39"),
+                                         ("--temperature", "-1"), ("--min-p", "1"), ("--top-k", "-2"),
+                                         ("--repetition-penalty", "1e300"), ("--repetition-penalty", "0")])
+@pytest.mark.parametrize("verb", ["generate", "chat"])
+def test_cli_bad_sampling_flag_is_one_line(ckpt, capsys, verb, flag, value):
+    """Every sampling flag is checked to a range sampling can follow (top_p 1e-300 is 0 in float32;
+    a temperature of 1e39 is inf there), and the error names the flag."""
     path, _, _ = ckpt
-    assert main(["generate", str(path), "--prompt", "x", "--top-p", "0", "--device", "cpu"]) == 1
+    args = [verb, str(path), *(["--prompt", "x"] if verb == "generate" else []), flag, value, "--device", "cpu"]
+    assert main(args) == 1
     err = capsys.readouterr().err
-    assert err == "latentformer generate: error: top_p must be in (0, 1] (1 = off), got 0.0\n"
+    assert err.startswith(f"latentformer {verb}: error: {flag} must be ") and err.count("\n") == 1, err
 
 
 def test_cli_info_presets(capsys):

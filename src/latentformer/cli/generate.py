@@ -45,8 +45,17 @@ def unescape(text: str) -> str:
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The sampling flags as `generate` keywords, each checked to a range sampling can follow
+    (ValueError naming the flag)."""
+    from latentformer.infer.sampling import SamplingParams
+
     if args.seed is not None and not 0 <= args.seed < SEED_LIMIT:
         raise ValueError(f"--seed must be in [0, 2^64), got {args.seed}")
+    try:
+        SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+    except ValueError as e:  # "top_p must be ..." -> "--top-p must be ..."
+        field, rest = str(e).split(" ", 1)
+        raise ValueError(f"--{field.replace('_', '-')} {rest}") from None
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                 stop=[unescape(s) for s in args.stop] or None, compile=args.compile)
@@ -74,30 +83,15 @@ def check_device(spec: str, flag: str = "--device") -> str:
     return spec
 
 
-def check_weights_finite(model, ckpt) -> None:
-    """ValueError naming the checkpoint when a weight holds NaN or inf (sampling from it would fail
-    with an opaque error, and greedy decoding would print garbage)."""
-    import torch
-
-    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
-    if bad is not None:
-        raise ValueError(f"{ckpt}: the checkpoint's weights are not finite (NaN or inf in {bad}, as loaded in "
-                         f"{str(next(model.parameters()).dtype).removeprefix('torch.')}): the run diverged or the file is damaged")
-
-
 def load_from_args(args: argparse.Namespace, check_finite: bool = True):
     """(model, tokenizer) from PATH/--device/--dtype; `check_finite` refuses non-finite weights."""
     import torch
 
-    from latentformer.checkpoint import find_checkpoint, load
+    from latentformer.checkpoint import load
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     device = check_device(args.device) if args.device is not None else None
-    ckpt = find_checkpoint(args.path)
-    model, tokenizer = load(ckpt, device=device, dtype=dtype)
-    if check_finite:
-        check_weights_finite(model, ckpt)
-    return model, tokenizer
+    return load(args.path, device=device, dtype=dtype, check_finite=check_finite)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

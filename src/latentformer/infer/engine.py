@@ -45,7 +45,7 @@ import torch
 from latentformer.infer.cuda_graph import decode_step
 from latentformer.infer.detokenize import RowText
 from latentformer.infer.prefill import prefill_attention
-from latentformer.infer.sampling import check_temperature, check_top_p, sample_rows
+from latentformer.infer.sampling import check_temperature, check_top_p, sample_rows, to_device
 from latentformer.model.transformer import Transformer
 
 
@@ -93,7 +93,8 @@ class EngineStats:
     """Where the engine thread's time goes (seconds of host wall time, summed since start): `prefill`
     launching prefills (and sampling their first tokens), `launch` launching decode steps, `wait`
     blocked until the device has a step's tokens, `read` the host's work on those tokens (text,
-    stop strings), `deliver` handing events out. `row_steps / steps` is the mean batch."""
+    stop strings), `deliver` handing events out, `asleep` waiting for work with none in flight.
+    `row_steps / steps` is the mean batch."""
 
     steps: int = 0
     row_steps: int = 0
@@ -105,12 +106,15 @@ class EngineStats:
     wait: float = 0.0
     read: float = 0.0
     deliver: float = 0.0
+    asleep: float = 0.0
 
     def summary(self, wall: float) -> str:
-        """One line: steps/s, mean active rows, and each part's share of `wall` seconds."""
+        """One line: steps/s, mean active rows, and each part's share of the `wall` seconds the
+        engine was awake (not asleep)."""
+        wall -= self.asleep
         busy = {k: getattr(self, k) for k in ("prefill", "launch", "wait", "read", "deliver")}
         parts = ", ".join(f"{k} {100 * v / wall:.0f}%" for k, v in busy.items()) if wall > 0 else ""
-        return (f"{self.steps / wall if wall > 0 else 0:.0f} steps/s, mean rows {self.row_steps / max(1, self.steps):.1f}, "
+        return (f"awake {wall:.1f} s, {self.steps / wall if wall > 0 else 0:.0f} steps/s, mean rows {self.row_steps / max(1, self.steps):.1f}, "
                 f"{self.prefills} prefills ({self.prefill_requests} requests, {self.prefill_tokens} tokens); "
                 f"time: {parts}, idle {100 * max(0.0, wall - sum(busy.values())) / wall if wall > 0 else 0:.0f}%")
 
@@ -244,12 +248,13 @@ class Engine:
     def run(self) -> None:
         """The engine loop in the calling thread, until `stop()` (from another thread); the
         requests still in flight then get an error event."""
-        stats = self.stats
         with torch.inference_mode():
             while True:
                 with self._wake:
+                    t = time.perf_counter()
                     while not self._stopping and not self.waiting and not any(self.rows) and not self._inflight:
                         self._wake.wait()
+                    self.stats.asleep += time.perf_counter() - t
                     if self._stopping:
                         break
                 events: list[tuple[Request, Event]] = []
@@ -267,7 +272,7 @@ class Engine:
                 if events:
                     t = time.perf_counter()
                     self.deliver(events)
-                    stats.deliver += time.perf_counter() - t
+                    self.stats.deliver += time.perf_counter() - t
         with self._wake:  # stopping: tell the requests in flight and those still waiting
             left = [(r.request, r.count) for r in self.rows if r is not None] + [(q, 0) for q in self.waiting]
             self.waiting.clear()
@@ -326,7 +331,7 @@ class Engine:
         for i, r in enumerate(group):
             tokens[i, L - len(r.ids):] = torch.tensor(r.ids)
         with prefill_attention():  # a new shape with nearly every group: no per-shape plan
-            logits = self.model.next_token_logits(tokens.to(self.device, non_blocking=self._pinned), prefill)[:, :self.vocab]
+            logits = self.model.next_token_logits(to_device(tokens, self.device), prefill)[:, :self.vocab]
         generators = [torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None and r.temperature > 0 else None
                       for r in group]
         first = sample_rows(logits, [r.temperature for r in group], [r.top_p for r in group], generators)  # [G], -1: failed
@@ -338,7 +343,7 @@ class Engine:
                                 length=len(request.ids))
             index.append(b)
             rows.append(self.rows[b])
-        where = torch.tensor(index, device=self.device)
+        where = to_device(index, self.device)
         self.idle[where] = False
         self._inputs[where, 0] = first.clamp(min=0)  # a failed row's input must still be a valid id
         self.stats.prefills += 1

@@ -151,9 +151,9 @@ def sample_rows(logits: torch.Tensor, temperature: list[float], top_p: list[floa
     out = logits.argmax(-1)
     drawn = [b for b, t in enumerate(temperature) if t >= GREEDY_BELOW]
     if drawn:
-        idx = torch.tensor(drawn, device=logits.device)
-        t = torch.tensor([temperature[b] for b in drawn], device=logits.device)[:, None]
-        p = torch.tensor([top_p[b] for b in drawn], device=logits.device)[:, None]
+        idx = to_device(drawn, logits.device, torch.long)
+        t = to_device([temperature[b] for b in drawn], logits.device, torch.float32)[:, None]
+        p = to_device([top_p[b] for b in drawn], logits.device, torch.float32)[:, None]
         rows = logits[idx]
         probs = top_p_rows((rows - rows.amax(-1, keepdim=True)) / t, p).softmax(-1)  # [len(drawn), V], stable as in `sample`
         finite = torch.isfinite(probs).all(-1)
@@ -161,10 +161,20 @@ def sample_rows(logits: torch.Tensor, temperature: list[float], top_p: list[floa
         shared = [i for i, b in enumerate(drawn) if generators[b] is None]
         picks = torch.empty(len(drawn), dtype=torch.long, device=logits.device)
         if shared:
-            picks[shared] = torch.multinomial(probs[shared], 1)[:, 0]
+            where = to_device(shared, logits.device, torch.long)
+            picks[where] = torch.multinomial(probs[where], 1)[:, 0]
         for i, b in enumerate(drawn):
             if generators[b] is not None:
                 picks[i] = torch.multinomial(probs[i:i + 1], 1, generator=generators[b])[0, 0]
         out[idx] = picks
         ok[idx] = ok[idx] & finite
     return torch.where(ok, out, -1)
+
+
+
+def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values (a list or a CPU tensor) as a tensor on `device`; to a GPU through pinned memory,
+    which does not wait for the work queued there (a copy from pageable memory does: in a decode
+    loop, a sync every step)."""
+    t = torch.as_tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)

@@ -46,10 +46,16 @@ class KVCache:
         """Declare per-row left padding [B] before the first (prefill) forward."""
         if self.pos != 0 or self.ragged:
             raise ValueError("left padding must be set on an empty cache with shared addressing")
-        pad = torch.as_tensor(pad, dtype=torch.long, device=self.layers[0][0].device)
+        pad = torch.as_tensor(pad, dtype=torch.long)  # a list stays on the host: no device sync to check it
         if pad.shape != (self.batch_size,):
             raise ValueError(f"pad must have shape [{self.batch_size}], got {list(pad.shape)}")
-        self.pad = pad if bool(pad.any()) else None
+        device = self.layers[0][0].device
+        if not bool(pad.any()):
+            self.pad = None
+        elif pad.device.type == "cpu" and device.type == "cuda":  # copied without waiting for the device's queue
+            self.pad = pad.pin_memory().to(device, non_blocking=True)
+        else:
+            self.pad = pad.to(device)
 
     def reset(self) -> None:
         self.pos = 0
