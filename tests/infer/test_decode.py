@@ -115,30 +115,33 @@ def test_compiled_static_step_equals_eager(attention):
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
 
+def prefill_of(model, seqs: list[torch.Tensor], lengths: list[int]):
+    """A left-padded prefill cache of the first lengths[i] tokens of each of `seqs`."""
+    L = max(lengths)
+    prefill = model.make_cache(len(lengths), L)
+    prefill.set_left_padding([L - n for n in lengths])
+    model(torch.stack([torch.cat((torch.zeros(L - n, dtype=torch.long), s[:n])) for s, n in zip(seqs, lengths)]), cache=prefill)
+    return prefill
+
+
 @pytest.mark.parametrize("name", ["mla|rope", "mla-q|rope", "mha|rope", "gqa|rope|moe", "mha|learned|post-ln"])
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "device-addressed"])
 def test_ragged_rows_decode_as_each_alone(name, static):
     """A ragged cache (continuous batching): rows that joined with prompts of different lengths
-    (`set_row`, copied out of one left-padded prefill) and a free row decode together, each at
+    (`set_rows`, copied out of one left-padded prefill) and a free row decode together, each at
     its own position, and every row's logits == the full forward of its own sequence alone; the
     other rows' slots are never touched by a join."""
     model = build(**CASES[name])
     lengths, steps = [11, 3, 7], 5
     seqs = [torch.randint(0, 97, (n + steps,)) for n in lengths]
-    L = max(lengths)
-    prefill = model.make_cache(len(lengths), L)
-    prefill.set_left_padding([L - n for n in lengths])
-    padded = torch.stack([torch.cat((torch.zeros(L - n, dtype=torch.long), s[:n])) for s, n in zip(seqs, lengths)])
     cache = model.make_cache(4, MAX_LEN)  # row 2 stays free: it writes and reads its slot 0 only
     cache.ragged = True
     with torch.no_grad():
-        model(padded, cache=prefill)
-        for row, i in zip([0, 3], [0, 1]):
-            cache.set_row(row, prefill, i, lengths[i])
+        cache.set_rows(torch.tensor([0, 3]), prefill_of(model, seqs[:2], lengths[:2]), lengths[:2])
         before = [t.clone() for t in cache.layers[0]]
-        cache.set_row(1, prefill, 2, lengths[2])  # a join leaves the other rows as they were
-        for t, b in zip(cache.layers[0], before):
-            assert torch.equal(t[[0, 3]], b[[0, 3]])
+        cache.set_rows(torch.tensor([1]), prefill_of(model, seqs[2:], lengths[2:]), lengths[2:])
+        for t, b in zip(cache.layers[0], before):  # a join leaves the other rows as they were
+            assert torch.equal(t[[0, 2, 3]], b[[0, 2, 3]])
         rows = {0: seqs[0], 3: seqs[1], 1: seqs[2]}
         decoder = Decoder(model, cache, static=static)
         out = {b: [] for b in rows}

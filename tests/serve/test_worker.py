@@ -16,7 +16,7 @@ import pytest
 
 import latentformer as lf
 from latentformer.checkpoint import save_checkpoint
-from latentformer.infer.engine import QueueFull, Request
+from latentformer.infer.engine import Engine, QueueFull, Request
 from latentformer.serve.worker import EngineClient, EngineProcess, EngineSpec
 from tests.serve.test_engine import PROMPTS, Collector, tiny_model, wait_until
 
@@ -63,6 +63,35 @@ def test_texts_equal_generate_alone(ckpt):
         assert engine.active == 0 and engine.queued == 0
     finally:
         engine.stop()
+
+
+def test_text_and_stop_strings_are_the_http_process_work(ckpt):
+    """The engine process sends token ids; the client turns them into text, ends a request at a
+    stop string and cancels it in the engine. Streamed or whole, with or without a stop string,
+    text, finish_reason and completion_tokens are what the in-process engine (which detokenizes
+    itself) gives."""
+    path, model, tok = ckpt
+    cases = []
+    for prompt in PROMPTS[:4]:
+        full = lf.generate(model, tok, prompt, max_new_tokens=24, temperature=0)
+        for stream in (True, False):
+            cases += [(prompt, [], stream), (prompt, [full[6:9]] if len(full) >= 9 else [], stream)]
+    results = {}
+    for name, engine in (("process", start(path, tok=tok, max_queue=32)), ("in-process", Engine(model, tok, max_batch=4).start())):
+        try:
+            jobs = []
+            for prompt, stops, stream in cases:
+                sink = Collector()
+                engine.submit(Request(tok.encode(prompt), 24, sink, temperature=0.0, stops=stops, stream=stream))
+                jobs.append(sink)
+            results[name] = [(text, last.finish_reason, last.completion_tokens) for text, last in (j.wait() for j in jobs)]
+            assert wait_until(lambda: engine.active == 0)  # the rows ended at a stop string are free
+        finally:
+            engine.stop()
+    assert results["process"] == results["in-process"]
+    assert any(reason == "stop" and tokens < 24 for _, reason, tokens in results["process"])
+    for (prompt, stops, _), (text, _, _) in zip(cases, results["process"]):
+        assert text == lf.generate(model, tok, prompt, max_new_tokens=24, temperature=0, stop=stops or None)
 
 
 def test_cancel_and_queue_limit(ckpt):

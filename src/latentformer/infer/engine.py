@@ -7,7 +7,7 @@ rows here are contiguous, not paged: a row is reserved at the full context).
 
 - Waiting requests join after a prefill of their prompts (one left-padded batch of up to
   `prefill_tokens` tokens per engine step, in a cache sized to those prompts); each prompt's slots
-  are copied into a free row (`KVCache.set_row`), and its first token is sampled on the device.
+  are copied into a free row (`KVCache.set_rows`), and its first token is sampled on the device.
 - Every step, all active rows decode together, each writing its own next slot. A free row writes
   and attends only to its slot 0, and its token is discarded.
 - A request leaves as soon as it finishes (a stop id, a stop string, max_tokens) or is cancelled
@@ -45,7 +45,8 @@ import torch
 from latentformer.infer.cuda_graph import decode_step
 from latentformer.infer.detokenize import RowText
 from latentformer.infer.prefill import prefill_attention
-from latentformer.infer.sampling import check_temperature, check_top_p, sample_rows, to_device
+from latentformer.devices import to_device
+from latentformer.infer.sampling import check_temperature, check_top_p, sample_rows
 from latentformer.model.transformer import Transformer
 
 
@@ -56,12 +57,15 @@ class QueueFull(Exception):
 @dataclass(frozen=True)
 class Event:
     """What a request receives from the engine, in order: text increments, the last one with a
-    finish_reason ("stop": a stop id or string, "length": max_tokens, "error": see `error`)."""
+    finish_reason ("stop": a stop id or string, "length": max_tokens, "error": see `error`).
+    From an engine that does not detokenize, `ids` are the tokens since the last event and `text`
+    is "" (stop strings are then the receiver's to find; see `Engine`)."""
 
     text: str
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
+    ids: tuple[int, ...] = ()
 
 
 @dataclass(eq=False)
@@ -134,12 +138,13 @@ class _Readback:
 @dataclass(eq=False)
 class _Row:
     request: Request
-    text: RowText
+    text: RowText | None  # None: the engine does not detokenize
     generator: torch.Generator | None
     length: int  # slots written in the cache row (mirrors cache.length[b]; no step reads it back)
     launched: int = 1  # tokens sampled on the device so far (the prefill's first, then one per step)
     count: int = 0  # tokens read back so far
     pending: str = ""  # text not yet delivered (stream_interval)
+    ids: list[int] = field(default_factory=list)  # tokens not yet delivered (an engine that does not detokenize)
     delivered: float | None = None  # time.monotonic() of the last delivery (None: nothing delivered yet)
 
 
@@ -155,6 +160,12 @@ class Engine:
     [(request, event)] (default: each request's sink, in the engine thread); a server passes
     a function that hands the batch to its event loop in one wake-up.
 
+    `detokenize=False` moves text out of the engine thread (vLLM v1 detokenizes in another process
+    too): events carry token ids, the engine ends a request only at a stop id or max_tokens, and
+    the receiver turns ids into text with `RowText`, finds stop strings and cancels the request
+    (`serve/worker.py` does this in each HTTP process). A request with stop strings, or streamed,
+    gets its ids every step (subject to `stream_interval`), others all at once at the end.
+
     The engine thread is `start()`'s own thread, or the caller's with `run()`. On a CPU, prefer
     `run()` in the thread that loaded the model: each thread that runs torch ops has its own
     OpenMP team, and with two teams on the machine's cores OpenMP stops spinning between
@@ -164,7 +175,7 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer, max_batch: int = 16, max_queue: int = 256,
                  compile: bool = False, deliver: Callable[[list[tuple[Request, Event]]], None] | None = None,
-                 prefill_tokens: int = 16384, stream_interval: float = 0.0) -> None:
+                 prefill_tokens: int = 16384, stream_interval: float = 0.0, detokenize: bool = True) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -177,6 +188,7 @@ class Engine:
             raise ValueError("compile=True needs a model on a CUDA device")
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.stream_interval = float(stream_interval)
+        self.detokenize, self.stop_ids = detokenize, tokenizer.stop_ids
         self.context = model.config.max_seq_len
         self.vocab = min(tokenizer.vocab_size, model.config.vocab_size)  # never sample the model's padding ids
         self.deliver = deliver or _deliver_now
@@ -335,15 +347,14 @@ class Engine:
         generators = [torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None and r.temperature > 0 else None
                       for r in group]
         first = sample_rows(logits, [r.temperature for r in group], [r.top_p for r in group], generators)  # [G], -1: failed
-        index, rows = [], []
-        for i, (request, generator) in enumerate(zip(group, generators)):
-            b = free.pop(0)
-            self.cache.set_row(b, prefill, i, len(request.ids))
-            self.rows[b] = _Row(request, RowText(self.tokenizer, request.stops, incremental=request.stream), generator,
-                                length=len(request.ids))
-            index.append(b)
-            rows.append(self.rows[b])
+        index = [free.pop(0) for _ in group]
         where = to_device(index, self.device)
+        self.cache.set_rows(where, prefill, [len(r.ids) for r in group])
+        rows = []
+        for b, request, generator in zip(index, group, generators):
+            text = RowText(self.tokenizer, request.stops, incremental=request.stream) if self.detokenize else None
+            self.rows[b] = _Row(request, text, generator, length=len(request.ids))
+            rows.append(self.rows[b])
         self.idle[where] = False
         self._inputs[where, 0] = first.clamp(min=0)  # a failed row's input must still be a valid id
         self.stats.prefills += 1
@@ -409,6 +420,8 @@ class Engine:
                                               "sampling settings")))
             return True
         row.count += 1
+        if row.text is None:
+            return self._push_id(row, token, events, now)
         row.pending += row.text.push(token)
         reason = "stop" if row.text.done else "length" if row.count >= row.request.max_tokens else None
         if reason == "length":
@@ -416,4 +429,14 @@ class Engine:
         if reason or (row.pending and (row.delivered is None or now - row.delivered >= self.stream_interval)):
             events.append((row.request, Event(row.pending, reason, row.count)))
             row.pending, row.delivered = "", now
+        return reason is not None
+
+    def _push_id(self, row: _Row, token: int, events: list, now: float) -> bool:
+        """`_push` without text: the token joins the row's undelivered ids, shipped when due."""
+        row.ids.append(token)
+        reason = "stop" if token in self.stop_ids else "length" if row.count >= row.request.max_tokens else None
+        request = row.request
+        if reason or ((request.stream or request.stops) and (row.delivered is None or now - row.delivered >= self.stream_interval)):
+            events.append((request, Event("", reason, row.count, ids=tuple(row.ids))))
+            row.ids, row.delivered = [], now
         return reason is not None

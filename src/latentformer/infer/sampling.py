@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from latentformer.devices import to_device
+
 GREEDY_BELOW = torch.finfo(torch.float32).tiny  # 1.2e-38: smaller temperatures mean greedy decoding
 FLOAT32_MAX = torch.finfo(torch.float32).max  # 3.4e38: sampling runs in fp32, larger values are inf there
 
@@ -171,10 +173,3 @@ def sample_rows(logits: torch.Tensor, temperature: list[float], top_p: list[floa
     return torch.where(ok, out, -1)
 
 
-
-def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Host values (a list or a CPU tensor) as a tensor on `device`; to a GPU through pinned memory,
-    which does not wait for the work queued there (a copy from pageable memory does: in a decode
-    loop, a sync every step)."""
-    t = torch.as_tensor(values, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from latentformer.devices import to_device
+
 
 class KVCache:
     """All layers' buffers plus how much of each row is written.
@@ -19,7 +21,7 @@ class KVCache:
       row b hold padding that is never attended to, and row b's token in slot s has position
       s - pad[b].
     - ragged (`ragged = True`; continuous batching): row b has written its own `length[b]` slots,
-      its token in slot s has position s, and rows join (`set_row`) and leave without moving any
+      its token in slot s has position s, and rows join (`set_rows`) and leave without moving any
       other row. `pos` is then the longest row's count, what attention reads up to; the owner of
       the rows keeps it so (see latentformer.infer.engine).
 
@@ -49,13 +51,7 @@ class KVCache:
         pad = torch.as_tensor(pad, dtype=torch.long)  # a list stays on the host: no device sync to check it
         if pad.shape != (self.batch_size,):
             raise ValueError(f"pad must have shape [{self.batch_size}], got {list(pad.shape)}")
-        device = self.layers[0][0].device
-        if not bool(pad.any()):
-            self.pad = None
-        elif pad.device.type == "cpu" and device.type == "cuda":  # copied without waiting for the device's queue
-            self.pad = pad.pin_memory().to(device, non_blocking=True)
-        else:
-            self.pad = pad.to(device)
+        self.pad = to_device(pad, self.layers[0][0].device) if bool(pad.any()) else None
 
     def reset(self) -> None:
         self.pos = 0
@@ -63,17 +59,25 @@ class KVCache:
         self.ragged = False
         self.length.zero_()
 
-    def set_row(self, row: int, src: KVCache, src_row: int, n: int) -> None:
-        """Ragged addressing: make `row` hold the last `n` written slots of `src`'s row `src_row`
-        (e.g. one prompt of a left-padded prefill) at slots 0..n-1, and nothing after them.
-        Other rows are untouched. Every buffer is [B, ..., S, C]: slots are dimension -2."""
-        if not self.ragged or not 0 < n <= min(src.pos, self.max_seq_len):
-            raise ValueError(f"cannot set {n} slots of a row (ragged cache: {self.ragged}, source at {src.pos})")
+    def set_rows(self, rows: torch.Tensor, src: KVCache, lengths: list[int]) -> None:
+        """Ragged addressing: row rows[i] ([G] on the cache's device) takes the last lengths[i]
+        written slots of `src`'s row i (the prompts of one left-padded prefill) at slots 0..n-1;
+        its slots from n up to src.pos hold copies that no query reads before they are written.
+        Other rows are untouched. Two kernels per buffer (a gather, an indexed copy), whatever G.
+        Every buffer is [B, ..., S, C]: slots are dimension -2."""
+        L = src.pos
+        if not self.ragged or not (len(lengths) == rows.numel() == src.batch_size and 0 < L <= self.max_seq_len
+                                   and all(0 < n <= L for n in lengths)):
+            raise ValueError(f"cannot set rows of lengths {lengths} from a source at {L} (ragged cache: {self.ragged})")
+        shift = torch.tensor([L - n for n in lengths])[:, None] + torch.arange(L)  # [G, L]: source slot per slot
+        take = to_device(shift.clamp(max=L - 1), rows.device)
+        g = torch.arange(len(lengths), device=rows.device)[:, None]
         for mine, theirs in zip(self.layers, src.layers):
             for dst, s in zip(mine, theirs):
-                dst[row].narrow(-2, 0, n).copy_(s[src_row].narrow(-2, src.pos - n, n))
-        self.length[row] = n
-        self.pos = max(self.pos, n)
+                picked = s.movedim(-2, 1)[g, take]  # [G, L, ...]: row i's prompt at slots 0..n_i-1
+                dst.narrow(-2, 0, L).movedim(-2, 1).index_copy_(0, rows, picked)
+        self.length.index_copy_(0, rows, to_device(lengths, rows.device, torch.long))
+        self.pos = max(self.pos, max(lengths))
 
     @property
     def nbytes(self) -> int:

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from latentformer.infer.detokenize import RowText
 from latentformer.infer.engine import Event, QueueFull, Request
 
 UNBOUNDED = 1 << 30
@@ -104,7 +105,7 @@ def _child(spec: EngineSpec, channels: list[tuple[Any, Any]], in_flight) -> None
         max_batch, sizing = default_max_batch(model) if spec.max_batch is None else (spec.max_batch, "--max-batch")
         # the HTTP processes apply --max-queue (a request one cancelled may still sit in this queue)
         engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=UNBOUNDED, compile=spec.compile,
-                        stream_interval=spec.stream_interval)
+                        stream_interval=spec.stream_interval, detokenize=False)  # text: the HTTP processes
     except Exception as e:  # noqa: BLE001 - reported to the server as one line
         for _, events in channels:
             events.send(("error", str(e) or type(e).__name__))
@@ -118,7 +119,7 @@ def _child(spec: EngineSpec, channels: list[tuple[Any, Any]], in_flight) -> None
         for request, event in batch:
             key = ids.pop(request, None) if event.finish_reason else ids.get(request)
             if key is not None:
-                out.setdefault(key[0], []).append((key[1], event.text, event.finish_reason, event.completion_tokens, event.error))
+                out.setdefault(key[0], []).append((key[1], event.ids, event.finish_reason, event.completion_tokens, event.error))
                 if event.finish_reason:
                     by_id.pop(key, None)
         for c, events in out.items():
@@ -217,6 +218,8 @@ class EngineClient:
         self._commands, self._events = channel.commands, channel.events
         self._requests: dict[int, Request] = {}  # in flight, by id
         self._rid: dict[Request, int] = {}
+        self._texts: dict[int, RowText] = {}  # each request's text, from the ids the engine sends
+        self._send = threading.Lock()  # the event loop and the reader both send commands
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, name="latentformer-engine-reader", daemon=True)
@@ -261,14 +264,16 @@ class EngineClient:
                 self._channel.in_flight[self._channel.slot] += 1
             rid = next(self._ids)
             self._requests[rid], self._rid[request] = request, rid
+            self._texts[rid] = RowText(self.tokenizer, request.stops, incremental=request.stream)
         fields = {"ids": request.ids, "max_tokens": request.max_tokens, "temperature": request.temperature,
                   "top_p": request.top_p, "seed": request.seed, "stops": request.stops, "stream": request.stream}
         try:
-            self._commands.send(("submit", rid, fields))
+            with self._send:
+                self._commands.send(("submit", rid, fields))
         except (BrokenPipeError, OSError):  # the engine died a moment ago; the reader is about to notice
             with self._lock:
                 if self._requests.pop(rid, None) is not None:
-                    del self._rid[request]
+                    del self._rid[request], self._texts[rid]
                     self._count(-1)
             raise RuntimeError("the engine process has stopped") from None
 
@@ -279,10 +284,14 @@ class EngineClient:
             rid = self._rid.pop(request, None)
             if rid is None:
                 return
-            del self._requests[rid]
+            del self._requests[rid], self._texts[rid]
             self._count(-1)
+        self._cancel(rid)
+
+    def _cancel(self, rid: int) -> None:
         try:
-            self._commands.send(("cancel", rid))
+            with self._send:
+                self._commands.send(("cancel", rid))
         except (BrokenPipeError, OSError):  # the engine is gone: nothing left to cancel
             pass
 
@@ -295,32 +304,52 @@ class EngineClient:
         return max(0, self._total() - self.max_batch)
 
     def _read(self) -> None:
-        """Each message is one engine step's events: hand them to `deliver` in one call."""
+        """Each message is one engine step's token ids: turn them into each request's text (here, in
+        this HTTP process, not in the engine's thread), end a request at a stop string (and cancel it
+        in the engine), and hand the step's events to `deliver` in one call."""
         while True:
             try:
                 batch = self._events.recv()
             except (EOFError, OSError):
                 break
-            out = []
+            out, stopped = [], []
             with self._lock:
-                for rid, *fields in batch:
-                    event = Event(*fields)
-                    request = self._requests.pop(rid, None) if event.finish_reason else self._requests.get(rid)
-                    if request is not None:
-                        out.append((request, event))
-                        if event.finish_reason:
-                            del self._rid[request]
-                            self._count(-1)
+                for rid, ids, reason, count, error in batch:
+                    request = self._requests.get(rid)
+                    if request is None:  # cancelled, or ended here at a stop string
+                        continue
+                    event = self._text_event(self._texts[rid], ids, reason, count, error)
+                    out.append((request, event))
+                    if event.finish_reason:
+                        del self._requests[rid], self._rid[request], self._texts[rid]
+                        self._count(-1)
+                        if reason is None:
+                            stopped.append(rid)
+            for rid in stopped:  # a stop string: the engine would go on to a stop id or max_tokens
+                self._cancel(rid)
             if out:
                 self.deliver(out)
         with self._lock:  # the engine process is gone: every request still waiting fails
-            left, self._requests, self._rid = list(self._requests.values()), {}, {}
+            left, self._requests, self._rid, self._texts = list(self._requests.values()), {}, {}, {}
             self._count(-len(left))
             self.alive = False
         if left:
             self.deliver([(r, Event("", "error", 0, "the engine process stopped")) for r in left])
         if not self._closing:
             self.on_lost()
+
+
+    @staticmethod
+    def _text_event(text: RowText, ids: tuple[int, ...], reason: str | None, count: int, error: str | None) -> Event:
+        """The Event an in-process engine would have sent for these ids (see `Engine._push`)."""
+        piece = ""
+        for k, token in enumerate(ids):
+            piece += text.push(token)
+            if text.done:  # a stop id (the engine's "stop") or a stop string, which ends the text here
+                return Event(piece, reason if token in text.stop_ids else "stop", count - (len(ids) - 1 - k), error)
+        if reason == "length":
+            piece += text.finish()
+        return Event(piece, reason, count, error)
 
 
 class EngineProcess(EngineClient):
