@@ -265,6 +265,7 @@ BAD_BODIES = [  # (body, status, param)
     (b'{"prompt": "a", "temperature": 5}', 400, "temperature"),
     (b'{"prompt": "a", "temperature": NaN}', 400, "temperature"),
     (b'{"prompt": "a", "top_p": 1.5}', 400, "top_p"),
+    (b'{"prompt": "a", "top_p": 1e-300}', 400, "top_p"),  # 0 in float32: no token would survive the cut
     (b'{"prompt": "a", "stream": "yes"}', 400, "stream"),
     (b'{"prompt": "a", "stop": 3}', 400, "stop"),
     (b'{"prompt": "a", "stop": ""}', 400, "stop"),
