@@ -19,14 +19,20 @@ from latentformer.train.trainer import Trainer
 
 from .conftest import TINY_MODEL_ARGS, run_config
 
-# one process per measurement: ru_maxrss is the process's high-water mark
+# one process per measurement: VmHWM is its memory's high-water mark (ru_maxrss is not: Linux keeps
+# it across exec, so a child of a large pytest process starts at its parent's peak)
 PEAK = """
-import json, resource, sys, torch
+import json, sys, torch
 from latentformer.config import ModelConfig
 from latentformer.model.transformer import Transformer
+
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
 torch.set_num_threads(1)
 cfg, batch = ModelConfig(**json.loads(sys.argv[1])), int(sys.argv[2])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = hwm()
 model = Transformer(cfg)
 optimizer = torch.optim.AdamW(model.parameters())
 x = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len))
@@ -34,7 +40,7 @@ for _ in range(2):
     model(x, x).loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-print(json.dumps({"bytes": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, "params": model.num_params()}))
+print(json.dumps({"bytes": (hwm() - before) * 1024, "params": model.num_params()}))
 """
 
 SHAPES = {

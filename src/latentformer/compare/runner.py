@@ -168,16 +168,24 @@ def check_fields(value: Any, spec: Any, where: str) -> None:
         raise ValueError(f"{where} must be {_KIND_NAMES[spec]}, got {shown}")
 
 
+def _read_json(path: Path, remedy: str) -> Any:
+    """The JSON in `path`, None when there is no such file; ValueError naming it and `remedy` when
+    it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is damaged ({e}): {remedy}") from None
+
+
 def read_state(run_dir: Path) -> dict[str, Any] | None:
     """A cell's cell.json, None when it has none (not trained yet); ValueError naming the file and
     what is wrong when it is damaged."""
     path = run_dir / CELL_STATE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    state = _read_json(path, "restore it, or delete it to redo the cell")
+    if state is None:
         return None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path} is damaged ({e}): restore it, or delete it to redo the cell") from None
     status = state.get("status") if isinstance(state, dict) else None
     check_fields(state, STATE_FIELDS.get(status, {"status": str}), str(path))
     if status not in STATE_FIELDS:
@@ -484,12 +492,9 @@ def decode_settings(root: Path, matrix: Matrix) -> dict[str, Any]:
 def read_decode(root: Path) -> dict[str, Any] | None:
     """decode.json, None when absent; ValueError naming it when damaged (as `read_state`)."""
     path = root / DECODE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    data = _read_json(path, "delete it to measure decode speed again")
+    if data is None:
         return None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path} is damaged ({e}): delete it to measure decode speed again") from None
     check_fields(data, DECODE_FIELDS, str(path))
     for i, row in enumerate(data["rows"]):
         check_fields(row["tokens_per_s"], (list, type(None)), f"{path}.rows[{i}].tokens_per_s")
