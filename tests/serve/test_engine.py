@@ -279,9 +279,10 @@ def test_logprobs_are_the_models_own_and_cost_the_other_rows_nothing(model, engi
     beside rows without: each row's text is the same as alone, and the logprobs, one per token
     counted in completion_tokens, are the model's own (see check_logprobs)."""
     m, tok = model
+    stop = next(ch for ch in lf.generate(m, tok, PROMPTS[6], max_new_tokens=16, temperature=0)[2:] if ch != "\ufffd")
     cases = [(PROMPTS[0], 20, dict(temperature=0.0, logprobs=3)), (PROMPTS[2], 14, dict(temperature=0.0)),
              (PROMPTS[3], 25, dict(temperature=0.0, logprobs=0)), (PROMPTS[5], 18, dict(temperature=0.7, top_p=0.9, seed=3, logprobs=5)),
-             (PROMPTS[6], 16, dict(temperature=0.0, logprobs=20, stops=["e"]))]
+             (PROMPTS[6], 16, dict(temperature=0.0, logprobs=20, stops=[stop]))]
     jobs = [make_request(tok, prompt, n, **kw) for prompt, n, kw in cases]
     for req, _ in jobs:
         engine.submit(req)
@@ -293,6 +294,8 @@ def test_logprobs_are_the_models_own_and_cost_the_other_rows_nothing(model, engi
             assert sink.logprobs == []
             continue
         assert len(sink.logprobs) == last.completion_tokens > 0
+        if "stops" in kw:  # ended at the stop string, its last token's logprobs the last
+            assert last.finish_reason == "stop" and last.completion_tokens < n
         check_logprobs(m, tok, req.ids, sink.logprobs, kw["logprobs"])
     with pytest.raises(ValueError, match="logprobs"):
         Request([1], 1, print, logprobs=21)
