@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from latentformer.infer.sampling import SamplingParams, process_logits, sample
+from latentformer.infer.sampling import SamplingParams, process_logits, sample, token_logprobs
 
 PROBS = [0.5, 0.3, 0.1, 0.06, 0.04]
 
@@ -120,3 +120,22 @@ def test_non_finite_logits_are_an_error(temperature):
     logits[1, 3] = float("nan")
     with pytest.raises(ValueError, match="non-finite logits"):
         sample(logits, SamplingParams(temperature=temperature))
+
+
+def test_token_logprobs_are_the_raw_log_softmax_of_the_asking_rows():
+    """For the rows asked only: the log_softmax of the raw logits (no temperature, no top_p) at the
+    chosen token, then the true top k in descending order with their ids; a failed row (-1) reads id 0."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 30) * 3
+    tokens = torch.tensor([5, 7, -1, 2])
+    values, ids = token_logprobs(logits, tokens, [1, 2, 3], k=4)
+    lp = logits.log_softmax(-1)
+    assert values.shape == (3, 5) and ids.shape == (3, 4)
+    for r, b in enumerate([1, 2, 3]):
+        assert math.isclose(values[r, 0], lp[b, max(0, int(tokens[b]))], abs_tol=1e-6)
+        top = lp[b].sort(descending=True)
+        assert ids[r].tolist() == top.indices[:4].tolist()
+        assert torch.allclose(values[r, 1:], top.values[:4], atol=1e-6)
+    values, ids = token_logprobs(logits, tokens, [0], k=0)  # the chosen token only
+    assert values.shape == (1, 1) and ids.shape == (1, 0) and math.isclose(values[0, 0], lp[0, 5], abs_tol=1e-6)
+

@@ -47,6 +47,7 @@ class Collector:
     def __init__(self) -> None:
         self.events: queue.Queue = queue.Queue()
         self.pieces: list[str] = []  # every event's text, in order (filled by wait)
+        self.logprobs: list[tuple] = []  # every event's logprobs, in order (filled by wait)
 
     def __call__(self, event) -> None:
         self.events.put(event)
@@ -55,6 +56,7 @@ class Collector:
         while True:
             event = self.events.get(timeout=timeout)
             self.pieces.append(event.text)
+            self.logprobs.extend(event.logprobs)
             if event.finish_reason:
                 return "".join(self.pieces), event
 
@@ -255,6 +257,48 @@ def test_engine_errors_fail_requests_and_keep_serving(model, monkeypatch):
         assert sink.wait()[0] == lf.generate(m, tok, "abc", max_new_tokens=10, temperature=0)
     finally:
         eng.stop()
+
+
+def check_logprobs(m, tok, prompt_ids: list[int], logprobs: list[tuple], k: int) -> None:
+    """The engine's logprobs of a completion == the model's own, computed directly: log_softmax of
+    one full forward over prompt + completion (fp32 CPU), over the tokenizer's ids, at each token,
+    and the true top k."""
+    ids = [t for t, _, _ in logprobs]
+    vocab = min(tok.vocab_size, m.config.vocab_size)
+    with torch.no_grad():
+        lp = m(torch.tensor([prompt_ids + ids[:-1]]))[0, len(prompt_ids) - 1:, :vocab].float().log_softmax(-1)
+    for j, (token, logprob, top) in enumerate(logprobs):
+        assert abs(logprob - lp[j, token].item()) < 1e-4
+        expect = lp[j].topk(k)
+        assert [t for t, _ in top] == expect.indices.tolist()
+        assert all(abs(v - e) < 1e-4 for (_, v), e in zip(top, expect.values.tolist()))
+
+
+def test_logprobs_are_the_models_own_and_cost_the_other_rows_nothing(model, engine):
+    """Rows with logprobs (greedy, and sampled: the raw distribution, before temperature and top_p)
+    beside rows without: each row's text is the same as alone, and the logprobs, one per token
+    counted in completion_tokens, are the model's own (see check_logprobs)."""
+    m, tok = model
+    stop = next(ch for ch in lf.generate(m, tok, PROMPTS[6], max_new_tokens=16, temperature=0)[2:] if ch != "\ufffd")
+    cases = [(PROMPTS[0], 20, dict(temperature=0.0, logprobs=3)), (PROMPTS[2], 14, dict(temperature=0.0)),
+             (PROMPTS[3], 25, dict(temperature=0.0, logprobs=0)), (PROMPTS[5], 18, dict(temperature=0.7, top_p=0.9, seed=3, logprobs=5)),
+             (PROMPTS[6], 16, dict(temperature=0.0, logprobs=20, stops=[stop]))]
+    jobs = [make_request(tok, prompt, n, **kw) for prompt, n, kw in cases]
+    for req, _ in jobs:
+        engine.submit(req)
+    for (req, sink), (prompt, n, kw) in zip(jobs, cases):
+        text, last = sink.wait()
+        settings = {k: v for k, v in kw.items() if k in ("temperature", "top_p", "seed")}
+        assert text == lf.generate(m, tok, prompt, max_new_tokens=n, stop=kw.get("stops"), **settings), prompt
+        if "logprobs" not in kw:
+            assert sink.logprobs == []
+            continue
+        assert len(sink.logprobs) == last.completion_tokens > 0
+        if "stops" in kw:  # ended at the stop string, its last token's logprobs the last
+            assert last.finish_reason == "stop" and last.completion_tokens < n
+        check_logprobs(m, tok, req.ids, sink.logprobs, kw["logprobs"])
+    with pytest.raises(ValueError, match="logprobs"):
+        Request([1], 1, print, logprobs=21)
 
 
 def test_sample_rows_matches_sample_per_row():

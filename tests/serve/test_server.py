@@ -1,7 +1,7 @@
 """The OpenAI-compatible server, driven over loopback by the official `openai` client (and httpx
 for raw malformed requests): completions and chat, streaming and not, stop strings, seeds,
-usage, auth, every 4xx, disconnects, the bounded queue, a 64-client load test, the CLI and the
-README example."""
+usage, logprobs, auth, every 4xx, disconnects, the bounded queue, a 64-client load test, the CLI
+and the README example."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import latentformer as lf
@@ -275,7 +276,10 @@ BAD_BODIES = [  # (body, status, param)
     (b'{"prompt": "a", "n": 0}', 400, "n"),
     (b'{"prompt": "a", "n": 129}', 400, "n"),
     (b'{"prompt": "a", "echo": 1}', 400, "echo"),
-    (b'{"prompt": "a", "logprobs": 2}', 400, "logprobs"),
+    (b'{"prompt": "a", "logprobs": 6}', 400, "logprobs"),
+    (b'{"prompt": "a", "logprobs": -1}', 400, "logprobs"),
+    (b'{"prompt": "a", "logprobs": true}', 400, "logprobs"),
+    (b'{"prompt": "a", "logprobs": 2, "echo": true}', 400, "echo"),
     (b'{"prompt": "a", "frequency_penalty": 0.5}', 400, "frequency_penalty"),
     (b'{"prompt": "a", "model": "gpt-4"}', 404, "model"),
     (b'{"prompt": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),  # nested too deep for json
@@ -466,6 +470,19 @@ def test_cli_with_three_http_processes(ckpt):
 
         for i, (prompt, got) in enumerate(zip(PROMPTS * 3, asyncio.run(go()))):
             assert got == greedy(model, tok, prompt, 4 + i % 6), prompt
+        c = client(url)  # logprobs from the engine process: a stream's chunks (some with text still held back) carry them all
+        for kw in (dict(prompt="Hello there", logprobs=2), dict(messages=[{"role": "user", "content": "Hi!"}], logprobs=True)):
+            create = c.completions.create if "prompt" in kw else c.chat.completions.create
+            whole = create(model="tiny", max_tokens=12, temperature=0, **kw).choices[0]
+            chunks = [ch.choices[0] for ch in create(model="tiny", max_tokens=12, temperature=0, stream=True, **kw) if ch.choices]
+            if "prompt" in kw:
+                assert "".join(ch.text for ch in chunks) == whole.text
+                assert [t for ch in chunks if ch.logprobs for t in ch.logprobs.tokens] == whole.logprobs.tokens
+                assert whole.logprobs.tokens and all(lp <= 0 for lp in whole.logprobs.token_logprobs)
+            else:
+                assert "".join(ch.delta.content or "" for ch in chunks) == whole.message.content
+                assert [e.bytes for ch in chunks if ch.logprobs for e in ch.logprobs.content] == [
+                    e.bytes for e in whole.logprobs.content]
         for _ in range(6):  # fresh connections: any of the processes may answer
             metrics = scrape(httpx.get(url + "/metrics", headers={"Connection": "close"}))
             assert metrics["latentformer_requests_running"] == 0 and metrics["latentformer_requests_waiting"] == 0
@@ -571,6 +588,104 @@ def test_n_choices_and_echo(mla):
     assert streamed == e.choices[0].text
     _error(httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "echo": True}),
            400, "echo")
+
+
+def model_greedy(model, tok, ids: list[int], n: int) -> list[tuple[int, torch.Tensor]]:
+    """The greedy completion computed with the model alone (a full forward per token, fp32 CPU):
+    each token and the log_softmax, over the tokenizer's ids, it was chosen from."""
+    vocab = min(tok.vocab_size, model.config.vocab_size)
+    out, seq = [], list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            lp = model(torch.tensor([seq]))[0, -1, :vocab].float().log_softmax(-1)
+            out.append((int(lp.argmax()), lp))
+            seq.append(out[-1][0])
+            if seq[-1] in tok.stop_ids:
+                break
+    return out
+
+
+def byte_token(t: int) -> str:
+    """A token's text as OpenAI shows it, for the byte tokenizer: its byte, or "bytes:" and the byte
+    escaped when it is not UTF-8 alone; end-of-text's text."""
+    return "<|endoftext|>" if t == 256 else chr(t) if t < 128 else f"bytes:\\x{t:02x}"
+
+
+def test_completion_logprobs_are_the_models_own_streamed_or_not(mla):
+    """logprobs=3: per token counted in usage, its text, the model's own logprob (computed here
+    directly), the true top 3 with the chosen token, and where it starts in the text; a stream's
+    chunks carry the same, spread over them; the openai client parses both."""
+    url, model, tok, _ = mla
+    c = client(url)
+    ids = tok.encode("Hello there")
+    expect = model_greedy(model, tok, ids, 12)
+    r = c.completions.create(model=NAME, prompt="Hello there", max_tokens=12, temperature=0, logprobs=3)
+    choice, lp = r.choices[0], r.choices[0].logprobs
+    assert choice.text == greedy(model, tok, "Hello there", 12)
+    assert len(lp.tokens) == len(lp.token_logprobs) == r.usage.completion_tokens == len(expect)
+    for j, (t, dist) in enumerate(expect):
+        assert lp.tokens[j] == byte_token(t) and abs(lp.token_logprobs[j] - dist[t].item()) < 1e-4
+        top = dist.topk(3)
+        want = {**{byte_token(u): v for u, v in zip(top.indices.tolist(), top.values.tolist())}, byte_token(t): dist[t].item()}
+        assert list(lp.top_logprobs[j]) == list(want)
+        assert all(abs(lp.top_logprobs[j][key] - v) < 1e-4 for key, v in want.items())
+        done = bytes(t for t, _ in expect[:j])  # where the text of the tokens before j is whole, token j starts there
+        if all(t < 256 for t, _ in expect[:j]) and _utf8(done):
+            assert lp.text_offset[j] == len(done.decode())
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    streamed: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for ch in c.completions.create(model=NAME, prompt="Hello there", max_tokens=12, temperature=0, logprobs=3, stream=True):
+        if ch.choices and ch.choices[0].logprobs is not None:
+            for key, values in streamed.items():
+                values += getattr(ch.choices[0].logprobs, key)
+    assert streamed["tokens"] == lp.tokens and streamed["text_offset"] == lp.text_offset
+    assert streamed["token_logprobs"] == pytest.approx(lp.token_logprobs, abs=1e-5)
+    assert [list(d) for d in streamed["top_logprobs"]] == [list(d) for d in lp.top_logprobs]
+    r0 = c.completions.create(model=NAME, prompt="Hello there", max_tokens=12, temperature=0, logprobs=0)
+    assert [list(d) for d in r0.choices[0].logprobs.top_logprobs] == [[t] for t in lp.tokens]  # the chosen token only
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_chat_logprobs_are_the_models_own_streamed_or_not(mla):
+    """logprobs with top_logprobs=5: per token counted in usage, its text and exact bytes, the
+    model's own logprob and the true top 5; streamed the same; n=2 greedy choices alike."""
+    url, model, tok, _ = mla
+    c = client(url)
+    messages = [{"role": "user", "content": "Hi!"}]
+    expect = model_greedy(model, tok, tok.encode(render_chat(tok, messages)), 16)
+    kw = dict(model=NAME, messages=messages, max_tokens=16, temperature=0, logprobs=True, top_logprobs=5)
+    r = c.chat.completions.create(n=2, **kw)
+    content = r.choices[0].logprobs.content
+    assert 0 < len(content) == r.usage.completion_tokens // 2 and r.choices[1].logprobs.content == content
+    for entry, (t, dist) in zip(content, expect):
+        assert entry.token == byte_token(t) and abs(entry.logprob - dist[t].item()) < 1e-4
+        assert entry.bytes == list(tok.byte_decoder()(t))
+        top = dist.topk(5)
+        assert [e.token for e in entry.top_logprobs] == [byte_token(u) for u in top.indices.tolist()]
+        assert [e.logprob for e in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    # the tokens' bytes make the text (and, at a chat stop string, go on to its end)
+    assert bytes(b for e in content for b in e.bytes).decode(errors="replace").startswith(r.choices[0].message.content)
+    streamed = []
+    for ch in c.chat.completions.create(stream=True, **kw):
+        if ch.choices and ch.choices[0].logprobs is not None:
+            streamed += ch.choices[0].logprobs.content
+    assert [(e.token, e.bytes, [t.token for t in e.top_logprobs]) for e in streamed] == [
+        (e.token, e.bytes, [t.token for t in e.top_logprobs]) for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
+    plain = c.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0, logprobs=True)
+    assert [e.top_logprobs for e in plain.choices[0].logprobs.content] == [[]] * len(content)
+    assert c.chat.completions.create(model=NAME, messages=messages, max_tokens=4).choices[0].logprobs is None
+    chat = url + "/v1/chat/completions"
+    for body, param in (({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                        ({"logprobs": 1}, "logprobs")):
+        _error(httpx.post(chat, json={"messages": messages, **body}), 400, param)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import latentformer as lf
 from latentformer.checkpoint import save_checkpoint
 from latentformer.infer.engine import Engine, QueueFull, Request
 from latentformer.serve.worker import EngineClient, EngineProcess, EngineSpec
-from tests.serve.test_engine import PROMPTS, Collector, tiny_model, wait_until
+from tests.serve.test_engine import PROMPTS, Collector, check_logprobs, tiny_model, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -92,6 +92,34 @@ def test_text_and_stop_strings_are_the_http_process_work(ckpt):
     assert any(reason == "stop" and tokens < 24 for _, reason, tokens in results["process"])
     for (prompt, stops, _), (text, _, _) in zip(cases, results["process"]):
         assert text == lf.generate(model, tok, prompt, max_new_tokens=24, temperature=0, stop=stops or None)
+
+
+def test_logprobs_cross_the_pipe_and_end_with_the_text(ckpt):
+    """Logprobs through the engine process: the model's own (check_logprobs), and cut where the
+    client ends the text at a stop string, so that they match the in-process engine's token for
+    token and number completion_tokens."""
+    path, model, tok = ckpt
+    full = lf.generate(model, tok, PROMPTS[0], max_new_tokens=24, temperature=0)
+    cases = [([], True), ([full[6:9]], True), ([full[6:9]], False), ([], False)]
+    results = {}
+    # stream_interval 10 s: the engine process sends the tokens after the first in one event at the
+    # end, past the stop string, which the client finds and cuts there with the logprobs
+    coalesced = deliver_to_sinks(EngineProcess(EngineSpec(str(path), "cpu", None, 4, 8, False, 10.0), tok))
+    for name, engine in (("process", coalesced), ("in-process", Engine(model, tok, max_batch=4).start())):
+        try:
+            jobs = []
+            for stops, stream in cases:
+                sink = Collector()
+                engine.submit(Request(tok.encode(PROMPTS[0]), 24, sink, temperature=0.0, stops=stops, stream=stream, logprobs=2))
+                jobs.append(sink)
+            results[name] = [(text, last, sink.logprobs) for sink in jobs for text, last in [sink.wait()]]
+        finally:
+            engine.stop()
+    for (text, last, logprobs), (text2, last2, logprobs2) in zip(results["process"], results["in-process"]):
+        assert (text, last.finish_reason, last.completion_tokens) == (text2, last2.finish_reason, last2.completion_tokens)
+        assert len(logprobs) == last.completion_tokens and [t for t, _, _ in logprobs] == [t for t, _, _ in logprobs2]
+        check_logprobs(model, tok, tok.encode(PROMPTS[0]), logprobs, 2)
+    assert results["process"][1][1].completion_tokens < results["process"][0][1].completion_tokens  # cut at the stop string
 
 
 def test_cancel_and_queue_limit(ckpt):

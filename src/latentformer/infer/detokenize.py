@@ -18,8 +18,16 @@ GPU's decode step. Instead:
 from __future__ import annotations
 
 import codecs
+from collections.abc import Callable
 
 REPLACEMENT = "\ufffd"  # what a decoder returns for an incomplete UTF-8 sequence
+
+
+def token_bytes(tokenizer) -> Callable[[int], bytes]:
+    """id -> that token's own bytes (for logprobs): exact for byte-level tokenizers (`byte_decoder`),
+    else the UTF-8 of the token decoded alone."""
+    exact = tokenizer.byte_decoder() if hasattr(tokenizer, "byte_decoder") else None
+    return exact if exact is not None else lambda token: tokenizer.decode([token]).encode()
 
 
 class RowText:

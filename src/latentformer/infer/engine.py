@@ -24,6 +24,10 @@ rows here are contiguous, not paged: a row is reserved at the full context).
 - Sampling is per row (`sample_rows`): temperature and top_p per request, and a seeded request
   draws with its own torch.Generator, so the same seed gives the same text whatever else runs. A
   row whose distribution is not finite fails alone; the others go on.
+- Logprobs (`Request.logprobs`, OpenAI's): for the rows that ask, and only them, the sampling
+  step also takes the log_softmax of the model's raw logits at the chosen token and the top k
+  (`token_logprobs`, on the device) and copies them back with the tokens, in the same readback;
+  events carry them per token, beside the text or the ids.
 
 With `compile=True` (CUDA) the decode step is a captured CUDA graph over the whole cache
 (`GraphDecodeStep`); joins and leaves edit the cache and its per-row lengths in place, so the one
@@ -46,8 +50,11 @@ from latentformer.infer.cuda_graph import decode_step
 from latentformer.infer.detokenize import RowText
 from latentformer.infer.prefill import prefill_attention
 from latentformer.devices import to_device
-from latentformer.infer.sampling import check_temperature, check_top_p, sample_rows
+from latentformer.infer.sampling import check_temperature, check_top_p, sample_rows, token_logprobs
 from latentformer.model.transformer import Transformer
+
+
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit)
 
 
 class QueueFull(Exception):
@@ -59,13 +66,16 @@ class Event:
     """What a request receives from the engine, in order: text increments, the last one with a
     finish_reason ("stop": a stop id or string, "length": max_tokens, "error": see `error`).
     From an engine that does not detokenize, `ids` are the tokens since the last event and `text`
-    is "" (stop strings are then the receiver's to find; see `Engine`)."""
+    is "" (stop strings are then the receiver's to find; see `Engine`). For a request with
+    `logprobs`, `logprobs` holds one (id, logprob, ((id, logprob), ...top k)) per token since the
+    last event (the tokens counted in completion_tokens, a stop id included)."""
 
     text: str
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
     ids: tuple[int, ...] = ()
+    logprobs: tuple[tuple[int, float, tuple[tuple[int, float], ...]], ...] = ()
 
 
 @dataclass(eq=False)
@@ -81,11 +91,15 @@ class Request:
     seed: int | None = None
     stops: list[str] = field(default_factory=list)
     stream: bool = True  # False: the text comes in one piece at the end (no detokenizing per token)
+    logprobs: int | None = None  # None: off; k: each token's logprob and the k most likely tokens' (see Event)
     cancelled: bool = False
 
     def __post_init__(self) -> None:
         check_temperature(self.temperature)  # ValueError: settings no distribution can follow
         check_top_p(self.top_p)
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     def cancel(self) -> None:
         """Stop generating for this request (from any thread): its row is freed before the next step."""
@@ -127,12 +141,14 @@ class EngineStats:
 class _Readback:
     """Tokens sampled on the device and not yet read: engine row `index[i]` held `rows[i]` when
     they were sampled (tokens for a row since freed or replaced are discarded). `host` is filled
-    by a copy that does not block; `ready` says it has landed."""
+    by a copy that does not block; `ready` says it has landed. `logprobs`: for the rows at these
+    positions of `index` that asked, the host copies of `token_logprobs`' values and ids."""
 
     index: list[int]
     rows: list
     host: torch.Tensor
     ready: torch.cuda.Event | None
+    logprobs: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(eq=False)
@@ -145,6 +161,7 @@ class _Row:
     count: int = 0  # tokens read back so far
     pending: str = ""  # text not yet delivered (stream_interval)
     ids: list[int] = field(default_factory=list)  # tokens not yet delivered (an engine that does not detokenize)
+    logprobs: list[tuple] = field(default_factory=list)  # the undelivered tokens' logprobs (see Event)
     delivered: float | None = None  # time.monotonic() of the last delivery (None: nothing delivered yet)
 
 
@@ -360,17 +377,24 @@ class Engine:
         self.stats.prefills += 1
         self.stats.prefill_requests += len(group)
         self.stats.prefill_tokens += len(group) * L
-        return self._readback(first, index, rows)
+        return self._readback(first, index, rows, logits, [r.logprobs for r in group])
 
-    def _readback(self, tokens: torch.Tensor, index: list[int], rows: list) -> _Readback:
-        """Start copying `tokens` to the host without waiting for them."""
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=self._pinned)
-        host.copy_(tokens, non_blocking=self._pinned)
+    def _readback(self, tokens: torch.Tensor, index: list[int], rows: list, logits: torch.Tensor,
+                  logprobs: list[int | None]) -> _Readback:
+        """Start copying `tokens` to the host without waiting for them, with the logprobs of the
+        rows that ask (logprobs[i] not None) from `logits`."""
+        ask = [i for i, k in enumerate(logprobs) if k is not None]
+        out = [tokens]
+        if ask:
+            out += token_logprobs(logits, tokens, ask, max(logprobs[i] for i in ask))
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=self._pinned) for t in out]
+        for h, t in zip(host, out):
+            h.copy_(t, non_blocking=self._pinned)
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        return _Readback(index, rows, host, ready)
+        return _Readback(index, rows, host[0], ready, (ask, host[1], host[2]) if ask else None)
 
     def _launch(self) -> _Readback:
         """One token for every row that may need one, from `_inputs` (each row's last token, on the
@@ -395,7 +419,8 @@ class Engine:
         self._inputs.copy_(nxt.clamp(min=0)[:, None])
         self.stats.steps += 1
         self.stats.row_steps += sum(r is not None for r in rows)
-        readback = self._readback(nxt, list(range(len(rows))), rows)
+        readback = self._readback(nxt, list(range(len(rows))), rows, logits,
+                                  [r.request.logprobs if r else None for r in rows])
         self.stats.launch += time.perf_counter() - t
         return readback
 
@@ -406,20 +431,28 @@ class Engine:
         now = time.perf_counter()
         self.stats.wait += now - t
         mono = time.monotonic()
-        for b, row, token in zip(readback.index, readback.rows, readback.host.tolist()):
-            if row is not None and row is self.rows[b] and self._push(row, token, events, mono):
+        logprobs: dict[int, tuple] = {}
+        if readback.logprobs is not None:
+            ask, values, ids = readback.logprobs
+            for i, v, t in zip(ask, values.tolist(), ids.tolist()):
+                k = readback.rows[i].request.logprobs
+                logprobs[i] = (v[0], tuple(zip(t[:k], v[1:k + 1])))
+        for i, (b, row, token) in enumerate(zip(readback.index, readback.rows, readback.host.tolist())):
+            if row is not None and row is self.rows[b] and self._push(row, token, logprobs.get(i), events, mono):
                 self._free(b)
         self.stats.read += time.perf_counter() - now
 
-    def _push(self, row: _Row, token: int, events: list, now: float) -> bool:
-        """Feed one sampled token to a row's text; queue its event when due (see `stream_interval`);
-        True when the request is done."""
+    def _push(self, row: _Row, token: int, logprobs: tuple | None, events: list, now: float) -> bool:
+        """Feed one sampled token (and its (logprob, top) when the request asks) to a row's text;
+        queue its event when due (see `stream_interval`); True when the request is done."""
         if token < 0:  # its distribution was not finite (sample_rows): this request alone fails
             events.append((row.request, Event(row.pending, "error", row.count,
                                               "sampling failed: the token distribution was not finite for these "
                                               "sampling settings")))
             return True
         row.count += 1
+        if logprobs is not None:
+            row.logprobs.append((token, *logprobs))
         if row.text is None:
             return self._push_id(row, token, events, now)
         row.pending += row.text.push(token)
@@ -427,8 +460,8 @@ class Engine:
         if reason == "length":
             row.pending += row.text.finish()
         if reason or (row.pending and (row.delivered is None or now - row.delivered >= self.stream_interval)):
-            events.append((row.request, Event(row.pending, reason, row.count)))
-            row.pending, row.delivered = "", now
+            events.append((row.request, Event(row.pending, reason, row.count, logprobs=tuple(row.logprobs))))
+            row.pending, row.logprobs, row.delivered = "", [], now
         return reason is not None
 
     def _push_id(self, row: _Row, token: int, events: list, now: float) -> bool:
@@ -437,6 +470,6 @@ class Engine:
         reason = "stop" if token in self.stop_ids else "length" if row.count >= row.request.max_tokens else None
         request = row.request
         if reason or ((request.stream or request.stops) and (row.delivered is None or now - row.delivered >= self.stream_interval)):
-            events.append((request, Event("", reason, row.count, ids=tuple(row.ids))))
-            row.ids, row.delivered = [], now
+            events.append((request, Event("", reason, row.count, ids=tuple(row.ids), logprobs=tuple(row.logprobs))))
+            row.ids, row.logprobs, row.delivered = [], [], now
         return reason is not None

@@ -173,3 +173,14 @@ def sample_rows(logits: torch.Tensor, temperature: list[float], top_p: list[floa
     return torch.where(ok, out, -1)
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities for the rows `rows` of logits [B, V] and their sampled `tokens` [B] (-1:
+    failed, read as id 0): the model's own distribution, log_softmax of the raw logits before
+    temperature and top_p (vLLM's default "raw_logprobs"; OpenAI reports no other). Returns
+    (values [R, 1 + k] fp32: the chosen token's, then the top k in descending order; ids [R, k]).
+    All on the device, no host sync: the caller copies them back with the tokens."""
+    idx = to_device(rows, logits.device, torch.long)
+    lp = logits[idx].float().log_softmax(-1)  # [R, V]
+    chosen = lp.gather(1, tokens[idx].clamp(min=0)[:, None])  # [R, 1]
+    top = lp.topk(k, dim=-1)  # [R, k] each
+    return torch.cat([chosen, top.values], 1), top.indices

@@ -7,13 +7,22 @@ GET /health (no API key needed: 200 while the engine runs, 503 once it has gone)
 Requests are validated strictly (pydantic strict mode: no "5" for 5, no 0 for false); every
 rejection is a 4xx in OpenAI's error shape {"error": {"message", "type", "param", "code"}}:
 400 for bad JSON (also nested too deep, or an integer literal too long), non-UTF-8 bodies, wrong
-types or ranges, a known OpenAI parameter this server does not implement (logprobs, penalties,
-tools, ...: named in the message), and prompts that do not fit the context (code
+types or ranges, a known OpenAI parameter this server does not implement (penalties, tools,
+...: named in the message), and prompts that do not fit the context (code
 "context_length_exceeded"; prompts are never truncated silently); 401 without the API key; 404
 for another model name; 413 for bodies over `max_body_bytes`; 429 (with Retry-After) when the
 engine's queue is full; 503 when the engine has gone or the server is shutting down. Unknown
 fields are ignored. `n` > 1 runs n requests in the engine (a given seed is offset per choice);
 `echo` (completions) puts the prompt before the text.
+
+Logprobs: completions' `logprobs: k` (0..5) gives `choices[i].logprobs` = {tokens, token_logprobs,
+top_logprobs (the k most likely tokens and the chosen one), text_offset}; chat's `logprobs: true`
+with `top_logprobs: k` (0..20) gives {content: [{token, logprob, bytes, top_logprobs}]}; a stream
+carries each chunk's tokens' logprobs. They are the model's own log-probabilities (log_softmax of
+the raw logits, before temperature and top_p: vLLM's default) of every token counted in
+completion_tokens (a stop id included; none after a stop string's last token). A token's text is
+its own bytes, decoded alone (see `_Logprobs`; chat's `bytes` are exact). `echo` with `logprobs`
+is refused (the prompt's logprobs are not computed).
 
 `max_tokens` left out: 16 for completions (OpenAI's default), the rest of the context for chat;
 either is cut to the room the prompt leaves. A given `max_tokens` that does not fit is an error.
@@ -26,6 +35,7 @@ status, method and path, prompt and completion tokens, time to first token (stre
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hmac
 import json
 import logging
@@ -45,7 +55,8 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from latentformer.infer.chat import chat_stops, check_messages, has_template, render_chat
-from latentformer.infer.engine import Engine, Event, QueueFull, Request
+from latentformer.infer.detokenize import token_bytes
+from latentformer.infer.engine import MAX_LOGPROBS, Engine, Event, QueueFull, Request
 from latentformer.serve.worker import EngineClient, EngineProcess
 
 log = logging.getLogger("latentformer.serve")
@@ -55,14 +66,16 @@ MAX_HEADER_BYTES = 64 << 10  # request line + headers; nginx's large_client_head
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MAX_STOPS = 4  # as OpenAI
 MAX_N = 128  # as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # as OpenAI's legacy completions (chat's top_logprobs: MAX_LOGPROBS, 20 as OpenAI)
 RETRY_AFTER_SECONDS = 1  # a full queue drains in about a request's time
 SHUTDOWN = "the server is shutting down"
 UNAUTHENTICATED = {"/health"}  # liveness probes carry no key
 
 # OpenAI parameters this server does not implement, with the values that mean "off" (accepted);
-# echo is implemented for completions (a field of CompletionRequest) and stays refused for chat
+# echo is implemented for completions (a field of CompletionRequest) and stays refused for chat;
+# logprobs and top_logprobs are fields of the requests (their meanings differ between the two)
 UNSUPPORTED: dict[str, tuple] = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "echo": (None, False), "best_of": (None, 1),
     "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}), "suffix": (None, ""),
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
     "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
@@ -112,11 +125,14 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str]
     echo: bool | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
 
 class ChatRequest(_Sampling):
     messages: list[Any]
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 def _validation_error(e: ValidationError) -> ApiError:
@@ -203,6 +219,50 @@ class _Tokens:
                 self.record.ttft = now - self.record.start
                 self.metrics.ttft.observe(self.record.ttft)
         self.counts[i], self.times[i] = max(self.counts[i], event.completion_tokens), now
+
+
+class _Logprobs:
+    """OpenAI's logprobs objects from the engine's (id, logprob, top) per token (see `Event`), for
+    one choice's tokens at a time; a choice's text_offset goes on across calls (a stream's chunks).
+
+    A token's text is its bytes decoded alone; a token that is not whole UTF-8 (a piece of a
+    multi-byte character) reads as "bytes:" and its bytes escaped (e.g. "bytes:\\xe2\\x80"), so
+    that distinct tokens never share a key of a top_logprobs dict. text_offset[j] is the index in
+    the text of the character where token j's bytes start (the characters of the tokens before it,
+    decoded together: the pieces of one character count once)."""
+
+    def __init__(self, tokenizer, n: int) -> None:
+        self.bytes = token_bytes(tokenizer)
+        self.offsets = [0] * n
+        self.decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n)]
+
+    def text(self, token: int) -> str:
+        b = self.bytes(token)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + b.decode("utf-8", errors="backslashreplace")
+
+    def completion(self, i: int, logprobs: list) -> dict:
+        """Legacy completions: the top dict holds the k most likely tokens and the chosen one."""
+        tokens, offsets = [self.text(t) for t, _, _ in logprobs], []
+        for t, _, _ in logprobs:
+            offsets.append(self.offsets[i])
+            self.offsets[i] += len(self.decoders[i].decode(self.bytes(t)))
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in logprobs],
+                "top_logprobs": [{**{self.text(u): v for u, v in top}, token: lp}
+                                 for token, (_, lp, top) in zip(tokens, logprobs)],
+                "text_offset": offsets}
+
+    def _entry(self, token: int, logprob: float) -> dict:
+        return {"token": self.text(token), "logprob": logprob, "bytes": list(self.bytes(token))}
+
+    def chat(self, logprobs: list) -> dict:
+        return {"content": [{**self._entry(t, lp), "top_logprobs": [self._entry(u, v) for u, v in top]}
+                            for t, lp, top in logprobs]}
+
+    def of(self, chat: bool, i: int, logprobs: list) -> dict:
+        return self.chat(logprobs) if chat else self.completion(i, logprobs)
 
 
 # -- the app ------------------------------------------------------------------------------------
@@ -368,7 +428,7 @@ def create_app(engine: Engine | EngineProcess, model_name: str, api_key: str | N
                 raise ApiError(503, f"the engine is not running ({e})", code="engine_error", type="server_error") from None
 
     async def run(http: HTTPRequest, req: _Sampling, ids: list[int], max_tokens: int, stops: list[str], chat: bool,
-                  echo: str = ""):
+                  logprobs: int | None, echo: str = ""):
         n = req.n or 1
         if n > engine.max_batch + engine.max_queue:
             raise ApiError(400, f"n={n} exceeds the {engine.max_batch + engine.max_queue} requests this server holds "
@@ -383,7 +443,8 @@ def create_app(engine: Engine | EngineProcess, model_name: str, api_key: str | N
             temperature, top_p = 0.0, 1.0
         try:
             jobs = [Request(ids, max_tokens, lambda event, i=i: queue.put_nowait((i, event)), temperature, top_p,
-                            None if req.seed is None else (req.seed + i) % 2**64, stops, stream=bool(req.stream))
+                            None if req.seed is None else (req.seed + i) % 2**64, stops, stream=bool(req.stream),
+                            logprobs=logprobs)
                     for i in range(n)]
         except ValueError as e:  # sampling settings no distribution can follow (e.g. top_p below float32's range)
             raise ApiError(400, str(e), str(e).split()[0]) from None
@@ -391,6 +452,7 @@ def create_app(engine: Engine | EngineProcess, model_name: str, api_key: str | N
         inflight.update(jobs)
         metrics.prompt_tokens.inc(len(ids) * n)
         tokens = _Tokens(record, metrics, n, bool(req.stream))
+        formats = None if logprobs is None else _Logprobs(tokenizer, n)
         meta = dict(id=record.id, created=int(time.time()), model=model_name,
                     object="chat.completion" if chat else "text_completion")
 
@@ -403,15 +465,18 @@ def create_app(engine: Engine | EngineProcess, model_name: str, api_key: str | N
 
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(queue, tokens, done, meta, chat, usage, len(ids), echo),
+            return StreamingResponse(_stream(queue, tokens, done, meta, chat, usage, len(ids), echo, formats),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(http, queue, tokens, done, meta, chat, len(ids), echo)
+        return await _complete(http, queue, tokens, done, meta, chat, len(ids), echo, formats)
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
         req = _parse(CompletionRequest, await read_json(http))
         check_model(req)
+        if req.echo and req.logprobs is not None:
+            raise ApiError(400, "echo together with logprobs is not supported (the prompt's logprobs are not computed): "
+                                "drop echo or logprobs", "echo")
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
@@ -425,12 +490,14 @@ def create_app(engine: Engine | EngineProcess, model_name: str, api_key: str | N
             ids = list(prompt)
         max_tokens = fit(ids, req.max_tokens, DEFAULT_COMPLETION_TOKENS)
         echo = (prompt if isinstance(prompt, str) else tokenizer.decode(ids)) if req.echo else ""
-        return await run(http, req, ids, max_tokens, stops_of(req), chat=False, echo=echo)
+        return await run(http, req, ids, max_tokens, stops_of(req), chat=False, logprobs=req.logprobs, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HTTPRequest):
         req = _parse(ChatRequest, await read_json(http))
         check_model(req)
+        if req.top_logprobs and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         try:
             prompt = render_chat(tokenizer, check_messages([_text_message(m) for m in req.messages]))
         except ValueError as e:
@@ -438,7 +505,8 @@ def create_app(engine: Engine | EngineProcess, model_name: str, api_key: str | N
         ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = fit(ids, asked, context)
-        return await run(http, req, ids, max_tokens, [*chat_stops(tokenizer), *stops_of(req)], chat=True)
+        return await run(http, req, ids, max_tokens, [*chat_stops(tokenizer), *stops_of(req)], chat=True,
+                         logprobs=(req.top_logprobs or 0) if req.logprobs else None)
 
     @app.get("/v1/models")
     async def models():
@@ -484,23 +552,25 @@ async def _until_disconnect(http: HTTPRequest) -> None:
         pass
 
 
-async def _collect(queue: asyncio.Queue, tokens: _Tokens) -> list[tuple[str, Event]]:
-    """Every choice's text and last event."""
+async def _collect(queue: asyncio.Queue, tokens: _Tokens) -> list[tuple[str, Event, list]]:
+    """Every choice's text, last event and logprobs."""
     n = len(tokens.counts)
     pieces: list[list[str]] = [[] for _ in range(n)]
+    logprobs: list[list] = [[] for _ in range(n)]
     last: list[Event | None] = [None] * n
     while None in last:
         i, event = await queue.get()
         if last[i] is None:
             tokens.observe(i, event)
             pieces[i].append(event.text)
+            logprobs[i].extend(event.logprobs)
             if event.finish_reason:
                 last[i] = event
-    return [("".join(p), e) for p, e in zip(pieces, last)]
+    return [("".join(p), e, lp) for p, e, lp in zip(pieces, last, logprobs)]
 
 
 async def _complete(http: HTTPRequest, queue: asyncio.Queue, tokens: _Tokens, done, meta: dict, chat: bool,
-                    prompt_tokens: int, echo: str):
+                    prompt_tokens: int, echo: str, formats: _Logprobs | None):
     """The whole completion as one JSON object; a client that goes away cancels its request."""
     collect, gone = asyncio.ensure_future(_collect(queue, tokens)), asyncio.ensure_future(_until_disconnect(http))
     try:
@@ -513,18 +583,19 @@ async def _complete(http: HTTPRequest, queue: asyncio.Queue, tokens: _Tokens, do
         tokens.record.note = "client went away"
         return JSONResponse({}, status_code=499)  # nobody reads this
     results = collect.result()
-    for _, last in results:
+    for _, last, _ in results:
         if last.finish_reason == "error":
             raise _engine_error(last)
     choices = []
-    for i, (text, last) in enumerate(results):
-        choice: dict[str, Any] = {"index": i, "finish_reason": last.finish_reason, "logprobs": None}
+    for i, (text, last, logprobs) in enumerate(results):
+        choice: dict[str, Any] = {"index": i, "finish_reason": last.finish_reason,
+                                  "logprobs": None if formats is None else formats.of(chat, i, logprobs)}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = echo + text
         choices.append(choice)
-    return {**meta, "choices": choices, "usage": _usage(prompt_tokens, sum(last.completion_tokens for _, last in results))}
+    return {**meta, "choices": choices, "usage": _usage(prompt_tokens, sum(last.completion_tokens for _, last, _ in results))}
 
 
 def _sse(obj: dict | str) -> str:
@@ -532,9 +603,10 @@ def _sse(obj: dict | str) -> str:
 
 
 async def _stream(queue: asyncio.Queue, tokens: _Tokens, done, meta: dict, chat: bool, usage: bool, prompt_tokens: int,
-                  echo: str):
+                  echo: str, formats: _Logprobs | None):
     """Server-sent events: one chunk per choice per delivery (increments that queued up meanwhile
-    are sent together), the finish_reason in a choice's last, then optional usage and
+    are sent together, with their tokens' logprobs when asked: a chunk may then carry tokens whose
+    text is still held back), the finish_reason in a choice's last, then optional usage and
     `data: [DONE]`. An error (the engine's, or shutdown's) is an error event, then [DONE]. Closing
     the connection cancels the generator here and so the requests in the engine."""
     n = len(tokens.counts)
@@ -545,14 +617,15 @@ async def _stream(queue: asyncio.Queue, tokens: _Tokens, done, meta: dict, chat:
     heads = [prefix + f'{i}, ' + ('"delta": {"content": ' if chat else '"text": ') for i in range(n)]
     tail = ("}" if chat else "") + ', "finish_reason": null, "logprobs": null}]' + (', "usage": null' if usage else "") + "}\n\n"
 
-    def chunk(i: int, text: str | None, reason: str | None, role: bool = False) -> str:
-        if text and reason is None and not role:
+    def chunk(i: int, text: str | None, reason: str | None, role: bool = False, logprobs: list | None = None) -> str:
+        if text and reason is None and not role and not logprobs:
             return heads[i] + json.dumps(text, ensure_ascii=False) + tail
+        lp = formats.of(chat, i, logprobs) if logprobs else None
         if chat:
             delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-            choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}
+            choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": lp}
         else:
-            choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": None}
+            choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": lp}
         return _sse({**meta, "choices": [choice]} | ({"usage": None} if usage else {}))
 
     try:
@@ -573,16 +646,17 @@ async def _stream(queue: asyncio.Queue, tokens: _Tokens, done, meta: dict, chat:
                     by_choice.setdefault(i, []).append(event)
             for i, events in by_choice.items():
                 last, text = events[-1], "".join(e.text for e in events)
+                logprobs = [lp for e in events for lp in e.logprobs]
                 if last.finish_reason == "error":
                     e = _engine_error(last)
                     yield _sse({"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}})
                     yield _sse("[DONE]")
                     return
                 if text and last.finish_reason:
-                    yield chunk(i, text, None)
-                    text = ""
-                if text or last.finish_reason:
-                    yield chunk(i, text if text or not chat else None, last.finish_reason)
+                    yield chunk(i, text, None, logprobs=logprobs)
+                    text, logprobs = "", []
+                if text or logprobs or last.finish_reason:
+                    yield chunk(i, text if text or logprobs or not chat else None, last.finish_reason, logprobs=logprobs)
                 if last.finish_reason:
                     finished[i] = last
         if usage:

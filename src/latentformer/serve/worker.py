@@ -7,7 +7,7 @@ request decoded 3.5x slower than the engine alone; benchmarks/RESULTS.md, "Serve
 engine (model, cache, scheduling, sampling, detokenizing) runs in a child process and the server
 process only speaks HTTP, so neither waits for the other's Python. Between them: requests go down
 a pipe as plain tuples; each engine step's events come back as one message of plain tuples
-(rid, text, finish_reason, tokens, error), about ten times cheaper to pickle than Event objects
+(rid, ids, finish_reason, tokens, error, logprobs), about ten times cheaper to pickle than Event objects
 (64 rows: 30 -> 3 us on a 2-core CPU),
 sent by a thread of the child (the engine never blocks on a slow reader) whose pickling shares the
 engine thread's GIL; a request the client abandons is cancelled
@@ -119,7 +119,8 @@ def _child(spec: EngineSpec, channels: list[tuple[Any, Any]], in_flight) -> None
         for request, event in batch:
             key = ids.pop(request, None) if event.finish_reason else ids.get(request)
             if key is not None:
-                out.setdefault(key[0], []).append((key[1], event.ids, event.finish_reason, event.completion_tokens, event.error))
+                out.setdefault(key[0], []).append((key[1], event.ids, event.finish_reason, event.completion_tokens, event.error,
+                                                    event.logprobs))
                 if event.finish_reason:
                     by_id.pop(key, None)
         for c, events in out.items():
@@ -266,7 +267,8 @@ class EngineClient:
             self._requests[rid], self._rid[request] = request, rid
             self._texts[rid] = RowText(self.tokenizer, request.stops, incremental=request.stream)
         fields = {"ids": request.ids, "max_tokens": request.max_tokens, "temperature": request.temperature,
-                  "top_p": request.top_p, "seed": request.seed, "stops": request.stops, "stream": request.stream}
+                  "top_p": request.top_p, "seed": request.seed, "stops": request.stops, "stream": request.stream,
+                  "logprobs": request.logprobs}
         try:
             with self._send:
                 self._commands.send(("submit", rid, fields))
@@ -314,11 +316,11 @@ class EngineClient:
                 break
             out, stopped = [], []
             with self._lock:
-                for rid, ids, reason, count, error in batch:
+                for rid, ids, reason, count, error, logprobs in batch:
                     request = self._requests.get(rid)
                     if request is None:  # cancelled, or ended here at a stop string
                         continue
-                    event = self._text_event(self._texts[rid], ids, reason, count, error)
+                    event = self._text_event(self._texts[rid], ids, reason, count, error, logprobs)
                     out.append((request, event))
                     if event.finish_reason:
                         del self._requests[rid], self._rid[request], self._texts[rid]
@@ -340,16 +342,18 @@ class EngineClient:
 
 
     @staticmethod
-    def _text_event(text: RowText, ids: tuple[int, ...], reason: str | None, count: int, error: str | None) -> Event:
+    def _text_event(text: RowText, ids: tuple[int, ...], reason: str | None, count: int, error: str | None,
+                    logprobs: tuple) -> Event:
         """The Event an in-process engine would have sent for these ids (see `Engine._push`)."""
         piece = ""
         for k, token in enumerate(ids):
             piece += text.push(token)
-            if text.done:  # a stop id (the engine's "stop") or a stop string, which ends the text here
-                return Event(piece, reason if token in text.stop_ids else "stop", count - (len(ids) - 1 - k), error)
+            if text.done:  # a stop id (the engine's "stop") or a stop string, which ends the text (and the tokens) here
+                return Event(piece, reason if token in text.stop_ids else "stop", count - (len(ids) - 1 - k), error,
+                             logprobs=logprobs[:k + 1])
         if reason == "length":
             piece += text.finish()
-        return Event(piece, reason, count, error)
+        return Event(piece, reason, count, error, logprobs=logprobs)
 
 
 class EngineProcess(EngineClient):
