@@ -20,6 +20,7 @@ from latentformer.config import ModelConfig, _check, apply_overrides, from_dict,
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
 SCHEDULES = ("cosine", "step", "wsd", "constant")  # implemented in train/schedule.py
+OPTIMIZERS = ("adamw", "muon")  # implemented in train/optim.py
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 MAX_SEED = 2**32 - 1  # numpy's global seed is 32-bit
 
@@ -71,7 +72,8 @@ class TrainConfig:
     # time budget of the training loop: its steps, evaluations and checkpoint saves, the final
     # evaluation included (the schedule anneals by it too); 0 = none
     max_time_minutes: float = 7.5
-    # optimizer
+    # optimizer: adamw | muon (Muon on the hidden matrices, AdamW on the rest; train/optim.py)
+    optimizer: str = "adamw"
     lr: float = 2e-3
     min_lr: float = 1e-4  # floor of cosine / wsd
     weight_decay: float = 0.1
@@ -80,6 +82,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     decay_embeddings: bool = False
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum; the AdamW part uses beta1/beta2
     # schedule (see latentformer.train.schedule)
     schedule: str = "cosine"  # cosine | step | wsd | constant
     warmup_steps: int = 30
@@ -121,6 +124,8 @@ class TrainConfig:
         _check(bool(DEVICE.fullmatch(self.device)), "train.device",
                f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1", "betas must be in [0, 1)")
+        _check(self.optimizer in OPTIMIZERS, "train.optimizer", f"must be adamw or muon, got {self.optimizer!r}")
+        _check(0 <= self.muon_momentum < 1, "train.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         _check(self.gamma > 0, "train.gamma", "must be positive")
         _check(0 < self.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
         _check(self.dtype in DTYPES, "train.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
