@@ -74,6 +74,8 @@ def test_variants_take_training_overrides():
     assert (base.cfg.train.lr, muon.cfg.train.lr) == (0.002, 0.01)  # the variant's own over the common ones
     assert base.cfg.model == muon.cfg.model and muon.deviation == 0 and muon.train_overrides == {"optimizer": "muon", "lr": "0.01"}
     assert [c.name for c in cells([base, muon], 1)] == ["mla-s0", "mla_train.optimizer=muon_train.lr=0.01-s0"]
+    (mtp,), _ = resolve_variants(fam, ["mla:model.mtp_depth=1"], COMMON, 4096)
+    assert mtp.cfg.model.mtp_depth == 1 and mtp.matched_d_ff is None and mtp.deviation == 0  # served size: MTP left out
     with pytest.raises(ValueError, match="train.max_steps is shared by every cell"):
         parse_variant("mla:train.max_steps=5", fam)
     with pytest.raises(ValueError, match="'data.dir' is not a model field"):

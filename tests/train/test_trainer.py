@@ -211,3 +211,26 @@ def test_low_precision_residual_carries_the_stream_in_the_autocast_dtype(sotu_di
     assert got.item() == pytest.approx(want.item(), rel=2e-2)  # both models drew the same init, one step each
     start = low.evaluate()["loss"]
     assert low.fit()["val"]["loss"] < start - 0.5
+
+
+def test_mtp_weight_enters_the_objective_and_the_checkpoint_serves_without_the_modules(sotu_dir, tmp_path):
+    """Depth 1 with mtp_weight 0 trains the main weights exactly as depth 0 does (the same initial
+    values; the module's loss has no weight); with mtp_weight 0.3 they differ. The checkpoint loads
+    and generates (the decode layer never calls the modules)."""
+    from latentformer.checkpoint import load
+    from latentformer.infer.generate import generate
+
+    def main_weights(depth, mtp_weight, name):
+        cfg = run_config(sotu_dir, max_steps=3, mtp_weight=mtp_weight)
+        cfg.model.mtp_depth = depth
+        trainer = Trainer(cfg, tmp_path / name)
+        trainer.fit()
+        return {k: v for k, v in weights(trainer.model).items() if not k.startswith("mtp.")}
+
+    plain, unweighted, weighted = main_weights(0, 0.3, "plain"), main_weights(1, 0.0, "zero"), main_weights(1, 0.3, "mtp")
+    assert plain.keys() == unweighted.keys() == weighted.keys()
+    assert all(torch.equal(plain[k], unweighted[k]) for k in plain)
+    assert not all(torch.equal(plain[k], weighted[k]) for k in plain)
+    model, tokenizer = load(tmp_path / "mtp")
+    assert model.config.mtp_depth == 1
+    assert isinstance(generate(model, tokenizer, "My fellow citizens,", max_new_tokens=5, temperature=0), str)

@@ -176,9 +176,11 @@ def parse_variant(text: str, family: Family) -> tuple[str, dict[str, Any], set[s
 
 
 def count_params(model: ModelConfig) -> int:
-    """Parameters of `model`, counted on the meta device (no memory, no init cost)."""
+    """Parameters of `model` as served, counted on the meta device (no memory, no init cost): the
+    training-only MTP modules are left out, so `mla:model.mtp_depth=1` is matched (and compared) at
+    the size of the model it trains; its training FLOPs count them (`flops_per_token`)."""
     with torch.device("meta"):
-        return Transformer(model).num_params()
+        return Transformer(model.replace(mtp_depth=0)).num_params()
 
 
 def _build(preset: str, model_overrides: dict[str, Any], common: dict[str, Any],

@@ -83,6 +83,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     decay_embeddings: bool = False
     muon_momentum: float = 0.95  # Muon's (Nesterov) momentum; the AdamW part uses beta1/beta2
+    # multi-token prediction: loss = main + mtp_weight / D * sum_k loss_k (DeepSeek-V3's lambda;
+    # with model.mtp_depth = D > 0)
+    mtp_weight: float = 0.3
     # schedule (see latentformer.train.schedule)
     schedule: str = "cosine"  # cosine | step | wsd | constant
     warmup_steps: int = 30
@@ -118,7 +121,7 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "eval_interval", "eval_tokens", "eval_batch_size",
                      "early_stopping_patience", "checkpoint_interval", "threads", "sample_tokens", "budget_evals"):
             _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "max_time_minutes", "checkpoint_minutes", "eps"):
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "max_time_minutes", "checkpoint_minutes", "eps", "mtp_weight"):
             _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
         _check(0 <= self.seed <= MAX_SEED, "train.seed", f"must be in [0, 2**32 - 1], got {self.seed}")
         _check(bool(DEVICE.fullmatch(self.device)), "train.device",
@@ -159,6 +162,8 @@ class RunConfig:
         """Cross-section checks that no single dataclass can make."""
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.model.mtp_depth >= self.train.seq_len:
+            raise ValueError(f"model.mtp_depth={self.model.mtp_depth} must be less than train.seq_len={self.train.seq_len}")
 
 
 def build_run_config(*, preset: str | None = None, yaml_path: str | Path | None = None,
