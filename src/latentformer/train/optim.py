@@ -73,10 +73,14 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of both; `closure` (Lightning passes one) recomputes the loss first, as in torch's optimizers."""
+        loss = None
         if closure is not None:
-            raise ValueError("MuonAdamW.step takes no closure")
+            with torch.enable_grad():
+                loss = closure()
         self.muon.step()
         self.adamw.step()
+        return loss
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
