@@ -160,7 +160,7 @@ def parse_variant(text: str, family: Family) -> tuple[str, dict[str, Any], set[s
         key, eq, value = pair.partition("=")
         if not eq or not key or not value:
             raise ValueError(f"variant {text!r}: expected field=value after ':', got {pair!r}")
-        section, dot, name = key.rpartition(".")
+        section, _, name = key.rpartition(".")
         if section == "train":
             if name in SHARED_TRAIN:
                 raise ValueError(f"variant {text!r}: train.{name} is shared by every cell of a comparison; "
