@@ -295,6 +295,9 @@ class ModelConfig:
     # embeddings and init
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # multi-token prediction (DeepSeek-V3 §2.2): D sequential modules after the last layer, module
+    # k predicting token t+k+1; training only (loss weight train.mtp_weight), ignored by inference
+    mtp_depth: int = 0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len"):
@@ -372,6 +375,7 @@ class ModelConfig:
         for name in ("dropout", "token_dropout"):
             _check(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
         _check(self.init_std > 0, "init_std", "must be positive")
+        _check(self.mtp_depth >= 0, "mtp_depth", f"must be >= 0, got {self.mtp_depth}")
 
     # -- derived sizes -------------------------------------------------------------------
     @property

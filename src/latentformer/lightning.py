@@ -48,11 +48,12 @@ class LatentformerModule(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
         out = self.model(x, y)
-        loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
         self.log("train/loss", out.loss, prog_bar=True)
         if out.aux_loss is not None:
             self.log("train/aux_loss", out.aux_loss)
-        return loss
+        if out.mtp_loss is not None:
+            self.log("train/mtp_loss", out.mtp_loss)
+        return out.objective(self.train_config.mtp_weight)
 
     def on_validation_epoch_start(self) -> None:
         self._val = torch.zeros(2, dtype=torch.float64, device=self.device)

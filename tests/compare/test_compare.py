@@ -271,3 +271,18 @@ def test_results_with_fewer_finished_cells_replace_them_only_with_force(finished
     assert (out / "results.json").read_bytes() == before
     assert main(["compare", "--out", str(out), "--report-only", "--force"]) == 0
     assert [c["status"] for c in json.loads((out / "results.json").read_text())["cells"]].count("done") == 3
+
+
+def test_a_training_override_is_its_own_cell_and_labelled(micro_family, micro_data, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    out = tmp_path / "cmp"
+    assert compare(micro_family, micro_data, out, "--variants", "mla,mla:train.optimizer=muon", "--seeds", "1") == 0
+    cfgs = {c: (out / "cells" / c / "config.yaml").read_text() for c in ("mla-s0", "mla_train.optimizer=muon-s0")}
+    assert "optimizer: adamw" in cfgs["mla-s0"] and "optimizer: muon" in cfgs["mla_train.optimizer=muon-s0"]
+    data = json.loads((out / "results.json").read_text())
+    jsonschema.validate(data, report.schema())
+    assert [(v["name"], v["train_overrides"]) for v in data["variants"]] == [("mla", {}), ("mla:train.optimizer=muon", {"optimizer": "muon"})]
+    assert data["variants"][0]["val_loss"]["values"] != data["variants"][1]["val_loss"]["values"]
+    md = (out / "report.md").read_text()
+    assert "| variant | training |" in md
+    assert "| mla | common recipe | mla |" in md and "| mla:train.optimizer=muon | optimizer=muon | mla |" in md

@@ -53,7 +53,7 @@ def test_a_width_the_user_chose_is_kept_and_reported():
 
 def test_variant_syntax():
     fam = FAMILIES["tiny"]
-    assert parse_variant("gqa:n_kv_heads=1", fam) == ("tiny", {"attention": "gqa", "n_kv_heads": "1", "d_ff": 720}, {"n_kv_heads"})
+    assert parse_variant("gqa:n_kv_heads=1", fam) == ("tiny", {"attention": "gqa", "n_kv_heads": "1", "d_ff": 720}, {"n_kv_heads"}, {})
     assert parse_variant("mha-125m", fam)[0] == "mha-125m"  # a preset that is not a member
     with pytest.raises(ValueError, match="neither a member"):
         parse_variant("xyz", fam)
@@ -63,6 +63,27 @@ def test_variant_syntax():
         resolve_variants(fam, ["mla:nope=1"], COMMON, 4096)
     with pytest.raises(ValueError, match="given twice"):
         resolve_variants(fam, ["mla", "mla"], COMMON, 4096)
+
+
+def test_variants_take_training_overrides():
+    fam = FAMILIES["tiny"]
+    assert parse_variant("mla:train.optimizer=muon:model.kv_lora_rank=64:d_ff=512", fam) == (
+        "tiny", {"kv_lora_rank": "64", "d_ff": "512"}, {"kv_lora_rank", "d_ff"}, {"optimizer": "muon"})
+    base, muon = resolve_variants(fam, ["mla", "mla:train.optimizer=muon:train.lr=0.01"], {**COMMON, "train.lr": 0.002}, 4096)[0]
+    assert (base.cfg.train.optimizer, muon.cfg.train.optimizer) == ("adamw", "muon")
+    assert (base.cfg.train.lr, muon.cfg.train.lr) == (0.002, 0.01)  # the variant's own over the common ones
+    assert base.cfg.model == muon.cfg.model and muon.deviation == 0 and muon.train_overrides == {"optimizer": "muon", "lr": "0.01"}
+    assert [c.name for c in cells([base, muon], 1)] == ["mla-s0", "mla_train.optimizer=muon_train.lr=0.01-s0"]
+    (mtp,), _ = resolve_variants(fam, ["mla:model.mtp_depth=1"], COMMON, 4096)
+    assert mtp.cfg.model.mtp_depth == 1 and mtp.matched_d_ff is None and mtp.deviation == 0  # served size: MTP left out
+    with pytest.raises(ValueError, match="train.max_steps is shared by every cell"):
+        parse_variant("mla:train.max_steps=5", fam)
+    with pytest.raises(ValueError, match="'data.dir' is not a model field"):
+        parse_variant("mla:data.dir=x", fam)
+    with pytest.raises(ValueError, match="variant 'mla:train.optimizer=sgd'.*train.optimizer"):
+        resolve_variants(fam, ["mla:train.optimizer=sgd"], COMMON, 4096)
+    with pytest.raises(ValueError, match="variant 'mla:train.nope=1'.*nope"):
+        resolve_variants(fam, ["mla:train.nope=1"], COMMON, 4096)
 
 
 def test_cells_are_seed_major_with_distinct_seeds():

@@ -78,6 +78,16 @@ def test_exact_case_logits_equal(interleave):
         assert (_decoded(mla, 30, impl) - ref).abs().max() < 1e-6, impl
 
 
+def test_a_source_with_mtp_converts_to_the_same_inference_model():
+    """The MTP modules are training-only: the converted model has none, and equals the conversion of
+    the same main weights without them."""
+    full = (2 * G - 1) * D
+    plain, mtp = _gqa(identical_keys=True), _gqa(identical_keys=True, mtp_depth=1)  # same main weights
+    a, b = to_mla(plain, CALIB, full, seq_len=64), to_mla(mtp, CALIB, full, seq_len=64)
+    assert b.config.mtp_depth == 0 and b.state_dict().keys() == a.state_dict().keys()
+    assert torch.equal(a(PROMPT), b(PROMPT))
+
+
 def test_latent_norm_weight_is_mean_rms():
     """Approximation 2: with the norm kept, the latent's per-token scale deviates from 1 only by its
     RMS's spread, and on average it is 1 (weight = mean RMS over the calibration tokens)."""

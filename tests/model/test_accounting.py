@@ -30,6 +30,8 @@ def closed_form_params(c: ModelConfig, active: bool = False) -> int:
             total += c.n_routed_experts * d * (2 if c.router_noise and not active else 1)
         else:
             total += dense
+    # each MTP module: its two input norms, eh_proj [d, 2d], a dense block, its final norm
+    total += c.mtp_depth * (2 * norm + 2 * d * d + attn + 2 * norm + dense + (norm if c.final_norm else 0))
     return total
 
 
@@ -46,10 +48,12 @@ def test_num_params_equals_closed_form(name):
 
 
 @pytest.mark.parametrize("extra", [dict(tie_embeddings=True), dict(router_noise=True, n_routed_experts=4, experts_per_token=1),
-                                   dict(ffn="gelu"), dict(attention="mla", q_lora_rank=8)])
+                                   dict(ffn="gelu"), dict(attention="mla", q_lora_rank=8), dict(mtp_depth=2),
+                                   dict(mtp_depth=1, n_routed_experts=4, experts_per_token=1, attention="mla")])
 def test_num_params_variants(extra):
     cfg = small(**extra)
     assert Transformer(cfg).num_params() == closed_form_params(cfg)
+    assert Transformer(cfg).num_params(active=True) == closed_form_params(cfg, active=True)
 
 
 def test_matched_125m_presets_within_two_percent():
@@ -99,3 +103,7 @@ def test_flops_per_token_matches_formula():
         (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
     attn = 6 * cfg.n_layers * cfg.n_heads * 2 * cfg.head_dim * 64
     assert model.flops_per_token(64) == 6 * n_matmul + attn
+    # D = 2 MTP modules: their matrices, the output layer twice more, two more attention layers
+    mtp = Transformer(cfg.replace(mtp_depth=2))
+    extra = sum(p.numel() for n, p in mtp.named_parameters() if n.startswith("mtp.") and p.dim() == 2)
+    assert mtp.flops_per_token(64) == 6 * (n_matmul + extra + 2 * cfg.vocab_size * cfg.d_model) + attn * (cfg.n_layers + 2) / cfg.n_layers

@@ -1,4 +1,5 @@
-"""DDP / FSDP2 on 2 CPU processes (torchrun, gloo) == one process with grad_accum=2 at the same global batch."""
+"""DDP / FSDP2 on 2 CPU processes (torchrun, gloo) == one process with grad_accum=2 at the same global batch,
+with AdamW and with Muon."""
 
 from __future__ import annotations
 
@@ -19,19 +20,22 @@ ARGS = [*TINY_MODEL_ARGS, "--train.device", "cpu", "--train.eval_batch_size", "6
         "--train.progress", "false", "--train.tensorboard", "false", "--no-sample"]
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one_process(sotu_dir, tmp_path, parallel):
+@pytest.mark.parametrize("parallel,optimizer", [("ddp", "adamw"), ("fsdp", "adamw"), ("ddp", "muon"), ("fsdp", "muon")])
+def test_two_processes_match_one_process(sotu_dir, tmp_path, parallel, optimizer):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
          "-m", "latentformer", "train", "--data", str(sotu_dir), "--out", str(tmp_path / "ddp"), *ARGS,
-         "--train.parallel", parallel],
+         "--train.parallel", parallel, "--train.optimizer", optimizer],
         env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "4 x 32 x 1 accum x 2 ranks" in ddp.stdout + ddp.stderr
-    assert main(["train", "--data", str(sotu_dir), "--out", str(tmp_path / "one"), *ARGS]) == 0
+    assert main(["train", "--data", str(sotu_dir), "--out", str(tmp_path / "one"), *ARGS, "--train.optimizer", optimizer]) == 0
 
     a = load_model(tmp_path / "ddp" / "checkpoints" / "step_4").state_dict()
     b = load_model(tmp_path / "one" / "checkpoints" / "step_4").state_dict()
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert diff < 1e-5, diff
+    # FSDP2 + Muon: Newton-Schulz on the sharded DTensor is the global iteration (torch's Muon runs it
+    # in bf16; the sharded matmuls round differently): 1.5e-4 measured after 4 steps whose Muon
+    # updates are ~4e-4 each; DDP's replicated Muon is exact
+    assert diff < (5e-4 if (parallel, optimizer) == ("fsdp", "muon") else 1e-5), diff

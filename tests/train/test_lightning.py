@@ -16,14 +16,16 @@ from latentformer.train.config import TrainConfig  # noqa: E402
 from .conftest import TINY_MODEL  # noqa: E402
 
 
-def test_lightning_module_learns(sotu_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_lightning_module_learns(sotu_dir, tmp_path, optimizer):
     torch.manual_seed(0)
     data = TokenData(sotu_dir)
     train = RandomWindows(data.tokens("train"), batch_size=16, block_size=32, seed=0)
     # batch_size=None: the loaders hand over the prepared batches as they are
     batches = DataLoader([next(train) for _ in range(40)], batch_size=None)
     val = DataLoader(list(eval_batches(data.tokens("val"), 16, 32)), batch_size=None)
-    module = LatentformerModule(ModelConfig(**TINY_MODEL), TrainConfig(lr=3e-3, warmup_steps=2, max_steps=40))
+    module = LatentformerModule(ModelConfig(**TINY_MODEL),
+                                TrainConfig(lr=3e-3, warmup_steps=2, max_steps=40, optimizer=optimizer))
     trainer = pl.Trainer(max_steps=40, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                          num_sanity_val_steps=0, gradient_clip_val=1.0)

@@ -74,3 +74,59 @@ def test_weight_decay_on_matrices_only(decay_embeddings):
     assert not any("norm" in n or n.endswith(".bias") for n in decayed)
     assert ("embed.weight" in decayed) == decay_embeddings
     assert no_decay["weight_decay"] == 0.0
+
+
+def test_muon_takes_the_hidden_matrices_adamw_the_rest():
+    """MLA (q_lora) + MoE with router noise, untied head, learned positions, one MTP module: every
+    parameter in exactly one group, and exactly these in Muon."""
+    from latentformer.train.optim import MuonAdamW, build_optimizer
+
+    model = Transformer(ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=2, max_seq_len=16, q_lora_rank=16,
+                                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, d_ff=64,
+                                    n_routed_experts=4, n_shared_experts=1, experts_per_token=2, moe_d_ff=16,
+                                    first_k_dense_layers=1, router_noise=True, tie_embeddings=False,
+                                    pos_embedding="learned", mtp_depth=1))
+    opt = build_optimizer(model, TrainConfig(optimizer="muon", weight_decay=0.1), "cpu")
+    assert isinstance(opt, MuonAdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon, decay, no_decay = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
+    attn = ["attn.q_a_proj.weight", "attn.q_b_proj.weight", "attn.kv_a_proj.weight", "attn.kv_b_proj.weight", "attn.o_proj.weight"]
+    assert muon == {f"layers.{i}.{n}" for i in (0, 1) for n in attn} | {
+        "layers.0.ffn.gate_proj.weight", "layers.0.ffn.up_proj.weight", "layers.0.ffn.down_proj.weight",
+        "layers.1.ffn.shared.gate_proj.weight", "layers.1.ffn.shared.up_proj.weight", "layers.1.ffn.shared.down_proj.weight",
+        "mtp.0.eh_proj.weight", "mtp.0.block.ffn.gate_proj.weight", "mtp.0.block.ffn.up_proj.weight",
+        "mtp.0.block.ffn.down_proj.weight"} | {f"mtp.0.block.{n}" for n in attn}
+    assert decay == {"pos_embed.weight", "lm_head.weight", "layers.1.ffn.router.weight", "layers.1.ffn.router.noise_weight",
+                     "layers.1.ffn.experts.gate_up_proj", "layers.1.ffn.experts.down_proj"}
+    assert no_decay == set(names.values()) - muon - decay  # norms and the token embedding (decay_embeddings off)
+    assert "embed.weight" in no_decay and len(names) == len(muon) + len(decay) + len(no_decay)
+    assert [type(o).__name__ for o in (opt.muon, opt.adamw)] == ["Muon", "AdamW"]
+    assert opt.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.1, 0.0]
+
+
+def test_muon_update_has_the_rms_of_adamw_so_lr_and_decay_carry_over():
+    """Moonlight's matching: a Muon step of lr moves a hidden matrix by an update of RMS ~0.2 lr
+    (AdamW's typical update RMS), after the decoupled decay p *= 1 - lr wd."""
+    import torch
+
+    from latentformer.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, n_layers=1, d_model=64, n_heads=2, max_seq_len=16, kv_lora_rank=16,
+                                    qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, d_ff=256))
+    lr, wd = 1e-2, 0.1
+    opt = build_optimizer(model, TrainConfig(optimizer="muon", lr=lr, weight_decay=wd), "cpu")
+    w = model.layers[0].ffn.up_proj.weight  # [256, 64]
+    before = w.detach().clone()
+    model(torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))).loss.backward()
+    opt.step()
+    update = (w.detach() - before * (1 - lr * wd)) / lr
+    assert update.pow(2).mean().sqrt().item() == pytest.approx(0.2, rel=0.25)  # NS leaves singular values in ~[0.7, 1.2]
+
+
+def test_bad_optimizer_names_the_field():
+    with pytest.raises(ValueError, match="train.optimizer"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="train.muon_momentum"):
+        TrainConfig(muon_momentum=1.0)

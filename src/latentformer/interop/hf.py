@@ -22,6 +22,7 @@ Parameter names (ours -> transformers), per layer i ("model.layers.i." prefix on
        ffn.experts.down_proj [E,d,f]     -> mlp.experts.{e}.down_proj.weight [d,f]
        ffn.shared.*                      -> mlp.shared_experts.*  (zero-size when n_shared_experts = 0:
                                             transformers' DeepSeek MoE always has that module)
+mtp.* (multi-token prediction modules, training only) are not exported: num_nextn_predict_layers 0.
 Experts are written per expert, the layout of DeepSeek's own checkpoints and of transformers'
 save_pretrained; the fused 3-D layout is accepted on import too.
 """
@@ -84,6 +85,8 @@ def to_hf_state(model: Transformer) -> dict[str, torch.Tensor]:
     model_type = hf_model_type(cfg)
     out: dict[str, torch.Tensor] = {}
     for name, t in model_state(model).items():
+        if name.startswith("mtp."):  # training-only multi-token prediction modules: not exported (NOTES.md, "Model")
+            continue
         if name in _TOP:
             out[_TOP[name]] = t
             continue

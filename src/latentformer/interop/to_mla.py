@@ -72,11 +72,12 @@ def check_source(cfg: ModelConfig, rank: int) -> None:
 
 
 def mla_config(cfg: ModelConfig, rank: int) -> ModelConfig:
-    """The MLA config a conversion of `cfg` at kv_lora_rank `rank` produces."""
+    """The MLA config a conversion of `cfg` at kv_lora_rank `rank` produces: an inference model, so
+    without the training-only MTP modules of the source (as HF export drops them)."""
     check_source(cfg, rank)
     G, D = cfg.n_kv_heads, cfg.head_dim
     return cfg.replace(attention="mla", kv_lora_rank=rank, q_lora_rank=0,  # n_kv_heads, head_dim: unset
-                       qk_nope_head_dim=(G - 1) * D, qk_rope_head_dim=D, v_head_dim=D)
+                       qk_nope_head_dim=(G - 1) * D, qk_rope_head_dim=D, v_head_dim=D, mtp_depth=0)
 
 
 @torch.no_grad()
@@ -210,7 +211,7 @@ def to_mla(model: Transformer, tokens: torch.Tensor, rank: int, *, balance: bool
         stats = calibration_stats(model, tokens, seq_len, progress=progress and progress("calibrating"))
     layers_done = progress and progress("converting layers")
     dtype, device = model.embed.weight.dtype, model.embed.weight.device
-    state = {k: v for k, v in model.state_dict().items() if ".attn." not in k}
+    state = {k: v for k, v in model.state_dict().items() if ".attn." not in k and not k.startswith("mtp.")}
     for i, (layer, (sigma, sample)) in enumerate(zip(model.layers, stats)):
         for name, value in convert_attention(layer.attn, src, dst, sigma, sample, balance).items():
             state[f"layers.{i}.attn.{name}"] = value.to(dtype)

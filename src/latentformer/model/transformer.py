@@ -24,6 +24,14 @@ IGNORE_INDEX = -100
 class ModelOutput(NamedTuple):
     loss: torch.Tensor  # mean cross-entropy over targets != IGNORE_INDEX
     aux_loss: torch.Tensor | None  # MoE balance loss (already times its coefficient), or None
+    # multi-token prediction: 1/D sum_k of module k's mean cross-entropy (training mode with
+    # mtp_depth D > 0), or None; the trainer adds it times train.mtp_weight
+    mtp_loss: torch.Tensor | None = None
+
+    def objective(self, mtp_weight: float) -> torch.Tensor:
+        """What training minimizes: loss + aux_loss + mtp_weight * mtp_loss (DeepSeek-V3 eq. 25)."""
+        total = self.loss if self.aux_loss is None else self.loss + self.aux_loss
+        return total if self.mtp_loss is None else total + mtp_weight * self.mtp_loss
 
 
 class Block(nn.Module):
@@ -52,8 +60,33 @@ class Block(nn.Module):
         return self.ffn_norm(x + self.dropout(ffn(x)))
 
 
+class MTPModule(nn.Module):
+    """Multi-token prediction module k (DeepSeek-V3 §2.2), over positions i = 0..T-k-1:
+        h'_i = eh_proj([hidden_norm(h^{k-1}_i); embed_norm(Emb(t_{i+k}))])   # 2d -> d
+        h^k = Block(h')                    # causal over the shortened sequence
+        logits of t_{i+k+1} = lm_head(norm(h^k_i))
+    The embedding and the output layer are the main model's; each module has its own norms (V3's
+    enorm, hnorm, shared_head.norm). The block is dense (d_ff) even in an MoE model: NOTES.md, "Model"."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.hidden_norm = make_norm(cfg, cfg.d_model)
+        self.embed_norm = make_norm(cfg, cfg.d_model)
+        self.eh_proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.block = Block(cfg.replace(n_routed_experts=0), layer)
+        self.norm = make_norm(cfg, cfg.d_model) if cfg.final_norm else None
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """h [B, T', d] (the previous depth's output), emb [B, T', d] (embeddings of the tokens k
+        ahead) -> this depth's output h^k [B, T', d]."""
+        return self.block(self.eh_proj(torch.cat([self.hidden_norm(h), self.embed_norm(emb)], dim=-1)), ctx)
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h) if self.norm is not None else h
+
+
 class Transformer(nn.Module):
-    """tokens [B, T] -> logits [B, T, vocab]; with `targets` -> ModelOutput(loss, aux_loss).
+    """tokens [B, T] -> logits [B, T, vocab]; with `targets` -> ModelOutput(loss, aux_loss, mtp_loss).
 
     With `cache` (from `make_cache`) the forward is incremental: the new tokens are written at
     the cache's position and the logits of the new tokens only are returned.
@@ -72,6 +105,13 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # built on the meta device (no random draws) and registered last: reset_parameters gives the
+        # main parameters the same initial values with or without MTP, then initializes the modules
+        self.mtp = None
+        if cfg.mtp_depth:
+            with torch.device("meta"):
+                mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.mtp_depth))
+            self.mtp = mtp.to_empty(device=self.embed.weight.device)
         self.reset_parameters()
 
     # -- init ------------------------------------------------------------------------------
@@ -119,8 +159,9 @@ class Transformer(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor | ModelOutput:
         """tokens [B, T] -> logits [B, T, vocab] (with `cache`: of the new tokens only).
 
-        With `targets` [B, T] (training): ModelOutput(loss, aux_loss). The output layer is fused
-        into the loss (`linear_cross_entropy`): no [B, T, vocab] tensor is materialized."""
+        With `targets` [B, T] (training): ModelOutput(loss, aux_loss, mtp_loss); the MTP modules
+        run in training mode only (an evaluation scores the next-token head). The output layer is
+        fused into the loss (`linear_cross_entropy`): no [B, T, vocab] tensor is materialized."""
         self.check_input(tokens, cache)
         if self.training and self.config.token_dropout > 0:
             tokens, targets = self._drop_tokens(tokens, targets)
@@ -129,7 +170,27 @@ class Transformer(nn.Module):
             return self.head(x)
         loss = linear_cross_entropy(self._final_norm(x).flatten(0, 1), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX)
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        return ModelOutput(loss, torch.stack(aux).sum() if aux else None)
+        mtp = self._mtp_loss(x, tokens, targets) if self.mtp is not None and self.training else None
+        return ModelOutput(loss, torch.stack(aux).sum() if aux else None, mtp)
+
+    def mtp_hidden(self, x: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """The MTP modules' outputs h^k [B, T-k, d], k = 1..D, from the last block's output x
+        [B, T, d]: module k at position i sees tokens <= i+k and predicts token i+k+1."""
+        T, out, h = tokens.shape[1], [], x
+        if T <= len(self.mtp):
+            raise ValueError(f"multi-token prediction of depth {len(self.mtp)} needs more than {len(self.mtp)} tokens, got {T}")
+        for k, module in enumerate(self.mtp, start=1):
+            emb, ctx = self.context(tokens[:, k:], None)  # Emb(t_{i+k}) at positions i = 0..T-k-1
+            h = module(h[:, :T - k], emb, ctx)
+            out.append(h)
+        return out
+
+    def _mtp_loss(self, x: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """1/D sum_k CE(module k's logits at i, token i+k+1 = targets[:, i+k])."""
+        losses = [linear_cross_entropy(module.final_norm(h).flatten(0, 1), self.lm_head.weight,
+                                       targets[:, k:].reshape(-1), IGNORE_INDEX)
+                  for k, (module, h) in enumerate(zip(self.mtp, self.mtp_hidden(x, tokens)), start=1)]
+        return torch.stack(losses).mean()
 
     def next_token_logits(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits [B, vocab] after the last of `tokens` [B, T]: the output layer runs on the last
@@ -263,14 +324,17 @@ class Transformer(nn.Module):
         """Training FLOPs per token (forward + backward), the PaLM convention (Chowdhery et al. 2022, App. B):
         6 * N_matmul + 6 * L * H * (d_qk + d_v) * T, with N_matmul the active parameters that enter a
         matmul (all but token/position embedding tables; the output layer counts even when tied) and
-        T = seq_len (default max_seq_len), attention counted over all T keys as in PaLM/nanoGPT."""
+        T = seq_len (default max_seq_len), attention counted over all T keys as in PaLM/nanoGPT.
+        With D MTP modules: their parameters are in N_matmul, the output layer counts D more times
+        and L is n_layers + D (each module's shorter sequence counted as T)."""
         cfg = self.config
         T = seq_len or cfg.max_seq_len
         n = self.num_params(active=True) - sum(p.numel() for p in self.parameters() if p.dim() < 2)
         n -= self.embed.weight.numel() * (not cfg.tie_embeddings)
         if self.pos_embed is not None and isinstance(self.pos_embed, LearnedPositions):
             n -= self.pos_embed.weight.numel()
-        return 6.0 * n + 6.0 * cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_dim) * T
+        n += cfg.mtp_depth * self.lm_head.weight.numel()
+        return 6.0 * n + 6.0 * (cfg.n_layers + cfg.mtp_depth) * cfg.n_heads * (cfg.qk_head_dim + cfg.v_dim) * T
 
     @torch.no_grad()
     def update_router_bias(self) -> None:

@@ -20,6 +20,7 @@ from latentformer.config import ModelConfig, _check, apply_overrides, from_dict,
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
 SCHEDULES = ("cosine", "step", "wsd", "constant")  # implemented in train/schedule.py
+OPTIMIZERS = ("adamw", "muon")  # implemented in train/optim.py
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 MAX_SEED = 2**32 - 1  # numpy's global seed is 32-bit
 
@@ -71,7 +72,8 @@ class TrainConfig:
     # time budget of the training loop: its steps, evaluations and checkpoint saves, the final
     # evaluation included (the schedule anneals by it too); 0 = none
     max_time_minutes: float = 7.5
-    # optimizer
+    # optimizer: adamw | muon (Muon on the hidden matrices, AdamW on the rest; train/optim.py)
+    optimizer: str = "adamw"
     lr: float = 2e-3
     min_lr: float = 1e-4  # floor of cosine / wsd
     weight_decay: float = 0.1
@@ -80,6 +82,10 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     decay_embeddings: bool = False
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum; the AdamW part uses beta1/beta2
+    # multi-token prediction: loss = main + mtp_weight / D * sum_k loss_k (DeepSeek-V3's lambda;
+    # with model.mtp_depth = D > 0)
+    mtp_weight: float = 0.3
     # schedule (see latentformer.train.schedule)
     schedule: str = "cosine"  # cosine | step | wsd | constant
     warmup_steps: int = 30
@@ -115,12 +121,14 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "eval_interval", "eval_tokens", "eval_batch_size",
                      "early_stopping_patience", "checkpoint_interval", "threads", "sample_tokens", "budget_evals"):
             _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "max_time_minutes", "checkpoint_minutes", "eps"):
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "max_time_minutes", "checkpoint_minutes", "eps", "mtp_weight"):
             _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
         _check(0 <= self.seed <= MAX_SEED, "train.seed", f"must be in [0, 2**32 - 1], got {self.seed}")
         _check(bool(DEVICE.fullmatch(self.device)), "train.device",
                f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1", "betas must be in [0, 1)")
+        _check(self.optimizer in OPTIMIZERS, "train.optimizer", f"must be adamw or muon, got {self.optimizer!r}")
+        _check(0 <= self.muon_momentum < 1, "train.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         _check(self.gamma > 0, "train.gamma", "must be positive")
         _check(0 < self.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
         _check(self.dtype in DTYPES, "train.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -154,6 +162,8 @@ class RunConfig:
         """Cross-section checks that no single dataclass can make."""
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.model.mtp_depth >= self.train.seq_len:
+            raise ValueError(f"model.mtp_depth={self.model.mtp_depth} must be less than train.seq_len={self.train.seq_len}")
 
 
 def build_run_config(*, preset: str | None = None, yaml_path: str | Path | None = None,

@@ -1,24 +1,36 @@
-"""AdamW with weight decay on weight matrices only.
+"""The optimizers: AdamW, or Muon on the hidden matrices with AdamW on the rest (`train.optimizer`).
 
-Norm gains, biases and (unless `train.decay_embeddings`) embedding tables are excluded: decaying
-them pulls scales toward zero without regularizing anything useful (Loshchilov & Hutter 2019;
-the nanoGPT/GPT-3 convention).
+AdamW decays weight matrices only: norm gains, biases and (unless `train.decay_embeddings`)
+embedding tables are excluded; decaying them pulls scales toward zero without regularizing
+anything useful (Loshchilov & Hutter 2019; the nanoGPT/GPT-3 convention).
+
+Muon (Jordan et al. 2024; `torch.optim.Muon`) orthogonalizes the momentum of each 2-D weight
+matrix of the hidden layers (attention and dense/shared-expert FFN projections, the MTP modules'
+projections and blocks). Embeddings, the output layer, norms, biases, MoE routers and the 3-D
+routed-expert tensors stay on AdamW (`torch.optim.Muon` takes 2-D parameters only). With
+Moonlight's update-RMS matching (Liu et al. 2025, "Muon is Scalable for LLM Training":
+adjust_lr_fn="match_rms_adamw", lr x 0.2 sqrt(max(A, B))) the update has AdamW's RMS, so one
+`train.lr` and `train.weight_decay` serve both optimizers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
+from latentformer.model.moe import Router
 from latentformer.train.config import TrainConfig
 
 
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """Two AdamW groups: matrices (decayed) and everything else (not decayed). Tied weights appear once."""
+def param_groups(model: nn.Module, cfg: TrainConfig, exclude: set[int] = frozenset()) -> list[dict]:
+    """Two AdamW groups: matrices (decayed) and everything else (not decayed), over the parameters
+    not in `exclude` (ids). Tied weights appear once."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():  # parameters() yields shared tensors once
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in exclude:
             continue
         is_matrix = p.dim() >= 2 and (cfg.decay_embeddings or id(p) not in embeddings)
         (decay if is_matrix else no_decay).append(p)
@@ -28,12 +40,56 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW; the fused CUDA kernel when the parameters live on a GPU (one launch per step)."""
-    return torch.optim.AdamW(
-        param_groups(model, cfg),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        fused=device_type == "cuda",
-    )
+def muon_params(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters Muon updates: the 2-D matrices of the hidden layers (`model.layers` and the
+    MTP modules), MoE routers excepted (a router is a classifier over experts, not a hidden map)."""
+    routers = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
+    hidden = [model.layers, *([model.mtp] if getattr(model, "mtp", None) is not None else [])]
+    return [p for part in hidden for p in part.parameters()
+            if p.requires_grad and p.dim() == 2 and id(p) not in routers]
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """`torch.optim.Muon` over `muon_groups` and `torch.optim.AdamW` over `adamw_groups` as ONE
+    optimizer: one `param_groups` list (the schedule sets every group's lr; GradScaler, LambdaLR and
+    the distributed checkpoint's optimizer state dict see one object) and one `state`, which the two
+    inner optimizers share, so `state_dict()` / `load_state_dict()` save and restore both exactly."""
+
+    def __init__(self, muon_groups: Iterable[dict], adamw_groups: Iterable[dict], *, muon: dict, adamw: dict) -> None:
+        self.muon = torch.optim.Muon(list(muon_groups), **muon)
+        self.adamw = torch.optim.AdamW(list(adamw_groups), **adamw)
+        super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
+        self._share()
+
+    def _share(self) -> None:
+        """Point the inner optimizers at this one's groups and state (again after a load replaced them)."""
+        n = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.muon.state = self.adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._share()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step of both; `closure` (Lightning passes one) recomputes the loss first, as in torch's optimizers."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+    """`train.optimizer`: AdamW, the fused CUDA kernel when the parameters live on a GPU (one
+    launch per step); or MuonAdamW (module doc)."""
+    adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device_type == "cuda")
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups(model, cfg), **adamw)
+    hidden = muon_params(model)
+    return MuonAdamW([{"params": hidden, "weight_decay": cfg.weight_decay}],
+                     param_groups(model, cfg, exclude={id(p) for p in hidden}),
+                     muon=dict(lr=cfg.lr, momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw"), adamw=adamw)

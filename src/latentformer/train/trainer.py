@@ -311,7 +311,7 @@ class Trainer:
         with sync:
             with self._autocast():
                 out = model(x, y)
-                loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+                loss = out.objective(self.cfg.train.mtp_weight)
             loss = loss / self.accum
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return out.loss.detach()
