@@ -2,7 +2,8 @@
 and, on the same prompts, tokenizes to our ids, gives our logits within the dtype's tolerance and the
 same 32 greedy tokens; `convert --from gguf` of the export gives our weights back exactly.
 Models: MLA dense (half-split rope, q_lora), MLA dense with YaRN, MLA+MoE (sigmoid, groups, shared
-expert, interleaved rope), MLA+MoE with softmax scoring (deepseek_v2), and GQA (tied, as llama)."""
+expert, interleaved rope), MLA+MoE with softmax scoring (deepseek_v2), GQA (tied, as llama) and MQA
+with a q/k/v bias (as qwen2)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ CONFIGS = {
                     routed_scaling_factor=2.5),
     "mla-moe-softmax": dict(**MLA, **MOE, router_scoring="softmax", norm_topk_prob=False, rope_interleave=True),
     "gqa": dict(attention="gqa", n_kv_heads=2, tie_embeddings=True),
+    "mqa-bias": dict(attention="mqa", qkv_bias=True),
 }
 
 
@@ -113,7 +115,7 @@ def _relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
 def test_llama_cpp_runs_the_f32_export_as_ours(exported, tokenizer, name):
     model, _, path = exported[name]
     llm = _runtime(path)
-    assert llm.metadata["general.architecture"] == ("llama" if name == "gqa" else "deepseek2")
+    assert llm.metadata["general.architecture"] == {"gqa": "llama", "mqa-bias": "qwen2"}.get(name, "deepseek2")
     for text in PROMPTS:
         ids = tokenizer.encode(text)
         assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == ids, text
@@ -190,7 +192,6 @@ def _refusal(capsys, argv: list[str]) -> str:
 
 
 @pytest.mark.parametrize("fields, named", [
-    (dict(attention="gqa", n_kv_heads=2, qkv_bias=True), "qkv_bias"),
     (dict(attention="gqa", n_kv_heads=2, rope_scaling="llama3", rope_scaling_factor=8.0), "rope_scaling=llama3"),
     (dict(attention="gqa", n_kv_heads=2, pos_embedding="learned"), "pos_embedding=learned"),
     (dict(attention="gqa", n_kv_heads=2, norm_placement="post"), "norm_placement=post"),

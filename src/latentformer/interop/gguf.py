@@ -6,7 +6,8 @@ llama.cpp bundled in llama-cpp-python 0.3.36): tensor names from the `gguf` pack
 `TensorNameMap`, MLA as llama.cpp's `deepseek2` (kv_b_proj split into attn_k_b, transposed, and
 attn_v_b, as its absorbed decode wants; experts stacked per layer; head_count_kv 1 and the
 *_mla key/value lengths), MHA/GQA/MQA as `llama` (q/k rows permuted from the half-split rope
-layout to llama.cpp's adjacent pairs). The tokenizer goes in as a `gpt2` (byte-level BPE) vocabulary
+layout to llama.cpp's adjacent pairs), or `qwen2` with a q/k/v bias (half-split rope there too: no
+permutation). The tokenizer goes in as a `gpt2` (byte-level BPE) vocabulary
 with its merges, special tokens and chat template. What llama.cpp cannot express is a ValueError
 naming the field (`check_gguf`).
 
@@ -146,13 +147,16 @@ GGUF_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
 EXPORT_KEY = "latentformer.export"  # in every file export_gguf writes: `convert --force` replaces only those
 # MLA's rope layout before export (llama.cpp's is interleaved): the import puts half-split rows back
 ROPE_INTERLEAVE_KEY = "latentformer.rope_interleave"
-_DEEPSEEK2, _LLAMA = "deepseek2", "llama"
+_DEEPSEEK2, _LLAMA, _QWEN2 = "deepseek2", "llama", "qwen2"
 _LITE_LAYERS = (26, 27)  # llama.cpp reads a deepseek2 file of this depth as V2-Lite (no q_lora_rank)
 
 
 def gguf_architecture(cfg: ModelConfig) -> str:
-    """llama.cpp's architecture for a model: deepseek2 (MLA, dense or MoE) or llama (MHA/GQA/MQA)."""
-    return _DEEPSEEK2 if cfg.attention == "mla" else _LLAMA
+    """llama.cpp's architecture for a model: deepseek2 (MLA, dense or MoE), llama (MHA/GQA/MQA) or,
+    with a q/k/v bias, qwen2 (as the Hugging Face export: Qwen2ForCausalLM)."""
+    if cfg.attention == "mla":
+        return _DEEPSEEK2
+    return _QWEN2 if cfg.qkv_bias else _LLAMA
 
 
 def _gguf_package() -> Any:
@@ -183,8 +187,6 @@ def check_gguf(cfg: ModelConfig, tokenizer: Tokenizer | None) -> None:
             raise _refused(f"n_expert_groups={cfg.n_expert_groups} with softmax scoring",
                            "llama.cpp scores a group by its top-2 sum, DeepSeek-V2 by its maximum")
     else:
-        if cfg.qkv_bias:
-            raise _refused("qkv_bias=true", "exported as llama, which has no q/k/v bias")
         if cfg.yarn_factor > 1 or cfg.rope_scaling == "llama3":
             raise _refused("yarn_factor" if cfg.yarn_factor > 1 else "rope_scaling=llama3", "not written for llama; only linear")
     if tokenizer is None:
@@ -259,7 +261,7 @@ def _rope_pairs(w: torch.Tensor, heads: int, rows: int, start: int, rope_dim: in
 def _name_map(cfg: ModelConfig) -> Any:
     import gguf
 
-    arch = gguf.MODEL_ARCH.DEEPSEEK2 if gguf_architecture(cfg) == _DEEPSEEK2 else gguf.MODEL_ARCH.LLAMA
+    arch = {_DEEPSEEK2: gguf.MODEL_ARCH.DEEPSEEK2, _LLAMA: gguf.MODEL_ARCH.LLAMA, _QWEN2: gguf.MODEL_ARCH.QWEN2}[gguf_architecture(cfg)]
     return gguf.get_tensor_name_map(arch, cfg.n_layers)
 
 
@@ -300,7 +302,7 @@ def gguf_state(model: Transformer) -> dict[str, torch.Tensor]:
             out[_gguf_name(names, pre + "self_attn.k_b_proj.weight")] = k_b.transpose(1, 2)
             out[_gguf_name(names, pre + "self_attn.v_b_proj.weight")] = v_b
             continue
-        if cfg.attention != "mla" and key in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+        if gguf_architecture(cfg) == _LLAMA and key in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
             heads = cfg.n_heads if key.startswith("self_attn.q") else cfg.n_kv_heads
             t = _rope_pairs(t, heads, cfg.head_dim, 0, cfg.head_dim)
         elif cfg.attention == "mla" and not cfg.rope_interleave:
