@@ -39,7 +39,7 @@ COMMON = dict(vocab_size=V, n_layers=2, d_model=64, n_heads=4, max_seq_len=96, d
 MOE = dict(n_routed_experts=4, n_shared_experts=1, experts_per_token=2, moe_d_ff=32, first_k_dense_layers=1)
 CONFIGS = {
     "mla": dict(**MLA, q_lora_rank=24),
-    "mla-yarn": dict(**MLA, yarn_factor=4.0, yarn_original_max_seq_len=24, yarn_mscale=1.0, yarn_mscale_all_dim=1.0),
+    "mla-yarn": dict(**MLA, yarn_factor=4.0, yarn_original_max_seq_len=24, yarn_mscale=0.707, yarn_mscale_all_dim=0.707),
     "mla-moe": dict(**MLA, **MOE, router_scoring="sigmoid", n_expert_groups=2, topk_groups=1, rope_interleave=True,
                     routed_scaling_factor=2.5),
     "mla-moe-softmax": dict(**MLA, **MOE, router_scoring="softmax", norm_topk_prob=False, rope_interleave=True),
@@ -199,6 +199,7 @@ def _refusal(capsys, argv: list[str]) -> str:
     (dict(**MLA, **MOE, router_scoring="softmax", norm_topk_prob=False, rope_interleave=True, n_expert_groups=2),
      "n_expert_groups=2"),
     (dict(**MLA, norm_eps=1e-5), "norm_eps"),
+    (dict(**MLA, yarn_factor=4.0, yarn_mscale=1.0, yarn_mscale_all_dim=0.0), "yarn_mscale=1.0"),
 ])
 def test_what_llama_cpp_cannot_express_is_refused_naming_the_field(capsys, tmp_path, tokenizer, fields, named):
     model = Transformer(ModelConfig(**COMMON, **fields))

@@ -181,6 +181,9 @@ def check_gguf(cfg: ModelConfig, tokenizer: Tokenizer | None) -> None:
             raise _refused(f"norm_eps={cfg.norm_eps}", f"deepseek2 uses one eps, and the latent norms' is {cfg.latent_eps}")
         if cfg.q_lora_rank and cfg.n_layers in _LITE_LAYERS:
             raise _refused(f"n_layers={cfg.n_layers} with q_lora_rank", "llama.cpp reads such a file as DeepSeek-V2-Lite, without q_lora_rank")
+        if cfg.yarn_factor > 1 and cfg.yarn_mscale != cfg.yarn_mscale_all_dim:
+            raise _refused(f"yarn_mscale={cfg.yarn_mscale} with yarn_mscale_all_dim={cfg.yarn_mscale_all_dim}",
+                           "llama.cpp's deepseek2 YaRN matches DeepSeek's only when the two are equal, as in V2 and V3")
         if moe and cfg.n_shared_experts == 0:
             raise _refused("n_shared_experts=0", "deepseek2 always runs a shared expert")
         if moe and cfg.router_scoring == "softmax" and cfg.n_expert_groups > 1:
@@ -484,7 +487,8 @@ def read_deepseek2(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
             "rope_type": "yarn", "factor": key("rope.scaling.factor"), "rope_theta": hf["rope_theta"],
             "original_max_position_embeddings": key("rope.scaling.original_context_length"),
             "beta_fast": key("rope.scaling.yarn_beta_fast", 32.0), "beta_slow": key("rope.scaling.yarn_beta_slow", 1.0),
-            "mscale": 1.0, "mscale_all_dim": key("rope.scaling.yarn_log_multiplier", 0.0) / 0.1}
+            "mscale": key("rope.scaling.yarn_log_multiplier", 0.0) / 0.1,  # the export requires mscale == mscale_all_dim
+            "mscale_all_dim": key("rope.scaling.yarn_log_multiplier", 0.0) / 0.1}
     # a file from elsewhere has llama.cpp's interleaved layout; ours says what the model had
     field = reader.fields.get(ROPE_INTERLEAVE_KEY)
     hf["rope_interleave"] = True if field is None else bool(field.contents())
