@@ -41,6 +41,11 @@ SKIPPED = {
     "latentformer ui": "a web app that runs until stopped: tests/serve/test_ui.py and test_ui_browser.py drive it",
     "latentformer compare": "trains a grid of models: tests/compare runs a micro grid",
     "latentformer convert": "needs transformers: tests/interop/test_convert_cli.py runs both directions",
+    "llama-cli": "llama.cpp's own binaries: tests/interop/test_gguf_export.py runs the export in llama-cpp-python",
+    "llama-server": "llama.cpp's own binaries: tests/interop/test_gguf_export.py runs the export in llama-cpp-python",
+    "python -m llama_cpp.server": "a server (llama-cpp-python[server]): tests/interop/test_gguf_export.py runs the export",
+    "vllm serve": "a GPU serving engine, not installed here",
+    "python -m sglang.launch_server": "a GPU serving engine, not installed here",
 }
 SKIPPED_PYTHON = {  # section heading of a ```python block -> why it does not run here
     "serve: an OpenAI-compatible server": "needs a live server: tests/serve/test_server.py runs it against one",

@@ -1,7 +1,8 @@
-"""`latentformer convert`: checkpoints to and from the Hugging Face (transformers) format, and GGUF files in.
+"""`latentformer convert`: checkpoints to and from the Hugging Face (transformers) format and GGUF files.
 
 OUT is written atomically and never replaces what latentformer did not make: an existing non-empty
-OUT must be an export (--to hf) or checkpoint (--from) directory made here, and needs --force; OUT
+OUT must be an export (--to hf) or checkpoint (--from) directory made here, or a GGUF file exported
+here (--to gguf), and needs --force; OUT
 may never be or contain SOURCE. Every check runs before anything is written.
 """
 
@@ -16,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-HELP = ("convert a checkpoint to a Hugging Face directory (--to hf), a Hugging Face checkpoint "
+HELP = ("convert a checkpoint to a Hugging Face directory (--to hf) or a GGUF file for llama.cpp (--to gguf), a Hugging Face checkpoint "
         "(--from hf) or GGUF file (--from gguf) to ours, or an MHA/GQA checkpoint to MLA (--to-mla)")
 
 _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
@@ -25,18 +26,19 @@ _HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "t
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     way = parser.add_mutually_exclusive_group(required=True)
-    way.add_argument("--to", choices=["hf"], help="export SOURCE (a checkpoint or run directory) as a transformers checkpoint")
+    way.add_argument("--to", choices=["hf", "gguf"],
+                     help="export SOURCE (a checkpoint or run directory) as a transformers checkpoint (hf) or a GGUF file (gguf)")
     way.add_argument("--from", dest="from_", choices=["hf", "gguf"],
                      help="import SOURCE: a transformers directory (or a hub id when no such path exists), or a .gguf file")
     way.add_argument("--to-mla", action="store_true",
                      help="turn SOURCE (an MHA/GQA checkpoint or run directory) into an MLA checkpoint (see interop/to_mla.py)")
-    parser.add_argument("source", metavar="SOURCE", help="checkpoint/run directory (--to hf), HF directory / hub id (--from hf), .gguf file (--from gguf)")
-    parser.add_argument("out", metavar="OUT_DIR", help="output directory (written atomically)")
+    parser.add_argument("source", metavar="SOURCE", help="checkpoint/run directory (--to hf/gguf), HF directory / hub id (--from hf), .gguf file (--from gguf)")
+    parser.add_argument("out", metavar="OUT", help="output directory, or .gguf file with --to gguf (written atomically)")
     parser.add_argument("--force", action="store_true",
-                        help="replace OUT_DIR if it is a directory this command made before (never anything else)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="replace OUT if this command made it before (never anything else)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "q8_0"], default=None,
                         help="dtype of the written weights (default: float32; --from gguf: bfloat16 for a quantized or "
-                             "BF16 file, float32 for F32/F16; --to-mla: the source's)")
+                             "BF16 file, float32 for F32/F16; --to-mla: the source's); q8_0: --to gguf only")
     parser.add_argument("--which", choices=["best", "latest"], default="best", help="with --to hf / --to-mla and a run directory: which checkpoint (default: best)")
     parser.add_argument("--kv-lora-rank", type=int, default=None, help="with --to-mla: the latent's rank r (cache: r + head_dim values per token and layer)")
     parser.add_argument("--calib", default="sotu", help="with --to-mla: calibration text: a corpus (sotu, shakespeare), a text file/directory, "
@@ -84,6 +86,11 @@ def run(args: argparse.Namespace) -> int:
             return _notes(caught)
         if args.kv_lora_rank is not None:
             raise ValueError("--kv-lora-rank applies to --to-mla only")
+        if args.dtype == "q8_0" and args.to != "gguf":
+            raise ValueError("--dtype q8_0 applies to --to gguf only")
+        if args.to == "gguf":
+            _to_gguf(args)
+            return _notes(caught)
         if args.to:
             ckpt = find_checkpoint(args.source, args.which)
             check_output(args.out, "export", args.force, inputs=[args.source, ckpt], flag="OUT_DIR", recognise=_made_export)
@@ -115,6 +122,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out} ({model.config.attention}, {model.num_params():,} parameters in "
               f"{str(model.embed.weight.dtype).removeprefix('torch.')}{', no tokenizer' if tokenizer is None else ''})")
     return _notes(caught)
+
+
+def _to_gguf(args: argparse.Namespace) -> None:
+    """--to gguf: OUT is a file; an existing one is replaced only with --force and only if this
+    command wrote it (its GGUF metadata has `EXPORT_KEY`)."""
+    from latentformer.checkpoint import find_checkpoint, load_model
+    from latentformer.data.tokenizer import load_tokenizer
+    from latentformer.interop.gguf import check_gguf, export_gguf, exported_gguf, gguf_architecture
+
+    ckpt = find_checkpoint(args.source, args.which)
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"OUT {out} is a directory; --to gguf writes a file (e.g. {out / 'model.gguf'})")
+    if out.exists() and not args.force:
+        raise ValueError(f"OUT {out} exists (use --force to replace a GGUF file exported before)")
+    if out.exists() and not exported_gguf(out):
+        raise ValueError(f"OUT {out} is not a GGUF file exported by latentformer; not replaced, even with --force")
+    model = load_model(ckpt)
+    tokenizer = load_tokenizer(ckpt)
+    check_gguf(model.config, tokenizer)
+    export_gguf(model, tokenizer, out, dtype=args.dtype or "float32")
+    print(f"wrote {out} ({gguf_architecture(model.config)}, {args.dtype or 'float32'}, {out.stat().st_size:,} bytes)")
 
 
 def _to_mla(args: argparse.Namespace) -> None:

