@@ -27,6 +27,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 SKIPPED = {
     "python3 -m venv": "installation: .ci/run installs into a fresh venv",
     "pip install": "installation: .ci/run installs into a fresh venv",
+    "CMAKE_ARGS=": "installation (llama-cpp-python built from source): .ci/run installs it",
     "sudo apt-get": "installation: .ci/run installs the browser",
     "python -m pytest": "the test suite itself",
     "latentformer train": "trains a model: the main command takes about 8 minutes on 2 cores (tests/train covers train)",
