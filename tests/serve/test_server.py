@@ -830,6 +830,26 @@ def _children(pid: int) -> list[int]:
     return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_stops_on_a_signal_cleanly(ckpt, sig):
+    """SIGTERM or Ctrl-C: the server drains and ends through a normal exit with 128 + the signal's
+    number, nothing on stderr but its request lines (no traceback, no leaked-semaphore warning from
+    multiprocessing's resource tracker, which a process that dies by the signal leaves behind)."""
+    proc = subprocess.Popen([sys.executable, "-m", "latentformer", "serve", str(ckpt), "--port", "0", "--device", "cpu",
+                             "--drain", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = "http://127.0.0.1:" + re.search(r"http://127\.0\.0\.1:(\d+)/v1", line).group(1)
+        assert client(url).completions.create(model="tiny", prompt="a", max_tokens=2).choices
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 128 + sig
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "leaked" not in err and "Warning" not in err, err
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 def test_cli_dead_engine_stops_the_server(ckpt):
     """`latentformer serve` with its key in the environment: the key is on no process's command
     line, /health needs none, the rest does; the batch is sized for the CPU and the startup line

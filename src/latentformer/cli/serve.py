@@ -116,9 +116,10 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_http(app, engine, sock: socket.socket, limits: dict) -> bool:
+def serve_http(app, engine, sock: socket.socket, limits: dict) -> int | None:
     """Run uvicorn on `app`, accepting on `sock` (shared by every HTTP process), until SIGINT/SIGTERM
-    or until `engine`'s process is lost; True if that is why it stopped."""
+    or until `engine`'s process is lost. Returns the exit status: 1 when the engine was lost,
+    128 + the signal's number after SIGINT/SIGTERM, else None."""
     import threading
 
     from latentformer.serve.server import Server
@@ -131,7 +132,9 @@ def serve_http(app, engine, sock: socket.socket, limits: dict) -> bool:
 
     engine.on_lost = on_lost
     server.run(sockets=[sock])
-    return lost.is_set()
+    if lost.is_set():
+        return 1
+    return 128 + server.signal if server.signal is not None else None
 
 
 def _http_process(parent: int, sock: socket.socket, channel, path: str, name: str, api_key: str | None,
@@ -206,12 +209,13 @@ def run(args: argparse.Namespace) -> int:
         p.start()
         channel.close()
     try:
-        if serve_http(app, engine, sock, limits):  # a supervisor restarts the server; a live one failing every request helps nobody
+        status = serve_http(app, engine, sock, limits)
+        if status == 1:  # a supervisor restarts the server; a live one failing every request helps nobody
             code = engine.exitcode
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
             print(f"latentformer serve: error: the engine process stopped ({how}); the server stops too",
                   file=sys.stderr, flush=True)
-            return 1
+        return status or 0
     finally:
         for p in others:
             p.terminate()  # uvicorn's graceful shutdown, as on Ctrl-C
@@ -219,4 +223,3 @@ def run(args: argparse.Namespace) -> int:
             p.join(10)
             if p.is_alive():
                 p.kill()
-    return 0

@@ -36,9 +36,12 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import hmac
 import json
 import logging
+import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -784,6 +787,28 @@ class Server(uvicorn.Server):
         super().__init__(uvicorn.Config(app, http=protocol, log_level="warning", access_log=False,
                                         timeout_graceful_shutdown=drain + 5))
         self.drain, self.abort = drain, app.state.abort
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """SIGINT/SIGTERM start the graceful shutdown (uvicorn's `handle_exit`), and `signal` says
+        which came. Unlike uvicorn's own, the signal is not raised again once the server has stopped:
+        the process then ends by a normal exit (`finally` blocks and atexit run, so multiprocessing
+        unlinks its semaphores instead of its resource tracker warning of leaked ones) with the
+        status a signal would give (`latentformer serve` returns 128 + its number)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @property
+    def signal(self) -> int | None:
+        """The signal that stopped the server (None: another reason, or none yet)."""
+        return self._captured_signals[-1] if self._captured_signals else None
 
     async def shutdown(self, sockets=None) -> None:
         timer = asyncio.get_running_loop().call_later(self.drain, self.abort)
