@@ -420,8 +420,12 @@ class ModelConfig:
     # on load. mla_decode: an inference choice (latentformer.infer.decode.Decoder), not the model's.
     RETIRED_FIELDS: typing.ClassVar[tuple[str, ...]] = ("mla_decode",)
 
+    # fields added later, written only when not at their default: a checkpoint that does not use
+    # them stays readable by the versions before them (which refuse unknown fields)
+    WRITTEN_WHEN_SET: typing.ClassVar[dict[str, Any]] = {"mtp_depth": 0}
+
     def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
+        return {k: v for k, v in to_dict(self).items() if self.WRITTEN_WHEN_SET.get(k, object()) != v}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

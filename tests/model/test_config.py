@@ -170,3 +170,12 @@ def test_run_configs_change_the_kind_of_a_preset(tmp_path):
         build_run_config(yaml_path=path)
     with pytest.raises(ValueError, match="^kv_lora_rank: is a field of attention mla"):
         build_run_config(preset="mha-125m", overrides={"model.kv_lora_rank": "64"})
+
+
+def test_fields_added_later_are_written_only_when_set():
+    """A config that does not use multi-token prediction writes no `mtp_depth`, so versions from
+    before it (which refuse unknown fields) still read the checkpoint; one that does round-trips."""
+    plain = ModelConfig.preset("tiny")
+    assert "mtp_depth" not in plain.to_dict() and ModelConfig.from_dict(plain.to_dict()) == plain
+    mtp = plain.replace(mtp_depth=1)
+    assert mtp.to_dict()["mtp_depth"] == 1 and ModelConfig.from_dict(mtp.to_dict()) == mtp
