@@ -122,6 +122,27 @@ def test_logprobs_cross_the_pipe_and_end_with_the_text(ckpt):
     assert results["process"][1][1].completion_tokens < results["process"][0][1].completion_tokens  # cut at the stop string
 
 
+def test_a_cpu_engine_leaves_the_http_processes_a_core(ckpt, monkeypatch):
+    """On a CPU the engine's intra-op threads are the cores less one per HTTP process (at least
+    one), unless OMP_NUM_THREADS says; a GPU engine keeps torch's default."""
+    import os
+
+    from latentformer.serve.worker import engine_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert engine_threads("cpu", 1) == max(1, cores - 1) and engine_threads("cpu", 64) == 1
+    assert engine_threads("cuda", 1) is None
+    path, _, tok = ckpt
+    engine = start(path, tok=tok)
+    try:
+        assert engine.info.threads == max(1, cores - 1)
+    finally:
+        engine.stop()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert engine_threads("cpu", 1) is None
+
+
 def test_cancel_and_queue_limit(ckpt):
     path, model, tok = ckpt
     engine = start(path, max_batch=1, max_queue=1, tok=tok)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import multiprocessing.connection
+import os
 import queue
 import signal
 import sys
@@ -66,6 +67,7 @@ class EngineInfo:
     context: int
     max_batch: int
     sizing: str  # why max_batch is what it is
+    threads: int  # torch's intra-op threads in the engine process
 
 
 @dataclass
@@ -86,6 +88,20 @@ class Channel:
         self.events.close()
 
 
+def engine_threads(device: str | None, http_processes: int) -> int | None:
+    """torch's intra-op threads for an engine on the CPU: the cores this process may use less one
+    per HTTP process (they stream the text), at least 1; None (torch's default) for a GPU engine or
+    when OMP_NUM_THREADS says. A decode step's small ops wait for every OpenMP thread: a thread
+    descheduled by an HTTP process stalls the step (2-core CPU, tiny preset, 4 clients: 517 served
+    tok/s with 2 threads, 1,199 with 1; benchmarks/RESULTS.md, "Serve")."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ or (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith(("cuda", "mps")):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - http_processes)
+
+
 def _child(spec: EngineSpec, channels: list[tuple[Any, Any]], in_flight) -> None:
     """The engine process: load, report on every channel, then serve the channels' commands
     until "stop" or until every channel has closed. channels[i] = (commands in, events out)."""
@@ -100,6 +116,9 @@ def _child(spec: EngineSpec, channels: list[tuple[Any, Any]], in_flight) -> None
     from latentformer.serve.sizing import default_max_batch
 
     outboxes: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in channels]
+    threads = engine_threads(spec.device, len(channels))
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         model, tokenizer = load(spec.path, spec.device, getattr(torch, spec.dtype) if spec.dtype else None, check_finite=True)
         max_batch, sizing = default_max_batch(model) if spec.max_batch is None else (spec.max_batch, "--max-batch")
@@ -140,7 +159,8 @@ def _child(spec: EngineSpec, channels: list[tuple[Any, Any]], in_flight) -> None
                for c in range(len(channels))]
     for t in senders:
         t.start()
-    info = EngineInfo(model.config, model.num_params(), engine.cache.nbytes, engine.context, max_batch, sizing)
+    info = EngineInfo(model.config, model.num_params(), engine.cache.nbytes, engine.context, max_batch, sizing,
+                      torch.get_num_threads())
     for c in range(len(channels)):
         outboxes[c].put(("ready", info))
 
