@@ -168,3 +168,32 @@ def test_eval_tasks_without_lm_eval_installed(ckpt, monkeypatch, capsys):
     assert main(["eval", str(ckpt), "--tasks", "hellaswag"]) != 0
     err = capsys.readouterr().err.strip()
     assert "pip install lm-eval" in err and len(err.splitlines()) == 1, err
+
+
+def test_harness_by_name_and_its_command_line(ckpt, monkeypatch):
+    """`model="latentformer"` with model_args, in process; and the harness's own command line with the model
+    registered (`python -m latentformer.interop.lm_eval run --model latentformer ...`)."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(ROOT)
+    out = lm_eval.simple_evaluate(model="latentformer", model_args=f"path={ckpt},batch_size=2,device=cpu",
+                                  tasks=[f"{TASKS}/tiny_mc.yaml"], limit=2)
+    assert "acc,none" in out["results"]["latentformer_tiny_mc"]
+    proc = subprocess.run([sys.executable, "-m", "latentformer.interop.lm_eval", "run", "--model", "latentformer",
+                           "--model_args", f"path={ckpt}", "--device", "cpu", "--tasks", f"{TASKS}/tiny_mc.yaml",
+                           "--limit", "2"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "latentformer_tiny_mc" in proc.stdout
+
+
+def test_sampled_generation_and_limits(lm):
+    prompt, kw = "Once", {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": True, "temperature": 0.9, "top_p": 0.9, "seed": 3}
+    want = lf.generate(lm.model, lm.tokenizer, prompt, max_new_tokens=8, temperature=0.9, top_p=0.9, seed=3, stop="\n\n")
+    assert lm.generate_until([_req("generate_until", prompt, kw)]) == [want]
+    with pytest.warns(UserWarning, match="num_beams"):
+        lm.generate_until([_req("generate_until", prompt, {"max_gen_toks": 2, "num_beams": 4})])
+    with pytest.raises(ValueError, match="does not fit the context"):
+        lm._loglikelihood_tokens([(None, [1], list(range(65)))])

@@ -10,8 +10,9 @@ The harness's `LM` interface on a latentformer checkpoint (`latentformer.load`):
 - `loglikelihood_rolling`: a whole text in the harness's disjoint windows of `max_length` tokens
   (`get_rolling_token_windows` + `make_disjoint_window`, the end-of-text token as prefix), summed.
 - `generate_until`: `latentformer.generate` (batched prompts on the latent KV cache) with the
-  request's `until` strings as stops and `max_gen_toks` new tokens; greedy unless `do_sample` or a
-  temperature > 0 is given.
+  request's `until` strings as stops and `max_gen_toks` new tokens (the prompt cut from the left to fit
+  max_seq_len); greedy unless `do_sample` is true (then temperature, top_k, top_p, min_p,
+  repetition_penalty, seed as given), as the harness's Hugging Face model does.
 
 Log-probabilities are over the model's whole (possibly padded) vocabulary, as `latentformer eval`'s
 perplexity. MoE with capacity_factor > 0 drops assignments per batch, so there a score depends on
@@ -27,6 +28,7 @@ registered.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,12 @@ class LatentformerLM(TemplateLM):
             from latentformer.cli.generate import check_device
             from latentformer.train.distributed import best_device
 
+            if device not in (None, "auto") and str(device).startswith("cuda") and not torch.cuda.is_available():
+                # the harness's command line passes device="cuda:0" unless told otherwise (its HF model falls back too)
+                import sys
+
+                print(f"latentformer model: device {device} unavailable (no CUDA), using {best_device()}", file=sys.stderr)
+                device = None
             device = best_device() if device in (None, "auto") else check_device(device)
             ckpt = find_checkpoint(path)
             model, tokenizer = load(ckpt, device=device)
@@ -115,6 +123,9 @@ class LatentformerLM(TemplateLM):
             if not cont:
                 rows.append((i, [], 0))
                 continue
+            if len(cont) > self.max_length:
+                raise ValueError(f"latentformer model: a continuation of {len(cont)} tokens does not fit the context "
+                                 f"max_length={self.max_length}")
             inp = (ctx + cont)[-(self.max_length + 1):][:-1]  # the inputs that predict every continuation token
             rows.append((i, inp, len(cont)))
         results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
@@ -176,13 +187,18 @@ class LatentformerLM(TemplateLM):
             if not do_sample:
                 temperature = 0.0
             sampling = dict(temperature=temperature, top_k=int(kw.pop("top_k", 0) or 0),
-                            top_p=float(kw.pop("top_p", 1.0) or 1.0))
+                            top_p=float(kw.pop("top_p", 1.0) or 1.0), min_p=float(kw.pop("min_p", 0.0) or 0.0),
+                            repetition_penalty=float(kw.pop("repetition_penalty", 1.0) or 1.0))
             seed = kw.pop("seed", None)
+            if kw:
+                warnings.warn(f"latentformer model: generation arguments {', '.join(sorted(kw))} are not supported "
+                              "and were ignored", stacklevel=2)
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
-                texts = lf.generate(self.model, self.tokenizer, [requests[i].args[0] for i in chunk],
-                                    max_new_tokens=max_new, stop=until or None, truncate=True,
-                                    seed=None if seed is None else int(seed), **sampling)
+                with self._autocast():
+                    texts = lf.generate(self.model, self.tokenizer, [requests[i].args[0] for i in chunk],
+                                        max_new_tokens=max_new, stop=until or None, truncate=True,
+                                        seed=None if seed is None else int(seed), **sampling)
                 for i, text in zip(chunk, texts):
                     for s in until:  # generate cuts at a stop already; the harness's contract, kept explicit
                         text = text.split(s)[0]
