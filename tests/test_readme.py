@@ -37,7 +37,10 @@ SKIPPED = {
     "latentformer prepare --source hf:": "needs the network or a Hugging Face cache",
     "latentformer prepare --source gutenberg:": "needs the network (Project Gutenberg)",
     "latentformer eval": "a whole validation split takes tens of seconds on 2 cores; tests/infer/test_first_run.py runs "
-                         "eval without --data and with --data SOURCE on a tiny source",
+                         "eval without --data and with --data SOURCE on a tiny source; tests/interop/test_lm_eval.py runs --tasks on the local "
+                         "task YAMLs",
+    "python -m latentformer.interop.lm_eval": "the harness's command line (needs lm-eval): tests/interop/test_lm_eval.py "
+                                              "runs it on the local task",
     "latentformer serve": "a server: tests/serve/test_server.py runs it as a process",
     "latentformer ui": "a web app that runs until stopped: tests/serve/test_ui.py and test_ui_browser.py drive it",
     "latentformer compare": "trains a grid of models: tests/compare runs a micro grid",
