@@ -145,7 +145,7 @@ def test_a_request_whose_sampling_fails_fails_alone(model, engine):
     with pytest.raises(ValueError, match="top_p"):
         Request(tok.encode("x"), 4, Collector(), temperature=1.0, top_p=1e-300)
     poisoned, bad = make_request(tok, "poison", 10, temperature=1.0)
-    object.__setattr__(poisoned, "top_p", 1e-300)  # 0 in float32: no token survives the cut
+    poisoned.top_p = 1e-300  # set after the Request's check; 0 in float32: no token survives the cut
     prompts = [PROMPTS[i % 8] for i in range(12)]  # the first eight: each fits with up to 21 new tokens
     normal = [make_request(tok, prompt, 10 + i, temperature=0.0) for i, prompt in enumerate(prompts)]
     for i, (req, _) in enumerate(normal):

@@ -372,7 +372,7 @@ class Engine:
             text = RowText(self.tokenizer, request.stops, incremental=request.stream) if self.detokenize else None
             self.rows[b] = _Row(request, text, generator, length=len(request.ids))
             rows.append(self.rows[b])
-        self.idle[where] = False
+        self.idle[where] = to_device([r.max_tokens == 1 for r in group], self.device)  # one token: no decode step
         self._inputs[where, 0] = first.clamp(min=0)  # a failed row's input must still be a valid id
         self.stats.prefills += 1
         self.stats.prefill_requests += len(group)
@@ -403,17 +403,15 @@ class Engine:
         t = time.perf_counter()
         cache = self.cache
         rows = [r if r is not None and r.launched < r.request.max_tokens else None for r in self.rows]
-        for b, (r, held) in enumerate(zip(rows, self.rows)):
-            if held is not None and r is None and held.launched == held.request.max_tokens:
-                held.launched += 1  # sits out from now on: mark it once
-                self.idle[b] = True
         cache.length.masked_fill_(self.idle, 0)  # a row out of the step writes and reads its slot 0 only
         cache.pos = max(r.length for r in rows if r is not None)  # the slots attention reads, with the new one
         logits = self._step(self._inputs)[:, -1, :self.vocab]
-        for r in rows:
+        for b, r in enumerate(rows):
             if r is not None:
                 r.length += 1
                 r.launched += 1
+                if r.launched == r.request.max_tokens:
+                    self.idle[b] = True  # all its tokens are sampled: it sits out the next steps
         nxt = sample_rows(logits, [r.request.temperature if r else 0.0 for r in rows],
                           [r.request.top_p if r else 1.0 for r in rows], [r.generator if r else None for r in rows])
         self._inputs.copy_(nxt.clamp(min=0)[:, None])
