@@ -43,6 +43,7 @@ import json
 import multiprocessing
 import os
 import queue
+import re
 import statistics
 import subprocess
 import sys
@@ -113,8 +114,8 @@ class Server:
                  interval_ms: float = 0.0, processes: int = 1, src: Path = ROOT / "src") -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (site, str(src), os.environ.get("PYTHONPATH")) if p))
         cmd = [sys.executable, "-m", "latentformer", "serve", str(ckpt), "--port", "0", "--max-batch", str(batch),
-               "--max-queue", str(batch), "--device", device, "--dtype", dtype, "--stream-interval", str(interval_ms),
-               "--api-processes", str(processes)]
+               "--max-queue", str(batch), "--device", device, "--dtype", dtype, "--stream-interval", str(interval_ms)]
+        cmd += ["--api-processes", str(processes)] if processes else []  # 0: serve's default
         cmd += ["--compile"] if compile else []
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines: queue.Queue = queue.Queue()
@@ -144,6 +145,8 @@ class Server:
             if "latentformer serve:" in line and "http://" in line:
                 self.url = line.rsplit("http://", 1)[1].split()[0].rstrip("/").removesuffix("/v1")
                 self.url = "http://" + self.url
+                http = re.search(r"; (\d+) HTTP processes", line)
+                self.processes = int(http.group(1)) if http else 1
                 print(f"# {line.strip()}", flush=True)
                 return
 
@@ -365,8 +368,8 @@ def main() -> None:
                    help="prompt lengths to measure: fixed (1024) or uniform in a range (128-1024); default 1024 128")
     p.add_argument("--stream-intervals", nargs="+", type=float, default=[0.0], metavar="MS",
                    help="serve --stream-interval values to measure, milliseconds (default: 0)")
-    p.add_argument("--api-processes", nargs="+", type=int, default=[1], metavar="N",
-                   help="serve --api-processes values to measure (default: 1)")
+    p.add_argument("--api-processes", nargs="+", type=int, default=[0], metavar="N",
+                   help="serve --api-processes values to measure (default: 0, serve's own default)")
     p.add_argument("--src", nargs="+", type=Path, default=[ROOT / "src"], metavar="DIR",
                    help="source trees to run the server from (default: this one; give two for before/after)")
     p.add_argument("--new-tokens", type=int, default=256)
@@ -421,6 +424,7 @@ def main() -> None:
                     tpot = [1e3 * (r["end"] - r["first"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]
                     gaps = [1e3 * g for r in ok for g in r["gaps"]]
                     label = str(src) if len(args.src) > 1 else "-"
+                    procs = server.processes
                     measured.append((label, interval, procs, tokens / wall, ttft, tpot, gaps, errors))
                     timelines.append(f"{preset} C={n} {spec} src={label} interval={interval:g} procs={procs}: "
                                      f"{timeline.removeprefix('latentformer engine: ') or 'no engine timeline'}")

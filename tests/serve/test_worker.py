@@ -143,6 +143,19 @@ def test_a_cpu_engine_leaves_the_http_processes_a_core(ckpt, monkeypatch):
     assert engine_threads("cpu", 1) is None
 
 
+def test_http_processes_default_to_one_on_a_cpu_and_one_per_four_cores_on_a_gpu(monkeypatch):
+    """serve's --api-processes default: the CPU's cores are the model's; a GPU engine gets one HTTP
+    process per 4 cores, from 1 to 4."""
+    import os
+
+    from latentformer.serve.worker import default_http_processes
+
+    for cores, expected in [(2, 1), (8, 2), (16, 4), (128, 4)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert default_http_processes("cpu") == 1
+        assert default_http_processes("cuda:0") == expected
+
+
 def test_cancel_and_queue_limit(ckpt):
     path, model, tok = ckpt
     engine = start(path, max_batch=1, max_queue=1, tok=tok)

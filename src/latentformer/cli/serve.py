@@ -39,9 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="coalesce a stream's tokens into one chunk per MS milliseconds (the first token is sent at once; "
                              "default: 0, a chunk per token). Under load a chunk per token costs the server more than the model")
     parser.add_argument("--model-name", default=None, help="the model id clients use (default: the checkpoint directory's name)")
-    parser.add_argument("--api-processes", type=int, default=1, metavar="N",
-                        help="processes serving HTTP on the port, all feeding one engine (default: 1). One process "
-                             "streams some tens of thousands of chunks/s; many concurrent streams of a fast model need more")
+    parser.add_argument("--api-processes", type=int, default=None, metavar="N",
+                        help="processes serving HTTP on the port, all feeding one engine (default: 1 on a CPU; on a GPU one "
+                             "per 4 cores, up to 4). One process streams some tens of thousands of chunks/s; many concurrent "
+                             "streams of a fast model need more")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step and replay it as a CUDA graph (CUDA only)")
     parser.add_argument("--drain", type=float, default=10.0, metavar="SECONDS",
                         help="on SIGTERM/Ctrl-C, time the requests in flight get to finish before they end with an error (default: 10)")
@@ -170,6 +171,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_connections < 1:
         raise ValueError(f"--max-connections must be >= 1, got {args.max_connections}")
     key = api_key(args)
+    if args.api_processes is None:
+        from latentformer.serve.worker import default_http_processes
+
+        args.api_processes = default_http_processes(args.device)
     if not 1 <= args.api_processes <= 64:
         raise ValueError(f"--api-processes must be in [1, 64], got {args.api_processes}")
     if not 0 <= args.stream_interval <= 10_000:

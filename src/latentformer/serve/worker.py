@@ -88,18 +88,34 @@ class Channel:
         self.events.close()
 
 
+def _on_cpu(device: str | None) -> bool:
+    """Whether an engine given --device `device` (None: the default, CUDA when there is one) runs on the CPU."""
+    import torch
+
+    return not (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith(("cuda", "mps"))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_http_processes(device: str | None) -> int:
+    """`serve`'s HTTP processes when --api-processes is not given: 1 for a CPU engine (the cores are
+    the model's), else one per 4 cores up to 4. A GPU engine turns a request around faster than one
+    HTTP process parses, streams and detokenizes for it (mla-125m on an H100, 256 clients, 128-token
+    prompts: 0.51x of offline with one process, 0.75x with four; benchmarks/RESULTS.md, "Serve")."""
+    return 1 if _on_cpu(device) else max(1, min(4, _cores() // 4))
+
+
 def engine_threads(device: str | None, http_processes: int) -> int | None:
     """torch's intra-op threads for an engine on the CPU: the cores this process may use less one
     per HTTP process (they stream the text), at least 1; None (torch's default) for a GPU engine or
     when OMP_NUM_THREADS says. A decode step's small ops wait for every OpenMP thread: a thread
     descheduled by an HTTP process stalls the step (2-core CPU, tiny preset, 4 clients: 517 served
     tok/s with 2 threads, 1,199 with 1; benchmarks/RESULTS.md, "Serve")."""
-    import torch
-
-    if "OMP_NUM_THREADS" in os.environ or (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith(("cuda", "mps")):
+    if "OMP_NUM_THREADS" in os.environ or not _on_cpu(device):
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - http_processes)
+    return max(1, _cores() - http_processes)
 
 
 def _child(spec: EngineSpec, channels: list[tuple[Any, Any]], in_flight) -> None:
