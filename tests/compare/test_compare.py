@@ -137,6 +137,23 @@ def test_cells_must_match_the_config_except_in_bookkeeping(finished, micro_famil
     assert compare(micro_family, micro_data, out, "--train.checkpoint_interval", "0", "--train.log_interval", "3", "--no-report") == 0
 
 
+def test_cells_saved_before_a_field_existed_count_as_its_default(finished, micro_family, micro_data, monkeypatch, tmp_path):
+    """A cell written before model.mtp_depth and train.optimizer existed (its config.yaml lacks them)
+    was trained as their defaults (no MTP, AdamW) and is kept, not refused."""
+    import yaml
+
+    out = tmp_path / "older"
+    shutil.copytree(finished, out)
+    for saved in (out / "cells").glob("*/config.yaml"):
+        cfg = yaml.safe_load(saved.read_text())
+        cfg["model"].pop("mtp_depth", None)
+        for key in ("optimizer", "mtp_weight"):
+            cfg["train"].pop(key)
+        saved.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    forbid_training(monkeypatch)
+    assert compare(micro_family, micro_data, out, "--no-report") == 0
+
+
 def test_killed_comparison_resumes(micro_family, micro_data, tmp_path):
     """SIGKILL a comparison after its first cell finished; the re-run keeps that cell and completes the rest."""
     out = tmp_path / "killed"

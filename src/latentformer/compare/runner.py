@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from latentformer.compare.matrix import Cell, Family, Variant, cells as make_cells, check_matching, resolve_variants, steps_for_tokens
-from latentformer.config import from_dict, load_yaml, to_dict
+from latentformer.config import from_dict, to_dict
 from latentformer.fsutil import atomic_write_text
 from latentformer.procutil import die_with_parent
-from latentformer.train.config import TrainConfig
+from latentformer.train.config import TrainConfig, load_run_config
 
 PLAN = "compare.json"
 CELLS = "cells"
@@ -215,12 +215,13 @@ BOOKKEEPING = frozenset({"checkpoint_interval", "checkpoint_minutes", "keep_last
 
 def check_existing(root: Path, matrix: Matrix) -> None:
     """A cell directory trained with another config is an error (never silently mixed in); the
-    `BOOKKEEPING` train fields may differ."""
+    `BOOKKEEPING` train fields may differ. The saved config is read as a run's is, so a field added
+    since it was written counts as its default (what the older code did: MTP off, AdamW)."""
     for cell in matrix.cells:
         saved = cell_dir(root, cell) / "config.yaml"
         if not saved.is_file():
             continue
-        old, new = load_yaml(saved), cell.cfg.to_dict()
+        old, new = load_run_config(saved).to_dict(), cell.cfg.to_dict()
         for section in ("model", "train"):
             for key, value in new[section].items():
                 if section == "train" and key in BOOKKEEPING:
