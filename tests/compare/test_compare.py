@@ -72,7 +72,7 @@ def test_results_validate_against_the_schema(finished):
     assert mla["kv_cache_bytes_per_token"] == (32 + 8) * 2 * 2 and mha["kv_cache_bytes_per_token"] == 2 * 64 * 2 * 2
     assert {r["mode"] for r in mla["decode"]} == {"absorb", "naive"} and {r["mode"] for r in mha["decode"]} == {"standard"}
     assert len(mla["decode"]) == 2 * 2 * 2 and all(r["tokens_per_s"]["median"] > 0 for r in mla["decode"])
-    # decode is timed on each variant's first seed only, once per interleaved round; quality on every seed
+    # decode is timed once per variant (its architecture), once per interleaved round; quality on every seed
     assert all(r["tokens_per_s"]["n"] == data["settings"]["decode_rounds"] == 5 for r in mla["decode"])
     assert not any("decode" in c for c in data["cells"])
     windows = [w for c in data["cells"] if c["variant"] == "mla" for w in c["train"]["window_tokens_per_s"]]
@@ -152,6 +152,24 @@ def test_cells_saved_before_a_field_existed_count_as_its_default(finished, micro
         saved.write_text(yaml.safe_dump(cfg, sort_keys=False))
     forbid_training(monkeypatch)
     assert compare(micro_family, micro_data, out, "--no-report") == 0
+
+
+def test_decode_is_timed_for_cells_carried_without_checkpoints(finished, micro_family, micro_data, monkeypatch, tmp_path):
+    """Cells trained elsewhere come with their cell.json, config and curves but no weights: every
+    variant is still timed (its architecture), and nothing is trained."""
+    out = tmp_path / "carried"
+    shutil.copytree(finished, out)
+    carried = list((out / "cells").glob("*/checkpoints"))
+    assert len(carried) == len(CELLS)
+    for ckpts in carried:
+        shutil.rmtree(ckpts)
+    (out / "decode.json").unlink()
+    forbid_training(monkeypatch)
+    assert compare(micro_family, micro_data, out, "--no-report") == 0
+    decode = json.loads((out / "decode.json").read_text())
+    assert decode["settings"]["variants"] == ["mha", "mla"]
+    assert {(r["variant"], r["mode"]) for r in decode["rows"]} == {("mha", "standard"), ("mla", "absorb"), ("mla", "naive")}
+    assert all(len(r["tokens_per_s"]) == 5 for r in decode["rows"])
 
 
 def test_killed_comparison_resumes(micro_family, micro_data, tmp_path):

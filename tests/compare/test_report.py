@@ -3,6 +3,8 @@ the tables show them, and the interleaved order of the decode rounds (no real ti
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -32,17 +34,13 @@ def test_timing_reports_the_median_and_flags_it():
     assert report.timing([]) is None and report._timed(None) == "–"
 
 
-def test_decode_rounds_interleave_the_variants(monkeypatch, tmp_path):
+def test_decode_rounds_interleave_the_variants(monkeypatch):
     """Each round times every (variant, mode) once at a point, in a rotated order; the samples of a
     point are the rounds' timings, and a point that does not fit is None."""
     calls = []
 
-    class Config:
-        def __init__(self, attention):
-            self.attention = attention
-
-    monkeypatch.setattr("latentformer.checkpoint.read_config", lambda ckpt: Config("mla" if ckpt.name == "mla" else "mha"))
-    monkeypatch.setattr(measure, "_decode_model", lambda ckpt, n, device, dtype: ckpt.name)
+    configs = {name: SimpleNamespace(attention=name) for name in ("mha", "mla")}  # all decode_samples reads
+    monkeypatch.setattr(measure, "_decode_model", lambda cfg, n, device, dtype: cfg.attention)
     step_seconds = iter(0.001 * (i + 1) for i in range(1000))
 
     def sample(model, batch, context, mode, device, min_seconds):
@@ -50,7 +48,7 @@ def test_decode_rounds_interleave_the_variants(monkeypatch, tmp_path):
         return None if context == 64 and mode == "naive" else batch / next(step_seconds)
 
     monkeypatch.setattr(measure, "_sample", sample)
-    rows = measure.decode_samples({"mha": tmp_path / "mha", "mla": tmp_path / "mla"}, [16, 64], [2], torch.device("cpu"), rounds=3)
+    rows = measure.decode_samples(configs, [16, 64], [2], torch.device("cpu"), rounds=3)
     first_point = [(m, mode) for m, mode, b, c in calls if c == 16]
     entries = [("mha", "standard"), ("mla", "absorb"), ("mla", "naive")]
     assert first_point == entries + entries[1:] + entries[:1] + entries[2:] + entries[:2]

@@ -14,9 +14,11 @@
   every variant once at a point (`decode_samples`): a machine that slows down for a while slows
   every variant's samples alike, and the report gives the median over rounds and flags a spread
   too wide to read. MLA is measured both ways (the decode layer's `mla_decode`: absorbed and
-  naive), on each variant's first seed only (the step's time depends on the architecture, not on
-  the weights). Contexts may exceed the training context: the measured model is the trained one
-  with `max_seq_len` raised (RoPE has no table).
+  naive). The model is each variant's architecture with seeded random weights, not a trained cell:
+  a dense step's time depends on the shapes, not on the values, so a variant is timed once and
+  cells trained on another machine (carried without their checkpoints) are timed all the same.
+  (A MoE variant's random router spreads tokens about evenly, which a trained, balanced one also
+  aims at.) Contexts may exceed the training context: `max_seq_len` is raised (RoPE has no table).
 - Memory: KV-cache bytes per token in bf16 (`Transformer.kv_cache_bytes_per_token`) and the
   largest batch whose cache alone fits in `memory_gib` GiB at a context (weights and activations
   not counted): floor(memory / (bytes per token x context)).
@@ -76,12 +78,10 @@ def val_curve(records: list[dict[str, Any]], batch_tokens: int) -> list[dict[str
             if r.get("eval") and r.get("loss") is not None]  # a non-finite loss is logged as null
 
 
-def _decode_model(checkpoint: Path, max_len: int, device: torch.device, dtype: torch.dtype) -> Transformer:
-    from latentformer.checkpoint import model_from_state, read_config, read_weights
-
-    cfg = read_config(checkpoint)
-    cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max_len))
-    return model_from_state(cfg, read_weights(checkpoint), str(checkpoint)).to(device, dtype).eval()
+def _decode_model(cfg: ModelConfig, max_len: int, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """`cfg`'s architecture with seeded random weights (see the module docstring), context >= max_len."""
+    torch.manual_seed(0)
+    return Transformer(cfg.replace(max_seq_len=max(cfg.max_seq_len, max_len), mtp_depth=0)).to(device, dtype).eval()
 
 
 def _free_bytes(device: torch.device) -> int:
@@ -158,19 +158,16 @@ def _sample(model: Transformer, batch: int, context: int, mode: str, device: tor
     return batch / seconds
 
 
-def decode_samples(checkpoints: dict[str, Path], contexts: list[int], batch_sizes: list[int], device: torch.device,
+def decode_samples(configs: dict[str, ModelConfig], contexts: list[int], batch_sizes: list[int], device: torch.device,
                    rounds: int = DECODE_ROUNDS, min_seconds: float = 0.02) -> list[dict[str, Any]]:
     """Rows {variant, mode, batch_size, context, tokens_per_s}: one tokens/s sample per round, or
-    None where the point does not fit (`_sample`). `checkpoints`: variant name -> checkpoint.
+    None where the point does not fit (`_sample`). `configs`: variant name -> its model config.
 
     Interleaved: at each point, round r times every (variant, mode) once, in an order rotated by r,
     so slow spells of a shared machine fall on every variant rather than on one."""
-    from latentformer.checkpoint import read_config
-
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    models = {name: _decode_model(ckpt, max(contexts) + 1, device, dtype) for name, ckpt in checkpoints.items()}
-    entries = [(name, mode) for name, ckpt in checkpoints.items()
-               for mode in (["absorb", "naive"] if read_config(ckpt).attention == "mla" else ["standard"])]
+    models = {name: _decode_model(cfg, max(contexts) + 1, device, dtype) for name, cfg in configs.items()}
+    entries = [(name, mode) for name, cfg in configs.items() for mode in (["absorb", "naive"] if cfg.attention == "mla" else ["standard"])]
     rows = []
     for batch in batch_sizes:
         for context in contexts:

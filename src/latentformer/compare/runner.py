@@ -479,14 +479,12 @@ def _workers(root: Path, todo: list[Cell], devices: list[str], progress: MatrixP
 
 
 # -- decode speed, all variants at once ----------------------------------------------------------
-def decode_settings(root: Path, matrix: Matrix) -> dict[str, Any]:
-    """What decode.json was measured for: the variants whose first seed finished with its weights
-    here (cells carried from another machine come without checkpoints), and the grid."""
-    from latentformer.checkpoint import step_dirs
+def decode_settings(matrix: Matrix) -> dict[str, Any]:
+    """What decode.json was measured for: the variants (architectures, not trained cells: see
+    compare/measure.py) and the grid."""
     from latentformer.compare.measure import DECODE_ROUNDS
 
-    firsts = [c for c in matrix.cells if c.seed_index == 0 and is_done(root, c) and step_dirs(cell_dir(root, c))]
-    return {"variants": [c.variant.name for c in firsts], "contexts": matrix.plan.decode_contexts,
+    return {"variants": [v.name for v in matrix.variants], "contexts": matrix.plan.decode_contexts,
             "batch_sizes": matrix.plan.decode_batch_sizes, "rounds": DECODE_ROUNDS}
 
 
@@ -505,25 +503,23 @@ def read_decode(root: Path) -> dict[str, Any] | None:
 
 
 def measure_decode(root: Path, matrix: Matrix, console) -> None:
-    """Time decoding of every variant whose first seed finished, interleaved (`decode_samples`), into
-    decode.json; kept while the variants and the grid stay the same."""
+    """Time decoding of every variant, interleaved (`decode_samples`), into decode.json; kept while
+    the variants and the grid stay the same."""
     import torch
 
-    from latentformer.checkpoint import find_checkpoint
     from latentformer.compare.measure import decode_samples, device_name
     from latentformer.train.distributed import best_device
 
-    settings = decode_settings(root, matrix)
+    settings = decode_settings(matrix)
     old = read_decode(root)
-    if not settings["variants"] or (old is not None and old["settings"] == settings):
+    if old is not None and old["settings"] == settings:
         return
     wanted = matrix.cells[0].cfg.train.device
     device = torch.device(best_device() if wanted == "auto" else wanted)
     console.print(f"compare: decode speed of {', '.join(settings['variants'])}, {settings['rounds']} interleaved rounds",
                   highlight=False, soft_wrap=True)
-    firsts = {c.variant.name: find_checkpoint(cell_dir(root, c), "latest")
-              for c in matrix.cells if c.seed_index == 0 and c.variant.name in settings["variants"]}
-    rows = decode_samples(firsts, settings["contexts"], settings["batch_sizes"], device, settings["rounds"])
+    configs = {c.variant.name: c.cfg.model for c in matrix.cells if c.seed_index == 0}
+    rows = decode_samples(configs, settings["contexts"], settings["batch_sizes"], device, settings["rounds"])
     data = {"settings": settings, "device": device_name(device), "rows": rows}
     atomic_write_text(root / DECODE, json.dumps(data, indent=1) + "\n")
     _release(False)
