@@ -23,6 +23,7 @@ from latentformer.train.trainer import Trainer
 
 VARIANTS = {  # name -> config overrides
     "shipped": {}, "fp32-residual": {"train.low_precision_residual": False}, "seed2": {"train.seed": 1338},
+    "fp8": {"train.fp8": True}, "fp8-rowwise": {"train.fp8": True, "train.fp8_recipe": "rowwise"},  # torchao float8
 }
 
 

@@ -21,6 +21,7 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
 SCHEDULES = ("cosine", "step", "wsd", "constant")  # implemented in train/schedule.py
 OPTIMIZERS = ("adamw", "muon")  # implemented in train/optim.py
+FP8_RECIPES = ("tensorwise", "rowwise")  # torchao's float8 training recipes (train/fp8.py)
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 MAX_SEED = 2**32 - 1  # numpy's global seed is 32-bit
 
@@ -54,6 +55,10 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
     threads: int = 0  # CPU intra-op threads (0 = all cores)
     compile: bool = False
+    # FP8 matmuls in the blocks' linear layers (torchao float8 training; GPUs with compute capability
+    # >= 8.9, refused elsewhere): fp8_recipe tensorwise | rowwise scaling (train/fp8.py)
+    fp8: bool = False
+    fp8_recipe: str = "tensorwise"
     activation_checkpointing: bool = False
     # refuse, before building the model, a run whose estimated memory (train/memory.py) clearly
     # exceeds what the device has available
@@ -127,6 +132,7 @@ class TrainConfig:
         _check(bool(DEVICE.fullmatch(self.device)), "train.device",
                f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1", "betas must be in [0, 1)")
+        _check(self.fp8_recipe in FP8_RECIPES, "train.fp8_recipe", f"must be tensorwise or rowwise, got {self.fp8_recipe!r}")
         _check(self.optimizer in OPTIMIZERS, "train.optimizer", f"must be adamw or muon, got {self.optimizer!r}")
         _check(0 <= self.muon_momentum < 1, "train.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         _check(self.gamma > 0, "train.gamma", "must be positive")

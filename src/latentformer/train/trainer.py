@@ -33,6 +33,7 @@ from latentformer import checkpoint as ckpt
 from latentformer.fsutil import atomic_write_text, mark_output
 from latentformer.model.transformer import Transformer
 from latentformer.train import distributed as D
+from latentformer.train import fp8
 from latentformer.train.config import RunConfig
 from latentformer.train.evaluate import evaluate
 from latentformer.train.logging import RunLogger, peak_flops
@@ -108,6 +109,8 @@ class Trainer:
         self.accum = t.grad_accum(env.world_size)
         self.dtype = resolve_dtype(t.dtype, env.device)
 
+        if t.fp8:
+            fp8.check_fp8(env.device)
         if t.memory_check:
             self._check_memory()
         # model, optimizer; state restored before wrapping so every rank starts identical
@@ -152,6 +155,9 @@ class Trainer:
             ckpt.load_weights(self.model, Path(init_from), "--init-from", tokenizer=self.tokenizer)
             self.notes.append(f"weights from {init_from}")
 
+        if t.fp8:  # before compile and wrapping, as torchao asks
+            converted = fp8.convert_to_fp8(self.model, t.fp8_recipe)
+            self.notes.append(f"fp8 ({t.fp8_recipe} scaling) in {len(converted)} linear layers")
         if t.low_precision_residual and self.dtype == "bf16":
             D.cast_residual_stream(self.model, torch.bfloat16)
         if t.activation_checkpointing:

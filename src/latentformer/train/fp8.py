@@ -1,0 +1,81 @@
+"""FP8 training of the blocks' linear layers (`train.fp8`), through torchao's float8 training.
+
+Each selected `nn.Linear` becomes torchao's `Float8Linear`: its three matmuls (forward, grad of
+the input, grad of the weight) cast their operands to float8 with dynamic scales and run on the FP8
+tensor cores (`torch._scaled_mm`); the weights, the optimizer and the checkpoints stay as they
+were (the parameters keep their names, dtype and values: a checkpoint loads into a plain model).
+DeepSeek-V3 trains in FP8 with fine-grained (1x128 / 128x128 block) scales; torchao offers two
+recipes on Hopper (`train.fp8_recipe`):
+
+- `tensorwise`: one scale per tensor, the fastest;
+- `rowwise`: one scale per row of each operand (closer to DeepSeek's fine-grained scaling), more
+  robust to outliers, somewhat slower.
+
+Left in bf16, as torchtitan leaves them: the output layer (`lm_head`: the fused loss reads its
+weight directly, and the logits' range is where FP8 loses most), the embedding, norms, the MoE
+router (fp32 by design) and the routed experts (grouped weights, not `nn.Linear`), and any linear
+whose input or output width is not a multiple of 16 (`_scaled_mm`'s constraint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+
+from latentformer.train.config import FP8_RECIPES
+
+SKIPPED = ("lm_head",)  # module names left in bf16 whatever their shape (see the module docstring)
+
+
+def check_fp8(device: torch.device) -> None:
+    """ValueError (one line) unless `device` is a GPU with FP8 tensor cores and torchao is installed."""
+    if device.type != "cuda":
+        raise ValueError(f"train.fp8 needs an NVIDIA GPU with FP8 tensor cores (compute capability >= 8.9: "
+                         f"Ada, Hopper, Blackwell); this run is on {device.type}")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise ValueError(f"train.fp8 needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper, Blackwell); "
+                         f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
+    _torchao()
+
+
+def _torchao():
+    # torchao's import logs a warning for each of its optional C++ kernel libraries built for another
+    # torch, and torch's pytree one for an enum it registers; float8 training needs none of it
+    # (torch._scaled_mm does the matmuls)
+    logs = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        from torchao import float8
+    except ModuleNotFoundError:
+        raise ValueError("train.fp8 needs torchao: pip install 'latentformer[fp8]'") from None
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+    return float8
+
+
+def selected(module: nn.Module, name: str) -> bool:
+    """Whether the linear `name` trains in FP8 (see the module docstring)."""
+    return (isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in SKIPPED
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", emulate: bool = False) -> list[str]:
+    """Swap `model`'s selected linears for torchao's Float8Linear in place; returns their names.
+    `emulate` computes the float8 matmuls in higher precision (torchao's CPU test mode: same casts
+    and scales, no FP8 hardware). Apply before torch.compile and before DDP/FSDP wrapping."""
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"train.fp8_recipe must be one of {', '.join(FP8_RECIPES)}, got {recipe!r}")
+    float8 = _torchao()
+    config = float8.Float8LinearConfig.from_recipe_name(recipe)
+    if emulate:
+        config = dataclasses.replace(config, emulate=True)
+    names = [name for name, module in model.named_modules() if selected(module, name)]
+    float8.convert_to_float8_training(model, config=config, module_filter_fn=selected)
+    return names
