@@ -172,6 +172,38 @@ def test_decode_is_timed_for_cells_carried_without_checkpoints(finished, micro_f
     assert all(len(r["tokens_per_s"]) == 5 for r in decode["rows"])
 
 
+def test_training_speeds_compare_within_one_device(finished, tmp_path):
+    """Cells finished on two kinds of GPU: each variant's training speed comes from the cells of the
+    device that trained the most (the earliest on a tie), else from its own, and the report says so."""
+    out = tmp_path / "mixed"
+    shutil.copytree(finished, out)
+
+    def move(cell: str, device: str) -> None:
+        path = out / "cells" / cell / "cell.json"
+        state = json.loads(path.read_text())
+        state["device"] = device
+        path.write_text(json.dumps(state))
+
+    def speeds() -> dict:
+        assert main(["compare", "--out", str(out), "--report-only"]) == 0
+        data = json.loads((out / "results.json").read_text())
+        cells = {c["name"]: c for c in data["cells"]}
+        return data, {v["name"]: (v["train_device"], v["train_tokens_per_s"]["values"]) for v in data["variants"]}, cells
+
+    cpu = json.loads((out / "cells" / "mha-s0" / "cell.json").read_text())["device"]
+    move("mha-s1", "GPU B")  # the CPU has 3 cells: it gives every speed
+    data, by, cells = speeds()
+    assert by["mha"] == (cpu, cells["mha-s0"]["train"]["window_tokens_per_s"])
+    assert by["mla"][1] == cells["mla-s0"]["train"]["window_tokens_per_s"] + cells["mla-s1"]["train"]["window_tokens_per_s"]
+    move("mha-s0", "GPU B")  # 2 cells each: GPU B trained the first cell; mla has none there and keeps its own
+    data, by, cells = speeds()
+    assert by["mha"][0] == "GPU B" and by["mla"][0] == cpu
+    assert by["mha"][1] == cells["mha-s0"]["train"]["window_tokens_per_s"] + cells["mha-s1"]["train"]["window_tokens_per_s"]
+    md = (out / "report.md").read_text()
+    assert f"GPU B (2 cells), {cpu} (2 cells)" in md
+    assert "from the cells trained on GPU B only" in md and f"(mla: {cpu})" in md
+
+
 def test_killed_comparison_resumes(micro_family, micro_data, tmp_path):
     """SIGKILL a comparison after its first cell finished; the re-run keeps that cell and completes the rest."""
     out = tmp_path / "killed"

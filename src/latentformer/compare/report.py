@@ -10,6 +10,7 @@ not fit) is null. Aggregation reads only cell.json and decode.json, so it runs a
 
 from __future__ import annotations
 
+import collections
 import html
 import json
 import platform
@@ -26,7 +27,7 @@ from latentformer.compare.measure import DECODE_ROUNDS, KV_DTYPE, MAX_BATCH_CONT
 from latentformer.compare.runner import Matrix, cell_dir, read_decode, read_state
 from latentformer.fsutil import atomic_write_text
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 RESULTS = "results.json"
 # a timing whose repeats spread wider than this (coefficient of variation: std / mean), or that has
 # fewer repeats than MIN_SAMPLES, is flagged: on shared cores one variant's figure can be 100x off
@@ -90,16 +91,27 @@ def _decode(decode: dict[str, Any] | None, variant: str, states: list[dict[str, 
             for r in rows]
 
 
+def training_device(done: list[dict[str, Any]]) -> str | None:
+    """The device whose cells give the training speeds (tokens/s, MFU, seconds): the one that trained
+    the most finished cells, the earliest such cell's on a tie. Speeds of one GPU model are not
+    comparable with another's, so a matrix finished on two kinds of GPU takes each variant's speed
+    from this device's cells (from its own, flagged by `train_device`, when it has none there)."""
+    counts = collections.Counter(s["device"] for s in done)  # most_common keeps first-seen order among ties
+    return counts.most_common(1)[0][0] if counts else None
+
+
 def results(root: Path, matrix: Matrix) -> dict[str, Any]:
     plan, family = matrix.plan, matrix.family
     states = {c.name: read_state(cell_dir(root, c)) for c in matrix.cells}
     done = {n: s for n, s in states.items() if s is not None and s.get("status") == "done"}
     decode = read_decode(root)
     first = matrix.cells[0].cfg.train if matrix.cells else None
+    timing_device = training_device([done[c.name] for c in matrix.cells if c.name in done])
     variants = []
     for v in matrix.variants:
         mine = [c for c in matrix.cells if c.variant is v]
         ds = [done[c.name] for c in mine if c.name in done]
+        timed = [s for s in ds if s["device"] == timing_device] or ds  # speeds compare within one device
         kv = kv_bytes_per_token(v.cfg.model)
         variants.append({
             "name": v.name, "preset": v.preset, "attention": v.cfg.model.attention, "model_overrides": v.model_overrides,
@@ -111,9 +123,10 @@ def results(root: Path, matrix: Matrix) -> dict[str, Any]:
             "bpb": stat([s["val"]["bpb"] for s in ds]),
             "best_val_loss": stat([min(p["loss"] for p in s["curve"]) for s in ds if s["curve"]]),
             "best_val_tokens": stat([min(s["curve"], key=lambda p: p["loss"])["tokens"] for s in ds if s["curve"]]),
-            "train_tokens_per_s": timing([w for s in ds for w in _windows(s)]),
-            "mfu": stat([s["train"]["mfu"] for s in ds]),
-            "train_seconds": stat([s["train"]["seconds"] for s in ds]),
+            "train_device": timed[0]["device"] if timed else None,
+            "train_tokens_per_s": timing([w for s in timed for w in _windows(s)]),
+            "mfu": stat([s["train"]["mfu"] for s in timed]),
+            "train_seconds": stat([s["train"]["seconds"] for s in timed]),
             "decode": _decode(decode, v.name, ds),
             "max_batch": [{"context": c, "batch_size": max_batch(kv, c, plan.memory_gib)} for c in MAX_BATCH_CONTEXTS],
             "curve": _curve(ds),
@@ -273,6 +286,17 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
+def _speed_device(data: dict[str, Any]) -> str:
+    """Where the training speeds come from, when the cells ran on more than one kind of device."""
+    if len({c["device"] for c in data["cells"] if c["status"] == "done"}) < 2:
+        return ""
+    devices = collections.Counter(v["train_device"] for v in data["variants"] if v["train_device"])
+    main = devices.most_common(1)[0][0]
+    others = [f"{v['name']}: {v['train_device']}" for v in data["variants"] if v["train_device"] not in (None, main)]
+    return (f", from the cells trained on {main} only (speeds are comparable within one device)"
+            + (f"; variants with no cell there, from their own device ({'; '.join(others)})" if others else ""))
+
+
 def _finished(data: dict[str, Any]) -> str:
     done = sum(c["status"] == "done" for c in data["cells"])
     return f"{done} of {len(data['cells'])} cells finished"
@@ -286,8 +310,8 @@ def _sections(data: dict[str, Any]) -> list[tuple[str, str, tuple]]:
         ("Summary", f"Mean ± sample standard deviation over the finished seeds ({_finished(data)}). Quality of the final "
                     "weights over the whole validation split; best val loss: the lowest periodic validation loss and the "
                     "training tokens where it was reached; KV bytes per token over all layers in bf16; training tokens/s is the "
-                    "median of every logged window of the variant's cells (seeds alternate variants); decode tokens/s at the "
-                    f"largest measured batch and context (MLA absorbed). {noise}", summary_table(data)),
+                    f"median of every logged window of the variant's cells (seeds alternate variants){_speed_device(data)}; "
+                    f"decode tokens/s at the largest measured batch and context (MLA absorbed). {noise}", summary_table(data)),
         ("Decode throughput", "Decode tokens/s (batch / median one-token step time) over a cache filled to the context, "
                               f"the median of {s['decode_rounds']} rounds that each time every variant once, interleaved. "
                               f"MLA: absorbed and naive decoding. {noise}", decode_table(data)),
@@ -299,7 +323,9 @@ def _sections(data: dict[str, Any]) -> list[tuple[str, str, tuple]]:
 
 def _intro(data: dict[str, Any]) -> list[str]:
     s, f = data["settings"], data["family"]
-    devices = ", ".join(data["environment"]["devices"]) or "none yet"
+    per_device = collections.Counter(c["device"] for c in data["cells"] if c["status"] == "done")
+    devices = (", ".join(f"{d} ({n} cells)" for d, n in per_device.most_common()) if len(per_device) > 1
+               else ", ".join(data["environment"]["devices"]) or "none yet")
     return [f"Family **{f['name']}**: {f['description']}. Parameters matched to `{f['reference']}` "
             f"({f['reference_params']:,}) within {100 * s['param_tolerance']:.0f}%.",
             f"{s['tokens_per_cell']:,} training tokens per cell ({s['steps_per_cell']} steps × {s['batch_tokens']:,} tokens, "
