@@ -4,6 +4,7 @@ content, padded rows with assistant-only targets, batches that resume exactly, p
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -82,13 +83,17 @@ def test_rows_are_padded_with_assistant_only_targets(tmp_path):
     assert y[0, :L].tolist() == [t if m else -100 for t, m in zip(expect_ids[1:], marks[1:])] and (y[0, L:] == -100).all()
 
 
-def test_batches_cover_each_epoch_and_resume_from_their_count(tmp_path):
-    data = ChatData(write(tmp_path / "d.jsonl", demo_conversations(22)), BYTE, 1024, val_fraction=0.1)
-    n = len(data.splits["train"])  # 20
+def test_batches_cover_the_epochs_sort_by_length_and_resume_from_their_count(tmp_path):
+    data = ChatData(write(tmp_path / "d.jsonl", demo_conversations(18)), BYTE, 1024, val_fraction=0.1)
+    n = len(data.splits["train"])
+    assert n == 16  # a window of GROUP = 8 batches of 8 is 4 epochs: every conversation 4 times
     it = data.train_batches(batch_size=8, block_size=1024, seed=3)
-    rows = [x for _ in range(5) for x in next(it)[0]]  # 40 rows: two epochs
-    first, second = {tuple(r.tolist()) for r in rows[:n]}, {tuple(r.tolist()) for r in rows[n:2 * n]}
-    assert first == second and len(first) == n and [r.tolist() for r in rows[:n]] != [r.tolist() for r in rows[n:2 * n]]
+    batches = [next(it) for _ in range(8)]
+    seen = Counter(tuple(r[r != -100].tolist()) for _, y in batches for r in y)
+    assert len(seen) == n and set(seen.values()) == {4}
+    lengths = [sorted(int((x != BYTE.eot_id).sum()) for x in xs) for xs, _ in batches]
+    assert sorted(lengths) == [sorted(sum(lengths, []))[8 * i : 8 * (i + 1)] for i in range(8)]  # sorted, then cut
+    assert lengths != sorted(lengths)  # the window's batches come shuffled
     state = it.state_dict()
     after = [next(it) for _ in range(3)]
     resumed = data.train_batches(batch_size=8, block_size=1024, seed=3)

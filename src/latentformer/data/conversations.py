@@ -21,8 +21,12 @@ The trainer cuts the columns after a micro-batch's last learned target (`dataset
 The held-out split is by content: the conversations whose line text has the smallest sha256 go to
 validation (`val_fraction` of them, at least one), whatever the order of the file or the seed. The
 training order is a fresh permutation per epoch, `np.random.default_rng([seed, 1, epoch])`, read as
-one endless stream of conversations, so batch k is a pure function of (seed, k): resuming from the
-count alone yields exactly the batches an uninterrupted run would have.
+one endless stream of conversations and cut into windows of GROUP batches; a window's conversations
+are sorted by length before they are cut into its batches, which then come in a shuffled order
+(`default_rng([seed, 2, window])`): rows of a batch have similar lengths, so less padding (on the
+demonstration set, 90% of the positions are real tokens against 72% unsorted; NOTES.md), while the
+order stays random at the scale of a window. Batch k is a pure function of (seed, k): resuming from
+the count alone yields exactly the batches an uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import numpy as np
 import torch
 
 from latentformer.model.transformer import IGNORE_INDEX
+
+GROUP = 8  # batches per window of length-sorted conversations (module doc)
 
 
 def read_conversations(path: str | Path) -> list[tuple[int, str, list[dict]]]:
@@ -166,12 +172,14 @@ class ConversationBatches:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(self.rows)
-        stream = range(self.batches * self.batch_size, (self.batches + 1) * self.batch_size)
+        n, B = len(self.rows), self.batch_size
+        window, slot = divmod(self.batches, GROUP)
+        stream = range(window * GROUP * B, (window + 1) * GROUP * B)  # the window's positions in the endless stream
         orders = {e: np.random.default_rng([self.seed, 1, e]).permutation(n) for e in {p // n for p in stream}}
-        picked = [self.rows[orders[p // n][p % n]] for p in stream]
+        members = sorted((orders[p // n][p % n] for p in stream), key=lambda i: len(self.rows[i][0]))  # stable
+        chunk = int(np.random.default_rng([self.seed, 2, window]).permutation(GROUP)[slot])
         self.batches += 1
-        return pad_rows(picked, self.block_size, self.pad_id)
+        return pad_rows([self.rows[i] for i in members[chunk * B : (chunk + 1) * B]], self.block_size, self.pad_id)
 
     def state_dict(self) -> dict:
         return {"kind": "conversations", "batches": self.batches, "seed": self.seed, "count": len(self.rows)}

@@ -199,7 +199,7 @@ class Trainer:
     def _start_lora(self, resumed: dict[str, Any] | None, init_from: str | Path | None) -> None:
         """Load the frozen weights (the checkpoint the run started from, checked unchanged on resume),
         inject the adapters, and on resume load the saved ones."""
-        from latentformer.train.lora import adapter_parameters, apply_lora, load_adapter_state, require_peft
+        from latentformer.train.lora import adapter_parameters, apply_lora, load_adapter_state, require_peft, target_modules
 
         require_peft()
         t = self.cfg.train
@@ -221,12 +221,12 @@ class Trainer:
             ckpt.load_weights(self.model, base, "--init-from", tokenizer=self.tokenizer)
             self.lora_base = {"path": str(base), "sha256": ckpt.weights_sha256(base)}
             self.notes.append(f"weights from {init_from}")
-        adapters = adapter_parameters(self.model, t)
+        adapters, targets = adapter_parameters(self.model, t), target_modules(self.model, t)
         self.lora = apply_lora(self.model, t)
         if resumed is not None:
             load_adapter_state(self.model, ckpt.read_adapter(self.resumed_from), str(self.resumed_from / ckpt.ADAPTER))
-        self.notes.append(f"LoRA rank {t.lora_rank} (alpha {t.lora_alpha:g}) on {len(self.lora.peft_config['default'].target_modules)} "
-                          f"projections: {adapters:,} trainable parameters "
+        self.notes.append(f"LoRA rank {t.lora_rank} (alpha {t.lora_alpha:g}) on {len(targets)} projections "
+                          f"({', '.join(sorted({name.rsplit('.', 1)[-1] for name in targets}))}): {adapters:,} trainable parameters "
                           f"({100 * adapters / (self.model.num_params() - adapters):.2f}% of the model)")
 
     def _check_memory(self) -> None:
