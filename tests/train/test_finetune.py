@@ -4,6 +4,7 @@ resumes bit-identically; bad input is one line and a non-zero exit."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,11 @@ def test_lora_through_the_cli_then_generate(base, demo, tmp_path, capsys):
     config = (run / "config.yaml").read_text()
     assert "lora_rank: 4" in config and "- kv_b_proj" in config
     assert main(["generate", str(run), "--prompt", "User: hi\nAssistant:", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json", "--device", "cpu"]) == 0  # the run's held-out conversations
+    result = json.loads(capsys.readouterr().out)
+    held_out = ChatData(demo, load_tokenizer(base), 192)
+    assert result["data"] == str(demo) and result["tokens"] == held_out.learned_tokens("val")
 
 
 def one_line_error(capsys, argv: list[str], expected: str) -> None:

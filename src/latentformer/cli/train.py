@@ -116,10 +116,11 @@ def _init_source(args: argparse.Namespace, overrides: dict) -> tuple[Path, dict]
 
 
 def _ensure_data(cfg) -> None:
-    """Prepare `data.source` into the cache when no prepared directory is given (reused when up to date)."""
+    """Prepare `data.source` into the cache when neither a prepared directory nor conversations are given
+    (reused when up to date)."""
     from latentformer.data.prepare import prepare
 
-    if cfg.data.dir:
+    if cfg.data.dir or cfg.data.chat_file:
         return
     target = cfg.data.resolved_dir()
     print(f"data: {cfg.data.source} with tokenizer {cfg.data.tokenizer} -> {target}", file=sys.stderr)
