@@ -15,8 +15,8 @@ import latentformer as lf
 from latentformer.checkpoint import ADAPTER, load_model, read_weights, save_checkpoint, step_dirs
 from latentformer.cli import main
 from latentformer.config import ModelConfig
-from latentformer.data.chat_demo import demo_conversations, write_demo
-from latentformer.data.conversations import ChatData, _messages
+from latentformer.data.chat_demo import write_demo
+from latentformer.data.conversations import ChatData, read_conversations
 from latentformer.data.tokenizer import load_tokenizer, train_bpe
 from latentformer.infer.chat import chat_stops, render_chat
 from latentformer.infer.decode import Decoder
@@ -34,17 +34,17 @@ TINY = dict(n_layers=2, d_model=64, n_heads=2, max_seq_len=256, attention="mla",
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A fresh tiny MLA base model with a 512-token BPE trained on the demo conversations' transcripts."""
-    byte = load_tokenizer("byte")
-    tok = train_bpe([render_chat(byte, _messages(c), False) for c in demo_conversations()], 512)
-    torch.manual_seed(0)
-    return save_checkpoint(tmp_path_factory.mktemp("base") / "ckpt", Transformer(ModelConfig(vocab_size=512, **TINY)), tok)
+def demo(tmp_path_factory) -> Path:
+    return write_demo(tmp_path_factory.mktemp("demo") / "sotu-chat.jsonl")
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return write_demo(tmp_path_factory.mktemp("demo") / "sotu-chat.jsonl")
+def base(tmp_path_factory, demo) -> Path:
+    """A fresh tiny MLA base model with a 512-token BPE trained on the demo conversations' transcripts."""
+    byte = load_tokenizer("byte")
+    tok = train_bpe([render_chat(byte, messages, False) for _, _, messages in read_conversations(demo)], 512)
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path_factory.mktemp("base") / "ckpt", Transformer(ModelConfig(vocab_size=512, **TINY)), tok)
 
 
 def lora_config(base: Path, demo: Path, **train) -> RunConfig:
@@ -151,6 +151,8 @@ def test_lora_through_the_cli_then_generate(base, demo, tmp_path, capsys):
     assert "sample (a held-out conversation, greedy)" in out and "reference:" in out
     config = (run / "config.yaml").read_text()
     assert "lora_rank: 4" in config and "- kv_b_proj" in config
+    assert main(["finetune", str(run), "--resume", "--train.max_steps", "4", "--no-sample"]) == 0
+    assert "resumed from" in capsys.readouterr().err and step_dirs(run)[-1].name == "step_4"
     assert main(["generate", str(run), "--prompt", "User: hi\nAssistant:", "--max-new-tokens", "4", "--device", "cpu"]) == 0
     capsys.readouterr()
     assert main(["eval", str(run), "--json", "--device", "cpu"]) == 0  # the run's held-out conversations
@@ -175,7 +177,9 @@ def test_cli_errors_are_one_line(base, demo, tmp_path, capsys, monkeypatch):
     one_line_error(capsys, ["finetune", str(base), "--data", str(tmp_path / "none.jsonl"), *run], "no conversations (the file is empty)")
     one_line_error(capsys, ["finetune", str(base), "--data", str(demo), "--train.seq_len", "64", *run],
                    "tokens, longer than the context of 64 tokens")
-    one_line_error(capsys, ["finetune", str(base), *run], "give the checkpoint to fine-tune and --data FILE.jsonl")
+    one_line_error(capsys, ["finetune", str(base), *run], "give the conversations to fine-tune on: --data FILE.jsonl")
+    one_line_error(capsys, ["finetune", str(base), "--data", str(demo), "--resume", *run],
+                   "--resume continues the run RUN_OR_CHECKPOINT with its saved config.yaml: give only overrides with it")
     one_line_error(capsys, ["finetune", str(base), "--data", str(demo), "--model.n_layers", "3", *run],
                    "finetune takes the model config from the checkpoint: drop --model.n_layers")
     one_line_error(capsys, ["finetune", str(base), "--data", str(demo), "--lora-rank", "4", "--lora-targets", "wq", *run],

@@ -2,7 +2,7 @@
 
     latentformer finetune runs/tiny-sotu --data chats.jsonl                  # every weight
     latentformer finetune smollm2 --data chats.jsonl --lora-rank 16         # LoRA (peft), merged into the weights
-    latentformer finetune --out runs/smollm2-chats --resume                 # continue an interrupted run
+    latentformer finetune runs/smollm2-chats --resume                       # continue an interrupted run
 
 The data is a JSONL file, one conversation a line ({"messages": [...]} or {"prompt", "completion"}),
 rendered with the checkpoint's chat template (or the plain transcript of a base model); the loss is
@@ -31,15 +31,16 @@ CONTEXT_MULTIPLE = 64  # the default context: the longest conversation, rounded 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", nargs="?", metavar="RUN_OR_CHECKPOINT",
-                        help="the checkpoint to start from (a run directory: its best checkpoint)")
+    parser.add_argument("path", metavar="RUN_OR_CHECKPOINT",
+                        help="the checkpoint to start from (a run directory: its best checkpoint); with --resume, "
+                             "the fine-tuning run to continue")
     parser.add_argument("--data", default=None, metavar="FILE.jsonl",
                         help='conversations, one a line: {"messages": [{"role": ..., "content": ...}, ...]} '
                              'or {"prompt": ..., "completion": ...}')
     parser.add_argument("--out", default=None, help="run directory (default: runs/<checkpoint name>-<data file name>)")
     parser.add_argument("--config", default=None, help="YAML run config with sections data/train (the model is the checkpoint's)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    mode.add_argument("--resume", action="store_true", help="continue the run RUN_OR_CHECKPOINT from its latest checkpoint")
     mode.add_argument("--force", action="store_true", help="replace an existing run directory (only one made by latentformer)")
     parser.add_argument("--lora-rank", type=int, default=None, metavar="R",
                         help="train rank-R LoRA adapters (peft) instead of every weight (train.lora_rank; default 0: every weight)")
@@ -93,17 +94,17 @@ def _resolve(args: argparse.Namespace):
     if model_keys:
         raise ValueError(f"finetune takes the model config from the checkpoint: drop --{model_keys[0]}")
     if args.resume:
-        if args.out is None or args.path or args.data or args.config:
-            raise ValueError("--resume continues the run in --out from its saved config.yaml: give --out and only overrides")
-        out = Path(args.out)
+        if args.out or args.data or args.config:
+            raise ValueError("--resume continues the run RUN_OR_CHECKPOINT with its saved config.yaml: give only overrides with it")
+        out = Path(args.path)
         if not (out / "config.yaml").is_file():
             raise ValueError(f"--resume: {out} is not a run directory (no config.yaml)")
         cfg = load_run_config(out / "config.yaml", overrides)
         if cfg.train.lora_rank:
             require_peft()
         return cfg, out, False, None
-    if args.path is None or args.data is None:
-        raise ValueError("give the checkpoint to fine-tune and --data FILE.jsonl (or --out RUN --resume)")
+    if args.data is None:
+        raise ValueError("give the conversations to fine-tune on: --data FILE.jsonl (or continue a run: RUN --resume)")
     yaml = load_yaml(args.config) if args.config else {}
     if yaml.get("model") or yaml.get("preset"):
         raise ValueError(f"config file {args.config}: finetune takes the model from the checkpoint: drop its model/preset section")
@@ -148,5 +149,6 @@ def run(args: argparse.Namespace) -> int:
     from latentformer.cli.train import fit
 
     cfg, out, replace, init = _resolve(args)
-    return fit("finetune", cfg, out, explicit=True, replace=replace, init=init, resume=args.resume,
+    return fit("finetune", cfg, out, f"latentformer finetune {out} --resume", explicit=True, replace=replace, init=init,
+               resume=args.resume,
                sample=None if args.no_sample else _sample)

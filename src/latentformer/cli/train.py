@@ -145,14 +145,16 @@ def run(args: argparse.Namespace) -> int:
     cfg, explicit, out, replace, init = _resolve(args)
     if _rank() == 0:
         _ensure_data(cfg)
-    return fit("train", cfg, out, explicit=explicit, replace=replace, init=init, resume=args.resume,
+    return fit("train", cfg, out, f"latentformer train --out {out} --resume", explicit=explicit, replace=replace, init=init,
+               resume=args.resume,
                sample=None if args.no_sample else _sample)
 
 
-def fit(verb: str, cfg, out: Path, *, explicit: bool, replace: bool, init: Path | None, resume: bool,
-        sample: Callable[[Path, Any], None] | None) -> int:
-    """Train `cfg` into the run directory `out` (shared by `train` and `finetune`), then report in one
-    line and call `sample(out, cfg)` (when train.sample_tokens > 0). Returns the exit status."""
+def fit(verb: str, cfg, out: Path, resume_command: str, *, explicit: bool, replace: bool, init: Path | None,
+        resume: bool, sample: Callable[[Path, Any], None] | None) -> int:
+    """Train `cfg` into the run directory `out` (shared by `train` and `finetune`; `resume_command` is
+    what an interrupted run is told to run), then report in one line and call `sample(out, cfg)` (when
+    train.sample_tokens > 0). Returns the exit status."""
     from latentformer.train.distributed import barrier, shutdown
     from latentformer.train.logging import format_ppl
     from latentformer.train.trainer import NonFiniteError, Trainer, TrainingInterrupted
@@ -175,7 +177,7 @@ def fit(verb: str, cfg, out: Path, *, explicit: bool, replace: bool, init: Path 
         if is_main:
             where = f"checkpoint {e.checkpoint}" if e.checkpoint else "no checkpoint saved (the state was not finite)"
             print(f"latentformer {verb}: stopped by {signal.Signals(e.signum).name} at step {e.step}: {where}; "
-                  f"resume with: latentformer {verb} --out {out} --resume", file=sys.stderr)
+                  f"resume with: {resume_command}", file=sys.stderr)
         return 128 + e.signum
     finally:
         # the model holds the process group (FSDP's device mesh): release it before the group is
