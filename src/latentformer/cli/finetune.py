@@ -31,6 +31,8 @@ CONTEXT_MULTIPLE = 64  # the default context: the longest conversation, rounded 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from latentformer.cli.train import add_run_arguments
+
     parser.add_argument("path", metavar="RUN_OR_CHECKPOINT",
                         help="the checkpoint to start from (a run directory: its best checkpoint); with --resume, "
                              "the fine-tuning run to continue")
@@ -39,9 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'or {"prompt": ..., "completion": ...}')
     parser.add_argument("--out", default=None, help="run directory (default: runs/<checkpoint name>-<data file name>)")
     parser.add_argument("--config", default=None, help="YAML run config with sections data/train (the model is the checkpoint's)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue the run RUN_OR_CHECKPOINT from its latest checkpoint")
-    mode.add_argument("--force", action="store_true", help="replace an existing run directory (only one made by latentformer)")
     parser.add_argument("--lora-rank", type=int, default=None, metavar="R",
                         help="train rank-R LoRA adapters (peft) instead of every weight (train.lora_rank; default 0: every weight)")
     parser.add_argument("--lora-alpha", type=float, default=None, help="adapter scale alpha / R (train.lora_alpha, default 16)")
@@ -49,9 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-targets", default=None, metavar="NAMES",
                         help="comma-separated projections to adapt, e.g. q_a_proj,q_b_proj,kv_a_proj,kv_b_proj,o_proj "
                              "(train.lora_targets; default: every attention and FFN projection)")
-    parser.add_argument("--no-sample", action="store_true", help="do not answer a held-out conversation at the end")
-    parser.epilog = "Any data or train field can be overridden: --train.lr 1e-4 --train.max_steps 100 --data.chat_val_fraction 0.05"
-    parser.set_defaults(_overrides=True)
+    add_run_arguments(parser, "the run RUN_OR_CHECKPOINT", "answer a held-out conversation at the end",
+                      "Any data or train field can be overridden: --train.lr 1e-4 --train.max_steps 100 --data.chat_val_fraction 0.05")
 
 
 def recipe(data, cfg, max_seq_len: int, world_size: int, given: set[str]) -> dict[str, object]:

@@ -33,14 +33,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--data", default=None, help="prepared data directory (from `latentformer prepare`)")
     src.add_argument("--source", default=None, help="corpus prepared on first use into the cache (default: sotu)")
     parser.add_argument("--out", default=None, help="run directory (default: runs/<preset>-<source or data dir name>)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    mode.add_argument("--force", action="store_true", help="replace an existing run directory (only one made by latentformer) and start over")
     parser.add_argument("--init-from", default=None, metavar="CKPT",
                         help="start a new run from this checkpoint's (or run's best) weights and model config, with a fresh "
                              "optimizer and schedule (e.g. healing a `convert --to-mla` model); data default to its tokenizer")
-    parser.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
-    parser.epilog = "Any config field can be overridden: --model.n_layers 6 --train.lr 1e-3 --data.tokenizer gpt2"
+    add_run_arguments(parser, "the run in --out", "print a sample at the end",
+                      "Any config field can be overridden: --model.n_layers 6 --train.lr 1e-3 --data.tokenizer gpt2")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, run: str, sample: str, overrides: str) -> None:
+    """What every verb that trains takes besides its inputs: --resume / --force for an existing run
+    directory (`run` names it), --no-sample (`sample`: what the end prints) and dotted config overrides
+    (`overrides`: the help's example line)."""
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help=f"continue {run} from its latest checkpoint")
+    mode.add_argument("--force", action="store_true", help="replace an existing run directory (only one made by latentformer) and start over")
+    parser.add_argument("--no-sample", action="store_true", help=f"do not {sample}")
+    parser.epilog = overrides
     parser.set_defaults(_overrides=True)
 
 
