@@ -74,14 +74,13 @@ def recipe(data, cfg, max_seq_len: int, world_size: int, given: set[str]) -> dic
 def _resolve(args: argparse.Namespace):
     """(config, run dir, replace, init checkpoint or None on --resume)."""
     from latentformer.checkpoint import find_checkpoint, read_config
+    from latentformer.cli.train import is_run_dir
     from latentformer.config import load_yaml
     from latentformer.data.conversations import ChatData
     from latentformer.data.tokenizer import load_tokenizer
     from latentformer.fsutil import check_output
     from latentformer.train.config import RunConfig, build_run_config, load_run_config, parse_overrides
     from latentformer.train.lora import require_peft
-
-    from latentformer.cli.train import is_run_dir
 
     overrides = parse_overrides(list(getattr(args, "overrides", None) or []))
     for flag, key in (("lora_rank", "train.lora_rank"), ("lora_alpha", "train.lora_alpha"),
@@ -109,8 +108,8 @@ def _resolve(args: argparse.Namespace):
     init = find_checkpoint(args.path)
     model_cfg = read_config(init)
     overrides.update({"data.chat_file": args.data, "data.tokenizer": str(init.resolve())})
-    given = set(overrides) | {f"{section}.{key}" for section in ("data", "train") for key in (yaml.get(section) or {})}
     cfg, _ = build_run_config(yaml_path=args.config, overrides=overrides)  # the checks of every field given
+    given = set(overrides) | {f"{section}.{key}" for section in ("data", "train") for key in (yaml.get(section) or {})}
     if cfg.train.lora_rank:
         require_peft()
     seq_len = cfg.train.seq_len if "train.seq_len" in given else model_cfg.max_seq_len
