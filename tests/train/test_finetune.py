@@ -5,6 +5,9 @@ resumes bit-identically; bad input is one line and a non-zero exit."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,6 +162,23 @@ def test_lora_through_the_cli_then_generate(base, demo, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     held_out = ChatData(demo, load_tokenizer(base), 192)
     assert result["data"] == str(demo) and result["tokens"] == held_out.learned_tokens("val")
+
+
+def test_lora_ddp_and_accumulation_equal_one_batch(base, demo, tmp_path):
+    """A step's loss is the mean over the global batch's assistant tokens, however its 4 conversations are
+    split: 2 ranks x 2 rows == 1 process accumulating 2 x 2 == 1 process with 4 rows at once."""
+    args = ["--data", str(demo), "--lora-rank", "4", "--train.seq_len", "192", "--train.micro_batch_size", "2",
+            "--train.batch_tokens", "768", "--train.max_steps", "3", "--train.eval_interval", "0", "--no-sample", *FAST]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+                          "-m", "latentformer", "finetune", str(base), "--out", str(tmp_path / "ddp"), *args],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 x 192 x 1 accum x 2 ranks" in ddp.stderr
+    assert main(["finetune", str(base), "--out", str(tmp_path / "one"), *args]) == 0
+    assert main(["finetune", str(base), "--out", str(tmp_path / "whole"), *args, "--train.micro_batch_size", "4"]) == 0
+    a, b, c = (read_weights(step_dirs(tmp_path / run)[-1]) for run in ("ddp", "one", "whole"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max((c[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
 def one_line_error(capsys, argv: list[str], expected: str) -> None:
