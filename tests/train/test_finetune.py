@@ -76,6 +76,19 @@ def test_full_finetune_lowers_the_held_out_loss_and_answers_in_the_chat_format(b
         assert len(tok.encode(reply)) < 40 and "\n" not in reply.strip() and reply.strip()
 
 
+def test_recipe_fills_what_the_user_left(base, demo):
+    from latentformer.cli.finetune import recipe
+
+    data = ChatData(demo, load_tokenizer(base), 256)
+    full, lora = RunConfig(train=TrainConfig()), RunConfig(train=TrainConfig(lora_rank=8))
+    assert recipe(data, full, 256, 1, set(), 2e-3)["train.lr"] == 1e-3  # a model trained here: half its peak lr
+    assert recipe(data, full, 256, 1, set(), None)["train.lr"] == 2e-5  # an imported model
+    assert recipe(data, lora, 256, 1, set(), 2e-3)["train.lr"] == 2e-4
+    given = recipe(data, RunConfig(train=TrainConfig(seq_len=256, lr=5e-4)), 256, 2, {"train.seq_len", "train.lr"}, None)
+    assert "train.lr" not in given and given["train.min_lr"] == 5e-5 and given["train.batch_tokens"] == 8 * 256 * 2
+    assert given["train.max_steps"] == 23 and given["train.warmup_steps"] == 2  # 2 epochs of 180 at 16 a step
+
+
 def test_lora_checkpoints_hold_merged_weights_that_decode_absorbed_naive_and_full_alike(base, demo, tmp_path):
     trainer = Trainer(lora_config(base, demo), tmp_path / "run", init_from=base)
     trainer.fit()

@@ -39,16 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="documents per task: a count, or a fraction of the task when < 1 (default: all)")
 
 
-def _run_config(ckpt):
-    """The RunConfig of the run a checkpoint belongs to (RUN/checkpoints/<name>/), or None."""
-    from latentformer.train.config import load_run_config
-
-    for run in (ckpt, ckpt.parent.parent):
-        if (run / "config.yaml").is_file():
-            return load_run_config(run / "config.yaml")
-    return None
-
-
 def _cached(source: str, tokenizer, run_cfg):
     """Prepare `source` with the checkpoint's `tokenizer` into the data cache, where `train` puts it."""
     import sys
@@ -75,7 +65,9 @@ def resolve_data(data: str | None, ckpt, tokenizer):
     """The prepared directory to evaluate on (see the module docstring)."""
     from pathlib import Path
 
-    run_cfg = _run_config(ckpt)
+    from latentformer.train.config import run_config_of
+
+    run_cfg = run_config_of(ckpt)
     if data is None:
         if run_cfg is None:
             raise ValueError(f"{ckpt} is not part of a run directory (no config.yaml): give --data DIR or a source")
@@ -100,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from latentformer.data.dataset import TokenData
     from latentformer.data.tokenizer import check_vocab_fits
     from latentformer.train.distributed import best_device
+    from latentformer.train.config import run_config_of
     from latentformer.train.evaluate import evaluate_batches
 
     if args.batch_size < 1:
@@ -113,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or json.loads((ckpt / CONFIG).read_text()).get("train_seq_len") or model.config.max_seq_len
     if not 0 < seq_len <= model.config.max_seq_len:
         raise ValueError(f"--seq-len must be in [1, {model.config.max_seq_len}], got {seq_len}")
-    run_cfg = _run_config(ckpt)
+    run_cfg = run_config_of(ckpt)
     if args.data is None and run_cfg is not None and run_cfg.data.chat_file:  # a finetune run: its conversations
         from latentformer.data.conversations import ChatData
 

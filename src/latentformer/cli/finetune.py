@@ -10,7 +10,8 @@ on the assistant tokens only (data/conversations.py). Training is `latentformer 
 with its run directory, checkpoints, exact resume, Ctrl-C save, evaluation on the held-out
 conversations, TensorBoard and progress bar, and its config (model from the checkpoint; data and
 train sections from --config YAML, then --train.X / --data.X overrides). Fields that neither sets
-take the fine-tuning recipe (`recipe`): 2 epochs, lr 2e-4 with LoRA or 2e-5 without, 10% warm-up,
+take the fine-tuning recipe (`recipe`): 2 epochs; lr 2e-4 with LoRA, without it half the peak lr
+the checkpoint's run trained with (a model trained here) or 2e-5 (an imported one); 10% warm-up,
 cosine to a tenth, no weight decay, 8 conversations a step, a context fitting the longest
 conversation, step-exact (no time budget). Every checkpoint is an ordinary model checkpoint
 (a LoRA run's hold the merged weights), for generate, chat, serve, eval and convert.
@@ -52,9 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "Any data or train field can be overridden: --train.lr 1e-4 --train.max_steps 100 --data.chat_val_fraction 0.05")
 
 
-def recipe(data, cfg, max_seq_len: int, world_size: int, given: set[str]) -> dict[str, object]:
+def recipe(data, cfg, max_seq_len: int, world_size: int, given: set[str], pretrained_lr: float | None) -> dict[str, object]:
     """The fine-tuning defaults (module doc) of the fields not in `given` (dotted names the YAML file or
-    the command line set, whose values `cfg` holds), from the conversations `data` (a ChatData)."""
+    the command line set, whose values `cfg` holds), from the conversations `data` (a ChatData) and
+    `pretrained_lr`, the peak lr of the checkpoint's run (None for an imported model)."""
     t = cfg.train
 
     def value(key: str, default):
@@ -64,7 +66,7 @@ def recipe(data, cfg, max_seq_len: int, world_size: int, given: set[str]) -> dic
     micro = value("train.micro_batch_size", ROWS_PER_STEP)
     batch_tokens = value("train.batch_tokens", micro * seq_len * world_size)
     steps = value("train.max_steps", math.ceil(EPOCHS * len(data.splits["train"]) / max(1, batch_tokens // seq_len)))
-    lr = value("train.lr", 2e-4 if t.lora_rank else 2e-5)
+    lr = value("train.lr", 2e-4 if t.lora_rank else pretrained_lr / 2 if pretrained_lr else 2e-5)
     defaults = {"train.seq_len": seq_len, "train.micro_batch_size": micro, "train.batch_tokens": batch_tokens,
                 "train.max_steps": steps, "train.warmup_steps": max(1, steps // 10), "train.eval_interval": max(1, steps // 4),
                 "train.lr": lr, "train.min_lr": lr / 10, "train.weight_decay": 0.0, "train.max_time_minutes": 0}
@@ -79,7 +81,7 @@ def _resolve(args: argparse.Namespace):
     from latentformer.data.conversations import ChatData
     from latentformer.data.tokenizer import load_tokenizer
     from latentformer.fsutil import check_output
-    from latentformer.train.config import RunConfig, build_run_config, load_run_config, parse_overrides
+    from latentformer.train.config import RunConfig, build_run_config, load_run_config, parse_overrides, run_config_of
     from latentformer.train.lora import require_peft
 
     overrides = parse_overrides(list(getattr(args, "overrides", None) or []))
@@ -115,8 +117,9 @@ def _resolve(args: argparse.Namespace):
     seq_len = cfg.train.seq_len if "train.seq_len" in given else model_cfg.max_seq_len
     data = ChatData(args.data, load_tokenizer(init), seq_len, cfg.data.chat_val_fraction)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg, _ = build_run_config(yaml_path=args.config,
-                              overrides={**recipe(data, cfg, model_cfg.max_seq_len, world, given), **overrides})
+    source = run_config_of(init)
+    defaults = recipe(data, cfg, model_cfg.max_seq_len, world, given, source.train.lr if source else None)
+    cfg, _ = build_run_config(yaml_path=args.config, overrides={**defaults, **overrides})
     cfg = RunConfig(model_cfg, cfg.data, cfg.train)
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.path).resolve().name}-{Path(args.data).stem}"
     inputs = [Path(args.data), init] + ([Path(args.config)] if args.config else [])

@@ -219,6 +219,15 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     return apply_overrides(cfg, overrides or {})
 
 
+def run_config_of(ckpt: Path) -> RunConfig | None:
+    """The RunConfig of the run a checkpoint belongs to (the run directory itself, or RUN/checkpoints/<name>/),
+    or None (an imported or converted model)."""
+    for run in (ckpt, ckpt.parent.parent):
+        if (run / "config.yaml").is_file():
+            return load_run_config(run / "config.yaml")
+    return None
+
+
 def parse_overrides(argv: list[str]) -> dict[str, str]:
     """`--a.b value` / `--a.b=value` pairs -> {"a.b": "value"}; anything else is a ValueError."""
     out: dict[str, str] = {}
