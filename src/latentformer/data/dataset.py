@@ -26,6 +26,10 @@ import numpy as np
 import torch
 
 from latentformer.data.prepare import SPLITS
+from latentformer.model.transformer import IGNORE_INDEX
+
+# `trim_padding` cuts rows to a multiple of this many columns (fewer distinct shapes for torch.compile)
+PAD_MULTIPLE = 8
 
 
 class TokenData:
@@ -69,6 +73,14 @@ class TokenData:
         """UTF-8 text bytes per token of `split`; bpb = loss_nats_per_token / ln(2) / bytes_per_token."""
         s = self.meta["splits"][split]
         return s["bytes"] / s["tokens"]
+
+    def train_batches(self, batch_size: int, block_size: int, seed: int) -> RandomWindows:
+        """The trainer's batches: random windows of the training split."""
+        return RandomWindows(self.tokens("train"), batch_size, block_size, seed)
+
+    def eval_batches(self, split: str, batch_size: int, block_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Every target of `split` once (module function `eval_batches`)."""
+        return eval_batches(self.tokens(split), batch_size, block_size)
 
 
 def _check_meta(meta, meta_path: Path) -> np.dtype:
@@ -159,7 +171,7 @@ def eval_batches(tokens: np.ndarray, batch_size: int, block_size: int) -> Iterat
     for b0 in range(0, len(starts), batch_size):
         rows = starts[b0 : b0 + batch_size]
         x = torch.zeros(len(rows), block_size, dtype=torch.int64)
-        y = torch.full((len(rows), block_size), -100, dtype=torch.int64)
+        y = torch.full((len(rows), block_size), IGNORE_INDEX, dtype=torch.int64)
         n_valid = 0
         for r, s in enumerate(rows):
             n = min(block_size, n_targets - int(s))
@@ -168,3 +180,13 @@ def eval_batches(tokens: np.ndarray, batch_size: int, block_size: int) -> Iterat
             y[r, :n] = seg[1:]
             n_valid += n
         yield x, y, n_valid
+
+
+def trim_padding(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y [B, T] without the columns after the last counted target (-100 = not counted), rounded up
+    to PAD_MULTIPLE columns: under causal attention no earlier position reads them. Padded rows of
+    conversations lose their common padding; windows of prepared tokens come back whole."""
+    counted = (y != IGNORE_INDEX).any(0).nonzero()
+    width = int(counted[-1]) + 1 if len(counted) else 1
+    width = min(y.shape[1], -(-width // PAD_MULTIPLE) * PAD_MULTIPLE)
+    return x[:, :width], y[:, :width]

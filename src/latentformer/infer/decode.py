@@ -116,11 +116,15 @@ class Decoder:
 
     The absorbed path's weights are built here from the parameters and rebuilt, eagerly, whenever a
     parameter they derive from changes; inside torch.compile the build that exists at tracing is used
-    (weights changed during one compiled generation are not seen)."""
+    (weights changed during one compiled generation are not seen). Projections are read as weights,
+    not run as modules, so a model with LoRA adapters not yet merged into its weights is refused."""
 
     def __init__(self, model: Transformer, cache: KVCache, mla_decode: str = "absorb", static: bool = False) -> None:
         if mla_decode not in MLA_DECODE:
             raise ValueError(f"mla_decode must be 'absorb' or 'naive', got {mla_decode!r}")
+        if any(type(m).__module__.startswith("peft.") for m in model.modules()):
+            raise ValueError("the model carries LoRA adapters that are not merged into its weights, which the decode "
+                             "layer reads: merge them first (latentformer.train.lora.merge)")
         self.model, self.cache, self.static = model, cache, static
         self.absorb = model.config.attention == "mla" and mla_decode == "absorb"
         self.weights: list[DecodeWeights | None] = [DecodeWeights.build(b.attn) if self.absorb else None for b in model.layers]

@@ -8,8 +8,10 @@ matmuls (grad_x = G W, grad_W = G^T x). Backward then only scales the stored gra
 log-softmax for backward and an fp32 gradient (~10 GB at 16k tokens x 50k vocabulary); here the
 [N, V] logits exist once, in the compute dtype. On CUDA one Triton kernel reads them once for
 the loss and overwrites them with their gradient (kernels/cross_entropy.py); elsewhere a torch
-path does the same chunk by chunk. The whole computation is one custom op, opaque to
-torch.compile, so eager and compiled training run the same code.
+path does the same chunk by chunk, on the rows that have a target only (fine-tuning on chat data
+ignores the prompt's rows, often most of them; finding them needs their count on the host, free on a
+CPU but a synchronization on a GPU, where every row goes through). The whole computation is one
+custom op, opaque to torch.compile, so eager and compiled training run the same code.
 
 Legend: N rows (B*T tokens), d model width, V vocabulary, C rows per chunk.
 """
@@ -102,12 +104,19 @@ def _fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: 
     V = weight.shape[0]
     x_c = x.to(dtype)  # [N, d]: cast once, as autocast would
     w = _padded_rows(weight, dtype)  # [Vp, d]
-    logits = x_c @ w.t()  # [N, Vp]; the padding columns are 0 and stay 0
-    n_valid = (targets != ignore_index).sum()
+    valid = targets != ignore_index  # [N]
+    n_valid = valid.sum()
+    rows = valid.nonzero().squeeze(1) if x.device.type == "cpu" and not bool(valid.all()) else None  # [n] (module doc)
+    if rows is not None:
+        x_c, targets = x_c[rows], targets[rows]
+    logits = x_c @ w.t()  # [N or n, Vp]; the padding columns are 0 and stay 0
     loss = _rows_(logits, V, targets, ignore_index, n_valid, grad_x or grad_w, chunk_rows) / n_valid
+    dx = x.new_empty(0)  # outputs may not alias: two empties
+    if grad_x:
+        dx = (logits @ w).to(x.dtype)  # [N or n, d]; an ignored row's gradient is 0
+        dx = dx if rows is None else x.new_zeros(x.shape).index_copy_(0, rows, dx)
     return (loss,  # nan when n_valid == 0, as F.cross_entropy
-            (logits @ w).to(x.dtype) if grad_x else x.new_empty(0),  # outputs may not alias: two empties
-            (logits.t() @ x_c)[:V].to(weight.dtype) if grad_w else x.new_empty(0))
+            dx, (logits.t() @ x_c)[:V].to(weight.dtype) if grad_w else x.new_empty(0))
 
 
 def _padded_rows(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -29,15 +29,20 @@ MAX_SEED = 2**32 - 1  # numpy's global seed is 32-bit
 @dataclass
 class DataConfig:
     """Where the tokens come from: a prepared directory (`dir`), or a `source` prepared on first
-    use with `tokenizer` into `cache_dir/<source>-<tokenizer>` (default ~/.cache/latentformer/data)."""
+    use with `tokenizer` into `cache_dir/<source>-<tokenizer>` (default ~/.cache/latentformer/data);
+    or, for fine-tuning, a JSONL file of conversations (`chat_file`, encoded with `tokenizer`: the
+    checkpoint's; data/conversations.py), of which `chat_val_fraction` is held out."""
 
     dir: str | None = None
     source: str = "sotu"
     tokenizer: str = "bpe:4096"
     cache_dir: str | None = None
+    chat_file: str | None = None
+    chat_val_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "data.source", "must not be empty")
+        _check(0 < self.chat_val_fraction < 1, "data.chat_val_fraction", f"must be in (0, 1), got {self.chat_val_fraction}")
 
     def resolved_dir(self) -> Path:
         if self.dir:
@@ -91,6 +96,13 @@ class TrainConfig:
     # multi-token prediction: loss = main + mtp_weight / D * sum_k loss_k (DeepSeek-V3's lambda;
     # with model.mtp_depth = D > 0)
     mtp_weight: float = 0.3
+    # LoRA (Hu et al. 2021, through peft; train/lora.py): rank 0 = train every weight; > 0 = freeze the
+    # weights and train rank-r adapters of the projections named in lora_targets (empty: every attention
+    # and FFN projection), scaled by lora_alpha / lora_rank; checkpoints hold the merged weights
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=list)
     # schedule (see latentformer.train.schedule)
     schedule: str = "cosine"  # cosine | step | wsd | constant
     warmup_steps: int = 30
@@ -124,7 +136,7 @@ class TrainConfig:
         for name in ("seq_len", "micro_batch_size", "batch_tokens", "keep_last", "log_interval", "max_nonfinite_steps"):
             _check(getattr(self, name) > 0, f"train.{name}", f"must be positive, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "eval_interval", "eval_tokens", "eval_batch_size",
-                     "early_stopping_patience", "checkpoint_interval", "threads", "sample_tokens", "budget_evals"):
+                     "early_stopping_patience", "checkpoint_interval", "threads", "sample_tokens", "budget_evals", "lora_rank"):
             _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "max_time_minutes", "checkpoint_minutes", "eps", "mtp_weight"):
             _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
@@ -132,9 +144,13 @@ class TrainConfig:
         _check(bool(DEVICE.fullmatch(self.device)), "train.device",
                f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1", "betas must be in [0, 1)")
+        _check(not (self.fp8 and self.lora_rank), "train.fp8", "cannot be combined with train.lora_rank (LoRA's adapters "
+               "and frozen weights in float8 are not built or tested)")
         _check(self.fp8_recipe in FP8_RECIPES, "train.fp8_recipe", f"must be tensorwise or rowwise, got {self.fp8_recipe!r}")
         _check(self.optimizer in OPTIMIZERS, "train.optimizer", f"must be adamw or muon, got {self.optimizer!r}")
         _check(0 <= self.muon_momentum < 1, "train.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
+        _check(self.lora_alpha > 0, "train.lora_alpha", f"must be positive, got {self.lora_alpha}")
+        _check(0 <= self.lora_dropout < 1, "train.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         _check(self.gamma > 0, "train.gamma", "must be positive")
         _check(0 < self.decay_fraction <= 1, "train.decay_fraction", "must be in (0, 1]")
         _check(self.dtype in DTYPES, "train.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -209,6 +225,15 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     except ValueError as e:
         raise ValueError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
     return apply_overrides(cfg, overrides or {})
+
+
+def run_config_of(ckpt: Path) -> RunConfig | None:
+    """The RunConfig of the run a checkpoint belongs to (the run directory itself, or RUN/checkpoints/<name>/),
+    or None (an imported or converted model)."""
+    for run in (ckpt, ckpt.parent.parent):
+        if (run / "config.yaml").is_file():
+            return load_run_config(run / "config.yaml")
+    return None
 
 
 def parse_overrides(argv: list[str]) -> dict[str, str]:

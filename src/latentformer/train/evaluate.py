@@ -3,7 +3,8 @@
 bits per byte = (loss_nats x n_tokens) / (ln 2 x n_bytes), with the split's UTF-8 byte count from
 the prepared data's meta (via `TokenData.bytes_per_token`), so models with different tokenizers
 compare on one scale. Batches come from the data layer's `eval_batches`, which covers every
-target of the split exactly once (padding targets are -100 and ignored).
+target of the split exactly once (padding targets are -100 and ignored); for conversations
+(`ChatData`) the targets are the assistant tokens and the bytes their text's.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from latentformer.model.transformer import IGNORE_INDEX
 from latentformer.train.distributed import all_reduce_sum
 
 
-@torch.no_grad()
 def evaluate(model, tokens, *, batch_size: int, seq_len: int, bytes_per_token: float,
              device: torch.device | str = "cpu", autocast=contextlib.nullcontext, max_tokens: int = 0,
              rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """Mean cross-entropy over the split's targets (or the first `max_tokens` of them when > 0).
+    """Mean cross-entropy over the targets of a 1-D token split (or the first `max_tokens` of them when > 0).
 
     With world_size > 1, batch i is evaluated by rank i % world_size and the sums are all-reduced
     (pass rank=0, world_size=1 to evaluate everything on every rank, e.g. under FSDP where every
@@ -30,18 +30,31 @@ def evaluate(model, tokens, *, batch_size: int, seq_len: int, bytes_per_token: f
     """
     from latentformer.data.dataset import eval_batches
 
+    return evaluate_batches(model, eval_batches(tokens, batch_size, seq_len), bytes_per_token=bytes_per_token,
+                            device=device, autocast=autocast, max_tokens=max_tokens, rank=rank, world_size=world_size)
+
+
+@torch.no_grad()
+def evaluate_batches(model, batches, *, bytes_per_token: float, device: torch.device | str = "cpu",
+                     autocast=contextlib.nullcontext, max_tokens: int = 0, rank: int = 0,
+                     world_size: int = 1) -> dict[str, float]:
+    """`evaluate` over batches (x, y, n_valid) of any data source: windows of tokens, or padded
+    conversations whose unlearned targets are -100 (the padding columns are cut first)."""
+    from latentformer.data.dataset import trim_padding
+
     was_training = model.training
     model.eval()
     device = torch.device(device)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # [loss_sum, n_targets]
     seen = 0
     try:
-        for i, (x, y, n_valid) in enumerate(eval_batches(tokens, batch_size, seq_len)):
+        for i, (x, y, n_valid) in enumerate(batches):
             if max_tokens and seen >= max_tokens:
                 break
             seen += int(n_valid)
             if i % world_size != rank:
                 continue
+            x, y = trim_padding(x, y)
             x, y = x.to(device), y.to(device)
             with autocast():
                 logits = model(x)

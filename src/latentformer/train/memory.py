@@ -4,6 +4,7 @@ kernel (or by a CUDA out-of-memory error) in its first step.
 
 Per process, for N parameters (N / world size under FSDP), tokens = micro_batch_size x seq_len:
 - weights, gradients and AdamW's two moments, all fp32: 16 N bytes (autocast keeps fp32 weights);
+  with A LoRA adapter parameters, the N weights are frozen: 4 N + 16 A bytes;
 - activations kept for backward, per layer and token: (24 d_model + 4 d_ff) values for the
   blocks (SwiGLU keeps 4 d_ff-wide tensors; `d_ff` is the active width of an MoE layer), plus
   n_heads x seq_len attention probabilities where the attention is not a fused kernel (MLA on a
@@ -45,9 +46,11 @@ class MemoryEstimate:
 
 
 def training_bytes(model: ModelConfig, n_params: int, *, micro_batch_size: int, seq_len: int, dtype: str,
-                   device_type: str, activation_checkpointing: bool = False, shards: int = 1) -> MemoryEstimate:
+                   device_type: str, activation_checkpointing: bool = False, shards: int = 1,
+                   adapters: int = 0) -> MemoryEstimate:
     """The memory one training process needs (see the module doc). `dtype` is the resolved
-    training dtype (fp32 | bf16 | fp16); `shards` the FSDP world size (1 otherwise)."""
+    training dtype (fp32 | bf16 | fp16); `shards` the FSDP world size (1 otherwise); `adapters` the
+    LoRA parameters trained instead of the model's (0: all of the model's are trained)."""
     value = 4 if dtype == "fp32" else 2
     tokens = micro_batch_size * seq_len
     layers, d = model.n_layers, model.d_model
@@ -64,7 +67,8 @@ def training_bytes(model: ModelConfig, n_params: int, *, micro_batch_size: int, 
         kept = sum(per_layer)
     logits = tokens * model.vocab_size
     chunk = 0 if device_type == "cuda" else min(logits, CHUNK_VALUES) * 4
-    return MemoryEstimate(state=16 * -(-n_params // shards), activations=tokens * kept * value, logits=logits * value + chunk)
+    state = 4 * n_params + 16 * adapters if adapters else 16 * -(-n_params // shards)
+    return MemoryEstimate(state=state, activations=tokens * kept * value, logits=logits * value + chunk)
 
 
 def available_bytes(device: torch.device) -> int | None:

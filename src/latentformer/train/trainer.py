@@ -1,9 +1,16 @@
 """The training loop: one process, or one rank of a torchrun job.
 
-Per optimizer step: fetch this rank's batch of micro_batch_size x grad_accum windows, run
-grad_accum forward/backward micro-steps (DDP gradient sync / FSDP reduce-scatter only on the
-last), clip, check the loss and gradient norm for non-finite values, step AdamW (or skip and
-count), zero the gradients, run the MoE bias update. Evaluate, checkpoint and log on schedule.
+Per optimizer step: fetch this rank's batch of micro_batch_size x grad_accum rows (windows of
+prepared tokens, or padded conversations: data/conversations.py), run grad_accum forward/backward
+micro-steps (DDP gradient sync / FSDP reduce-scatter only on the last), clip, check the loss and
+gradient norm for non-finite values, step AdamW (or skip and count), zero the gradients, run the
+MoE bias update. Evaluate, checkpoint and log on schedule.
+
+The loss of a step is the mean over every counted target of the global batch: each micro-step's
+mean is weighted by its share of the counted targets (rows of conversations count only their
+assistant tokens; windows of tokens count all, and the weight is then exactly 1 / grad_accum).
+With `train.lora_rank` > 0 the weights are frozen and LoRA adapters trained (train/lora.py); every
+checkpoint still holds plain, merged weights, and the adapters travel beside them for resume.
 
 Decisions that depend on time or signals (the time budget, time-based evals and checkpoints, a
 SIGINT/SIGTERM) are taken from values every rank receives in the step's one reduction (rank 0's
@@ -30,12 +37,13 @@ import numpy as np
 import torch
 
 from latentformer import checkpoint as ckpt
+from latentformer.data.dataset import trim_padding
 from latentformer.fsutil import atomic_write_text, mark_output
-from latentformer.model.transformer import Transformer
+from latentformer.model.transformer import IGNORE_INDEX, Transformer
 from latentformer.train import distributed as D
 from latentformer.train import fp8
 from latentformer.train.config import RunConfig
-from latentformer.train.evaluate import evaluate
+from latentformer.train.evaluate import evaluate_batches
 from latentformer.train.logging import RunLogger, peak_flops
 from latentformer.train.memory import available_bytes, check_fits, training_bytes
 from latentformer.train.optim import build_optimizer
@@ -76,6 +84,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def open_data(cfg: RunConfig):
+    """The run's data source: conversations (`data.chat_file`, encoded with `data.tokenizer`, the
+    checkpoint's) or prepared tokens; both give `tokenizer`, `train_batches`, `eval_batches`, `bytes_per_token`."""
+    if cfg.data.chat_file:
+        from latentformer.data.conversations import ChatData
+        from latentformer.data.tokenizer import load_tokenizer
+
+        return ChatData(cfg.data.chat_file, load_tokenizer(cfg.data.tokenizer), cfg.train.seq_len, cfg.data.chat_val_fraction)
+    from latentformer.data.dataset import TokenData
+
+    return TokenData(cfg.data.resolved_dir())
+
+
 class Trainer:
     """`Trainer(cfg, run_dir, ...).fit()` -> summary dict. `on_step` callbacks run as
     `fn(trainer, step)` after every optimizer step (used by tests to interrupt a run)."""
@@ -83,7 +104,6 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, vocab_explicit: bool = False,
                  on_step: list[Callable[[Trainer, int], None]] | None = None,
                  init_from: str | Path | None = None) -> None:
-        from latentformer.data.dataset import RandomWindows, TokenData
         from latentformer.data.tokenizer import check_vocab_fits
 
         self.run_dir = Path(run_dir)
@@ -96,7 +116,7 @@ class Trainer:
         torch.backends.cudnn.allow_tf32 = True
 
         # data and vocabulary
-        self.data = TokenData(cfg.data.resolved_dir())
+        self.data = open_data(cfg)
         self.tokenizer = self.data.tokenizer
         if vocab_explicit:
             check_vocab_fits(self.tokenizer, cfg.model.vocab_size)
@@ -108,6 +128,9 @@ class Trainer:
         self.sharded = t.parallel == "fsdp" and env.distributed
         self.accum = t.grad_accum(env.world_size)
         self.dtype = resolve_dtype(t.dtype, env.device)
+        if t.lora_rank and self.sharded:
+            raise ValueError("train.lora_rank with train.parallel fsdp is not supported: use ddp (the adapters are "
+                             "small; the frozen weights need no optimizer state)")
 
         if t.fp8:
             fp8.check_fp8(env.device)
@@ -143,13 +166,20 @@ class Trainer:
         # computation at any world size (DDP == one process with grad_accum, resume on other GPU
         # counts), at the cost of reading the global batch's window indices on each rank.
         self.rank_rows = t.micro_batch_size * self.accum
-        self.train_iter = RandomWindows(self.data.tokens("train"), batch_size=self.rank_rows * env.world_size,
-                                        block_size=t.seq_len, seed=t.seed)
+        self.train_iter = self.data.train_batches(self.rank_rows * env.world_size, t.seq_len, t.seed)
+        self.step_tokens = 0  # positions the latest step ran through the model, all ranks (tokens/s)
         if resume and env.is_main:
             self.notes += ckpt.clean_leftovers(self.run_dir)
         D.barrier()
         self.resumed_from = ckpt.latest_step_dir(self.run_dir) if resume else None
-        if self.resumed_from is not None:
+        resumed = ckpt.load_train_state(self.resumed_from) if self.resumed_from is not None else None
+        self.lora = self.lora_base = None
+        if t.lora_rank:
+            self._start_lora(resumed, init_from)
+        elif resumed is not None:
+            if resumed.get("lora_base"):
+                raise ValueError("--resume: the run trained LoRA adapters (train.lora_rank was "
+                                 f"{resumed['config']['train']['lora_rank']}); resume it with that rank")
             ckpt.load_weights(self.model, self.resumed_from, "--resume")
         elif init_from is not None:  # a new run from a checkpoint's weights: fresh optimizer, schedule, data order
             ckpt.load_weights(self.model, Path(init_from), "--init-from", tokenizer=self.tokenizer)
@@ -167,20 +197,59 @@ class Trainer:
         self.wrapped = D.wrap_model(self.model, env, t.parallel)
         # after wrapping: fully_shard replaces the parameters by sharded DTensors
         self.optimizer = build_optimizer(self.model, t, env.device.type)
-        if self.resumed_from is not None:
-            self._restore(self.resumed_from)
+        if resumed is not None:
+            self._restore(resumed)
         self.peak = peak_flops(env.device)
         self.flops_per_token = self.model.flops_per_token(t.seq_len)
+
+    def _start_lora(self, resumed: dict[str, Any] | None, init_from: str | Path | None) -> None:
+        """Load the frozen weights (the checkpoint the run started from, checked unchanged on resume),
+        inject the adapters, and on resume load the saved ones."""
+        from latentformer.train.lora import adapter_parameters, apply_lora, load_adapter_state, require_peft, target_modules
+
+        require_peft()
+        t = self.cfg.train
+        if resumed is not None:
+            self.lora_base = resumed.get("lora_base")
+            if not self.lora_base:
+                raise ValueError(f"--resume: the run trained every weight; train.lora_rank {t.lora_rank} cannot start "
+                                 "mid-run (start a new run from its checkpoint)")
+            base = Path(self.lora_base["path"])
+            if not (base / ckpt.WEIGHTS).is_file() or ckpt.weights_sha256(base) != self.lora_base["sha256"]:
+                raise ValueError(f"--resume: the LoRA run's frozen weights, {base / ckpt.WEIGHTS}, are missing or "
+                                 "changed since the run started: it cannot resume exactly")
+            ckpt.load_weights(self.model, base, "--resume")
+        elif init_from is None:
+            raise ValueError("train.lora_rank: LoRA adapts pretrained weights: start from a checkpoint "
+                             "(latentformer finetune CKPT, or train --init-from CKPT)")
+        else:
+            base = Path(init_from).resolve()
+            ckpt.load_weights(self.model, base, "--init-from", tokenizer=self.tokenizer)
+            self.lora_base = {"path": str(base), "sha256": ckpt.weights_sha256(base)}
+            self.notes.append(f"weights from {init_from}")
+        adapters, targets = adapter_parameters(self.model, t), target_modules(self.model, t)
+        self.lora = apply_lora(self.model, t)
+        if resumed is not None:
+            load_adapter_state(self.model, ckpt.read_adapter(self.resumed_from), str(self.resumed_from / ckpt.ADAPTER))
+        self.notes.append(f"LoRA rank {t.lora_rank} (alpha {t.lora_alpha:g}) on {len(targets)} projections "
+                          f"({', '.join(sorted({name.rsplit('.', 1)[-1] for name in targets}))}): {adapters:,} trainable parameters "
+                          f"({100 * adapters / (self.model.num_params() - adapters):.2f}% of the model)")
 
     def _check_memory(self) -> None:
         """Refuse (ValueError) a run that clearly will not fit the device's available memory."""
         t, env = self.cfg.train, self.env
         with torch.device("meta"):
-            n_params = Transformer(self.cfg.model).num_params()
-        estimate = training_bytes(self.cfg.model, n_params, micro_batch_size=t.micro_batch_size, seq_len=t.seq_len,
+            meta = Transformer(self.cfg.model)
+        if t.lora_rank:
+            from latentformer.train.lora import adapter_parameters
+
+            adapters = adapter_parameters(meta, t)
+        else:
+            adapters = 0
+        estimate = training_bytes(self.cfg.model, meta.num_params(), micro_batch_size=t.micro_batch_size, seq_len=t.seq_len,
                                   dtype=self.dtype, device_type=env.device.type,
                                   activation_checkpointing=t.activation_checkpointing,
-                                  shards=env.world_size if self.sharded else 1)
+                                  shards=env.world_size if self.sharded else 1, adapters=adapters)
         check_fits(estimate, available_bytes(env.device), env.device,
                    f"micro_batch_size {t.micro_batch_size} x seq_len {t.seq_len} in {self.dtype}")
 
@@ -204,6 +273,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,
             "config": self.cfg.to_dict(),
+            "lora_base": self.lora_base or {},  # the frozen weights' checkpoint and sha256 (LoRA runs)
         }
 
     def _optimizer_state(self) -> dict[str, Any]:
@@ -213,9 +283,9 @@ class Trainer:
             return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.optimizer.state_dict()
 
-    def _restore(self, path: Path) -> None:
-        """Optimizer, scaler, data position, RNG and counters (the weights are loaded before wrapping)."""
-        state = ckpt.load_train_state(path)
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Optimizer, scaler, data position, RNG and counters from a step's train state (the weights are
+        loaded before wrapping)."""
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -250,12 +320,17 @@ class Trainer:
                               f"train.max_steps={t.max_steps} without one (train.max_time_minutes 0)")
 
     def _full_model(self) -> Transformer:
-        """A Transformer with full (unsharded, CPU-gatherable) weights for writing checkpoints."""
-        if not self.sharded:
-            return self.model
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        """A Transformer with full (unsharded, CPU-gatherable; under LoRA merged) weights for writing checkpoints."""
+        if self.lora is not None:
+            from latentformer.train.lora import merged_state
 
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            state = merged_state(self.model)
+        elif not self.sharded:
+            return self.model
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         with torch.device("meta"):
             shell = Transformer(self.cfg.model)
         shell.load_state_dict(state, strict=False, assign=True)
@@ -286,8 +361,13 @@ class Trainer:
         if self.env.is_main:
             problem = self._unsaveable(model)
             if problem is None:
+                adapter = None
+                if self.lora is not None:
+                    from latentformer.train.lora import adapter_state
+
+                    adapter = adapter_state(self.model)
                 path = ckpt.save_step(self.run_dir, self.step, model, self.tokenizer, state, self.cfg.train.keep_last,
-                                      {"best_val_loss": self.best_val, "train_seq_len": self.cfg.train.seq_len})
+                                      {"best_val_loss": self.best_val, "train_seq_len": self.cfg.train.seq_len}, adapter)
             else:
                 last = ckpt.step_dirs(self.run_dir)
                 self._say(f"step {self.step}: no checkpoint saved: {problem} "
@@ -299,15 +379,17 @@ class Trainer:
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, split: str = "val", max_tokens: int | None = None) -> dict[str, float]:
         t = self.cfg.train
-        return evaluate(
-            self.wrapped if self.sharded else self.model, self.data.tokens(split),
-            batch_size=t.eval_batch_size or t.micro_batch_size, seq_len=t.seq_len,
+        return evaluate_batches(
+            self.wrapped if self.sharded else self.model,
+            self.data.eval_batches(split, t.eval_batch_size or t.micro_batch_size, t.seq_len),
             bytes_per_token=self.data.bytes_per_token(split), device=self.env.device, autocast=self._autocast,
             max_tokens=t.eval_tokens if max_tokens is None else max_tokens,
             rank=0 if self.sharded else self.env.rank, world_size=1 if self.sharded else self.env.world_size)
 
     # -- the loop ----------------------------------------------------------------------------
-    def _micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
+    def _micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool, divisor: float) -> torch.Tensor:
+        """Forward and backward of the step's objective / `divisor` (the micro-batch's weight in the
+        step's mean: grad_accum for windows of tokens); returns its mean loss times grad_accum / divisor."""
         model = self.wrapped
         if self.sharded:
             model.set_requires_gradient_sync(last)
@@ -318,9 +400,9 @@ class Trainer:
             with self._autocast():
                 out = model(x, y)
                 loss = out.objective(self.cfg.train.mtp_weight)
-            loss = loss / self.accum
+            loss = loss / divisor
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        return out.loss.detach()
+        return out.loss.detach() * (self.accum / divisor)
 
     def lr(self) -> float:
         t = self.cfg.train
@@ -337,13 +419,17 @@ class Trainer:
         t, env = self.cfg.train, self.env
         set_lr(self.optimizer, self.lr())
         x, y = next(self.train_iter)  # [micro_batch * accum * world, seq_len], the global batch
-        mine = slice(env.rank * self.rank_rows, (env.rank + 1) * self.rank_rows)
-        x = x[mine].to(env.device, non_blocking=True)
-        y = y[mine].to(env.device, non_blocking=True)
+        counted = int((y != IGNORE_INDEX).sum())
+        # every micro-batch of the global batch (ranks in order), without padding columns
+        micro = [trim_padding(x[r : r + t.micro_batch_size], y[r : r + t.micro_batch_size])
+                 for r in range(0, len(x), t.micro_batch_size)]
+        self.step_tokens = sum(ya.numel() for _, ya in micro)
         loss_sum = torch.zeros((), device=env.device)
-        for a in range(self.accum):
-            rows = slice(a * t.micro_batch_size, (a + 1) * t.micro_batch_size)
-            loss_sum += self._micro_step(x[rows], y[rows], last=a == self.accum - 1)
+        for a, (xa, ya) in enumerate(micro[env.rank * self.accum : (env.rank + 1) * self.accum]):
+            # this micro-batch's share of the global mean: its mean loss x its counted targets x world / counted
+            divisor = counted / (int((ya != IGNORE_INDEX).sum()) * env.world_size)
+            loss_sum += self._micro_step(xa.to(env.device, non_blocking=True), ya.to(env.device, non_blocking=True),
+                                         last=a == self.accum - 1, divisor=divisor)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
@@ -456,7 +542,6 @@ class Trainer:
         if env.is_main:
             mark_output(self.run_dir, "run")
             atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
-        tokens_per_step = t.batch_tokens
         last_eval: dict[str, float] | None = None
         uniform = math.log(self.cfg.model.vocab_size)  # the loss of a uniform guess
         diverged = False
@@ -470,10 +555,12 @@ class Trainer:
                 if changes:
                     log.message(f"config changed on resume, recorded in {self.run_dir / 'config.yaml'} for later "
                                 f"resumes: {'; '.join(changes)}")
+            batch = (f"{self.rank_rows * env.world_size} conversations of up to {t.seq_len} tokens" if self.cfg.data.chat_file
+                     else f"{t.batch_tokens} tokens")
             log.message(f"model {self.model.num_params() / 1e6:.2f}M params ({self.cfg.model.attention}), "
-                        f"{env.world_size} x {env.device.type} {self.dtype}, batch {tokens_per_step} tokens "
+                        f"{env.world_size} x {env.device.type} {self.dtype}, batch {batch} "
                         f"= {t.micro_batch_size} x {t.seq_len} x {self.accum} accum x {env.world_size} ranks")
-            window_start, window_steps = self.train_seconds, 0  # tokens/s over step time only (no evals)
+            window_start, window_tokens = self.train_seconds, 0  # tokens/s over step time only (no evals)
             eval_every = 60 * t.max_time_minutes / t.budget_evals if t.max_time_minutes and t.budget_evals else 0.0
             next_eval = (math.floor(self.clock / eval_every) + 1) * eval_every if eval_every else math.inf
             self.last_save_wall = time.monotonic()
@@ -483,7 +570,7 @@ class Trainer:
                     loss, norm, finite = self.train_step()
                     self.step += 1
                     self.train_seconds += time.perf_counter() - t0
-                    window_steps += 1
+                    window_tokens += self.step_tokens
                     if not finite:
                         self.skipped_steps += 1
                         self.nonfinite_run += 1
@@ -501,9 +588,9 @@ class Trainer:
                                         "(lower train.lr or raise train.warmup_steps)")
                     if self.step % t.log_interval == 0 or self.step == t.max_steps:
                         elapsed = self.train_seconds - window_start
-                        record = self._step_record(loss, norm, window_steps * tokens_per_step / max(elapsed, 1e-9))
+                        record = self._step_record(loss, norm, window_tokens / max(elapsed, 1e-9))
                         log.log_step(record, self.clock)
-                        window_start, window_steps = self.train_seconds, 0
+                        window_start, window_tokens = self.train_seconds, 0
                     else:
                         log.advance(self.step, self.clock)
                     for fn in self.on_step:
@@ -535,6 +622,10 @@ class Trainer:
                 diverged = True
                 log.message(f"val loss {last_eval['loss']:.4g} is worse than a uniform guess ({uniform:.2f}): "
                             "the run diverged (lower train.lr)")
+            if self.lora is not None:  # the trained model, as its checkpoints hold it
+                from latentformer.train.lora import merge
+
+                self.model, self.lora = merge(self.lora), None
         finally:
             log.close()
             self.log = None
