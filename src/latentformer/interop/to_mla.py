@@ -72,7 +72,7 @@ def check_source(cfg: ModelConfig) -> None:
     if not cfg.rope:
         raise ValueError("the source has no rotary positions (rope: false): the conversion needs full RoPE")
     if cfg.n_kv_heads == 1:
-        raise ValueError("an MQA source (n_kv_heads = 1) already caches one key and one value per token: nothing to compress")
+        raise ValueError("an MQA source (n_kv_heads = 1) is not supported: the conversion is made and measured for several KV heads")
     if cfg.qkv_bias:
         raise ValueError("the source has q/k/v biases (qkv_bias), which MLA cannot express")
 
@@ -299,9 +299,9 @@ def joint_latent(w_y: torch.Tensor, sigma: torch.Tensor, key_metric: torch.Tenso
 def convert_attention(attn, src: ModelConfig, dst: ModelConfig, sigma: torch.Tensor) -> dict[str, torch.Tensor]:
     """The MLA attention weights (float64, our parameter names under `attn.`) of one source layer."""
     H, G, D, d, r, dr = src.n_heads, src.n_kv_heads, src.head_dim, src.d_model, dst.kv_lora_rank, dst.qk_rope_head_dim
-    w = attn.qkv_proj.weight.detach().double()
+    w = attn.qkv_proj.weight.detach().double().cpu()  # small eigenproblems: on the CPU, as Sigma
     w_q, w_k, w_v = w.view(H + 2 * G, D, d).split([H, G, G])  # [H,D,d], [G,D,d], [G,D,d]
-    w_o = attn.o_proj.weight.detach().double().view(d, H, D)
+    w_o = attn.o_proj.weight.detach().double().cpu().view(d, H, D)
     group = torch.arange(H) // (H // G)
     to_group = torch.nn.functional.one_hot(group, G).double()  # [H, G]
 
@@ -332,7 +332,7 @@ def convert_attention(attn, src: ModelConfig, dst: ModelConfig, sigma: torch.Ten
         "q_proj.weight": torch.cat((w_q, q_pe), dim=1).reshape(H * (D + dr), d) * q_scale,
         "kv_a_proj.weight": torch.cat((latent, k_pe)),
         "kv_b_proj.weight": kv_b.reshape(H * 2 * D, r),
-        "o_proj.weight": attn.o_proj.weight.detach().double(),
+        "o_proj.weight": w_o.reshape(d, H * D),
     }
 
 
