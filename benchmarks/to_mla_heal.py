@@ -182,7 +182,12 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=0)
     ap.add_argument("--batch-tokens", type=int, default=0)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--plot", type=Path, default=None, metavar="JSON", help="only draw the PNG (and table) of a heal.json")
     args = ap.parse_args()
+    if args.plot:
+        run = json.loads(args.plot.read_text())
+        plot(run["source"], run["rows"], run["recipe"], args.plot.with_suffix(".png"))
+        return print(table(run["source"], run["rows"]))
     if args.write_eval:
         return write_eval(args.write_eval, args.source, args.eval_windows, args.calib_tokens)
     if args.out is None or (args.data is None) == (args.prepare is None):
@@ -225,7 +230,10 @@ def main() -> None:
         "train": dataclasses.asdict(train), "data": str(data),
         "eval": {t: f"{texts[t].numel():,} tokens, windows of {WINDOW + 1}" for t in TEXTS},
         "source": source, "rows": rows}, indent=1) + "\n")
-    plot(source, rows, recipe_text, args.out / "heal.png")
+    try:
+        plot(source, rows, recipe_text, args.out / "heal.png")
+    except ImportError:
+        print(f"no matplotlib here: draw heal.png elsewhere with --plot {args.out / 'heal.json'}")
     print(f"\n{recipe_text}\n{table(source, rows)}")
 
 

@@ -179,7 +179,7 @@ def _to_mla(args: argparse.Namespace) -> None:
     ckpt = find_checkpoint(args.source, args.which)
     cfg = read_config(ckpt)
     rank, rope_dim = mla_shape(cfg, rank=args.kv_lora_rank, kv_fraction=args.kv_fraction, rope_dim=args.rope_dim)
-    mla_config(cfg, rank, rope_dim)
+    mla_config(cfg, rank, rope_dim)  # its refusals (a rope the shorter key would change) before any work
     parts = calibration_parts(args.calib, args.calib_tokens)
     check_output(args.out, "checkpoint", args.force, inputs=[args.source, ckpt], flag="OUT_DIR", recognise=is_checkpoint_dir)
     try:

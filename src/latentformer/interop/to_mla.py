@@ -20,7 +20,7 @@ when interleaved (rope.apply_rope's layouts); its frequency falls as f grows.
    the rotated part, sum_g Q_g (C a)_g^2 / a^T C a (a generalized eigenproblem), with C the G x G
    covariance of the pair's pre-RoPE keys and Q_g the query energy of group g's heads on the pair
    (both components of the pair pooled). Equal Q_g gives RoRoPE's top eigenvector of C. Exact when
-   every KV head's keys are equal (or G = 1).
+   every KV head's keys are equal.
 3. Non-rope key: head h scores its own query q_h (D dims, qk_nope_head_dim = D) against its group's
    residual key kappa_g: the residual on the kept pairs, the whole key on the others.
 4. Joint latent. y = [kappa_0..kappa_{G-1}; v_0..v_{G-1}] (2GD values) is compressed to r by a PCA
