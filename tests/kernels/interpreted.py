@@ -60,7 +60,8 @@ def check_decode() -> None:
 
 def check_decode_new_token() -> None:
     """With `new`, the kernel finishes the new token (kv_a_norm, rope) as the model does, writes it to
-    slot length - 1 and attends to it; the query's rope part is rotated in the kernel."""
+    slot length - 1 and attends to it; the query's rope part is rotated in the kernel. Without a norm
+    weight (kv_latent_norm off) the latent is cached as projected."""
     from latentformer.kernels.mla_decode import NewToken
     from latentformer.model.norm import RMSNorm
     from latentformer.model.rope import apply_rope
@@ -70,21 +71,22 @@ def check_decode_new_token() -> None:
     norm = RMSNorm(r, eps=1e-5)
     norm.weight.data = torch.rand(r) + 0.5
     length, pad = torch.tensor(121, dtype=torch.int32), torch.tensor([0, 9, 40], dtype=torch.int32)
-    for interleave, rows in ((False, B), (True, 1)):  # cos/sin per row or broadcast
+    for interleave, rows, normed in ((False, B, True), (True, 1, True), (False, B, False)):  # cos/sin per row or broadcast
         q_lat, q_pe = torch.randn(B, H, r), torch.randn(B, H, dr)
         kv = torch.randn(B, 2 * (r + dr))[:, : r + dr]  # strided rows, like a view of the projection
         angles = torch.rand(rows, dr // 2) * 6
         cos, sin = angles.cos(), angles.sin()
         latent = torch.randn(B, S, r + dr)
         want = latent.clone()
-        want[:, length - 1] = torch.cat((norm(kv[:, :r]), apply_rope(kv[:, None, None, r:], cos[:, None], sin[:, None],
-                                                                     interleave)[:, 0, 0]), dim=-1).detach()
+        c_new = norm(kv[:, :r]) if normed else kv[:, :r]
+        want[:, length - 1] = torch.cat((c_new, apply_rope(kv[:, None, None, r:], cos[:, None], sin[:, None],
+                                                           interleave)[:, 0, 0]), dim=-1).detach()
         q_rot = apply_rope(q_pe[:, None], cos[:, None], sin[:, None], interleave)[:, 0]  # [B, H, dr]
         for n_splits in (1, 4):
             got_cache = latent.clone()
             got = latent_decode_attention(q_lat, q_pe, got_cache, r, scale, pad, length, n_splits=n_splits, num_stages=1,
                                           block_s=16, num_warps=1,
-                                          new=NewToken(kv, norm.weight.detach(), norm.eps, cos, sin, interleave))
+                                          new=NewToken(kv, norm.weight.detach() if normed else None, norm.eps, cos, sin, interleave))
             torch.testing.assert_close(got_cache, want, rtol=1e-5, atol=1e-5)  # only slot length - 1 changed
             for b in range(B):
                 keys = want[b, pad[b]:length]
@@ -94,8 +96,8 @@ def check_decode_new_token() -> None:
 
 def check_decode_model() -> None:
     """The decode layer's absorbed path through the kernel (kv_a_norm, rope and the cache write done in
-    the kernel) == naive decode, with dynamic and static caches, left padding, interleaved rope and
-    q_lora. The interpreter stands in for the GPU: the kernel is allowed on CPU tensors, on a 3-SM 'GPU'."""
+    the kernel) == naive decode, with dynamic and static caches, left padding, interleaved rope,
+    q_lora and the identity latent norm (kv_latent_norm off). The interpreter stands in for the GPU: the kernel is allowed on CPU tensors, on a 3-SM 'GPU'."""
     from latentformer import Transformer
     from latentformer.infer.decode import Decoder
     from latentformer.kernels import mla_decode
@@ -112,7 +114,7 @@ def check_decode_model() -> None:
     shape = dict(attention="mla", kv_lora_rank=32, qk_nope_head_dim=12, qk_rope_head_dim=16, v_head_dim=10,
                  max_seq_len=48, init_std=0.2)
     x = torch.randint(0, 97, (2, 44))
-    for extra in ({}, {"rope_interleave": True, "q_lora_rank": 20}):
+    for extra in ({}, {"rope_interleave": True, "q_lora_rank": 20}, {"kv_latent_norm": False}):
         torch.manual_seed(0)
         model = Transformer(small(**shape, **extra)).eval()
         for static in (False, True):

@@ -12,6 +12,8 @@ ATTENTION = {
     "mqa": dict(attention="mqa"),
     "mla": dict(attention="mla", kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10),
     "mla-q": dict(attention="mla", q_lora_rank=20, kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10),
+    "mla-nonorm": dict(attention="mla", kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
+                       kv_latent_norm=False),  # kv_a_norm an identity (models converted by interop/to_mla.py)
 }
 POSITIONS = {
     "rope": dict(),

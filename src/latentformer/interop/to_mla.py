@@ -1,60 +1,70 @@
-"""A pretrained MHA/GQA checkpoint -> an MLA one (the TransMLA / MHA2MLA line of work:
-Meng et al. 2025, "TransMLA: Multi-Head Latent Attention Is All You Need"; Ji et al. 2025,
-"Towards Economical Inference: Enabling DeepSeek's Multi-Head Latent Attention in Any
-Transformer-based LLMs"). Our own derivation, per layer, from calibration statistics:
+"""A pretrained MHA/GQA checkpoint -> an MLA one (the TransMLA / MHA2MLA line of work: Meng et al.
+2025, "TransMLA: Multi-Head Latent Attention Is All You Need"; Ji et al. 2025, "Towards Economical
+Inference: Enabling DeepSeek's Multi-Head Latent Attention in Any Transformer-based LLMs"). Our own
+derivation, per layer, from calibration statistics; what was measured against what: NOTES.md.
 
-Legend: H query heads, G key/value heads, D head_dim, group g(h) = h // (H/G), r = kv_lora_rank,
-Sigma = sum over calibration tokens of x x^T (x: the attention's input, already normalized).
+Legend: H query heads, G key/value heads, D head_dim, d d_model, group g(h) = h // (H/G); dr the
+MLA rope dims (n = dr/2 frequency pairs), r = kv_lora_rank; Sigma = sum over calibration tokens of
+x x^T (x: the attention's input, after its norm). Pair f of a head: dims (f, f + D/2), or (2f, 2f+1)
+when interleaved (rope.apply_rope's layouts); its frequency falls as f grows.
 
-1. Rope merge (RoRoPE-style). RoPE rotates frequency pair f of every KV head by the same 2-D
-   rotation, so an orthogonal G x G mix V_f of the heads' pair-f components, the same for both
-   components of the pair, commutes with it: k'_{j,f} = sum_g V_f[g, j] k_{g,f} and, as V_f is
-   orthogonal, q_{h,f} . k_{g(h),f} = sum_j (V_f[g(h), j] q_{h,f}) . k'_{j,f} at every pair of
-   positions. V_f = eigenvectors (descending) of the G x G covariance of the pre-RoPE keys'
-   pair-f components (both components pooled), so slot 0 carries most key energy. Slot 0 of
-   every pair is MLA's one shared rope key k_pe (dr = D); query head h gets q_pe = V_f[g(h), 0] q_h
-   (exact). Slots 1..G-1 become the non-rope key k_nope ((G-1) D dims, shared by all heads), with
-   the query V_f[g(h), j] q_h: they lose their rotation — approximation 1, nil when G = 1 or the
-   keys of all heads are identical. An MQA source (G = 1) has no such key and MLA needs one
-   (qk_nope_head_dim > 0): refused rather than padded with a dimension that never carries signal.
-   Pairs are rope.apply_rope's: (i, i + D/2), or (2i, 2i+1) when interleaved. MLA rotates its
-   rope part with the same function, dims and frequencies, so q_pe / k_pe keep the source layout.
-2. Softmax scale: the source's over MLA's (1/sqrt(D) vs 1/sqrt(dn + dr), YaRN's mscale included)
-   is folded into the query weights, so the scores are unchanged.
-3. Latent: the outputs y = [k_nope; v] ((2G-1) D dims) are compressed by PCA of their
-   calibration covariance W_y Sigma W_y^T (activation-aware), keys first scaled so that their
-   total variance equals the values' (TransMLA's balanced-KV PCA; undone in the up-projection):
-   kv_a_proj's latent rows = P^T S W_y, kv_b_proj = S^-1 P, with P the top-r eigenvectors.
-   At r = (2G-1) D this is exact.
-4. MLA normalizes the latent (kv_a_norm, an RMSNorm): its per-token scale cannot be undone
-   exactly — approximation 2. Its weight is set to the latent's mean RMS over calibration
-   tokens, so c_norm = c on average.
+1. Partial RoPE. MLA rotates one key shared by all heads (k_pe, dr dims). It keeps the n
+   highest-frequency pairs f < n at the source's own frequencies: MLA's rope of dim dr with
+   rope_theta' = rope_theta^(dr/D) has exactly the source's first n frequencies (checked). The other
+   pairs lose their rotation (approximation 1): nearly free for the low frequencies, which turn
+   little across a context. (MHA2MLA's S_2-norm choice of pairs, and choices per layer, measured worse.)
+2. Rope merge, query-weighted (TransMLA's RoRoPE generalized). Per kept pair f: k_pe,f = sum_g a_g
+   k_{g,f}, and head h's pair-f score q_h . R k_g becomes beta_g q_h . R k_pe (rotated, exact) +
+   q_h . (k_g - beta_g k_pe) (the residual, unrotated: approximation 1 again). beta is the
+   least-squares coefficient (C a) / (a^T C a); a maximizes the query-weighted key energy kept in
+   the rotated part, sum_g Q_g (C a)_g^2 / a^T C a (a generalized eigenproblem), with C the G x G
+   covariance of the pair's pre-RoPE keys and Q_g the query energy of group g's heads on the pair
+   (both components of the pair pooled). Equal Q_g gives RoRoPE's top eigenvector of C. Exact when
+   every KV head's keys are equal.
+3. Non-rope key: head h scores its own query q_h (D dims, qk_nope_head_dim = D) against its group's
+   residual key kappa_g: the residual on the kept pairs, the whole key on the others.
+4. Joint latent. y = [kappa_0..kappa_{G-1}; v_0..v_{G-1}] (2GD values) is compressed to r by a PCA
+   of its calibration covariance W_y Sigma W_y^T in an output-aware metric M: a key error e costs
+   (q_h . e)^2 (block sum_{h in g} W_q,h Sigma W_q,h^T), a value error |W_o,h e|^2 (block
+   sum_{h in g} W_o,h^T W_o,h), the key blocks scaled so both carry equal total weighted variance
+   (TransMLA's balanced K/V, in this metric). With U the top-r eigenvectors of
+   M^1/2 W_y Sigma W_y^T M^1/2: kv_a_proj's latent rows = U^T M^1/2 W_y, kv_b_proj = M^-1/2 U per
+   head (its group's rows). Exact at r = rank(W_y Sigma W_y^T) (<= min(d, 2GD)).
+5. No latent norm (kv_latent_norm false): MLA's RMSNorm would rescale each token's latent by its own
+   RMS, which no choice of weights undoes; the source's keys and values never had it.
+6. The source's softmax scale over MLA's (1/sqrt(D) vs 1/sqrt(D + dr), YaRN's mscale included) is
+   folded into the query weights, so kept scores are unchanged.
 Everything else (embeddings, norms, FFN/MoE, o_proj, output layer) is copied unchanged.
+
+Sizes: by rank (`--kv-lora-rank`) or by a fraction of the source's KV cache (`--kv-fraction`); the
+rope dims default to a third of the cache per token and layer (half the rank), at most D: measured
+best on SmolLM2 at 50% and 25% of its cache (NOTES.md).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from latentformer.config import ModelConfig
+from latentformer.model.rope import rope_inv_freq
 from latentformer.model.transformer import Transformer
 
 Progress = Callable[[int, int], None]  # (done, total) of a phase
-
-# rows of the attention input kept per layer to estimate the latent's mean RMS (Sigma needs none)
-RMS_SAMPLE_ROWS = 4096
+SAMPLES = "samples"  # --calib part: text sampled from the source model itself
+# relative floor of the eigenvalues inverted (metric blocks, rope-merge covariances): directions
+# weaker than this carry no signal and are not amplified
+FLOOR = 1e-10
 
 
 class _Stop(Exception):
     """Ends the calibration forward once the last layer's attention input is seen."""
 
 
-def check_source(cfg: ModelConfig, rank: int) -> None:
-    """ValueError (one line) when `cfg` cannot become MLA at kv_lora_rank `rank`."""
+def check_source(cfg: ModelConfig) -> None:
+    """ValueError (one line) when `cfg` cannot become MLA at all."""
     if cfg.attention == "mla":
         raise ValueError("the source is already an MLA model (attention: mla)")
     if cfg.attention not in ("mha", "gqa", "mqa"):
@@ -62,30 +72,67 @@ def check_source(cfg: ModelConfig, rank: int) -> None:
     if not cfg.rope:
         raise ValueError("the source has no rotary positions (rope: false): the conversion needs full RoPE")
     if cfg.n_kv_heads == 1:
-        raise ValueError("an MQA source (n_kv_heads = 1) has no non-rope key for MLA (qk_nope_head_dim must be > 0)")
+        raise ValueError("an MQA source (n_kv_heads = 1) is not supported: the conversion is made and measured for several KV heads")
     if cfg.qkv_bias:
         raise ValueError("the source has q/k/v biases (qkv_bias), which MLA cannot express")
-    limit = min(cfg.d_model, (2 * cfg.n_kv_heads - 1) * cfg.head_dim)
-    if not 0 < rank <= limit:
-        raise ValueError(f"--kv-lora-rank {rank} out of range: 1..{limit} (min of d_model {cfg.d_model} and "
-                         f"(2 x n_kv_heads - 1) x head_dim = {(2 * cfg.n_kv_heads - 1) * cfg.head_dim})")
 
 
-def mla_config(cfg: ModelConfig, rank: int) -> ModelConfig:
-    """The MLA config a conversion of `cfg` at kv_lora_rank `rank` produces: an inference model, so
-    without the training-only MTP modules of the source (as HF export drops them)."""
-    check_source(cfg, rank)
-    G, D = cfg.n_kv_heads, cfg.head_dim
-    return cfg.replace(attention="mla", kv_lora_rank=rank, q_lora_rank=0,  # n_kv_heads, head_dim: unset
-                       qk_nope_head_dim=(G - 1) * D, qk_rope_head_dim=D, v_head_dim=D, mtp_depth=0)
+def max_rank(cfg: ModelConfig) -> int:
+    """The largest useful kv_lora_rank: the rank of [keys; values], at most min(d_model, 2 G D)."""
+    return min(cfg.d_model, 2 * cfg.n_kv_heads * cfg.head_dim)
 
+
+def mla_shape(cfg: ModelConfig, *, rank: int | None = None, kv_fraction: float | None = None,
+              rope_dim: int | None = None) -> tuple[int, int]:
+    """(kv_lora_rank, rope dims) for a conversion of `cfg`, from a rank or from the fraction of the
+    source's KV cache per token to keep (exactly one of them). The rope dims default to a third of
+    the cache (half the rank), even, at most head_dim. ValueError (one line) for sizes out of range."""
+    check_source(cfg)
+    if (rank is None) == (kv_fraction is None):
+        raise ValueError("--to-mla needs --kv-fraction F or --kv-lora-rank R (one of them)")
+    D, top = cfg.head_dim, max_rank(cfg)
+    if rope_dim is not None and not (2 <= rope_dim <= D and rope_dim % 2 == 0):
+        raise ValueError(f"--rope-dim {rope_dim} out of range: an even number of dims in 2..{D} (head_dim)")
+    if kv_fraction is not None:
+        if not 0 < kv_fraction <= 1:
+            raise ValueError(f"--kv-fraction {kv_fraction} out of range: (0, 1] of the source's KV cache")
+        budget = int(kv_fraction * 2 * cfg.n_kv_heads * D)  # values per token and layer: r + dr
+        dr = rope_dim if rope_dim is not None else min(D, 2 * max(1, round(budget / 6)))
+        rank = min(budget - dr, top)
+        if rank < 1:
+            raise ValueError(f"--kv-fraction {kv_fraction} leaves {budget} cached values per token and layer: "
+                             f"none for the latent after {dr} rope dims")
+    else:
+        dr = rope_dim if rope_dim is not None else min(D, 2 * max(1, round(rank / 4)))
+    if not 0 < rank <= top:
+        raise ValueError(f"--kv-lora-rank {rank} out of range: 1..{top} (min of d_model {cfg.d_model} and "
+                         f"2 x n_kv_heads x head_dim = {2 * cfg.n_kv_heads * D})")
+    return rank, dr
+
+
+def mla_config(cfg: ModelConfig, rank: int, rope_dim: int) -> ModelConfig:
+    """The MLA config a conversion of `cfg` produces: an inference model, so without the training-only
+    MTP modules of the source (as HF export drops them). ValueError when MLA's rope of `rope_dim`
+    dims cannot rotate at the source's first rope_dim/2 frequencies."""
+    rank, rope_dim = mla_shape(cfg, rank=rank, rope_dim=rope_dim)
+    D = cfg.head_dim
+    dst = cfg.replace(attention="mla", kv_lora_rank=rank, q_lora_rank=0, qk_nope_head_dim=D,  # n_kv_heads, head_dim: unset
+                      qk_rope_head_dim=rope_dim, v_head_dim=D, rope_theta=cfg.rope_theta ** (rope_dim / D),
+                      kv_latent_norm=False, mtp_depth=0)
+    (want, want_factor), (got, got_factor) = rope_inv_freq(cfg), rope_inv_freq(dst)
+    if got_factor != want_factor or not torch.allclose(got, want[:rope_dim // 2], rtol=1e-5, atol=0):
+        raise ValueError(f"the source's rope scaling does not keep its first {rope_dim // 2} frequencies in a rope key "
+                         f"of {rope_dim} dims (use --rope-dim {D})")
+    return dst
+
+
+# -- calibration ---------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def calibration_stats(model: Transformer, tokens: torch.Tensor, seq_len: int = 512, batch: int = 8,
-                      progress: Progress | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (Sigma [d, d] float64 = sum x x^T, sample [<= RMS_SAMPLE_ROWS, d]) of the attention
-    inputs x of `model` over `tokens` [N] cut into windows of `seq_len`; `progress(done, total)`
-    after each batch of windows."""
+                      progress: Progress | None = None) -> list[torch.Tensor]:
+    """Per layer Sigma [d, d] (float64) = sum x x^T of the attention inputs x of `model` over `tokens`
+    [N] cut into windows of `seq_len`; `progress(done, total)` after each batch of windows."""
     cfg = model.config
     seq_len = min(seq_len, cfg.max_seq_len)
     n = tokens.numel() // seq_len * seq_len
@@ -94,14 +141,11 @@ def calibration_stats(model: Transformer, tokens: torch.Tensor, seq_len: int = 5
     windows = tokens[:n].view(-1, seq_len)
     d = cfg.d_model
     sigma = [torch.zeros(d, d, dtype=torch.float64) for _ in model.layers]
-    sample: list[list[torch.Tensor]] = [[] for _ in model.layers]
-    per_window = max(1, RMS_SAMPLE_ROWS // windows.shape[0])  # spread the sample over the windows
     hooks = []
     for i, layer in enumerate(model.layers):
         def hook(_module, args, i=i):
             x = args[0].reshape(-1, d).double()
-            sigma[i] += x.T @ x
-            sample[i].append(args[0][:, :per_window].reshape(-1, d).float())
+            sigma[i] += (x.T @ x).cpu()
             if i == len(model.layers) - 1:
                 raise _Stop  # the last layer's attention and the output layer are not needed
         hooks.append(layer.attn.register_forward_pre_hook(hook))
@@ -120,12 +164,45 @@ def calibration_stats(model: Transformer, tokens: torch.Tensor, seq_len: int = 5
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return [(s, torch.cat(rows)[:RMS_SAMPLE_ROWS]) for s, rows in zip(sigma, sample)]
+    return sigma
 
 
-def calibration_text_tokens(spec: str, tokenizer, n: int, vocab_size: int) -> torch.Tensor:
-    """The first `n` tokens [<= n] of a calibration source: a prepared data directory (its train
-    split; its tokenizer must be `tokenizer`), or a corpus / text path tokenized with `tokenizer`."""
+@torch.inference_mode()
+def sample_tokens(model: Transformer, start_id: int, n: int, *, seq_len: int = 512, batch: int = 32, seed: int = 0,
+                  progress: Progress | None = None) -> torch.Tensor:
+    """`n` tokens [n] of text sampled from `model` (temperature 1), in rows of `seq_len` tokens that each
+    begin with `start_id` (a document boundary): calibration text from the model's own distribution."""
+    seq_len = min(seq_len, model.config.max_seq_len)
+    device = model.embed.weight.device
+    gen = torch.Generator(device).manual_seed(seed)
+    rows, out = -(-n // seq_len), []
+    batches = range(0, rows, batch)
+    steps = len(batches) * (seq_len - 1)
+    was_training = model.training
+    model.eval()
+    try:
+        for k, b0 in enumerate(batches):
+            B = min(batch, rows - b0)
+            tokens = torch.full((B, 1), start_id, device=device)
+            cache = model.make_cache(B, seq_len)
+            logits = model(tokens, cache=cache)
+            for t in range(1, seq_len):
+                nxt = torch.multinomial(torch.softmax(logits[:, -1].float(), -1), 1, generator=gen)  # [B, 1]
+                tokens = torch.cat((tokens, nxt), dim=1)
+                if t < seq_len - 1:
+                    logits = model(nxt, cache=cache)
+                if progress is not None:
+                    progress(k * (seq_len - 1) + t, steps)
+            out.append(tokens.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out).flatten()[:n]
+
+
+def text_tokens(spec: str, tokenizer, n: int, vocab_size: int, *, skip: int = 0, flag: str = "--calib") -> torch.Tensor:
+    """Tokens [<= n] of a text source after its first `skip`: a prepared data directory (its train
+    split; its tokenizer must be `tokenizer`), or a corpus / text path tokenized with `tokenizer`.
+    Errors name `flag`."""
     from latentformer.data.dataset import TokenData
     from latentformer.data.sources import open_source
 
@@ -133,87 +210,147 @@ def calibration_text_tokens(spec: str, tokenizer, n: int, vocab_size: int) -> to
     if path.is_dir() and (path / "meta.json").is_file():
         data = TokenData(path)
         if data.tokenizer.describe() != tokenizer.describe():
-            raise ValueError(f"--calib {spec}: prepared with another tokenizer than the source model's")
-        tokens = torch.from_numpy(data.tokens("train")[:n].astype("int64"))
+            raise ValueError(f"{flag} {spec}: prepared with another tokenizer than the source model's")
+        tokens = torch.from_numpy(data.tokens("train")[skip:skip + n].astype("int64"))
     else:
         ids: list[int] = []
         for doc in open_source(spec).documents():
             ids += tokenizer.encode(doc.text)
-            if len(ids) >= n:
+            if len(ids) >= skip + n:
                 break
-        tokens = torch.tensor(ids[:n], dtype=torch.long)
+        tokens = torch.tensor(ids[skip:skip + n], dtype=torch.long)
     if tokens.numel() and int(tokens.max()) >= vocab_size:
-        raise ValueError(f"--calib {spec}: token id {int(tokens.max())} outside the model's vocabulary ({vocab_size})")
+        raise ValueError(f"{flag} {spec}: token id {int(tokens.max())} outside the model's vocabulary ({vocab_size})")
     return tokens
 
 
-def _pair_index(D: int, interleave: bool) -> torch.Tensor:
-    """The rope frequency pair f of each of the D head dims (apply_rope's layout)."""
-    f = torch.arange(D // 2)
-    return f.repeat_interleave(2) if interleave else torch.cat((f, f))
+def calibration_parts(spec: str, n: int) -> dict[str, int]:
+    """`--calib` "a,b,..." -> {part: tokens}: `n` shared evenly (the first parts take the remainder)."""
+    parts = [p.strip() for p in spec.split(",")]
+    if not all(parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"--calib {spec!r}: expected distinct comma-separated sources")
+    return {p: n // len(parts) + (i < n % len(parts)) for i, p in enumerate(parts)}
 
 
-def convert_attention(attn, src: ModelConfig, dst: ModelConfig, sigma: torch.Tensor, sample: torch.Tensor,
-                      balance: bool = True) -> dict[str, torch.Tensor]:
+def calibration_tokens(spec: str, model: Transformer, tokenizer, n: int,
+                       progress: Callable[[str], Progress] | None = None) -> torch.Tensor:
+    """The calibration tokens [<= n] of `--calib` `spec`: its parts' shares, concatenated; the part
+    `samples` is text sampled from `model` (`sample_tokens`), the others are `text_tokens`."""
+    out = []
+    for part, count in calibration_parts(spec, n).items():
+        if part == SAMPLES:
+            out.append(sample_tokens(model, tokenizer.eot_id, count, progress=progress and progress("sampling calibration text")))
+        else:
+            out.append(text_tokens(part, tokenizer, count, model.config.vocab_size))
+    return torch.cat(out)
+
+
+# -- the conversion of one layer ---------------------------------------------------------------------------
+
+def _psd_power(m: torch.Tensor, p: float) -> torch.Tensor:
+    """m^p of symmetric PSD matrices [..., k, k], eigenvalues floored at FLOOR x the largest."""
+    lam, u = torch.linalg.eigh(m)
+    lam = lam.clamp(min=FLOOR * lam[..., -1:].clamp(min=torch.finfo(lam.dtype).tiny))
+    return (u * lam[..., None, :] ** p) @ u.transpose(-1, -2)
+
+
+def rope_dims(D: int, n: int, interleave: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The source head dims [2n] of pairs 0..n-1 in MLA's rope order (pair i at MLA dims (i, i + n),
+    or (2i, 2i+1) interleaved, as the source), and the pair of each [2n]."""
+    if interleave:
+        return torch.arange(2 * n), torch.arange(n).repeat_interleave(2)
+    return torch.cat((torch.arange(n), D // 2 + torch.arange(n))), torch.arange(n).repeat(2)
+
+
+def rope_merge(cov: torch.Tensor, energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair: the mix a [n, G] of the KV heads' keys into k_pe, and each group's share beta [n, G] of
+    it, from the pairs' key covariances cov [n, G, G] and the groups' query energies energy [n, G]
+    (module docstring, 2): a = C^-1/2 b with b the top eigenvector of C^1/2 diag(Q) C^1/2."""
+    lam, u = torch.linalg.eigh(cov)
+    keep = lam > FLOOR * lam[:, -1:]
+    root = u * torch.where(keep, lam.clamp(min=0).sqrt(), 0)[:, None, :]  # C^1/2 on C's range
+    inv = u * torch.where(keep, lam.clamp(min=torch.finfo(lam.dtype).tiny).rsqrt(), 0)[:, None, :]
+    b = torch.linalg.eigh(torch.einsum("ngj,ng,ngk->njk", root, energy, root)).eigenvectors[..., -1]  # [n, G]
+    a = torch.einsum("ngj,nj->ng", inv, b)
+    ca = torch.einsum("ngh,nh->ng", cov, a)
+    beta = ca / (a * ca).sum(-1, keepdim=True).clamp(min=torch.finfo(ca.dtype).tiny)  # a pair without keys: 0
+    return a, beta
+
+
+def joint_latent(w_y: torch.Tensor, sigma: torch.Tensor, key_metric: torch.Tensor, value_metric: torch.Tensor,
+                 r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent rows [r, d] and up-projection [2GD, r] of y = w_y x ([G keys; G values] of D dims,
+    w_y [2GD, d]) from the PCA in the output-aware metric (module docstring, 4); metric blocks [G, D, D]."""
+    G, D, _ = key_metric.shape
+    w_k, w_v = w_y.view(2, G, D, -1)
+
+    def weighted_variance(m: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # sum_g tr(m_g w_g Sigma w_g^T)
+        return torch.einsum("gij,gjd,de,gie->", m, w, sigma, w)
+
+    key_metric = key_metric * (weighted_variance(value_metric, w_v)
+                               / weighted_variance(key_metric, w_k).clamp(min=torch.finfo(w_y.dtype).tiny))
+    blocks = torch.cat((key_metric, value_metric))  # [2G, D, D]
+    root, inv = torch.block_diag(*_psd_power(blocks, 0.5)), torch.block_diag(*_psd_power(blocks, -0.5))
+    m_y = root @ w_y  # [2GD, d]
+    u = torch.linalg.eigh(m_y @ sigma @ m_y.T).eigenvectors.flip(-1)[:, :r]  # [2GD, r], descending
+    return u.T @ m_y, inv @ u
+
+
+def convert_attention(attn, src: ModelConfig, dst: ModelConfig, sigma: torch.Tensor) -> dict[str, torch.Tensor]:
     """The MLA attention weights (float64, our parameter names under `attn.`) of one source layer."""
-    H, G, D, d, r = src.n_heads, src.n_kv_heads, src.head_dim, src.d_model, dst.kv_lora_rank
-    w = attn.qkv_proj.weight.detach().double()
+    H, G, D, d, r, dr = src.n_heads, src.n_kv_heads, src.head_dim, src.d_model, dst.kv_lora_rank, dst.qk_rope_head_dim
+    w = attn.qkv_proj.weight.detach().double().cpu()  # small eigenproblems: on the CPU, as Sigma
     w_q, w_k, w_v = w.view(H + 2 * G, D, d).split([H, G, G])  # [H,D,d], [G,D,d], [G,D,d]
+    w_o = attn.o_proj.weight.detach().double().cpu().view(d, H, D)
     group = torch.arange(H) // (H // G)
+    to_group = torch.nn.functional.one_hot(group, G).double()  # [H, G]
 
-    # 1. rope merge: per frequency pair, the eigenbasis of the G x G key covariance
-    pair = _pair_index(D, src.rope_interleave)
-    cov = torch.einsum("gid,de,hie->igh", w_k, sigma, w_k)  # [D, G, G] per dim
-    cov = torch.zeros(D // 2, G, G, dtype=cov.dtype).index_add_(0, pair, cov)  # both components pooled
-    vecs = torch.linalg.eigh(cov).eigenvectors.flip(-1)  # [D/2, G(g), G(j)], descending eigenvalues
-    mix = vecs[pair]  # [D, G, G] per dim
-    k_mixed = torch.einsum("igj,gid->jid", mix, w_k)  # [G(j), D, d]
-    # 2. the source's softmax scale, folded into the queries
+    # 1-2. the kept pairs' rope key: per pair, key covariance [n, G, G] and query energy per group [n, G]
+    dims, pair = rope_dims(D, dr // 2, src.rope_interleave)
+    n = dr // 2
+    k_r, q_r = w_k[:, dims], w_q[:, dims]  # [G, dr, d], [H, dr, d]
+    cov = torch.zeros(n, G, G, dtype=w.dtype).index_add_(0, pair, torch.einsum("gid,de,hie->igh", k_r, sigma, k_r))
+    energy = torch.zeros(n, H, dtype=w.dtype).index_add_(0, pair, torch.einsum("hid,de,hie->ih", q_r, sigma, q_r))
+    a, beta = rope_merge(cov, energy @ to_group)  # [n, G] each
+    k_pe = torch.einsum("ig,gid->id", a[pair], k_r)  # [dr, d]
+    q_pe = (beta[pair] @ to_group.T).T[..., None] * q_r  # [H, dr, d]: beta_{g(h)} q_h on pair(i)
+    # 3. the residual keys [G, D, d]: unrotated, scored against the source's own queries
+    w_kappa = w_k.clone()
+    w_kappa[:, dims] -= beta[pair].T[..., None] * k_pe
+
+    # 4. the joint latent of [kappa; v] in the output-aware metric
+    key_metric = torch.einsum("hg,hid,de,hje->gij", to_group, w_q, sigma, w_q)  # [G, D, D]
+    value_metric = torch.einsum("hg,ohi,ohj->gij", to_group, w_o, w_o)  # [G, D, D]
+    w_y = torch.cat((w_kappa, w_v)).reshape(2 * G * D, d)
+    latent, up = joint_latent(w_y, sigma, key_metric, value_metric, r)
+    k_up, v_up = up.view(2, G, D, r)
+    kv_b = torch.cat((k_up[group], v_up[group]), dim=1)  # [H, 2D, r]
+
+    # 6. the source's softmax scale, folded into the queries
     q_scale = src.softmax_scale / dst.softmax_scale
-    q_mixed = torch.einsum("hij,hid->hjid", mix[:, group].transpose(0, 1), w_q) * q_scale  # [H, G(j), D, d]
-    q_nope, q_pe = q_mixed[:, 1:].reshape(H, (G - 1) * D, d), q_mixed[:, 0]
-
-    # 3. latent: PCA of the [k_nope; v] outputs, keys balanced against values
-    nk = (G - 1) * D
-    w_y = torch.cat((k_mixed[1:].reshape(nk, d), w_v.reshape(G * D, d)))  # [(2G-1)D, d]
-    var = torch.einsum("yd,de,ye->y", w_y, sigma, w_y)
-    alpha = math.sqrt(var[nk:].sum() / var[:nk].sum()) if balance and var[:nk].sum() > 0 else 1.0
-    scale = torch.cat((torch.full((nk,), alpha, dtype=w_y.dtype), torch.ones(G * D, dtype=w_y.dtype)))
-    w_s = scale[:, None] * w_y
-    p = torch.linalg.eigh(w_s @ sigma @ w_s.T).eigenvectors.flip(-1)[:, :r]  # [(2G-1)D, r]
-    latent = p.T @ w_s  # [r, d]
-    up = p / scale[:, None]  # [(2G-1)D, r]
-    k_up, v_up = up[:nk], up[nk:].view(G, D, r)
-    kv_b = torch.cat((k_up.expand(H, nk, r), v_up[group]), dim=1)  # [H, nk + D, r]
-
-    # 4. the latent norm's weight: the latent's mean RMS, so that c_norm = c on average
-    c = sample.double() @ latent.T
-    rms = (c.pow(2).mean(-1) + dst.latent_eps).sqrt().mean()
     return {
-        "q_proj.weight": torch.cat((q_nope, q_pe), dim=1).reshape(H * (nk + D), d),
-        "kv_a_proj.weight": torch.cat((latent, k_mixed[0])),
-        "kv_a_norm.weight": torch.full((r,), float(rms), dtype=torch.float64),
-        "kv_b_proj.weight": kv_b.reshape(H * (nk + D), r),
-        "o_proj.weight": attn.o_proj.weight.detach().double(),
+        "q_proj.weight": torch.cat((w_q, q_pe), dim=1).reshape(H * (D + dr), d) * q_scale,
+        "kv_a_proj.weight": torch.cat((latent, k_pe)),
+        "kv_b_proj.weight": kv_b.reshape(H * 2 * D, r),
+        "o_proj.weight": w_o.reshape(d, H * D),
     }
 
 
 @torch.no_grad()
-def to_mla(model: Transformer, tokens: torch.Tensor, rank: int, *, balance: bool = True, seq_len: int = 512,
-           stats: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
-           progress: Callable[[str], Progress] | None = None) -> Transformer:
+def to_mla(model: Transformer, tokens: torch.Tensor | None, rank: int, rope_dim: int, *, seq_len: int = 512,
+           stats: list[torch.Tensor] | None = None, progress: Callable[[str], Progress] | None = None) -> Transformer:
     """The MLA model (same dtype and device as `model`) converted from `model` with calibration
-    `tokens` [N]; `stats` (from `calibration_stats`) may be given instead, to convert at several ranks.
+    `tokens` [N]; `stats` (from `calibration_stats`) may be given instead, to convert at several sizes.
     `progress(phase)` ("calibrating", "converting layers") returns the phase's `(done, total)` callback."""
     src = model.config
-    dst = mla_config(src, rank)
+    dst = mla_config(src, rank, rope_dim)
     if stats is None:
         stats = calibration_stats(model, tokens, seq_len, progress=progress and progress("calibrating"))
     layers_done = progress and progress("converting layers")
     dtype, device = model.embed.weight.dtype, model.embed.weight.device
     state = {k: v for k, v in model.state_dict().items() if ".attn." not in k and not k.startswith("mtp.")}
-    for i, (layer, (sigma, sample)) in enumerate(zip(model.layers, stats)):
-        for name, value in convert_attention(layer.attn, src, dst, sigma, sample, balance).items():
+    for i, (layer, sigma) in enumerate(zip(model.layers, stats)):
+        for name, value in convert_attention(layer.attn, src, dst, sigma).items():
             state[f"layers.{i}.attn.{name}"] = value.to(dtype)
         if layers_done:
             layers_done(i + 1, len(model.layers))

@@ -50,11 +50,12 @@ class NewToken(NamedTuple):
     """The new token's raw latent and rope key, for the kernel to finish and cache (see the module docstring).
 
     kv [B, r + dr]: [c_kv, k_pe] as projected (before kv_a_norm and rope; rows may be strided);
-    norm_weight [r] and eps: kv_a_norm (RMSNorm); cos/sin [B|1, dr/2]: the token's rope angles;
+    norm_weight [r] and eps: kv_a_norm (RMSNorm), or None (kv_latent_norm off: the latent is cached as
+    projected); cos/sin [B|1, dr/2]: the token's rope angles;
     interleave: rope pairs (x0, x1), (x2, x3)... in, de-interleaved out (as model/rope.py)."""
 
     kv: torch.Tensor
-    norm_weight: torch.Tensor
+    norm_weight: torch.Tensor | None
     eps: float
     cos: torch.Tensor
     sin: torch.Tensor
@@ -87,7 +88,7 @@ if triton is not None:
                        stride_ob, stride_os, stride_oh,
                        stride_nb, stride_cb,
                        R: tl.constexpr, DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
-                       HAS_PAD: tl.constexpr, NEW: tl.constexpr, INTERLEAVE: tl.constexpr):
+                       HAS_PAD: tl.constexpr, NEW: tl.constexpr, INTERLEAVE: tl.constexpr, NORM: tl.constexpr):
         b = tl.program_id(0)
         split = tl.program_id(1)
         n_splits = tl.num_programs(1)
@@ -134,9 +135,12 @@ if triton is not None:
             if (S - 1) // chunk == split:  # this slice holds the new slot: finish the token, cache it, attend to it
                 kv = new + b * stride_nb
                 c_raw = tl.load(kv + offs_r)  # rounded where model/norm.py and model/rope.py round
-                c_f = c_raw.to(tl.float32)
-                c_new = (c_f * tl.rsqrt(tl.sum(c_f * c_f, 0) / R + eps)).to(c_raw.dtype)
-                c_new = (tl.load(norm_w + offs_r).to(tl.float32) * c_new.to(tl.float32)).to(latent.dtype.element_ty)
+                if NORM:
+                    c_f = c_raw.to(tl.float32)
+                    c_new = (c_f * tl.rsqrt(tl.sum(c_f * c_f, 0) / R + eps)).to(c_raw.dtype)
+                    c_new = (tl.load(norm_w + offs_r).to(tl.float32) * c_new.to(tl.float32)).to(latent.dtype.element_ty)
+                else:
+                    c_new = c_raw.to(latent.dtype.element_ty)
                 pe_a = tl.load(kv + R + ia)
                 pe_new = (pe_a.to(tl.float32) * cs + sign * tl.load(kv + R + ib).to(tl.float32) * sn).to(pe_a.dtype)
                 pe_new = pe_new.to(latent.dtype.element_ty)
@@ -233,7 +237,8 @@ def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: tor
     else:
         kv = new.kv if new.kv.stride(-1) == 1 else new.kv.contiguous()  # rows may stay strided
         cos, sin = new.cos.contiguous(), new.sin.contiguous()  # one row stride serves both
-        new_args, stride_nb = (kv, new.norm_weight.contiguous(), cos, sin, new.eps), kv.stride(0)
+        norm_w = kv if new.norm_weight is None else new.norm_weight.contiguous()  # unread without the norm
+        new_args, stride_nb = (kv, norm_w, cos, sin, new.eps), kv.stride(0)
         stride_cb = cos.stride(0) if cos.shape[0] > 1 else 0  # one row of angles for every row: stride 0
     _decode_kernel[(B, n_splits)](
         q_lat, q_pe, latent, length, pad if pad is not None else length, part, m, l, arrivals, o, *new_args,
@@ -244,6 +249,7 @@ def latent_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: tor
         stride_nb, stride_cb,
         R=r, DR=dr, BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_S=block_s, HAS_PAD=pad is not None,
         NEW=new is not None, INTERLEAVE=new is not None and new.interleave,
+        NORM=new is not None and new.norm_weight is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return o

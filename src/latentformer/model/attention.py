@@ -193,6 +193,7 @@ class MLA(nn.Module):
 
     q = q_b_proj(q_a_norm(q_a_proj(x))) if q_lora_rank else q_proj(x)      [B,T,H,dn+dr]
     [c_kv, k_pe] = kv_a_proj(x); c_kv = kv_a_norm(c_kv)                    [B,T,r], [B,T,dr]
+                                       (kv_a_norm: identity when kv_latent_norm is false)
     [k_nope, v] = kv_b_proj(c_kv) per head                                 [B,S,H,dn], [B,S,H,dv]
     score_h = (q_nope_h . k_nope_h + rope(q_pe_h) . rope(k_pe)) * softmax_scale
 
@@ -213,7 +214,7 @@ class MLA(nn.Module):
         else:
             self.q_proj = nn.Linear(cfg.d_model, H * (dn + dr), bias=False)
         self.kv_a_proj = nn.Linear(cfg.d_model, r + dr, bias=False)
-        self.kv_a_norm = RMSNorm(r, cfg.latent_eps)
+        self.kv_a_norm = RMSNorm(r, cfg.latent_eps) if cfg.kv_latent_norm else nn.Identity()
         self.kv_b_proj = nn.Linear(r, H * (dn + dv), bias=False)
         self.o_proj = nn.Linear(H * dv, cfg.d_model, bias=False)
 
