@@ -1,15 +1,17 @@
 """Fine-tuning throughput: `latentformer finetune`'s training step, every weight and LoRA, side by side
-with transformers' Trainer + peft on the same model, rows, sequence length and batch, in one process.
+with trl's SFTTrainer + peft (or `--reference trainer`: transformers' Trainer + peft) on the same model,
+rows, sequence length and batch, in one process.
 
 GPU (SmolLM2-135M's architecture: Llama, 30 layers, d_model 576, GQA 9/3 heads, vocabulary 49,152, tied):
-    PYTHONPATH=src:wheels python benchmarks/finetune_throughput.py [--seq-len 512] [--batch 16] [--lora-rank 16]
+    PYTHONPATH=src:wheels python benchmarks/finetune_throughput.py [--compile] [--seq-len 512] [--batch 16] [--lora-rank 16]
 CPU, a tiny model, to show it runs:
     PYTHONPATH=src python benchmarks/finetune_throughput.py --tiny
 
-The reference is transformers.Trainer with peft's LoRA, not trl's SFTTrainer: SFTTrainer is a
-transformers.Trainer subclass (its training step is Trainer's), and trl needs `datasets`, whose
-pyarrow and pandas wheels (55 + 12 MB) do not fit the 64 MiB carried to a GPU machine; peft needs
-accelerate (peft 0.21.2 835 KB, accelerate 1.16.0 389 KB, psutil 7.2.2 156 KB where missing).
+The reference needs trl, datasets, peft and accelerate (trl 1.16.0 0.9 MB, datasets 5.2.0 0.6 MB, dill
+and multiprocess 0.3 MB; datasets 5.2 wants pyarrow >= 24, 55 MB). SFTTrainer gets the rows
+pre-tokenized with their labels (it then neither templates nor re-tokenizes) and gradient
+checkpointing off (its config's default is on; ours does not checkpoint); it also computes its
+per-step token accuracy and entropy, as it does for its users.
 
 Weights are random (seeded; throughput does not depend on their values) and the same on both sides:
 the Hugging Face model is our export (interop.hf_config.to_hf_config / interop.hf.to_hf_state). The
@@ -86,9 +88,9 @@ def ours(ckpt: Path, data: Path, seq_len: int, batch: int, lora_rank: int, compi
     return out, rows
 
 
-def reference(ckpt: Path, rows: list, lora_rank: int, compile: bool, warmup: int, device: str) -> dict:
-    """transformers.Trainer (+ peft) on the same weights and rows."""
-    from transformers import AutoConfig, AutoModelForCausalLM, Trainer as HFTrainer, TrainerCallback, TrainingArguments
+def reference(ckpt: Path, rows: list, lora_rank: int, compile: bool, warmup: int, device: str, kind: str) -> dict:
+    """trl's SFTTrainer (kind "sft") or transformers.Trainer ("trainer"), + peft, on the same weights and rows."""
+    from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
     from latentformer.checkpoint import load_model
     from latentformer.interop.hf import to_hf_state
@@ -123,13 +125,31 @@ def reference(ckpt: Path, rows: list, lora_rank: int, compile: bool, warmup: int
 
     cuda = device.startswith("cuda")
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=len(rows[0][0]), max_steps=len(rows),
-                                 learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
-                                 optim="adamw_torch_fused" if cuda else "adamw_torch", bf16=cuda, use_cpu=not cuda,
-                                 logging_strategy="no", save_strategy="no", report_to=[], dataloader_num_workers=0,
-                                 remove_unused_columns=False, torch_compile=compile, seed=0, disable_tqdm=True)
+        common = dict(output_dir=out, per_device_train_batch_size=len(rows[0][0]), max_steps=len(rows),
+                      learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+                      optim="adamw_torch_fused" if cuda else "adamw_torch", bf16=cuda, use_cpu=not cuda,
+                      logging_strategy="no", save_strategy="no", report_to=[], dataloader_num_workers=0,
+                      torch_compile=compile, seed=0, disable_tqdm=True, gradient_checkpointing=False)
         _reset_memory(device)
-        trainer = HFTrainer(model=model, args=args, train_dataset=examples, callbacks=[Clock()])
+        if kind == "sft":
+            # pre-tokenized rows with labels: SFTTrainer uses them as they are (no template, no re-tokenizing);
+            # its config turns gradient checkpointing on by default, off here as on our side
+            from datasets import Dataset
+            from tokenizers import Tokenizer, models
+            from transformers import PreTrainedTokenizerFast
+            from trl import SFTConfig, SFTTrainer
+
+            tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1}, unk_token="<pad>")),
+                                          pad_token="<pad>", eos_token="<eos>")
+            data = Dataset.from_list([{k: v.tolist() for k, v in e.items()} for e in examples])
+            trainer = SFTTrainer(model=model, args=SFTConfig(**common, max_length=rows[0][0].shape[1], packing=False,
+                                                              shuffle_dataset=False),
+                                 train_dataset=data, processing_class=tok, callbacks=[Clock()])
+        else:
+            from transformers import Trainer as HFTrainer, TrainingArguments
+
+            trainer = HFTrainer(model=model, args=TrainingArguments(**common, remove_unused_columns=False),
+                                train_dataset=examples, callbacks=[Clock()])
         trainer.train()
     seq_len, batch = rows[0][0].shape[1], len(rows[0][0])
     return {"tokens/s": seq_len * batch / statistics.median(times), "mem_gb": _peak_gb(device),
@@ -159,6 +179,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per run (after --warmup)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="torch.compile on both sides (train.compile / torch_compile)")
+    ap.add_argument("--reference", choices=("sft", "trainer"), default="sft",
+                    help="trl's SFTTrainer (default) or transformers' Trainer, each with peft for LoRA")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model, 64 tokens x 4, 3 steps: a CPU check that it runs")
     args = ap.parse_args()
     if args.tiny:
@@ -168,6 +190,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, {'tiny model' if args.tiny else 'SmolLM2-135M architecture'}, "
           f"{args.batch} x {args.seq_len} tokens per step, {args.steps} timed steps", flush=True)
+    theirs = "trl SFTTrainer (+ peft)" if args.reference == "sft" else "transformers Trainer (+ peft)"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -178,11 +201,11 @@ def main() -> None:
         for label, rank in (("every weight", 0), (f"LoRA r={args.lora_rank}", args.lora_rank)):
             mine, batches = ours(ckpt, data, args.seq_len, args.batch, rank, args.compile, args.steps, args.warmup, device)
             print(f"latentformer, {label}: {mine}", flush=True)
-            ref = reference(ckpt, batches, rank, args.compile, args.warmup, device)
-            print(f"transformers Trainer + peft, {label}: {ref}", flush=True)
+            ref = reference(ckpt, batches, rank, args.compile, args.warmup, device, args.reference)
+            print(f"{theirs}, {label}: {ref}", flush=True)
             rows.append((label, mine, ref))
     print(f"\n| fine-tuning ({name}, {args.batch} x {args.seq_len}{', compiled' if args.compile else ''}) | "
-          "latentformer tokens/s | transformers Trainer (+ peft) tokens/s | ratio | peak GB (ours / theirs) | trainable parameters |")
+          f"latentformer tokens/s | {theirs} tokens/s | ratio | peak GB (ours / theirs) | trainable parameters |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, mine, ref in rows:
         print(f"| {label} | {mine['tokens/s']:,.0f} | {ref['tokens/s']:,.0f} | {mine['tokens/s'] / ref['tokens/s']:.2f}x | "
