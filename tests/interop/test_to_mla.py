@@ -221,6 +221,32 @@ def test_sizes_out_of_range_are_refused():
             mla_shape(cfg, **kw)
 
 
+@pytest.mark.parametrize("interleave", [False, True])
+def test_sequential_calibration_is_exact_at_full_rank(interleave):
+    """Sequential calibration in the exact case (identical keys, dropped pairs silent, full rank):
+    still the source, uncached and cached."""
+    src = _gqa(interleave, identical_keys=True, silent_pairs=D // 4)
+    mla = to_mla(src, CALIB, FULL, D // 2, seq_len=64, sequential=True)
+    ref = src(PROMPT)
+    assert (mla(PROMPT) - ref).abs().max() < 1e-6
+    assert (_decoded(mla, 30, "absorb") - ref).abs().max() < 1e-6
+
+
+def test_sequential_calibration_takes_sigma_from_the_converted_prefix():
+    """Each layer's Sigma is that of its own attention inputs in the converted model (the converted
+    model's `calibration_stats` reproduce it), not the source's: layer 0 as without it, layer 1 not."""
+    src = _gqa(seed=5)
+    seq = to_mla(src, CALIB, 12, 8, seq_len=64, sequential=True)
+    again = to_mla(src, None, 12, 8, stats=calibration_stats(seq, CALIB, 64))
+    for name, value in seq.state_dict().items():
+        assert torch.allclose(value, again.state_dict()[name], rtol=1e-6, atol=1e-9), name
+    plain = to_mla(src, CALIB, 12, 8, seq_len=64).state_dict()
+    assert torch.equal(seq.state_dict()["layers.0.attn.kv_a_proj.weight"], plain["layers.0.attn.kv_a_proj.weight"])
+    assert (seq.state_dict()["layers.1.attn.kv_a_proj.weight"] - plain["layers.1.attn.kv_a_proj.weight"]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="sequential calibration takes the calibration tokens"):
+        to_mla(src, CALIB, 12, 8, stats=calibration_stats(src, CALIB, 64), sequential=True)
+
+
 def test_error_grows_as_rank_falls_and_decodes():
     src = _gqa(seed=4)
     stats = calibration_stats(src, CALIB, 64)
@@ -369,8 +395,10 @@ def test_cli_converts(ckpt, text, tmp_path, capsys, monkeypatch):
     _fails(capsys, ["convert", "--to-mla", str(ckpt), str(out), "--kv-lora-rank", "24", "--calib", str(text)], "--force")
     assert _tree(tmp_path) == before
     assert main(["convert", "--to-mla", str(ckpt), str(out), "--rank", "16", "--rope-dim", "4", "--calib", str(text),
-                 "--calib-tokens", "1024", "--eval-windows", "0", "--force"]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 1  # no table
+                 "--calib-tokens", "1024", "--eval-windows", "0", "--sequential", "--force"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().splitlines()) == 1  # no table
+    assert "--to-mla: calibrating on 1,024 tokens sequentially, converting 2 layers" in captured.err
     assert (load_model(out).config.kv_lora_rank, load_model(out).config.qk_rope_head_dim) == (16, 4)
 
 
