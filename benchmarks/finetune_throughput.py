@@ -179,10 +179,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per run (after --warmup)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="torch.compile on both sides (train.compile / torch_compile)")
+    ap.add_argument("--runs", default="every,lora", help="comma-separated: every (every weight), lora")
     ap.add_argument("--reference", choices=("sft", "trainer"), default="sft",
                     help="trl's SFTTrainer (default) or transformers' Trainer, each with peft for LoRA")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model, 64 tokens x 4, 3 steps: a CPU check that it runs")
     args = ap.parse_args()
+    if not set(args.runs.split(",")) <= {"every", "lora"}:
+        raise SystemExit(f"--runs takes every and/or lora, got {args.runs!r}")
     if args.tiny:
         args.seq_len, args.batch, args.steps, args.warmup, args.lora_rank = 64, 4, 3, 1, 4
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -198,7 +201,8 @@ def main() -> None:
                                load_tokenizer("byte"))
         data = Path(tmp) / "chats.jsonl"
         write_conversations(data, args.seq_len, 2 * args.batch * (args.warmup + args.steps))
-        for label, rank in (("every weight", 0), (f"LoRA r={args.lora_rank}", args.lora_rank)):
+        runs = {"every": ("every weight", 0), "lora": (f"LoRA r={args.lora_rank}", args.lora_rank)}
+        for label, rank in (runs[r] for r in args.runs.split(",")):
             mine, batches = ours(ckpt, data, args.seq_len, args.batch, rank, args.compile, args.steps, args.warmup, device)
             print(f"latentformer, {label}: {mine}", flush=True)
             ref = reference(ckpt, batches, rank, args.compile, args.warmup, device, args.reference)
