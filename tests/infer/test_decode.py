@@ -157,3 +157,30 @@ def test_ragged_rows_decode_as_each_alone(name, static):
         for b, s in rows.items():
             alone = model(s[None])[0, -steps:]
             assert rel_err(torch.stack(out[b]), alone) < 1e-4, b
+
+
+@pytest.mark.parametrize("dim", [1, 2], ids=["latent [B,S,C]", "heads [B,H,S,D]"])
+def test_compiled_row_write_updates_the_cache_in_place(dim):
+    """Inductor must compile RowContext.write to an in-place indexed write of the new tokens: a
+    scatter_ into the cache compiled to a copy of the whole buffer per write (mha-125m decoded at
+    0.21x its speed on an H100). Checked in the generated code: no buffer of the cache's shape is
+    allocated; and the written values are right."""
+    from torch._inductor.utils import run_and_get_code
+
+    from latentformer.model.attention import RowContext
+
+    B, S = 3, 1031
+    shape = (B, S, 11) if dim == 1 else (B, 5, S, 7)
+    slots = torch.tensor([[4], [1030], [0]])  # [B, T=1]: each row its own slot
+    ctx = RowContext(None, None, 0, None, slots=slots, span=None)
+    new = torch.randn(shape[:dim] + (1,) + shape[dim + 1:])
+    want = torch.zeros(shape)
+    for b in range(B):
+        want.select(0, b).narrow(dim - 1, int(slots[b, 0]), 1).copy_(new[b])
+    buf = torch.zeros(shape)
+    torch._dynamo.reset()
+    _, code = run_and_get_code(torch.compile(lambda c, n: ctx.write(c, dim, n).sum(), fullgraph=True), buf, new)
+    assert torch.equal(buf, want)
+    sizes = str(shape).replace(" ", "")
+    assert not any(sizes in line.replace(" ", "") for src in code for line in src.splitlines() if "empty_strided" in line), \
+        f"the compiled write allocates a buffer of the cache's shape {shape}"
