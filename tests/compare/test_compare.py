@@ -204,6 +204,33 @@ def test_training_speeds_compare_within_one_device(finished, tmp_path):
     assert "from the cells trained on GPU B only" in md and f"(mla: {cpu})" in md
 
 
+def test_decode_figures_name_the_device_that_timed_them(finished, tmp_path):
+    """Without decode.json the decode rows are the cells' own (finished before it): the devices
+    named for them are those cells' devices, not every device that trained a cell."""
+    out = tmp_path / "legacy"
+    shutil.copytree(finished, out)
+    decode = json.loads((out / "decode.json").read_text())
+    (out / "decode.json").unlink()
+    for cell in CELLS:  # seed 0 carries its variant's rows, timed on "GPU A"; seed 1 trained on "GPU B" with none
+        path = out / "cells" / cell / "cell.json"
+        state = json.loads(path.read_text())
+        variant, seed = cell.rsplit("-s", 1)
+        if seed == "0":
+            state["device"] = "GPU A"
+            state["decode"] = [{k: r[k] for k in ("mode", "batch_size", "context")} | {"tokens_per_s": r["tokens_per_s"][0]}
+                               for r in decode["rows"] if r["variant"] == variant]
+        else:
+            state["device"] = "GPU B"
+        path.write_text(json.dumps(state))
+    assert main(["compare", "--out", str(out), "--report-only"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["environment"]["devices"] == ["GPU A", "GPU B"] and data["environment"]["decode_devices"] == ["GPU A"]
+    decode_section = (out / "report.md").read_text().split("## Decode throughput", 1)[1].split("##", 1)[0]
+    assert "timed on GPU A." in decode_section and "GPU B" not in decode_section
+    # with decode.json: its device alone
+    assert json.loads((finished / "results.json").read_text())["environment"]["decode_devices"] == [decode["device"]]
+
+
 def test_killed_comparison_resumes(micro_family, micro_data, tmp_path):
     """SIGKILL a comparison after its first cell finished; the re-run keeps that cell and completes the rest."""
     out = tmp_path / "killed"

@@ -147,7 +147,7 @@ def decode(plt, data, colors, out: Path) -> str | None:
         ax.set_title(f"batch {b}")
     by_label = dict(zip(*reversed(axes[0][-1].get_legend_handles_labels())))  # label -> handle: "noisy" once
     axes[0][-1].legend(by_label.values(), by_label.keys(), fontsize=8)
-    devices = ", ".join(data["environment"]["devices"])
+    devices = ", ".join(data["environment"]["decode_devices"])
     fig.suptitle(f"Decode throughput: one-token steps over a filled cache ({devices})", fontsize=10)
     return _save(plt, fig, out, "decode_throughput")
 

@@ -27,7 +27,7 @@ from latentformer.compare.measure import DECODE_ROUNDS, KV_DTYPE, MAX_BATCH_CONT
 from latentformer.compare.runner import Matrix, cell_dir, read_decode, read_state
 from latentformer.fsutil import atomic_write_text
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 RESULTS = "results.json"
 # a timing whose repeats spread wider than this (coefficient of variation: std / mean), or that has
 # fewer repeats than MIN_SAMPLES, is flagged: on shared cores one variant's figure can be 100x off
@@ -141,6 +141,8 @@ def results(root: Path, matrix: Matrix) -> dict[str, Any]:
             row.update({k: s[k] for k in ("val", "train", "curve", "device", "finished")})
         cells.append(row)
     devices = sorted({s["device"] for s in done.values()} | ({decode["device"]} if decode else set()))
+    # who timed the decode rows: decode.json's device, else the cells whose own rows are shown (`_decode`)
+    decode_devices = [decode["device"]] if decode else sorted({s["device"] for s in done.values() if s.get("decode")})
     return {
         "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -158,7 +160,7 @@ def results(root: Path, matrix: Matrix) -> dict[str, Any]:
             "noise": {"max_cv": NOISY_CV, "min_samples": MIN_SAMPLES},
             "overrides": {k: str(v) for k, v in plan.overrides.items()},
         },
-        "environment": {"devices": devices, "python": platform.python_version(), "torch": torch.__version__,
+        "environment": {"devices": devices, "decode_devices": decode_devices, "python": platform.python_version(), "torch": torch.__version__,
                         "platform": platform.platform()},
         "variants": variants,
         "cells": cells,
@@ -313,7 +315,8 @@ def _sections(data: dict[str, Any]) -> list[tuple[str, str, tuple]]:
                     f"median of every logged window of the variant's cells (seeds alternate variants){_speed_device(data)}; "
                     f"decode tokens/s at the largest measured batch and context (MLA absorbed). {noise}", summary_table(data)),
         ("Decode throughput", "Decode tokens/s (batch / median one-token step time) over a cache filled to the context, "
-                              f"the median of {s['decode_rounds']} rounds that each time every variant once, interleaved. "
+                              f"the median of {s['decode_rounds']} rounds that each time every variant once, interleaved; "
+                              f"timed on {', '.join(data['environment']['decode_devices']) or 'no device yet'}. "
                               f"MLA: absorbed and naive decoding. {noise}", decode_table(data)),
         ("Largest batch", f"Largest batch whose bf16 KV cache alone fits in {s['memory_gib']:g} GiB at each context "
                           "(weights and activations not counted).", max_batch_table(data)),
