@@ -30,7 +30,7 @@ from latentformer.config import ModelConfig
 from latentformer.data.tokenizer import ByteTokenizer
 from latentformer.infer.decode import Decoder
 from latentformer.infer.generate import generate
-from latentformer.interop.to_mla import (calibration_parts, calibration_stats, calibration_tokens, joint_latent, mla_config,
+from latentformer.interop.to_mla import (attention_stats, calibration_parts, calibration_stats, calibration_tokens, joint_latent, mla_config,
                                          mla_shape, rope_dims, rope_merge, sample_tokens, text_tokens, to_mla)
 from latentformer.model.rope import RotaryEmbedding, apply_rope, rope_inv_freq
 from latentformer.model.transformer import Transformer
@@ -90,14 +90,19 @@ def test_exact_cases_logits_equal(interleave, rope_dim, silent):
         assert (loud(PROMPT) - ref).abs().max() > 1e-3
 
 
-def test_scores_are_the_merged_rotation_plus_the_unrotated_residual():
+def test_scores_are_the_merged_rotation_plus_the_mean_rotated_residual():
     """At full rank, every score of the converted layer equals the method's decomposition computed
     here from the source's weights: per kept pair f, beta_g(f) q_h . R k_pe,f with k_pe,f = sum_g
-    a_g(f) k_g,f (rotated), plus q_h . kappa_g (unrotated), kappa = the keys minus their merged part."""
+    a_g(f) k_g,f (rotated), plus the residual kappa = the keys minus their merged part, on the kept
+    pairs scored as the source would score it at each distance s, averaged with the weights p_h(s) of
+    the head's lag profile: sum_s p_h(s) rope(q_h, position s) . kappa_g (rope.apply_rope itself
+    turns the query); on the dropped pairs q_h . kappa_g, unrotated."""
     src = _gqa(seed=3)
     n = D // 4  # pairs kept
     mla = to_mla(src, CALIB, FULL, 2 * n, seq_len=64)
-    sigma = calibration_stats(src, CALIB, 64)[0]
+    stats = calibration_stats(src, CALIB, 64)[0]
+    sigma, p = stats.sigma, stats.lag / stats.lag.sum(-1, keepdim=True)  # p [H, 64]
+    assert p[:, 0].min() > 0 and p[:, 1:].sum(-1).min() > 0.1  # heads attend to themselves and to others
     attn, x = mla.layers[0].attn, torch.randn(1, 12, 64, dtype=torch.float64)
     x_ctx = mla.context(torch.zeros(1, 12, dtype=torch.long), None)[1]
     q_nope, q_pe, c_kv, k_pe = attn._project(x, x_ctx)
@@ -116,9 +121,12 @@ def test_scores_are_the_merged_rotation_plus_the_unrotated_residual():
     merged = torch.einsum("ig,btgi->bti", a[pair.clamp(max=n - 1)], k) * kept  # k_pe in the source's dims, [1,12,D]
     share = torch.where(kept, beta[pair.clamp(max=n - 1)].T, 0.0)  # [G, D]: beta_g on the kept dims
     kappa = k - share[None, None] * merged[:, :, None]
-    cos, sin = RotaryEmbedding(src.config)(torch.arange(12)[None])
-    rot_q, rot_k = apply_rope(q * share[group][None, None], cos, sin, False), apply_rope(merged[:, :, None], cos, sin, False)
-    want = (torch.einsum("bthi,bsi->bhts", rot_q, rot_k[:, :, 0]) + torch.einsum("bthi,bshi->bhts", q, kappa[:, :, group]))
+    cos, sin = RotaryEmbedding(src.config)(torch.arange(64)[None])
+    rot_q, rot_k = apply_rope(q * share[group][None, None], cos[:, :12], sin[:, :12], False), apply_rope(merged[:, :, None], cos[:, :12], sin[:, :12], False)
+    q_at = torch.stack([apply_rope(q.double(), cos[:, s:s + 1].expand(1, 12, -1).double(), sin[:, s:s + 1].expand(1, 12, -1).double(), False)
+                        for s in range(64)])  # [64, 1, 12, H, D]: each query as if at position s (its key at 0)
+    q_mean = torch.where(kept, torch.einsum("hs,sbthi->bthi", p, q_at), q)  # the dropped pairs: unturned
+    want = (torch.einsum("bthi,bsi->bhts", rot_q, rot_k[:, :, 0]) + torch.einsum("bthi,bshi->bhts", q_mean, kappa[:, :, group]))
     want = want * src.config.softmax_scale
     assert (got - want).abs().max() < 1e-5 * want.abs().max()  # apply_rope computes in fp32
 
@@ -232,12 +240,26 @@ def test_sequential_calibration_is_exact_at_full_rank(interleave):
     assert (_decoded(mla, 30, "absorb") - ref).abs().max() < 1e-6
 
 
-def test_sequential_calibration_takes_sigma_from_the_converted_prefix():
-    """Each layer's Sigma is that of its own attention inputs in the converted model (the converted
-    model's `calibration_stats` reproduce it), not the source's: layer 0 as without it, layer 1 not."""
+def test_sequential_calibration_takes_its_statistics_from_the_converted_prefix():
+    """Each layer's statistics are those of its own attention inputs in the converted model (Sigma of
+    them, the lag profile of the source layer's attention on them: collected here from the converted
+    model and converting with them reproduces it), not the source's: layer 0 as without it, layer 1 not."""
     src = _gqa(seed=5)
     seq = to_mla(src, CALIB, 12, 8, seq_len=64, sequential=True)
-    again = to_mla(src, None, 12, 8, stats=calibration_stats(seq, CALIB, 64))
+    stats, source_ctx = [None] * src.config.n_layers, src.context(CALIB[:64].view(1, 64), None)[1]  # the source's rope
+
+    def collect(i):
+        def hook(_module, args):
+            new = attention_stats(src.layers[i].attn, args[0], source_ctx)
+            stats[i] = new if stats[i] is None else stats[i] + new
+        return hook
+
+    hooks = [layer.attn.register_forward_pre_hook(collect(i)) for i, layer in enumerate(seq.layers)]
+    with torch.no_grad():
+        seq(CALIB.view(-1, 64))
+    for h in hooks:
+        h.remove()
+    again = to_mla(src, None, 12, 8, stats=stats)
     for name, value in seq.state_dict().items():
         assert torch.allclose(value, again.state_dict()[name], rtol=1e-6, atol=1e-9), name
     plain = to_mla(src, CALIB, 12, 8, seq_len=64).state_dict()

@@ -5,7 +5,8 @@ derivation, per layer, from calibration statistics; what was measured against wh
 
 Legend: H query heads, G key/value heads, D head_dim, d d_model, group g(h) = h // (H/G); dr the
 MLA rope dims (n = dr/2 frequency pairs), r = kv_lora_rank; Sigma = sum over calibration tokens of
-x x^T (x: the attention's input, after its norm). Pair f of a head: dims (f, f + D/2), or (2f, 2f+1)
+x x^T (x: the attention's input, after its norm); p_h(s) = the source head h's attention weight on
+the key s tokens back, summed over the calibration's queries (`LayerStats.lag`). Pair f of a head: dims (f, f + D/2), or (2f, 2f+1)
 when interleaved (rope.apply_rope's layouts); its frequency falls as f grows.
 
 1. Partial RoPE. MLA rotates one key shared by all heads (k_pe, dr dims). It keeps the n
@@ -22,7 +23,14 @@ when interleaved (rope.apply_rope's layouts); its frequency falls as f grows.
    (both components of the pair pooled). Equal Q_g gives RoRoPE's top eigenvector of C. Exact when
    every KV head's keys are equal.
 3. Non-rope key: head h scores its own query q_h (D dims, qk_nope_head_dim = D) against its group's
-   residual key kappa_g: the residual on the kept pairs, the whole key on the others.
+   residual key kappa_g: the residual on the kept pairs, the whole key on the others. On a kept
+   pair the residual loses its rotation, so the query's pair f is turned by the rotation it had on
+   average where head h attends (approximation 1, made smaller): the source scores q . R(-w_f s) k
+   at distance s, and with A_hf = sum_s p_h(s) R(-w_f s), p_h the source head's attention weight at
+   distance s over the calibration's queries (normalized), the unrotated term becomes
+   (A_hf^T q) . kappa. A pair that turns fast where the head attends shrinks towards its mean; a head
+   that attends to its own token keeps the identity. The dropped pairs keep the identity: turned
+   the same way they measured worse (NOTES.md).
 4. Joint latent. y = [kappa_0..kappa_{G-1}; v_0..v_{G-1}] (2GD values) is compressed to r by a PCA
    of its calibration covariance W_y Sigma W_y^T in an output-aware metric M: a key error e costs
    (q_h . e)^2 (block sum_{h in g} W_q,h Sigma W_q,h^T), a value error |W_o,h e|^2 (block
@@ -36,8 +44,8 @@ when interleaved (rope.apply_rope's layouts); its frequency falls as f grows.
    folded into the query weights, so kept scores are unchanged.
 Everything else (embeddings, norms, FFN/MoE, o_proj, output layer) is copied unchanged.
 
-Calibration: Sigma from the source's own activations (default), or sequential (`sequential=True`,
-as GPTQ / SparseGPT): layer i's Sigma from the inputs it sees in the model whose layers < i are
+Calibration: Sigma and p_h from the source's own activations (default), or sequential (`sequential=True`,
+as GPTQ / SparseGPT): layer i's statistics from the inputs it sees in the model whose layers < i are
 already converted, so its latent is fitted to the activations it will actually get. Measured on
 SmolLM2 (NOTES.md): 4% / 8% lower perplexity at 25% of its cache, 2% higher at 50%; an option.
 
@@ -49,12 +57,13 @@ best on SmolLM2 at 50% and 25% of its cache (NOTES.md).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from latentformer.config import ModelConfig
-from latentformer.model.rope import rope_inv_freq
+from latentformer.model.rope import apply_rope, rope_inv_freq
 from latentformer.model.transformer import Transformer
 
 Progress = Callable[[int, int], None]  # (done, total) of a phase
@@ -142,20 +151,51 @@ def calibration_windows(tokens: torch.Tensor, seq_len: int, max_seq_len: int) ->
     return tokens[:n].view(-1, seq_len)
 
 
+@dataclass
+class LayerStats:
+    """Calibration statistics of one source layer (float64, on the CPU): sigma [d, d] = sum x x^T of
+    its attention inputs x; lag [H, L] = sum over queries of head h's attention weight on the key s
+    slots back (windows of L tokens). The statistics of two texts add up to those of both."""
+
+    sigma: torch.Tensor
+    lag: torch.Tensor
+
+    def __add__(self, other: LayerStats) -> LayerStats:
+        return LayerStats(self.sigma + other.sigma, self.lag + other.lag)
+
+
+def attention_stats(attn, x: torch.Tensor, ctx) -> LayerStats:
+    """`LayerStats` of the source attention module `attn` (MHA/GQA/MQA) on its inputs x [B, T, d]:
+    windows from position 0, causal; `ctx` the layers' context (the rope angles)."""
+    cfg = attn.cfg
+    B, T, d = x.shape
+    H, G, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    flat = x.reshape(-1, d).double()
+    q, k, _ = attn.qkv_proj(x).view(B, T, H + 2 * G, D).split([H, G, G], dim=2)
+    if ctx.cos is not None:
+        q, k = apply_rope(q, ctx.cos, ctx.sin, cfg.rope_interleave), apply_rope(k, ctx.cos, ctx.sin, cfg.rope_interleave)
+    k = k.repeat_interleave(H // G, dim=2)
+    lag_of = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).to(x.device)  # [T, T]: query i, key j -> i - j
+    scores = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) * cfg.softmax_scale
+    probs = scores.masked_fill(lag_of < 0, float("-inf")).softmax(-1).sum(0)  # [H, T, T]
+    # future keys have weight 0: their clamped lag 0 gains nothing
+    lag = torch.zeros_like(probs).scatter_add_(-1, lag_of.clamp(min=0).expand(H, T, T), probs).sum(1)  # [H, T]
+    return LayerStats((flat.T @ flat).cpu(), lag.cpu())
+
+
 @torch.no_grad()
 def calibration_stats(model: Transformer, tokens: torch.Tensor, seq_len: int = 512, batch: int = 8,
-                      progress: Progress | None = None) -> list[torch.Tensor]:
-    """Per layer Sigma [d, d] (float64) = sum x x^T of the attention inputs x of `model` over `tokens`
-    [N] cut into windows of `seq_len`; `progress(done, total)` after each batch of windows."""
+                      progress: Progress | None = None) -> list[LayerStats]:
+    """Per layer `LayerStats` of `model`'s own activations over `tokens` [N] cut into windows of
+    `seq_len`; `progress(done, total)` after each batch of windows."""
     cfg = model.config
     windows = calibration_windows(tokens, seq_len, cfg.max_seq_len)
-    d = cfg.d_model
-    sigma = [torch.zeros(d, d, dtype=torch.float64) for _ in model.layers]
+    stats: list[LayerStats | None] = [None] * cfg.n_layers
     hooks = []
     for i, layer in enumerate(model.layers):
-        def hook(_module, args, i=i):
-            x = args[0].reshape(-1, d).double()
-            sigma[i] += (x.T @ x).cpu()
+        def hook(module, args, i=i):
+            new = attention_stats(module, args[0], args[1])
+            stats[i] = new if stats[i] is None else stats[i] + new
             if i == len(model.layers) - 1:
                 raise _Stop  # the last layer's attention and the output layer are not needed
         hooks.append(layer.attn.register_forward_pre_hook(hook))
@@ -174,7 +214,7 @@ def calibration_stats(model: Transformer, tokens: torch.Tensor, seq_len: int = 5
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return sigma
+    return stats
 
 
 @torch.inference_mode()
@@ -306,9 +346,24 @@ def joint_latent(w_y: torch.Tensor, sigma: torch.Tensor, key_metric: torch.Tenso
     return u.T @ m_y, inv @ u
 
 
-def convert_attention(attn, src: ModelConfig, dst: ModelConfig, sigma: torch.Tensor) -> dict[str, torch.Tensor]:
+def mean_rotation(w_q: torch.Tensor, lag: torch.Tensor, src: ModelConfig, n: int) -> torch.Tensor:
+    """The queries w_q [H, D, d] with each kept pair f < n of head h turned by A_hf^T (module docstring,
+    3): A_hf = sum_s p_h(s) R(-w_f s), p_h = lag [H, L] normalized per head, w_f the source's frequencies."""
+    inv_freq = rope_inv_freq(src)[0][:n].double()  # [n]
+    p = lag / lag.sum(-1, keepdim=True)
+    angle = torch.arange(lag.shape[-1], dtype=torch.float64)[:, None] * inv_freq  # [L, n]
+    c, s = (p @ torch.cos(angle))[..., None], (p @ torch.sin(angle))[..., None]  # [H, n, 1]
+    half = torch.arange(n)
+    x1, x2 = (2 * half, 2 * half + 1) if src.rope_interleave else (half, half + w_q.shape[1] // 2)  # rope.apply_rope's pairs
+    out = w_q.clone()
+    out[:, x1], out[:, x2] = c * w_q[:, x1] - s * w_q[:, x2], s * w_q[:, x1] + c * w_q[:, x2]
+    return out
+
+
+def convert_attention(attn, src: ModelConfig, dst: ModelConfig, stats: LayerStats) -> dict[str, torch.Tensor]:
     """The MLA attention weights (float64, our parameter names under `attn.`) of one source layer."""
     H, G, D, d, r, dr = src.n_heads, src.n_kv_heads, src.head_dim, src.d_model, dst.kv_lora_rank, dst.qk_rope_head_dim
+    sigma = stats.sigma
     w = attn.qkv_proj.weight.detach().double().cpu()  # small eigenproblems: on the CPU, as Sigma
     w_q, w_k, w_v = w.view(H + 2 * G, D, d).split([H, G, G])  # [H,D,d], [G,D,d], [G,D,d]
     w_o = attn.o_proj.weight.detach().double().cpu().view(d, H, D)
@@ -328,8 +383,10 @@ def convert_attention(attn, src: ModelConfig, dst: ModelConfig, sigma: torch.Ten
     w_kappa = w_k.clone()
     w_kappa[:, dims] -= beta[pair].T[..., None] * k_pe
 
+    w_q_nope = mean_rotation(w_q, stats.lag, src, n)  # [H, D, d]: against the residual, turned by its mean rotation
+
     # 4. the joint latent of [kappa; v] in the output-aware metric
-    key_metric = torch.einsum("hg,hid,de,hje->gij", to_group, w_q, sigma, w_q)  # [G, D, D]
+    key_metric = torch.einsum("hg,hid,de,hje->gij", to_group, w_q_nope, sigma, w_q_nope)  # [G, D, D]
     value_metric = torch.einsum("hg,ohi,ohj->gij", to_group, w_o, w_o)  # [G, D, D]
     w_y = torch.cat((w_kappa, w_v)).reshape(2 * G * D, d)
     latent, up = joint_latent(w_y, sigma, key_metric, value_metric, r)
@@ -339,7 +396,7 @@ def convert_attention(attn, src: ModelConfig, dst: ModelConfig, sigma: torch.Ten
     # 6. the source's softmax scale, folded into the queries
     q_scale = src.softmax_scale / dst.softmax_scale
     return {
-        "q_proj.weight": torch.cat((w_q, q_pe), dim=1).reshape(H * (D + dr), d) * q_scale,
+        "q_proj.weight": torch.cat((w_q_nope, q_pe), dim=1).reshape(H * (D + dr), d) * q_scale,
         "kv_a_proj.weight": torch.cat((latent, k_pe)),
         "kv_b_proj.weight": kv_b.reshape(H * 2 * D, r),
         "o_proj.weight": w_o.reshape(d, H * D),
@@ -370,15 +427,14 @@ def block_inputs(model: Transformer, windows: torch.Tensor, batch: int) -> tuple
     return torch.cat([model.context(w.to(x.device), None)[0] for w in windows.split(batch)]), ctx
 
 
-def attention_input_stats(block, x: torch.Tensor, ctx, batch: int) -> torch.Tensor:
-    """Sigma [d, d] (float64, on the CPU) = sum h h^T of the attention inputs h of `block` for its
-    inputs `x` [N, L, d]; the attention itself does not run (its weights may be unset)."""
-    d = x.shape[-1]
-    sigma = torch.zeros(d, d, dtype=torch.float64)
+def attention_input_stats(block, x: torch.Tensor, ctx, source_attn, source_ctx, batch: int) -> LayerStats:
+    """`LayerStats` of the attention inputs h of `block` (context `ctx`) for its inputs `x` [N, L, d],
+    the lag profile that of `source_attn` (the source layer's attention, context `source_ctx`: the
+    source's rope) on them; `block`'s own attention does not run (its weights may be unset)."""
+    stats: list[LayerStats] = []
 
     def hook(_module, args):
-        h = args[0].reshape(-1, d).double()
-        sigma.add_((h.T @ h).cpu())
+        stats.append(attention_stats(source_attn, args[0], source_ctx))
         raise _Stop
 
     handle = block.attn.register_forward_pre_hook(hook)
@@ -390,16 +446,16 @@ def attention_input_stats(block, x: torch.Tensor, ctx, batch: int) -> torch.Tens
                 pass
     finally:
         handle.remove()
-    return sigma
+    return sum(stats[1:], stats[0])
 
 
 @torch.no_grad()
 def to_mla(model: Transformer, tokens: torch.Tensor | None, rank: int, rope_dim: int, *, seq_len: int = 512,
-           stats: list[torch.Tensor] | None = None, sequential: bool = False, batch: int = 8,
+           stats: list[LayerStats] | None = None, sequential: bool = False, batch: int = 8,
            progress: Callable[[str], Progress] | None = None) -> Transformer:
     """The MLA model (same dtype and device as `model`) converted from `model` with calibration
     `tokens` [N]; `stats` (from `calibration_stats`) may be given instead, to convert at several sizes.
-    `sequential`: layer i's Sigma from the converted model's layers < i on `tokens` (module docstring),
+    `sequential`: layer i's statistics from the converted model's layers < i on `tokens` (module docstring),
     its windows run through each converted block in batches of `batch`. `progress(phase)`
     ("calibrating", "converting layers") returns the phase's `(done, total)` callback."""
     src = model.config
@@ -410,11 +466,13 @@ def to_mla(model: Transformer, tokens: torch.Tensor | None, rank: int, rope_dim:
         stats = calibration_stats(model, tokens, seq_len, progress=progress and progress("calibrating"))
     out = mla_shell(model, dst)
     if sequential:
-        x, ctx = block_inputs(out, calibration_windows(tokens, seq_len, src.max_seq_len), batch)  # [N, L, d]
+        windows = calibration_windows(tokens, seq_len, src.max_seq_len)
+        x, ctx = block_inputs(out, windows, batch)  # [N, L, d]
+        source_ctx = model.context(windows[:1].to(x.device), None)[1]  # the source's rope angles, for its attention
     layers_done = progress and progress("converting layers")
     for i, (layer, new) in enumerate(zip(model.layers, out.layers)):
-        sigma = attention_input_stats(new, x, ctx, batch) if sequential else stats[i]
-        for name, value in convert_attention(layer.attn, src, dst, sigma).items():
+        layer_stats = attention_input_stats(new, x, ctx, layer.attn, source_ctx, batch) if sequential else stats[i]
+        for name, value in convert_attention(layer.attn, src, dst, layer_stats).items():
             new.attn.get_parameter(name).copy_(value)
         if sequential and i + 1 < len(out.layers):
             x = torch.cat([new(chunk, ctx) for chunk in x.split(batch)])  # the next layer's inputs, through this converted layer
