@@ -90,14 +90,15 @@ def test_exact_cases_logits_equal(interleave, rope_dim, silent):
         assert (loud(PROMPT) - ref).abs().max() > 1e-3
 
 
-def test_scores_are_the_merged_rotation_plus_the_mean_rotated_residual():
+@pytest.mark.parametrize("interleave", [False, True])
+def test_scores_are_the_merged_rotation_plus_the_mean_rotated_residual(interleave):
     """At full rank, every score of the converted layer equals the method's decomposition computed
     here from the source's weights: per kept pair f, beta_g(f) q_h . R k_pe,f with k_pe,f = sum_g
     a_g(f) k_g,f (rotated), plus the residual kappa = the keys minus their merged part, on the kept
     pairs scored as the source would score it at each distance s, averaged with the weights p_h(s) of
     the head's lag profile: sum_s p_h(s) rope(q_h, position s) . kappa_g (rope.apply_rope itself
     turns the query); on the dropped pairs q_h . kappa_g, unrotated."""
-    src = _gqa(seed=3)
+    src = _gqa(interleave, seed=3)
     n = D // 4  # pairs kept
     mla = to_mla(src, CALIB, FULL, 2 * n, seq_len=64)
     stats = calibration_stats(src, CALIB, 64)[0]
@@ -112,7 +113,7 @@ def test_scores_are_the_merged_rotation_plus_the_mean_rotated_residual():
     w = src.layers[0].attn.qkv_proj.weight.view(H + 2 * G, D, -1)
     w_q, w_k = w[:H], w[H:H + G]
     group = torch.arange(H) // (H // G)
-    pair = torch.cat((torch.arange(D // 2),) * 2)  # the source's half-split layout: dim i in pair i mod D/2
+    pair = rope_dims(D, D // 2, interleave)[1][rope_dims(D, D // 2, interleave)[0].argsort()]  # the pair of each source dim
     cov = torch.zeros(D // 2, G, G, dtype=torch.float64).index_add_(0, pair, torch.einsum("gid,de,hie->igh", w_k, sigma, w_k))
     energy = torch.zeros(D // 2, H, dtype=torch.float64).index_add_(0, pair, torch.einsum("hid,de,hie->ih", w_q, sigma, w_q))
     a, beta = rope_merge(cov[:n], torch.stack([energy[:n, group == g].sum(1) for g in range(G)], 1))
@@ -122,11 +123,15 @@ def test_scores_are_the_merged_rotation_plus_the_mean_rotated_residual():
     share = torch.where(kept, beta[pair.clamp(max=n - 1)].T, 0.0)  # [G, D]: beta_g on the kept dims
     kappa = k - share[None, None] * merged[:, :, None]
     cos, sin = RotaryEmbedding(src.config)(torch.arange(64)[None])
-    rot_q, rot_k = apply_rope(q * share[group][None, None], cos[:, :12], sin[:, :12], False), apply_rope(merged[:, :, None], cos[:, :12], sin[:, :12], False)
-    q_at = torch.stack([apply_rope(q.double(), cos[:, s:s + 1].expand(1, 12, -1).double(), sin[:, s:s + 1].expand(1, 12, -1).double(), False)
+    rot_q, rot_k = apply_rope(q * share[group][None, None], cos[:, :12], sin[:, :12], interleave), apply_rope(merged[:, :, None], cos[:, :12], sin[:, :12], interleave)
+    q_at = torch.stack([apply_rope(q.double(), cos[:, s:s + 1].expand(1, 12, -1).double(), sin[:, s:s + 1].expand(1, 12, -1).double(), interleave)
                         for s in range(64)])  # [64, 1, 12, H, D]: each query as if at position s (its key at 0)
-    q_mean = torch.where(kept, torch.einsum("hs,sbthi->bthi", p, q_at), q)  # the dropped pairs: unturned
-    want = (torch.einsum("bthi,bsi->bhts", rot_q, rot_k[:, :, 0]) + torch.einsum("bthi,bshi->bhts", q_mean, kappa[:, :, group]))
+    # apply_rope returns the interleaved layout split in halves: `order` is the source dim at each place
+    order = apply_rope(torch.arange(D, dtype=torch.float64).view(1, 1, 1, D), torch.ones(1, 1, D // 2), torch.zeros(1, 1, D // 2),
+                       interleave).view(D).long()
+    q_mean = torch.where(kept[order], torch.einsum("hs,sbthi->bthi", p, q_at), q[..., order])  # the dropped pairs: unturned
+    want = (torch.einsum("bthi,bsi->bhts", rot_q, rot_k[:, :, 0])
+            + torch.einsum("bthi,bshi->bhts", q_mean, kappa[:, :, group][..., order]))
     want = want * src.config.softmax_scale
     assert (got - want).abs().max() < 1e-5 * want.abs().max()  # apply_rope computes in fp32
 
