@@ -47,7 +47,8 @@ Everything else (embeddings, norms, FFN/MoE, o_proj, output layer) is copied unc
 Calibration: Sigma and p_h from the source's own activations (default), or sequential (`sequential=True`,
 as GPTQ / SparseGPT): layer i's statistics from the inputs it sees in the model whose layers < i are
 already converted, so its latent is fitted to the activations it will actually get. Measured on
-SmolLM2 (NOTES.md): 4% / 8% lower perplexity at 25% of its cache, 2% higher at 50%; an option.
+SmolLM2 (NOTES.md): 0% / 7% lower perplexity at 25% of its cache, 3% / 1% at 50%; an option (it
+costs a second forward over the calibration per conversion).
 
 Sizes: by rank (`--kv-lora-rank`) or by a fraction of the source's KV cache (`--kv-fraction`); the
 rope dims default to a third of the cache per token and layer (half the rank), at most D: measured
