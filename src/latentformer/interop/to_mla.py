@@ -6,8 +6,9 @@ derivation, per layer, from calibration statistics; what was measured against wh
 Legend: H query heads, G key/value heads, D head_dim, d d_model, group g(h) = h // (H/G); dr the
 MLA rope dims (n = dr/2 frequency pairs), r = kv_lora_rank; Sigma = sum over calibration tokens of
 x x^T (x: the attention's input, after its norm); p_h(s) = the source head h's attention weight on
-the key s tokens back, summed over the calibration's queries (`LayerStats.lag`). Pair f of a head: dims (f, f + D/2), or (2f, 2f+1)
-when interleaved (rope.apply_rope's layouts); its frequency falls as f grows.
+the key s tokens back, summed over the calibration's queries (`LayerStats.lag`). Pair f of a head:
+dims (f, f + D/2), or (2f, 2f+1) when interleaved (rope.apply_rope's layouts); its frequency falls
+as f grows.
 
 1. Partial RoPE. MLA rotates one key shared by all heads (k_pe, dr dims). It keeps the n
    highest-frequency pairs f < n at the source's own frequencies: MLA's rope of dim dr with
