@@ -146,7 +146,7 @@ def decode(plt, data, colors, out: Path) -> str | None:
         ax.set_ylabel("decode tokens/s (log scale)")
         ax.set_title(f"batch {b}")
     by_label = dict(zip(*reversed(axes[0][-1].get_legend_handles_labels())))  # label -> handle: "noisy" once
-    axes[0][-1].legend(by_label.values(), by_label.keys(), fontsize=8)
+    axes[0][-1].legend(by_label.values(), by_label.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside: lines fill each panel
     devices = ", ".join(data["environment"]["decode_devices"])
     fig.suptitle(f"Decode throughput: one-token steps over a filled cache ({devices})", fontsize=10)
     return _save(plt, fig, out, "decode_throughput")
