@@ -74,6 +74,23 @@ def test_imported_as_the_model_it_is(smol):
     assert smol.hf_tok.convert_tokens_to_ids("<|im_end|>") in smol.tok.stop_ids
 
 
+def test_special_tokens_come_from_the_file_not_from_transformers_reading_of_it(smol, monkeypatch):
+    """transformers 5.17 read this file's eos_token as <|im_start|> and no pad token (5.25: <|im_end|>,
+    <|im_end|>); the file's metadata names eos 2 and pad 2, and the import follows the file."""
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def as_5_17(*args, **kwargs):
+        tok = real(*args, **kwargs)
+        tok.eos_token, tok.pad_token = "<|im_start|>", None
+        return tok
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", as_5_17)
+    tok = gguf_tokenizer(FILE, read_gguf(FILE).hf_config)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert tok.describe() == smol.tok.describe()
+    assert sorted(tok.stop_ids) == [0, 2]
+
+
 def test_logits_and_greedy_tokens_equal_transformers(smol):
     ids = smol.tok.encode(TEXT)
     assert ids == smol.hf_tok(TEXT, add_special_tokens=False)["input_ids"]

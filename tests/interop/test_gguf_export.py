@@ -183,6 +183,23 @@ def test_an_imported_tokenizer_keeps_its_special_tokens_and_chat_template(chat_t
     assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids
 
 
+def test_an_mla_import_reads_the_special_tokens_under_the_specs_keys(chat_tokenizer, tmp_path):
+    """pad and unk are stored as tokenizer.ggml.padding_token_id / unknown_token_id; the deepseek2 import
+    (its own vocabulary reader) must find them there, as llama.cpp does."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tk = HFTokenizer.from_str(chat_tokenizer.to_json())
+    special = {**chat_tokenizer.special, "pad_token": "<|im_end|>", "pad_token_id": chat_tokenizer.special["eos_token_id"]}
+    padded = PretrainedTokenizer(tk, special, chat_tokenizer.chat_template)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "ckpt", Transformer(ModelConfig(**COMMON, **CONFIGS["mla"])), padded)
+    assert main(["convert", "--to", "gguf", str(ckpt), str(tmp_path / "chat.gguf")]) == 0
+    assert main(["convert", "--from", "gguf", str(tmp_path / "chat.gguf"), str(tmp_path / "back")]) == 0
+    _, back = load(tmp_path / "back")
+    assert (back.bos_token, back.eos_token, back.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert back.special["pad_token_id"] == back.special["eos_token_id"] == chat_tokenizer.special["eos_token_id"]
+
+
 def _refusal(capsys, argv: list[str]) -> str:
     capsys.readouterr()
     assert main(argv) == 1

@@ -94,9 +94,16 @@ def gguf_tokenizer(path: str | Path, hf_config: dict[str, Any]) -> Tokenizer | N
     (None, with a warning, when the file has none it can read)."""
     import transformers
 
+    import gguf
+
     path = Path(path)
     try:
         hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        # the file names its special tokens; transformers' reading of them differs between versions
+        # (5.17 made <|im_start|> SmolLM2's eos_token and dropped its pad token)
+        for name, i in special_ids(gguf.GGUFReader(str(path)).fields).items():
+            if i is not None and i < len(hf_tok):
+                setattr(hf_tok, f"{name}_token", hf_tok.convert_ids_to_tokens(i))
         with tempfile.TemporaryDirectory() as tmp:
             hf_tok.save_pretrained(tmp)
             return PretrainedTokenizer.from_hf_dir(tmp, hf_config)
@@ -521,6 +528,16 @@ def read_deepseek2(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
     return hf, out
 
 
+def special_ids(fields: dict[str, Any]) -> dict[str, int | None]:
+    """bos/eos/pad/unk -> the id a GGUF file's metadata (`GGUFReader.fields`) names, or None: the
+    spec's keys tokenizer.ggml.bos_token_id, eos_token_id, padding_token_id and unknown_token_id."""
+    import gguf
+
+    keys = gguf.Keys.Tokenizer
+    return {name: int(fields[key].contents()) if key in fields else None
+            for name, key in (("bos", keys.BOS_ID), ("eos", keys.EOS_ID), ("pad", keys.PAD_ID), ("unk", keys.UNK_ID))}
+
+
 def gpt2_vocabulary(path: str | Path) -> Tokenizer | None:
     """The byte-level BPE of a GGUF file whose vocabulary is llama.cpp's `gpt2` model with the
     `gpt-2` pre-tokenizer (what `export_gguf` writes; transformers reads no deepseek2 file), as an
@@ -547,8 +564,7 @@ def gpt2_vocabulary(path: str | Path) -> Tokenizer | None:
         if kind in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED):
             tk.add_tokens([AddedToken(tokens[i], special=kind == gguf.TokenType.CONTROL, normalized=False)])
     special: dict[str, Any] = {}
-    for name in ("bos", "eos", "pad", "unk"):
-        i = value(f"tokenizer.ggml.{name}_token_id")
+    for name, i in special_ids(fields).items():
         special[f"{name}_token"] = tokens[i] if i is not None else None
         if name != "unk":
             special[f"{name}_token_id"] = i
