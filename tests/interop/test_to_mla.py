@@ -113,7 +113,8 @@ def test_scores_are_the_merged_rotation_plus_the_mean_rotated_residual(interleav
     w = src.layers[0].attn.qkv_proj.weight.view(H + 2 * G, D, -1)
     w_q, w_k = w[:H], w[H:H + G]
     group = torch.arange(H) // (H // G)
-    pair = rope_dims(D, D // 2, interleave)[1][rope_dims(D, D // 2, interleave)[0].argsort()]  # the pair of each source dim
+    dims, pairs = rope_dims(D, D // 2, interleave)
+    pair = pairs[dims.argsort()]  # the pair of each source dim
     cov = torch.zeros(D // 2, G, G, dtype=torch.float64).index_add_(0, pair, torch.einsum("gid,de,hie->igh", w_k, sigma, w_k))
     energy = torch.zeros(D // 2, H, dtype=torch.float64).index_add_(0, pair, torch.einsum("hid,de,hie->ih", w_q, sigma, w_q))
     a, beta = rope_merge(cov[:n], torch.stack([energy[:n, group == g].sum(1) for g in range(G)], 1))

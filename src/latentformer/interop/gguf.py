@@ -92,9 +92,8 @@ def read_gguf(path: str | Path) -> GGUFModel:
 def gguf_tokenizer(path: str | Path, hf_config: dict[str, Any]) -> Tokenizer | None:
     """The tokenizer transformers rebuilds from a GGUF file's vocabulary, as an imported tokenizer
     (None, with a warning, when the file has none it can read)."""
-    import transformers
-
     import gguf
+    import transformers
 
     path = Path(path)
     try:
