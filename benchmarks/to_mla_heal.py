@@ -119,7 +119,7 @@ def calibration(model, tok, n: int, sotu: torch.Tensor | None) -> torch.Tensor:
     return torch.cat((sample_tokens(model, tok.eot_id, parts["samples"]), sotu[:parts["sotu"]]))
 
 
-def recipe(args: argparse.Namespace, cuda: bool) -> TrainConfig:
+def recipe(args: argparse.Namespace, cuda: bool, teacher: Path | None) -> TrainConfig:
     seq = args.seq_len or (2048 if cuda else 256)
     micro = args.micro_batch or (16 if cuda else 4)
     per_micro = seq * micro
@@ -131,7 +131,7 @@ def recipe(args: argparse.Namespace, cuda: bool) -> TrainConfig:
                        lr=args.lr, min_lr=args.lr / 10, warmup_steps=max(1, round(args.warmup * steps)), schedule="cosine",
                        weight_decay=0.0, grad_clip=1.0, eval_interval=0, budget_evals=0, eval_tokens=64 * seq,
                        checkpoint_minutes=0, keep_last=1, save_best=False, tensorboard=False, progress=sys.stderr.isatty(),
-                       sample_tokens=0, log_interval=10)
+                       sample_tokens=0, log_interval=10, teacher=str(teacher or ""), distill_weight=args.distill)
 
 
 def heal(ckpt: Path, data: Path, run_dir: Path, train: TrainConfig, texts: dict[str, torch.Tensor],
@@ -218,6 +218,8 @@ def main() -> None:
                     help="warm-up steps as a fraction of the steps (default 0.1, MHA2MLA's for SmolLM-135M)")
     ap.add_argument("--samples", type=float, default=0,
                     help="tokens sampled from the source (temperature 1) to mix into the --prepare corpus (default 0)")
+    ap.add_argument("--distill", type=float, default=0.0, metavar="W",
+                    help="distill from the source (train.teacher), loss = (1 - W) x cross-entropy + W x KL (default 0: off)")
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4, MHA2MLA's for SmolLM-135M)")
     ap.add_argument("--seq-len", type=int, default=0)
@@ -237,7 +239,7 @@ def main() -> None:
     if args.samples and not args.prepare:
         ap.error("--samples mixes into the corpus --prepare tokenizes: give --prepare SOURCE.jsonl")
     cuda = torch.cuda.is_available()
-    train = recipe(args, cuda)
+    train = recipe(args, cuda, args.out / "source" if args.distill else None)
     taken = [d for f in args.fractions for d in (args.out / f"mla-{f:g}", args.out / f"heal-{f:g}") if d.exists()]
     if taken:
         raise SystemExit(f"{taken[0]} exists: choose another --out")
@@ -245,6 +247,8 @@ def main() -> None:
 
     model, tok = smollm2(args.source)
     tok.save(args.out / "tokenizer")  # SmolLM2's, for `prepare` (a tokenizer directory)
+    if train.teacher:
+        save_checkpoint(train.teacher, model, tok)
     texts = read_eval(args.eval_dir, tok) if args.eval_dir else held_out(tok, model.config.vocab_size, args.eval_windows)
     sotu = texts.pop("sotu", None)
     data = args.data or args.out / "data"
@@ -274,10 +278,11 @@ def main() -> None:
             rows.append({"fraction": f, "rank": rank, "rope_dim": rope_dim, "kv_bytes_per_token": kv_bytes, **p})
     recipe_text = (f"AdamW lr {train.lr:g}, {train.warmup_steps} warmup steps, cosine to {train.min_lr:g}; "
                    f"{train.batch_tokens:,} tokens x {train.max_steps} steps, windows of {train.seq_len}, {train.dtype}"
-                   + (f"; {int(args.samples):,} of the corpus' tokens sampled from the source" if args.samples else ""))
+                   + (f"; {int(args.samples):,} of the corpus' tokens sampled from the source" if args.samples else "")
+                   + (f"; distilled from the source, weight {args.distill:g}" if args.distill else ""))
     (args.out / "heal.json").write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if cuda else "CPU", "recipe": recipe_text,
-        "train": dataclasses.asdict(train), "data": str(data), "samples": int(args.samples),
+        "train": dataclasses.asdict(train), "data": str(data), "samples": int(args.samples), "distill": args.distill,
         "eval": {t: f"{texts[t].numel():,} tokens, windows of {WINDOW + 1}" for t in TEXTS},
         "source": source, "rows": rows}, indent=1) + "\n")
     try:

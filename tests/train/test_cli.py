@@ -30,6 +30,8 @@ FAST = ["--train.device", "cpu", "--train.threads", "1", "--train.eval_batch_siz
     (["--train.dtype", "fp8"], "train.dtype"),
     (["--train.fp8", "true"], "train.fp8 needs an NVIDIA GPU with FP8 tensor cores"),
     (["--train.fp8_recipe", "blockwise"], "train.fp8_recipe"),
+    (["--train.teacher", "/nowhere/teacher"], "train.teacher: no such checkpoint or run directory"),
+    (["--train.distill_weight", "1.5"], "train.distill_weight"),
 ])
 def test_bad_arguments_one_line_exit_1(sotu_dir, tmp_path, capsys, extra, message):
     code = main(["train", "--data", str(sotu_dir), "--out", str(tmp_path / "run"), *TINY_MODEL_ARGS, *FAST, *extra])

@@ -132,21 +132,92 @@ def _padded_rows(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return w
 
 
-@_fused_linear_cross_entropy.register_fake
-def _(x, weight, targets, ignore_index, chunk_rows, dtype, grad_x, grad_w):
+def _fake_outputs(x: torch.Tensor, weight: torch.Tensor, grad_x: bool, grad_w: bool) -> tuple[torch.Tensor, ...]:
+    """The shapes of a fused op's (loss, dx, dW) for torch.compile."""
     return (x.new_empty((), dtype=torch.float32), x.new_empty(x.shape) if grad_x else x.new_empty(0),
             weight.new_empty(weight.shape) if grad_w else x.new_empty(0))
 
 
-def _setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple) -> None:
-    ctx.save_for_backward(output[1], output[2])
-    ctx.grad_x, ctx.grad_w = inputs[6], inputs[7]
+def _register_autograd(op, n_inputs: int) -> None:
+    """A fused op's backward: its outputs (loss, dx, dW) hold the gradients of its first two inputs
+    (x, weight), formed in the forward; its last two inputs say which exist. Backward scales them."""
+
+    def setup_context(ctx: FunctionCtx, inputs: tuple, output: tuple) -> None:
+        ctx.save_for_backward(output[1], output[2])
+        ctx.grad_x, ctx.grad_w = inputs[-2], inputs[-1]
+
+    def backward(ctx: FunctionCtx, grad_loss: torch.Tensor, _gx: torch.Tensor, _gw: torch.Tensor):
+        grad_x, grad_w = ctx.saved_tensors
+        return (grad_x * grad_loss if ctx.grad_x else None, grad_w * grad_loss if ctx.grad_w else None,
+                *[None] * (n_inputs - 2))
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx: FunctionCtx, grad_loss: torch.Tensor, _gx: torch.Tensor, _gw: torch.Tensor):
-    grad_x, grad_w = ctx.saved_tensors
-    return (grad_x * grad_loss if ctx.grad_x else None, grad_w * grad_loss if ctx.grad_w else None,
-            None, None, None, None, None, None)
+_fused_linear_cross_entropy.register_fake(
+    lambda x, weight, targets, ignore_index, chunk_rows, dtype, grad_x, grad_w: _fake_outputs(x, weight, grad_x, grad_w))
+_register_autograd(_fused_linear_cross_entropy, 8)
 
 
-_fused_linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+# -- distillation: KL(teacher || student) through both output layers ---------------------------
+def linear_kl_divergence(x: torch.Tensor, weight: torch.Tensor, x_t: torch.Tensor, weight_t: torch.Tensor,
+                         targets: torch.Tensor, ignore_index: int = -100, chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean over the rows whose target != ignore_index of KL(p_t || p_s), p_s = softmax(x @ weight^T)
+    (the student) and p_t = softmax(x_t @ weight_t^T) (the teacher, no gradient): Hinton et al.'s
+    distillation loss at temperature 1, as Minitron heals pruned models with.
+
+    x: [N, d]; weight: [V, d]; x_t: [N, d_t]; weight_t: [V, d_t]; targets: [N] long (only which rows
+    count). Returns a scalar fp32 loss (nan when every row is ignored). As `linear_cross_entropy`: the
+    gradient d loss / d student logits = (p_s - p_t) / n_valid is formed in the forward pass, chunk by
+    chunk (`chunk_rows`, default `default_chunk_rows`): no [N, V] tensor exists, of either model."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x must be [N, d] and weight [V, d], got {list(x.shape)} and {list(weight.shape)}")
+    if x_t.shape[0] != x.shape[0] or weight_t.shape != (weight.shape[0], x_t.shape[1]):
+        raise ValueError(f"the teacher's x_t must be [{x.shape[0]}, d_t] and weight_t [{weight.shape[0]}, d_t], "
+                         f"got {list(x_t.shape)} and {list(weight_t.shape)}")
+    if targets.shape != x.shape[:1]:
+        raise ValueError(f"targets must be [N] = [{x.shape[0]}], got {list(targets.shape)}")
+    if chunk_rows is not None and chunk_rows <= 0:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    chunk_rows = chunk_rows or default_chunk_rows(x.shape[0], weight.shape[0])
+    grad_enabled = torch.is_grad_enabled()
+    loss, _, _ = _fused_linear_kl(x, weight, x_t.detach(), weight_t.detach(), targets, ignore_index, chunk_rows, dtype,
+                                  grad_enabled and x.requires_grad, grad_enabled and weight.requires_grad)
+    return loss
+
+
+@torch.library.custom_op("latentformer::fused_linear_kl", mutates_args=())
+def _fused_linear_kl(x: torch.Tensor, weight: torch.Tensor, x_t: torch.Tensor, weight_t: torch.Tensor,
+                     targets: torch.Tensor, ignore_index: int, chunk_rows: int, dtype: torch.dtype,
+                     grad_x: bool, grad_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean KL, d loss/dx [N, d] or [0], d loss/dW [V, d] or [0]); one opaque op, as the cross-entropy's."""
+    V = weight.shape[0]
+    x_c, xt_c = x.to(dtype), x_t.to(dtype)  # [N, d], [N, d_t]
+    w, wt = _padded_rows(weight, dtype), _padded_rows(weight_t, dtype)  # [Vp, d], [Vp, d_t]
+    valid = targets != ignore_index  # [N]
+    n_valid = valid.sum()
+    row_scale = (valid.float() / n_valid.clamp(min=1))[:, None]  # [N, 1]
+    loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+    dx = torch.zeros_like(x_c) if grad_x else x.new_empty(0)
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=x.device) if grad_w else x.new_empty(0)
+    for start in range(0, x.shape[0], chunk_rows):  # trip count depends on shapes only
+        rows = slice(start, min(start + chunk_rows, x.shape[0]))
+        logp_s = torch.log_softmax((x_c[rows] @ w.t())[:, :V], dim=-1, dtype=torch.float32)  # [C, V]
+        logp_t = torch.log_softmax((xt_c[rows] @ wt.t())[:, :V], dim=-1, dtype=torch.float32)  # [C, V]
+        p_t = logp_t.exp()
+        loss_sum = loss_sum + ((p_t * (logp_t - logp_s)).sum(1) * valid[rows]).sum()
+        if grad_x or grad_w:  # (p_s - p_t) / n_valid, padded back to Vp columns (zeros)
+            grad = torch.nn.functional.pad(logp_s.exp_().sub_(p_t).mul_(row_scale[rows]), (0, w.shape[0] - V)).to(dtype)
+            if grad_x:
+                dx[rows] = grad @ w
+            if grad_w:
+                dw += grad.t() @ x_c[rows]
+    return (loss_sum / n_valid, dx.to(x.dtype) if grad_x else dx,
+            dw[:V].to(weight.dtype) if grad_w else dw)
+
+
+_fused_linear_kl.register_fake(lambda x, weight, x_t, weight_t, targets, ignore_index, chunk_rows, dtype, grad_x, grad_w:
+                               _fake_outputs(x, weight, grad_x, grad_w))
+_register_autograd(_fused_linear_kl, 10)

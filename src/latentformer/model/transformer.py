@@ -13,7 +13,7 @@ from latentformer.config import ModelConfig
 from latentformer.model.attention import AttnContext, RowContext, attention_module
 from latentformer.model.cache import KVCache
 from latentformer.model.ffn import make_ffn
-from latentformer.model.loss import linear_cross_entropy
+from latentformer.model.loss import linear_cross_entropy, linear_kl_divergence
 from latentformer.model.moe import MoE
 from latentformer.model.norm import RMSNorm, make_norm
 from latentformer.model.rope import LearnedPositions, RotaryEmbedding, ScaledSinusoidPositions, rope_inv_freq, sinusoid_inv_freq
@@ -27,10 +27,15 @@ class ModelOutput(NamedTuple):
     # multi-token prediction: 1/D sum_k of module k's mean cross-entropy (training mode with
     # mtp_depth D > 0), or None; the trainer adds it times train.mtp_weight
     mtp_loss: torch.Tensor | None = None
+    # distillation (a `teacher` given to forward): mean KL(teacher || model) of the next-token
+    # distributions over the same targets, or None; the trainer mixes it in by train.distill_weight
+    distill_loss: torch.Tensor | None = None
 
-    def objective(self, mtp_weight: float) -> torch.Tensor:
-        """What training minimizes: loss + aux_loss + mtp_weight * mtp_loss (DeepSeek-V3 eq. 25)."""
-        total = self.loss if self.aux_loss is None else self.loss + self.aux_loss
+    def objective(self, mtp_weight: float, distill_weight: float = 0.0) -> torch.Tensor:
+        """What training minimizes: loss + aux_loss + mtp_weight * mtp_loss (DeepSeek-V3 eq. 25), the
+        loss being (1 - distill_weight) * loss + distill_weight * distill_loss when distilling."""
+        main = self.loss if self.distill_loss is None else (1 - distill_weight) * self.loss + distill_weight * self.distill_loss
+        total = main if self.aux_loss is None else main + self.aux_loss
         return total if self.mtp_loss is None else total + mtp_weight * self.mtp_loss
 
 
@@ -156,22 +161,37 @@ class Transformer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor | ModelOutput:
+                cache: KVCache | None = None, teacher: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | ModelOutput:
         """tokens [B, T] -> logits [B, T, vocab] (with `cache`: of the new tokens only).
 
-        With `targets` [B, T] (training): ModelOutput(loss, aux_loss, mtp_loss); the MTP modules
-        run in training mode only (an evaluation scores the next-token head). The output layer is
-        fused into the loss (`linear_cross_entropy`): no [B, T, vocab] tensor is materialized."""
+        With `targets` [B, T] (training): ModelOutput(loss, aux_loss, mtp_loss, distill_loss); the
+        MTP modules run in training mode only (an evaluation scores the next-token head). The output
+        layer is fused into the loss (`linear_cross_entropy`): no [B, T, vocab] tensor is materialized.
+        `teacher` = (another model's `final_hidden` of the same tokens [B, T, d_t], its output weight
+        [vocab, d_t]) adds distill_loss, the KL from its next-token distributions (`linear_kl_divergence`)."""
         self.check_input(tokens, cache)
         if self.training and self.config.token_dropout > 0:
+            if teacher is not None:
+                raise ValueError("distillation needs the teacher's and the model's tokens to be the same: "
+                                 "model.token_dropout must be 0")
             tokens, targets = self._drop_tokens(tokens, targets)
         x = self._blocks(tokens, cache)
         if targets is None:
             return self.head(x)
-        loss = linear_cross_entropy(self._final_norm(x).flatten(0, 1), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX)
+        h, flat_targets = self._final_norm(x).flatten(0, 1), targets.reshape(-1)
+        loss = linear_cross_entropy(h, self.lm_head.weight, flat_targets, IGNORE_INDEX)
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         mtp = self._mtp_loss(x, tokens, targets) if self.mtp is not None and self.training else None
-        return ModelOutput(loss, torch.stack(aux).sum() if aux else None, mtp)
+        distill = None
+        if teacher is not None:
+            distill = linear_kl_divergence(h, self.lm_head.weight, teacher[0].flatten(0, 1), teacher[1], flat_targets, IGNORE_INDEX)
+        return ModelOutput(loss, torch.stack(aux).sum() if aux else None, mtp, distill)
+
+    def final_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> the final norm's output [B, T, d], what the output layer reads: a
+        teacher's half of `forward(..., teacher=(final_hidden, lm_head.weight))`."""
+        self.check_input(tokens, None)
+        return self._final_norm(self._blocks(tokens, None))
 
     def mtp_hidden(self, x: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
         """The MTP modules' outputs h^k [B, T-k, d], k = 1..D, from the last block's output x

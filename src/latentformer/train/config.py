@@ -96,6 +96,11 @@ class TrainConfig:
     # multi-token prediction: loss = main + mtp_weight / D * sum_k loss_k (DeepSeek-V3's lambda;
     # with model.mtp_depth = D > 0)
     mtp_weight: float = 0.3
+    # distillation (Hinton et al. 2015; Minitron's healing): `teacher` = a checkpoint or run directory
+    # of a model with the data's tokenizer (any architecture); the loss becomes (1 - distill_weight) x
+    # the cross-entropy + distill_weight x KL(teacher || model) of the next-token distributions. "" = off
+    teacher: str = ""
+    distill_weight: float = 1.0
     # LoRA (Hu et al. 2021, through peft; train/lora.py): rank 0 = train every weight; > 0 = freeze the
     # weights and train rank-r adapters of the projections named in lora_targets (empty: every attention
     # and FFN projection), scaled by lora_alpha / lora_rank; checkpoints hold the merged weights
@@ -148,6 +153,7 @@ class TrainConfig:
                "and frozen weights in float8 are not built or tested)")
         _check(self.fp8_recipe in FP8_RECIPES, "train.fp8_recipe", f"must be tensorwise or rowwise, got {self.fp8_recipe!r}")
         _check(self.optimizer in OPTIMIZERS, "train.optimizer", f"must be adamw or muon, got {self.optimizer!r}")
+        _check(0 <= self.distill_weight <= 1, "train.distill_weight", f"must be in [0, 1], got {self.distill_weight}")
         _check(0 <= self.muon_momentum < 1, "train.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         _check(self.lora_alpha > 0, "train.lora_alpha", f"must be positive, got {self.lora_alpha}")
         _check(0 <= self.lora_dropout < 1, "train.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")

@@ -185,6 +185,7 @@ class Trainer:
             ckpt.load_weights(self.model, Path(init_from), "--init-from", tokenizer=self.tokenizer)
             self.notes.append(f"weights from {init_from}")
 
+        self.teacher, self.teacher_hidden = self._load_teacher() if t.teacher else (None, None)
         if t.fp8:  # before compile and wrapping, as torchao asks
             converted = fp8.convert_to_fp8(self.model, t.fp8_recipe)
             self.notes.append(f"fp8 ({t.fp8_recipe} scaling) in {len(converted)} linear layers")
@@ -234,6 +235,30 @@ class Trainer:
         self.notes.append(f"LoRA rank {t.lora_rank} (alpha {t.lora_alpha:g}) on {len(targets)} projections "
                           f"({', '.join(sorted({name.rsplit('.', 1)[-1] for name in targets}))}): {adapters:,} trainable parameters "
                           f"({100 * adapters / (self.model.num_params() - adapters):.2f}% of the model)")
+
+    def _load_teacher(self) -> tuple[Transformer, Callable[[torch.Tensor], torch.Tensor]]:
+        """train.teacher: the frozen model (on this process's device, in evaluation mode) and its
+        `final_hidden` (compiled with train.compile), after checking that it reads the data's tokens."""
+        from latentformer.data.tokenizer import load_tokenizer
+
+        t = self.cfg.train
+        if self.cfg.model.token_dropout > 0:
+            raise ValueError("train.teacher: distillation needs the teacher to see the model's tokens: model.token_dropout must be 0")
+        try:
+            path = ckpt.find_checkpoint(t.teacher)
+            tokenizer = load_tokenizer(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"train.teacher: {e}") from None
+        if tokenizer.describe() != self.tokenizer.describe():
+            raise ValueError(f"train.teacher {path}: the teacher's tokenizer is not the data's: distillation compares "
+                             "next-token distributions over one vocabulary")
+        teacher = ckpt.load_model(path, device=self.env.device).requires_grad_(False)
+        if teacher.config.vocab_size != self.cfg.model.vocab_size:
+            raise ValueError(f"train.teacher {path}: its output layer has {teacher.config.vocab_size} rows, the model's "
+                             f"{self.cfg.model.vocab_size}: distillation needs one vocabulary")
+        self.notes.append(f"distilling from {path} ({teacher.num_params():,} parameters, {teacher.config.attention}), "
+                          f"weight {t.distill_weight:g}")
+        return teacher, torch.compile(teacher.final_hidden) if t.compile else teacher.final_hidden
 
     def _check_memory(self) -> None:
         """Refuse (ValueError) a run that clearly will not fit the device's available memory."""
@@ -398,8 +423,12 @@ class Trainer:
             sync = model.no_sync() if (self.env.distributed and not last) else contextlib.nullcontext()
         with sync:
             with self._autocast():
-                out = model(x, y)
-                loss = out.objective(self.cfg.train.mtp_weight)
+                teacher = None
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        teacher = (self.teacher_hidden(x), self.teacher.lm_head.weight)
+                out = model(x, y, teacher=teacher)
+                loss = out.objective(self.cfg.train.mtp_weight, self.cfg.train.distill_weight)
             loss = loss / divisor
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return out.loss.detach() * (self.accum / divisor)
