@@ -24,6 +24,9 @@ steps at the full rate threw the model far off), then cosine to 1e-5 at --tokens
 torch.compile, windows of 2048 tokens, 64 Ki tokens per step (50M tokens: 763 steps); on CPU fp32,
 windows of 256, 4 Ki tokens per step. Evaluations: windows of 513 tokens, --eval-windows per text.
 
+--distill W trains on (1 - W) x the cross-entropy + W x KL(source || model) (`train.teacher` = the source,
+saved as OUT/source): the converted model is pulled back to the source's predictions rather than
+toward the corpus; with W = 1 (the default), half the cache heals to 1.06x / 1.11x in 40M tokens (RESULTS).
 --samples N mixes N tokens sampled from the source (temperature 1, rows of 512 from end-of-text, as the
 calibration samples) into the --prepare corpus: code alone heals code-like text and moves prose away
 (RESULTS, "Conversion to MLA: healing"), the source's own text covers what it knows.
@@ -94,6 +97,8 @@ def mix_samples(model, tok, n: int, corpus: str, out: Path) -> str:
     text covers what it knows beyond the corpus' domain. Returns `out` as a string (a `prepare` source)."""
     batch = 1024 if model.embed.weight.is_cuda else 32  # rows per batch: eager decode steps cost the same up to large batches
     ids = sample_tokens(model, tok.eot_id, n, seq_len=ROW, batch=batch, seed=1)
+    if model.embed.weight.is_cuda:
+        torch.cuda.empty_cache()  # the sampling's KV caches: the trainer's memory check counts what is free
     with out.open("w", encoding="utf-8") as fh:
         with open(corpus, encoding="utf-8") as src:
             for line in src:
@@ -153,8 +158,12 @@ def heal(ckpt: Path, data: Path, run_dir: Path, train: TrainConfig, texts: dict[
     trainer = Trainer(cfg, run_dir, vocab_explicit=True, init_from=ckpt, on_step=[measure])
     measure(trainer, 0)
     summary = trainer.fit()
+    logged = [r["tokens_per_s"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if not r.get("eval") and "tokens_per_s" in r]
     for p in points:
+        # all step time (compilation and the held-out evaluations included), and the median logged window's
         p["tokens_per_s"] = train.batch_tokens * summary["step"] / summary["train_seconds"]
+        p["window_tokens_per_s"] = float(np.median(logged)) if logged else None
     return points
 
 
@@ -167,7 +176,17 @@ def table(source: dict, rows: list[dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *body])
 
 
-def plot(source: dict, rows: list[dict], recipe_text: str, path: Path) -> None:
+def run_label(run: dict, fraction: float) -> str:
+    """A run's legend entry for one fraction: KV share, rank, objective, tokens."""
+    r0 = next(r for r in run["rows"] if r["fraction"] == fraction)
+    tokens = max(r["tokens"] for r in run["rows"] if r["fraction"] == fraction)
+    how = "distilled" if run.get("distill") else "cross-entropy"
+    return f"{fraction:.0%} of the KV cache (r={r0['rank']}), {how}, {tokens / 1e6:.0f}M tokens"
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    """Held-out perplexity against healing tokens, one line per run and fraction (cross-entropy runs
+    dashed), the source's as a black line: one panel per held-out text."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,26 +194,31 @@ def plot(source: dict, rows: list[dict], recipe_text: str, path: Path) -> None:
     from matplotlib.ticker import FuncFormatter
 
     plain = FuncFormatter(lambda v, _: f"{v:g}")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    colors = {0.5: "tab:blue", 0.25: "tab:orange"}
+    last = max(r["tokens"] / 1e6 for run in runs for r in run["rows"])
+    ticks = [t for t in (0, 1, 3, 10, 20, 40, 100) if t <= last * 1.01]
     for ax, text in zip(axes, TEXTS):
-        for f in sorted({r["fraction"] for r in rows}, reverse=True):
-            pts = sorted((r["tokens"] / 1e6, r[text]) for r in rows if r["fraction"] == f)
-            r0 = next(r for r in rows if r["fraction"] == f)
-            ax.plot(*zip(*pts), "o-", label=f"MLA at {f:.0%} of the KV cache (r={r0['rank']}, rope {r0['rope_dim']})")
-        ax.axhline(source[text], color="k", linestyle="--", linewidth=1, label="source (GQA)")
-        ticks = sorted({r["tokens"] / 1e6 for r in rows})
-        if ticks[-1] > 10:  # 0, 1, 3, 10, 30, 50M: about even steps (linear below 1M)
-            ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlim(0, ticks[-1] * 1.15)
-        ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks])
+        for run in runs:
+            for f in sorted({r["fraction"] for r in run["rows"]}, reverse=True):
+                pts = sorted((r["tokens"] / 1e6, r[text]) for r in run["rows"] if r["fraction"] == f)
+                ax.plot(*zip(*pts), "o-" if run.get("distill") else "s--", color=colors.get(f), alpha=1 if run.get("distill") else 0.6,
+                        label=run_label(run, f))
+        ax.axhline(runs[0]["source"][text], color="k", linewidth=1, label="source (GQA)")
+        ax.axhline(1.1 * runs[0]["source"][text], color="k", linestyle=":", linewidth=1, label="1.1x the source")
+        ax.set_xscale("symlog", linthresh=1)  # 0, 1, 3, 10, 20, 40M: about even steps (linear below 1M)
+        ax.set_xlim(0, last * 1.15)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("healing tokens (millions)")
         ax.set_ylabel(f"perplexity, held-out {text} (log scale)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"SmolLM2-135M-Instruct -> MLA (convert --to-mla), healed by train --init-from\n{recipe_text}", fontsize=9)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M-Instruct -> MLA (convert --to-mla), healed by train --init-from\n"
+                 + (runs[0]["recipe"] if len(runs) == 1 else "AdamW lr 1e-4, cosine, 65,536 tokens per step (recipes: heal.json)"),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -218,20 +242,23 @@ def main() -> None:
                     help="warm-up steps as a fraction of the steps (default 0.1, MHA2MLA's for SmolLM-135M)")
     ap.add_argument("--samples", type=float, default=0,
                     help="tokens sampled from the source (temperature 1) to mix into the --prepare corpus (default 0)")
-    ap.add_argument("--distill", type=float, default=0.0, metavar="W",
-                    help="distill from the source (train.teacher), loss = (1 - W) x cross-entropy + W x KL (default 0: off)")
+    ap.add_argument("--distill", type=float, default=1.0, metavar="W",
+                    help="distill from the source (train.teacher): loss = (1 - W) x cross-entropy + W x KL "
+                         "(default 1; 0: the cross-entropy on the corpus alone, no teacher)")
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4, MHA2MLA's for SmolLM-135M)")
     ap.add_argument("--seq-len", type=int, default=0)
     ap.add_argument("--micro-batch", type=int, default=0)
     ap.add_argument("--batch-tokens", type=int, default=0)
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--plot", type=Path, default=None, metavar="JSON", help="only draw the PNG (and table) of a heal.json")
+    ap.add_argument("--plot", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="only draw the figure (and tables) of these heal.json files, together")
+    ap.add_argument("--figure", type=Path, default=None, help="with --plot: the PNG (default: the first JSON's name, .png)")
     args = ap.parse_args()
     if args.plot:
-        run = json.loads(args.plot.read_text())
-        plot(run["source"], run["rows"], run["recipe"], args.plot.with_suffix(".png"))
-        return print(table(run["source"], run["rows"]))
+        runs = [json.loads(p.read_text()) for p in args.plot]
+        plot(runs, args.figure or args.plot[0].with_suffix(".png"))
+        return print("\n\n".join(f"{run['recipe']}\n{table(run['source'], run['rows'])}" for run in runs))
     if args.write_eval:
         return write_eval(args.write_eval, args.source, args.eval_windows, args.calib_tokens)
     if args.out is None or (args.data is None) == (args.prepare is None):
@@ -280,13 +307,14 @@ def main() -> None:
                    f"{train.batch_tokens:,} tokens x {train.max_steps} steps, windows of {train.seq_len}, {train.dtype}"
                    + (f"; {int(args.samples):,} of the corpus' tokens sampled from the source" if args.samples else "")
                    + (f"; distilled from the source, weight {args.distill:g}" if args.distill else ""))
-    (args.out / "heal.json").write_text(json.dumps({
+    run = {
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if cuda else "CPU", "recipe": recipe_text,
         "train": dataclasses.asdict(train), "data": str(data), "samples": int(args.samples), "distill": args.distill,
         "eval": {t: f"{texts[t].numel():,} tokens, windows of {WINDOW + 1}" for t in TEXTS},
-        "source": source, "rows": rows}, indent=1) + "\n")
+        "source": source, "rows": rows}
+    (args.out / "heal.json").write_text(json.dumps(run, indent=1) + "\n")
     try:
-        plot(source, rows, recipe_text, args.out / "heal.png")
+        plot([run], args.out / "heal.png")
     except ImportError:
         print(f"no matplotlib here: draw heal.png elsewhere with --plot {args.out / 'heal.json'}")
     print(f"\n{recipe_text}\n{table(source, rows)}")

@@ -380,3 +380,19 @@ def test_a_training_override_is_its_own_cell_and_labelled(micro_family, micro_da
     md = (out / "report.md").read_text()
     assert "| variant | training |" in md
     assert "| mla | common recipe | mla |" in md and "| mla:train.optimizer=muon | optimizer=muon | mla |" in md
+
+
+def test_a_variant_added_to_a_finished_comparison_trains_only_its_cells(finished, micro_family, micro_data, tmp_path):
+    """The study-then-one-more workflow: --variants naming a finished variant and a training override of
+    it keeps the finished cells as they are and trains the new variant's cells only."""
+    out = tmp_path / "more"
+    shutil.copytree(finished, out)
+    kept = {c: (out / "cells" / c / "cell.json").read_text() for c in ("mla-s0", "mla-s1")}
+    assert compare(micro_family, micro_data, out, "--variants", "mla,mla:train.optimizer=muon", "--no-report") == 0
+    for cell, text in kept.items():
+        assert (out / "cells" / cell / "cell.json").read_text() == text
+    data = json.loads((out / "results.json").read_text())
+    assert [v["name"] for v in data["variants"]] == ["mla", "mla:train.optimizer=muon"]
+    assert [c["status"] for c in data["cells"]] == ["done"] * 4
+    assert sorted(p.name for p in (out / "cells").iterdir() if p.is_dir() and "muon" in p.name) == \
+        ["mla_train.optimizer=muon-s0", "mla_train.optimizer=muon-s1"]
