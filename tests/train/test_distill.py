@@ -3,6 +3,8 @@ gradient; distilling pulls a model's next-token distributions to the teacher's) 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -62,6 +64,11 @@ def test_distillation_pulls_the_model_to_the_teacher(sotu_dir, tmp_path):
         start = kl_to_teacher(trainer)
         trainer.fit()
         kl[w] = (start, kl_to_teacher(trainer))
+        logged = [r["distill_loss"] for r in map(json.loads, (tmp_path / f"run{w}" / "metrics.jsonl").read_text().splitlines())
+                  if not r.get("eval")]
+        assert len(logged) == 40 // 2 and logged[0] > logged[-1]  # every logged step has its KL, also at w = 0
+        if w:
+            assert logged[-1] < 0.3 * logged[0], logged
     assert kl[1.0][0] > 0.5, kl  # far from the teacher at the start
     assert kl[1.0][1] < 0.3 * kl[1.0][0], kl
     assert kl[1.0][1] < 0.5 * kl[0.0][1], kl

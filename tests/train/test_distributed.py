@@ -1,5 +1,5 @@
 """DDP / FSDP2 on 2 CPU processes (torchrun, gloo) == one process with grad_accum=2 at the same global batch,
-with AdamW and with Muon."""
+with AdamW, with Muon, and distilling from a teacher."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ import sys
 
 import pytest
 
-from latentformer.checkpoint import load_model
-from latentformer.cli import main
+import torch
 
-from .conftest import TINY_MODEL_ARGS
+from latentformer import ModelConfig, Transformer
+from latentformer.checkpoint import load_model, save_checkpoint
+from latentformer.cli import main
+from latentformer.data.tokenizer import load_tokenizer
+
+from .conftest import TINY_MODEL, TINY_MODEL_ARGS
 
 ARGS = [*TINY_MODEL_ARGS, "--train.device", "cpu", "--train.eval_batch_size", "64", "--train.threads", "1", "--train.seq_len", "32",
         "--train.micro_batch_size", "4", "--train.batch_tokens", "256", "--train.max_steps", "4",
@@ -20,17 +24,24 @@ ARGS = [*TINY_MODEL_ARGS, "--train.device", "cpu", "--train.eval_batch_size", "6
         "--train.progress", "false", "--train.tensorboard", "false", "--no-sample"]
 
 
-@pytest.mark.parametrize("parallel,optimizer", [("ddp", "adamw"), ("fsdp", "adamw"), ("ddp", "muon"), ("fsdp", "muon")])
-def test_two_processes_match_one_process(sotu_dir, tmp_path, parallel, optimizer):
+@pytest.mark.parametrize("parallel,optimizer,teacher", [("ddp", "adamw", False), ("fsdp", "adamw", False), ("ddp", "muon", False),
+                                                       ("fsdp", "muon", False), ("ddp", "adamw", True), ("fsdp", "adamw", True)])
+def test_two_processes_match_one_process(sotu_dir, tmp_path, parallel, optimizer, teacher):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra = ["--train.optimizer", optimizer]
+    if teacher:  # half cross-entropy, half KL to another model's distributions (a replica on each rank)
+        torch.manual_seed(3)
+        path = save_checkpoint(tmp_path / "teacher", Transformer(ModelConfig(**{**TINY_MODEL, "init_std": 0.1})),
+                               load_tokenizer(sotu_dir))
+        extra += ["--train.teacher", str(path), "--train.distill_weight", "0.5"]
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
          "-m", "latentformer", "train", "--data", str(sotu_dir), "--out", str(tmp_path / "ddp"), *ARGS,
-         "--train.parallel", parallel, "--train.optimizer", optimizer],
+         "--train.parallel", parallel, *extra],
         env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "4 x 32 x 1 accum x 2 ranks" in ddp.stdout + ddp.stderr
-    assert main(["train", "--data", str(sotu_dir), "--out", str(tmp_path / "one"), *ARGS, "--train.optimizer", optimizer]) == 0
+    assert main(["train", "--data", str(sotu_dir), "--out", str(tmp_path / "one"), *ARGS, *extra]) == 0
 
     a = load_model(tmp_path / "ddp" / "checkpoints" / "step_4").state_dict()
     b = load_model(tmp_path / "one" / "checkpoints" / "step_4").state_dict()

@@ -55,6 +55,14 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     `chunk_rows` bounds the torch path's fp32 working memory (default: `default_chunk_rows`);
     on CUDA the Triton kernel needs none.
     """
+    loss, _, _ = _fused_linear_cross_entropy(x, weight, targets, ignore_index, *_op_arguments(x, weight, targets, chunk_rows))
+    return loss
+
+
+def _op_arguments(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  chunk_rows: int | None) -> tuple[int, torch.dtype, bool, bool]:
+    """A fused op's checked shapes -> its last arguments: (chunk_rows, compute dtype (autocast's when
+    enabled for x's device, else x's), grad_x, grad_w)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x must be [N, d] and weight [V, d], got {list(x.shape)} and {list(weight.shape)}")
     if targets.shape != x.shape[:1]:
@@ -63,12 +71,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    chunk_rows = chunk_rows or default_chunk_rows(x.shape[0], weight.shape[0])
     grad_enabled = torch.is_grad_enabled()
-    loss, _, _ = _fused_linear_cross_entropy(x, weight, targets, ignore_index, chunk_rows, dtype,
-                                             grad_enabled and x.requires_grad,
-                                             grad_enabled and weight.requires_grad)
-    return loss
+    return (chunk_rows or default_chunk_rows(x.shape[0], weight.shape[0]), dtype,
+            grad_enabled and x.requires_grad, grad_enabled and weight.requires_grad)
 
 
 def _rows_(logits: torch.Tensor, n_classes: int, targets: torch.Tensor, ignore_index: int,
@@ -170,21 +175,11 @@ def linear_kl_divergence(x: torch.Tensor, weight: torch.Tensor, x_t: torch.Tenso
     count). Returns a scalar fp32 loss (nan when every row is ignored). As `linear_cross_entropy`: the
     gradient d loss / d student logits = (p_s - p_t) / n_valid is formed in the forward pass, chunk by
     chunk (`chunk_rows`, default `default_chunk_rows`): no [N, V] tensor exists, of either model."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x must be [N, d] and weight [V, d], got {list(x.shape)} and {list(weight.shape)}")
+    arguments = _op_arguments(x, weight, targets, chunk_rows)
     if x_t.shape[0] != x.shape[0] or weight_t.shape != (weight.shape[0], x_t.shape[1]):
         raise ValueError(f"the teacher's x_t must be [{x.shape[0]}, d_t] and weight_t [{weight.shape[0]}, d_t], "
                          f"got {list(x_t.shape)} and {list(weight_t.shape)}")
-    if targets.shape != x.shape[:1]:
-        raise ValueError(f"targets must be [N] = [{x.shape[0]}], got {list(targets.shape)}")
-    if chunk_rows is not None and chunk_rows <= 0:
-        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    chunk_rows = chunk_rows or default_chunk_rows(x.shape[0], weight.shape[0])
-    grad_enabled = torch.is_grad_enabled()
-    loss, _, _ = _fused_linear_kl(x, weight, x_t.detach(), weight_t.detach(), targets, ignore_index, chunk_rows, dtype,
-                                  grad_enabled and x.requires_grad, grad_enabled and weight.requires_grad)
+    loss, _, _ = _fused_linear_kl(x, weight, x_t.detach(), weight_t.detach(), targets, ignore_index, *arguments)
     return loss
 
 

@@ -153,7 +153,8 @@ class RunLogger:
         if not self.enabled:
             return
         self._write(record, "train")
-        info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
+        kl = f"  kl {record['distill_loss']:.4f}" if "distill_loss" in record else ""
+        info = f"loss {record['loss']:.4f}{kl}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
         if record.get("mfu") is not None:
             info += f"  MFU {100 * record['mfu']:.1f}%"
         if self._bar is not None:

@@ -186,6 +186,7 @@ class Trainer:
             self.notes.append(f"weights from {init_from}")
 
         self.teacher, self.teacher_hidden = self._load_teacher() if t.teacher else (None, None)
+        self.distill_loss: float | None = None  # the latest step's KL to the teacher
         if t.fp8:  # before compile and wrapping, as torchao asks
             converted = fp8.convert_to_fp8(self.model, t.fp8_recipe)
             self.notes.append(f"fp8 ({t.fp8_recipe} scaling) in {len(converted)} linear layers")
@@ -414,7 +415,8 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def _micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool, divisor: float) -> torch.Tensor:
         """Forward and backward of the step's objective / `divisor` (the micro-batch's weight in the
-        step's mean: grad_accum for windows of tokens); returns its mean loss times grad_accum / divisor."""
+        step's mean: grad_accum for windows of tokens); returns [its mean loss, its mean KL to the
+        teacher (0 without one)] times grad_accum / divisor."""
         model = self.wrapped
         if self.sharded:
             model.set_requires_gradient_sync(last)
@@ -431,7 +433,8 @@ class Trainer:
                 loss = out.objective(self.cfg.train.mtp_weight, self.cfg.train.distill_weight)
             loss = loss / divisor
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        return out.loss.detach() * (self.accum / divisor)
+        kl = out.distill_loss.detach() if out.distill_loss is not None else torch.zeros_like(out.loss)
+        return torch.stack([out.loss.detach(), kl]) * (self.accum / divisor)
 
     def lr(self) -> float:
         t = self.cfg.train
@@ -443,8 +446,9 @@ class Trainer:
         return bool(minutes) and time.monotonic() - self.last_save_wall >= 60 * minutes
 
     def train_step(self) -> tuple[float, float, bool]:
-        """One optimizer step; returns (global mean loss, grad norm, finite). Also sets
-        `stop_requested`, `clock` and `save_due` from the step's reduction (see the module doc)."""
+        """One optimizer step; returns (global mean loss, grad norm, finite). Also sets `distill_loss`
+        (the global mean KL to train.teacher, None without one), `stop_requested`, `clock` and `save_due`
+        from the step's reduction (see the module doc)."""
         t, env = self.cfg.train, self.env
         set_lr(self.optimizer, self.lr())
         x, y = next(self.train_iter)  # [micro_batch * accum * world, seq_len], the global batch
@@ -453,7 +457,7 @@ class Trainer:
         micro = [trim_padding(x[r : r + t.micro_batch_size], y[r : r + t.micro_batch_size])
                  for r in range(0, len(x), t.micro_batch_size)]
         self.step_tokens = sum(ya.numel() for _, ya in micro)
-        loss_sum = torch.zeros((), device=env.device)
+        loss_sum = torch.zeros(2, device=env.device)  # [cross-entropy, KL to the teacher]
         for a, (xa, ya) in enumerate(micro[env.rank * self.accum : (env.rank + 1) * self.accum]):
             # this micro-batch's share of the global mean: its mean loss x its counted targets x world / counted
             divisor = counted / (int((ya != IGNORE_INDEX).sum()) * env.world_size)
@@ -464,16 +468,17 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
         if hasattr(norm, "full_tensor"):  # DTensor under FSDP
             norm = norm.full_tensor()
-        # summed over ranks: [loss, any rank signalled, rank 0's clock, rank 0's checkpoint timer];
+        # summed over ranks: [loss, KL, any rank signalled, rank 0's clock, rank 0's checkpoint timer];
         # the grad norm (last) is already global
         main = float(env.is_main)
         agreed = torch.tensor([float(self.stop_signal is not None),
                                main * (self.train_seconds + self.eval_seconds + self.final_eval_seconds),
                                main * self._checkpoint_timer_due()], dtype=torch.float64, device=env.device)
-        stats = torch.cat([(loss_sum / self.accum).double().reshape(1), agreed, norm.double().reshape(1)])
-        D.all_reduce_sum(stats[:4])
-        loss, stop, clock, save_due, norm_value = stats.tolist()  # the one host sync per step
+        stats = torch.cat([(loss_sum / self.accum).double(), agreed, norm.double().reshape(1)])
+        D.all_reduce_sum(stats[:5])
+        loss, kl, stop, clock, save_due, norm_value = stats.tolist()  # the one host sync per step
         loss /= env.world_size
+        self.distill_loss = kl / env.world_size if self.teacher is not None else None
         self.stop_requested, self.clock, self.save_due = stop > 0, clock, save_due > 0
         finite = math.isfinite(loss) and (math.isfinite(norm_value) or self.scaler is not None)
         if self.scaler is not None:
@@ -666,6 +671,8 @@ class Trainer:
         record = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm,
                   "tokens_per_s": tokens_per_s, "skipped_steps": self.skipped_steps,
                   "elapsed_s": round(self.train_seconds, 3)}
+        if self.distill_loss is not None:
+            record["distill_loss"] = self.distill_loss  # KL(teacher || model); `loss` stays the cross-entropy
         if self.peak is not None:
             record["mfu"] = self.flops_per_token * tokens_per_s / (self.peak * self.env.world_size)
         moe = self.model.moe_layers()
