@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 
-from latentformer.checkpoint import load_model
+from latentformer.checkpoint import load_model, save_checkpoint
+from latentformer.config import ModelConfig
+from latentformer.data.tokenizer import load_tokenizer
 from latentformer.model.transformer import ModelOutput, Transformer
 from latentformer.train.trainer import NonFiniteError, Trainer
 
-from .conftest import run_config
+from .conftest import TINY_MODEL, run_config
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -39,9 +41,13 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_kill_and_resume_is_bit_identical(sotu_dir, tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer,teacher", [("adamw", False), ("muon", False), ("adamw", True)])
+def test_kill_and_resume_is_bit_identical(sotu_dir, tmp_path, optimizer, teacher):
     cfg = run_config(sotu_dir, max_steps=10, checkpoint_interval=4, eval_interval=5, optimizer=optimizer)
+    if teacher:  # the resumed run loads the teacher again
+        cfg.train.teacher = str(save_checkpoint(tmp_path / "teacher", Transformer(ModelConfig(**{**TINY_MODEL, "init_std": 0.1})),
+                                                load_tokenizer(sotu_dir)))
+        cfg.train.distill_weight = 0.7
     cfg.model.dropout = 0.1  # dropout draws from the torch RNG: resume must restore it
     full = Trainer(cfg, tmp_path / "a")
     full.fit()
