@@ -17,6 +17,9 @@ import time
 import torch
 
 from kernel_table import kernel_table
+from latentformer import Transformer
+from latentformer.checkpoint import save_checkpoint
+from latentformer.data.tokenizer import load_tokenizer
 from latentformer.train.config import build_run_config
 from latentformer.train.trainer import Trainer
 
@@ -24,7 +27,16 @@ from latentformer.train.trainer import Trainer
 VARIANTS = {  # name -> config overrides
     "shipped": {}, "fp32-residual": {"train.low_precision_residual": False}, "seed2": {"train.seed": 1338},
     "fp8": {"train.fp8": True}, "fp8-rowwise": {"train.fp8": True, "train.fp8_recipe": "rowwise"},  # torchao float8
+    "distill": {},  # train.teacher: a model of the preset's own architecture and size (random weights), written per run
 }
+
+
+def same_size_teacher(cfg, explicit: bool, data: str, directory: str) -> str:
+    """A checkpoint in `directory` of the run's own architecture (random weights) and the data's
+    tokenizer, with the vocabulary the trainer will give the run (the tokenizer's unless explicit)."""
+    tokenizer = load_tokenizer(data)
+    model = cfg.model if explicit else cfg.model.replace(vocab_size=tokenizer.vocab_size)
+    return str(save_checkpoint(directory, Transformer(model), tokenizer))
 
 
 def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: bool, steps: int,
@@ -37,7 +49,9 @@ def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: 
     torch._dynamo.reset()  # each run is a new model: stay under dynamo's recompile limit
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.reset_accumulated_memory_stats()
-    with tempfile.TemporaryDirectory() as run:
+    with tempfile.TemporaryDirectory() as run, tempfile.TemporaryDirectory() as teacher:
+        if name == "distill":  # the teacher's forward and the fused KL are what this variant costs
+            cfg.train.teacher = same_size_teacher(cfg, explicit, data, teacher)
         tr = Trainer(cfg, run, vocab_explicit=explicit)
         times, losses = [], []
         for i in range(steps + 5):
