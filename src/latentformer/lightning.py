@@ -8,7 +8,8 @@ Batches are `(x, y)` int64 [B, T] (train) and `(x, y)` or `(x, y, n_valid)` (val
 from `latentformer.data.dataset.eval_batches`): the validation loss is the exact mean over all
 targets of the epoch. The optimizer is the project's AdamW (decay on matrices only) with the
 `train.schedule` learning rate stepped per optimizer step; the MoE bias update runs after each
-optimizer step. Lightning owns devices, precision, accumulation and distribution.
+optimizer step. Lightning owns devices, precision, accumulation and distribution. Distillation
+(`train.teacher`), FP8 and LoRA are `latentformer train`'s only: a config asking for one is refused.
 """
 
 from __future__ import annotations
@@ -31,12 +32,20 @@ from latentformer.train.optim import build_optimizer
 from latentformer.train.schedule import lr_at
 
 
+# train fields of `latentformer train` that this adapter does not implement -> their "off" value
+NOT_HERE = {"teacher": "", "fp8": False, "lora_rank": 0}
+
+
 class LatentformerModule(pl.LightningModule):
     def __init__(self, model_config: ModelConfig | dict, train_config: TrainConfig | dict | None = None) -> None:
         super().__init__()
         model_config = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_dict(model_config)
         train_config = train_config or TrainConfig()
         train_config = train_config if isinstance(train_config, TrainConfig) else from_dict(TrainConfig, train_config)
+        for name, off in NOT_HERE.items():
+            if getattr(train_config, name) != off:
+                raise ValueError(f"train.{name} is not implemented by the Lightning adapter (it would be ignored): "
+                                 "use `latentformer train`, or leave it unset")
         self.save_hyperparameters({"model_config": model_config.to_dict(), "train_config": to_dict(train_config)})
         self.model = Transformer(model_config)
         self.train_config = train_config

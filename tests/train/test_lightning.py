@@ -33,3 +33,10 @@ def test_lightning_module_learns(sotu_dir, tmp_path, optimizer):
     trainer.fit(module, batches, val)
     after = trainer.validate(module, val, verbose=False)[0]["val/loss"]
     assert after < before - 0.5
+
+
+@pytest.mark.parametrize("field", [dict(teacher="runs/gqa"), dict(fp8=True), dict(lora_rank=8)])
+def test_train_fields_it_does_not_implement_are_refused(field):
+    """Never silently ignored: a run configured to distill, train in FP8 or train LoRA adapters is refused."""
+    with pytest.raises(ValueError, match=f"train.{next(iter(field))} is not implemented by the Lightning adapter"):
+        LatentformerModule(ModelConfig(**TINY_MODEL), TrainConfig(**field))
