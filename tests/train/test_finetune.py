@@ -226,3 +226,26 @@ def test_cli_errors_are_one_line(base, demo, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
     one_line_error(capsys, ["finetune", str(base), "--data", str(demo), "--lora-rank", "4", *run],
                    "LoRA (train.lora_rank > 0) needs the peft library: pip install 'latentformer[finetune]'")
+
+
+def test_lora_distilled_from_its_own_base_gets_no_gradient_and_from_another_model_learns(base, demo, tmp_path):
+    """Distillation on chat data with LoRA: the adapters start at zero (the model is its base), so a base
+    teacher gives KL 0 and no gradient on the assistant tokens; another teacher gives a KL that falls."""
+    own = Trainer(lora_config(base, demo, teacher=str(base), distill_weight=1.0), tmp_path / "own", init_from=base)
+    loss, norm, finite = own.train_step()
+    assert finite and loss > 1.0 and abs(own.distill_loss) < 1e-6 and norm < 1e-6
+    torch.manual_seed(5)
+    teacher = load_model(base)
+    with torch.no_grad():  # the base with every attention output projection moved: what LoRA on o_proj can learn
+        for layer in teacher.layers:
+            layer.attn.o_proj.weight.add_(0.3 * torch.randn_like(layer.attn.o_proj.weight))
+    other = save_checkpoint(tmp_path / "other", teacher, load_tokenizer(base))
+    trainer = Trainer(lora_config(base, demo, teacher=str(other), distill_weight=1.0, max_steps=20, lr=3e-3),
+                      tmp_path / "other-run", init_from=base)
+    kls = []
+    while trainer.step < 20:
+        trainer.train_step()
+        trainer.step += 1
+        kls.append(trainer.distill_loss)
+    first, last = sum(kls[:3]) / 3, sum(kls[-5:]) / 5  # per-batch KLs are noisy: means
+    assert first > 0.01 and last < 0.5 * first, kls
