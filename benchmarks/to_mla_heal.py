@@ -28,8 +28,8 @@ windows of 256, 4 Ki tokens per step. Evaluations: windows of 513 tokens, --eval
 saved as OUT/source): the converted model is pulled back to the source's predictions rather than
 toward the corpus; with W = 1 (the default), half the cache heals to 1.06x / 1.11x in 40M tokens (RESULTS).
 --samples N mixes N tokens sampled from the source (temperature 1, rows of 512 from end-of-text, as the
-calibration samples) into the --prepare corpus: code alone heals code-like text and moves prose away
-(RESULTS, "Conversion to MLA: healing"), the source's own text covers what it knows.
+calibration samples) into the --prepare corpus: code alone under the cross-entropy heals code-like text
+and moves prose away (RESULTS, "Conversion to MLA: healing"); the source's own text covers what it knows.
 
 CPU check (minutes): python benchmarks/python_corpus.py --packages yaml --no-stdlib --out /tmp/py.jsonl
     python benchmarks/to_mla_heal.py --prepare /tmp/py.jsonl --out /tmp/heal --fractions 0.5 --tokens 20000 \\

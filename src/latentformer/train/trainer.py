@@ -413,10 +413,10 @@ class Trainer:
             rank=0 if self.sharded else self.env.rank, world_size=1 if self.sharded else self.env.world_size)
 
     # -- the loop ----------------------------------------------------------------------------
-    def _micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool, divisor: float) -> torch.Tensor:
+    def _micro_step(self, x: torch.Tensor, y: torch.Tensor, last: bool, divisor: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward of the step's objective / `divisor` (the micro-batch's weight in the
-        step's mean: grad_accum for windows of tokens); returns [its mean loss, its mean KL to the
-        teacher (0 without one)] times grad_accum / divisor."""
+        step's mean: grad_accum for windows of tokens); returns its mean loss and its mean KL to the
+        teacher (None without one), each times grad_accum / divisor."""
         model = self.wrapped
         if self.sharded:
             model.set_requires_gradient_sync(last)
@@ -433,8 +433,8 @@ class Trainer:
                 loss = out.objective(self.cfg.train.mtp_weight, self.cfg.train.distill_weight)
             loss = loss / divisor
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        kl = out.distill_loss.detach() if out.distill_loss is not None else torch.zeros_like(out.loss)
-        return torch.stack([out.loss.detach(), kl]) * (self.accum / divisor)
+        scale = self.accum / divisor
+        return out.loss.detach() * scale, out.distill_loss.detach() * scale if out.distill_loss is not None else None
 
     def lr(self) -> float:
         t = self.cfg.train
@@ -457,12 +457,15 @@ class Trainer:
         micro = [trim_padding(x[r : r + t.micro_batch_size], y[r : r + t.micro_batch_size])
                  for r in range(0, len(x), t.micro_batch_size)]
         self.step_tokens = sum(ya.numel() for _, ya in micro)
-        loss_sum = torch.zeros(2, device=env.device)  # [cross-entropy, KL to the teacher]
+        loss_sum = torch.zeros(2, device=env.device)  # [cross-entropy, KL to the teacher (0 without one)]
         for a, (xa, ya) in enumerate(micro[env.rank * self.accum : (env.rank + 1) * self.accum]):
             # this micro-batch's share of the global mean: its mean loss x its counted targets x world / counted
             divisor = counted / (int((ya != IGNORE_INDEX).sum()) * env.world_size)
-            loss_sum += self._micro_step(xa.to(env.device, non_blocking=True), ya.to(env.device, non_blocking=True),
-                                         last=a == self.accum - 1, divisor=divisor)
+            loss, kl = self._micro_step(xa.to(env.device, non_blocking=True), ya.to(env.device, non_blocking=True),
+                                        last=a == self.accum - 1, divisor=divisor)
+            loss_sum[0] += loss
+            if kl is not None:
+                loss_sum[1] += kl
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or math.inf)
