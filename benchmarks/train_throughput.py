@@ -65,7 +65,8 @@ def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: 
                          gaps=12)
         tps = seq_len * micro * accum / statistics.median(times)
         mfu = tr.flops_per_token * tps / tr.peak if tr.peak else float("nan")
-        out = {"tokens/s": tps, "mfu": mfu, "loss": losses[-1], "losses": losses, "mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+        # the last step's loss and the mean of the last 20 (every variant sees the same batches in the same order)
+        out = {"tokens/s": tps, "mfu": mfu, "loss": losses[-1], "loss20": statistics.fmean(losses[-20:]), "losses": losses, "mem_gb": torch.cuda.max_memory_allocated() / 1e9,
                "reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
                # > 0: the caching allocator ran out, freed its cache and retried (slow; a fragmentation sign)
                "alloc_retries": torch.cuda.memory_stats()["num_alloc_retries"],
@@ -126,7 +127,7 @@ if __name__ == "__main__":
     ap.add_argument("--hf", default="eager,compiled", help="transformers DeepseekV3 modes to time ('' = none)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    print(torch.cuda.get_device_name(), "torch", torch.__version__, f"accum {args.accum}")
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, f"accum {args.accum} unless a preset gives its own")
     micro = {"latentformer-348m": 16}
     runs = []  # (preset, seq_len, micro batch, accumulation)
     for item in args.presets.split(","):
@@ -142,7 +143,7 @@ if __name__ == "__main__":
                 curves[f"{preset} {name}"] = r["losses"]
                 mode = ("compiled" if comp else "eager") + ("" if name == "shipped" else f", {name}")
                 rows.append((f"latentformer {preset}", T, f"{B}x{A}", mode, r["tokens/s"], r["mfu"], r["mem_gb"]))
-                print(rows[-1], f"loss {r['loss']:.4f}, reserved {r['reserved_gb']:.1f} GB, "
+                print(rows[-1], f"loss {r['loss']:.4f} (last 20 steps {r['loss20']:.4f}), reserved {r['reserved_gb']:.1f} GB, "
                       f"allocator retries {r['alloc_retries']}", flush=True)
     for mode in filter(None, args.hf.split(",")):
         try:
@@ -152,7 +153,7 @@ if __name__ == "__main__":
         except Exception as e:  # report, keep the table
             print(f"transformers DeepseekV3 ({mode}) failed: {type(e).__name__}: {str(e)[:200]}")
     if args.curve:
-        print(f"\ntraining loss (lr 6e-4 constant after 10 warm-up steps; {args.accum} x micro-batch per step)")
+        print("\ntraining loss (lr 6e-4 constant after 10 warm-up steps; BxA in the table below; the same batches in every variant)")
         print(f"{'step':>5} " + " ".join(f"{k[-24:]:>24}" for k in curves))
         for i in range(19, args.curve + 5, 20):
             print(f"{i + 1:>5} " + " ".join(f"{v[i]:24.4f}" for v in curves.values()))

@@ -67,3 +67,58 @@ def test_decode_rows_come_from_decode_json_else_from_cells_finished_before_it():
     assert naive["tokens_per_s"] is None  # did not fit
     (old,) = report._decode(decode, "mha", legacy)  # a variant decode.json does not hold: its cell's one timing
     assert old["tokens_per_s"]["values"] == [80.0] and "1 sample" in old["tokens_per_s"]["flag"]
+
+
+def _variant(name, curve, tokens_per_s, overrides=None):
+    """A results variant with the fields the reference comparison reads: its mean curve (tokens, loss)
+    over seeds, its final loss (the curve's last point) and its median window speed."""
+    return {"name": name, "train_overrides": overrides or {},
+            "curve": [{"tokens": t, "loss": report.stat([loss])} for t, loss in curve],
+            "val_loss": report.stat([curve[-1][1]]), "train_tokens_per_s": report.timing([tokens_per_s] * 3)}
+
+
+def test_tokens_to_a_loss_and_the_loss_at_tokens_interpolate_the_curve():
+    curve = [(10, 4.0), (20, 3.0), (30, 2.5), (40, 2.0)]
+    assert report.tokens_to_loss(curve, 2.75) == pytest.approx(25.0)
+    assert report.tokens_to_loss(curve, 4.5) == 10.0  # already there at the first evaluation
+    assert report.tokens_to_loss(curve, 1.9) is None  # never reached
+    assert report.tokens_to_loss([(10, 3.0), (20, 2.0), (30, 2.6), (40, 1.0)], 2.5) == pytest.approx(15.0)  # the first crossing
+    assert report.loss_at_tokens(curve, 35) == pytest.approx(2.25)
+    assert report.loss_at_tokens(curve, 50) == 2.0 and report.loss_at_tokens(curve, 5) == 4.0
+
+
+def test_a_variant_against_the_reference():
+    # reference: 40 tokens, final 2.0 at 100 tok/s (0.4 s); the variant reaches 2.0 at 30 tokens and runs at 80 tok/s
+    ref = _variant("mla", [(10, 4.0), (20, 3.0), (30, 2.5), (40, 2.0)], 100.0)
+    fast_learner = _variant("mla:train.optimizer=muon", [(10, 4.0), (20, 2.5), (30, 2.0), (40, 1.8)], 80.0,
+                            {"optimizer": "muon"})
+    r = report.against_reference(fast_learner, ref)
+    assert r["reference"] == "mla" and r["val_loss_delta"] == pytest.approx(-0.2)
+    assert r["tokens_to_reference_loss"] == pytest.approx(30.0) and r["tokens_ratio"] == pytest.approx(0.75)
+    assert r["speed_ratio"] == pytest.approx(0.8)
+    assert r["time_ratio"] == pytest.approx(0.9375)  # 30 / 80 s against 40 / 100 s
+    assert r["tokens_at_reference_time"] == pytest.approx(32.0)  # 0.4 s at 80 tok/s
+    assert r["val_loss_at_reference_time"] == pytest.approx(1.96)
+    # faster than the reference and never reaching its loss: the time ratio is unknown, and after the
+    # reference's time it has finished (its own tokens and final loss)
+    slow_learner = _variant("mqa", [(10, 4.2), (20, 3.5), (30, 2.9), (40, 2.4)], 125.0)
+    r = report.against_reference(slow_learner, ref)
+    assert r["tokens_to_reference_loss"] is None and r["tokens_ratio"] is None and r["time_ratio"] is None
+    assert r["speed_ratio"] == pytest.approx(1.25)
+    assert r["tokens_at_reference_time"] == 40 and r["val_loss_at_reference_time"] == pytest.approx(2.4)
+    # no speed (a cell without windows): only the loss and the tokens
+    ref_unspeeded = {**ref, "train_tokens_per_s": None}
+    r = report.against_reference(fast_learner, ref_unspeeded)
+    assert r["tokens_ratio"] == pytest.approx(0.75) and r["speed_ratio"] is None and r["val_loss_at_reference_time"] is None
+
+
+def test_the_reference_is_the_familys_when_compared_else_the_first():
+    a, b = _variant("mha", [(10e6, 3.0), (20e6, 2.0)], 120.0), _variant("mla", [(10e6, 3.0), (20e6, 2.1)], 100.0)
+    assert report.reference_variant([a, b], "mla") is b
+    assert report.reference_variant([a, b], "gqa") is a
+    unfinished = {**b, "curve": [], "val_loss": None}
+    assert report.reference_variant([a, unfinished], "mla") is None  # one measured variant: nothing to compare
+    head, rows = report.reference_table({"variants": [{**b, "vs_reference": None},
+                                                      {**a, "vs_reference": report.against_reference(a, b)}]})
+    assert head[2] == "val loss vs mla" and head[3] == "tokens to mla's final loss"
+    assert rows == [["mha", "common recipe", "-0.1000 (-4.8%)", "19.0M (0.95x)", "1.20x", "0.79x", "2.0000 (at 20.0M)"]]

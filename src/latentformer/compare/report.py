@@ -27,7 +27,7 @@ from latentformer.compare.measure import DECODE_ROUNDS, KV_DTYPE, MAX_BATCH_CONT
 from latentformer.compare.runner import Matrix, cell_dir, read_decode, read_state
 from latentformer.fsutil import atomic_write_text
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 RESULTS = "results.json"
 # a timing whose repeats spread wider than this (coefficient of variation: std / mean), or that has
 # fewer repeats than MIN_SAMPLES, is flagged: on shared cores one variant's figure can be 100x off
@@ -100,6 +100,59 @@ def training_device(done: list[dict[str, Any]]) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
+def _mean_curve(v: dict[str, Any]) -> list[tuple[int, float]]:
+    """A variant's mean validation curve: (training tokens, mean loss over its seeds), in token order."""
+    return [(p["tokens"], p["loss"]["mean"]) for p in v["curve"] if p["loss"] is not None]
+
+
+def tokens_to_loss(curve: list[tuple[int, float]], loss: float) -> float | None:
+    """Training tokens at which `curve` first reaches `loss` (linear between its points); None: never."""
+    for i, (tokens, value) in enumerate(curve):
+        if value <= loss:
+            if i == 0:
+                return float(tokens)
+            t0, v0 = curve[i - 1]
+            return t0 + (tokens - t0) * (v0 - loss) / (v0 - value)
+    return None
+
+
+def loss_at_tokens(curve: list[tuple[int, float]], tokens: float) -> float:
+    """`curve`'s loss at `tokens` (linear between its points; its last loss past its end)."""
+    for (t0, v0), (t1, v1) in zip(curve, curve[1:]):
+        if t0 <= tokens <= t1:
+            return v0 + (v1 - v0) * (tokens - t0) / (t1 - t0)
+    return curve[-1][1] if tokens > curve[-1][0] else curve[0][1]
+
+
+def reference_variant(variants: list[dict[str, Any]], family_reference: str) -> dict[str, Any] | None:
+    """The variant the others are measured against: the family's reference when it is one of them,
+    else the first; None when fewer than two variants have a validation curve."""
+    measured = [v for v in variants if v["curve"] and v["val_loss"] is not None]
+    if len(measured) < 2:
+        return None
+    return next((v for v in measured if v["name"] == family_reference), measured[0])
+
+
+def against_reference(v: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    """How `v` fares against `ref` (both `results` variants with curves), on mean curves over seeds:
+    its final validation loss minus ref's; the training tokens where its curve reaches ref's final
+    loss, and the ratio to ref's tokens; with both training speeds (median window tokens/s, so no
+    compilation or evaluation time), the ratio of the times to that loss, and v's loss after ref's
+    training time (read off v's curve: mid-schedule when v is slower; its final loss when faster)."""
+    mine, theirs = _mean_curve(v), _mean_curve(ref)
+    target, ref_tokens = ref["val_loss"]["mean"], theirs[-1][0]
+    reach = tokens_to_loss(mine, target)
+    out = {"reference": ref["name"], "val_loss_delta": v["val_loss"]["mean"] - target, "tokens_to_reference_loss": reach,
+           "tokens_ratio": reach / ref_tokens if reach is not None else None,
+           "speed_ratio": None, "time_ratio": None, "tokens_at_reference_time": None, "val_loss_at_reference_time": None}
+    if v["train_tokens_per_s"] and ref["train_tokens_per_s"]:
+        speed = v["train_tokens_per_s"]["median"] / ref["train_tokens_per_s"]["median"]
+        tokens = min(ref_tokens * speed, mine[-1][0])  # v's tokens in ref's training time (it stops at its end)
+        out.update(speed_ratio=speed, time_ratio=out["tokens_ratio"] / speed if reach is not None else None,
+                   tokens_at_reference_time=tokens, val_loss_at_reference_time=loss_at_tokens(mine, tokens))
+    return out
+
+
 def results(root: Path, matrix: Matrix) -> dict[str, Any]:
     plan, family = matrix.plan, matrix.family
     states = {c.name: read_state(cell_dir(root, c)) for c in matrix.cells}
@@ -131,6 +184,9 @@ def results(root: Path, matrix: Matrix) -> dict[str, Any]:
             "max_batch": [{"context": c, "batch_size": max_batch(kv, c, plan.memory_gib)} for c in MAX_BATCH_CONTEXTS],
             "curve": _curve(ds),
         })
+    ref = reference_variant(variants, family.reference)
+    for v in variants:
+        v["vs_reference"] = against_reference(v, ref) if ref is not None and v is not ref and v["curve"] and v["val_loss"] else None
     cells = []
     for c in matrix.cells:
         s = states[c.name]
@@ -243,6 +299,27 @@ def summary_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def reference_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per variant measured against the reference (`vs_reference`)."""
+    ref = next(v["vs_reference"]["reference"] for v in data["variants"] if v["vs_reference"])
+    head = ["variant", "training", f"val loss vs {ref}", f"tokens to {ref}'s final loss", "train tokens/s",
+            f"time to {ref}'s final loss", f"val loss after {ref}'s training time"]
+    rows = []
+    for v in data["variants"]:
+        r = v["vs_reference"]
+        if r is None:
+            continue
+        ratio = lambda x: "–" if x is None else f"{x:.2f}x"  # noqa: E731
+        rows.append([v["name"], ", ".join(f"{k}={x}" for k, x in v["train_overrides"].items()) or "common recipe",
+                     f"{r['val_loss_delta']:+.4f} ({100 * r['val_loss_delta'] / (v['val_loss']['mean'] - r['val_loss_delta']):+.1f}%)",
+                     "not reached" if r["tokens_to_reference_loss"] is None
+                     else f"{r['tokens_to_reference_loss'] / 1e6:.1f}M ({ratio(r['tokens_ratio'])})",
+                     ratio(r["speed_ratio"]), "not reached" if r["tokens_to_reference_loss"] is None else ratio(r["time_ratio"]),
+                     "–" if r["val_loss_at_reference_time"] is None
+                     else f"{r['val_loss_at_reference_time']:.4f} (at {r['tokens_at_reference_time'] / 1e6:.1f}M)"])
+    return head, rows
+
+
 def decode_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     points = [(b, c) for b in data["settings"]["decode_batch_sizes"] for c in data["settings"]["decode_contexts"]]
     head = ["variant", "mode"] + [f"B{b} × {c:,}" for b, c in points]
@@ -314,6 +391,13 @@ def _sections(data: dict[str, Any]) -> list[tuple[str, str, tuple]]:
                     "training tokens where it was reached; KV bytes per token over all layers in bf16; training tokens/s is the "
                     f"median of every logged window of the variant's cells (seeds alternate variants){_speed_device(data)}; "
                     f"decode tokens/s at the largest measured batch and context (MLA absorbed). {noise}", summary_table(data)),
+        *([("Against the reference", "Each variant against the reference on its mean validation curve over seeds "
+                 "(linear between the periodic evaluations): its final loss minus the reference's; the training tokens where it "
+                 "reaches the reference's final loss (x the reference's tokens); its training tokens/s and time to that loss "
+                 "(x the reference's, from the median window speeds: no compilation or evaluation); its loss after as much "
+                 "training time as the reference had, read off its curve. A point inside a run is mid-schedule (the learning "
+                 "rate not yet decayed): a run planned for that length ends lower.", reference_table(data))]
+          if any(v["vs_reference"] for v in data["variants"]) else []),
         ("Decode throughput", "Decode tokens/s (batch / median one-token step time) over a cache filled to the context, "
                               f"the median of {s['decode_rounds']} rounds that each time every variant once, interleaved; "
                               f"timed on {', '.join(data['environment']['decode_devices']) or 'no device yet'}. "
