@@ -118,6 +118,23 @@ def test_objective_mixes_cross_entropy_and_distillation():
     assert student(x, y).distill_loss is None
 
 
+def test_pure_distillation_without_the_cross_entropys_gradient_trains_the_same():
+    """loss_grad=False (the trainer's choice at distill_weight 1): the same losses and exactly the same
+    gradients of objective(.., 1.0), and the cross-entropy carries no gradient (nothing formed for it)."""
+    student, teacher, x, y = models()
+    with torch.no_grad():
+        soft = (teacher.final_hidden(x), teacher.lm_head.weight)
+    outs, grads = [], []
+    for loss_grad in (True, False):
+        out = student(x, y, teacher=soft, loss_grad=loss_grad)
+        grads.append(torch.autograd.grad(out.objective(0.3, 1.0), list(student.parameters()), allow_unused=True))
+        outs.append(out)
+    assert torch.equal(outs[0].loss.detach(), outs[1].loss) and torch.equal(outs[0].distill_loss.detach(), outs[1].distill_loss.detach())
+    assert not outs[1].loss.requires_grad
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
 def test_token_dropout_refuses_a_teacher():
     student = Transformer(small(token_dropout=0.1)).train()
     x = torch.randint(0, 97, (2, 8))

@@ -161,14 +161,17 @@ class Transformer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None, teacher: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | ModelOutput:
+                cache: KVCache | None = None, teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+                loss_grad: bool = True) -> torch.Tensor | ModelOutput:
         """tokens [B, T] -> logits [B, T, vocab] (with `cache`: of the new tokens only).
 
         With `targets` [B, T] (training): ModelOutput(loss, aux_loss, mtp_loss, distill_loss); the
         MTP modules run in training mode only (an evaluation scores the next-token head). The output
         layer is fused into the loss (`linear_cross_entropy`): no [B, T, vocab] tensor is materialized.
         `teacher` = (another model's `final_hidden` of the same tokens [B, T, d_t], its output weight
-        [vocab, d_t]) adds distill_loss, the KL from its next-token distributions (`linear_kl_divergence`)."""
+        [vocab, d_t]) adds distill_loss, the KL from its next-token distributions (`linear_kl_divergence`).
+        `loss_grad=False` computes the cross-entropy as a monitor, without its gradient: a step that
+        trains on the KL alone (distill_weight 1) saves the output layer's two gradient matmuls."""
         self.check_input(tokens, cache)
         if self.training and self.config.token_dropout > 0:
             if teacher is not None:
@@ -179,7 +182,10 @@ class Transformer(nn.Module):
         if targets is None:
             return self.head(x)
         h, flat_targets = self._final_norm(x).flatten(0, 1), targets.reshape(-1)
-        loss = linear_cross_entropy(h, self.lm_head.weight, flat_targets, IGNORE_INDEX)
+        if loss_grad:
+            loss = linear_cross_entropy(h, self.lm_head.weight, flat_targets, IGNORE_INDEX)
+        else:
+            loss = linear_cross_entropy(h.detach(), self.lm_head.weight.detach(), flat_targets, IGNORE_INDEX)
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         mtp = self._mtp_loss(x, tokens, targets) if self.mtp is not None and self.training else None
         distill = None

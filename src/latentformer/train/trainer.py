@@ -429,7 +429,8 @@ class Trainer:
                 if self.teacher is not None:
                     with torch.no_grad():
                         teacher = (self.teacher_hidden(x), self.teacher.lm_head.weight)
-                out = model(x, y, teacher=teacher)
+                # distill_weight 1: the cross-entropy is logged, not trained on (no gradient to form)
+                out = model(x, y, teacher=teacher, loss_grad=teacher is None or self.cfg.train.distill_weight < 1)
                 loss = out.objective(self.cfg.train.mtp_weight, self.cfg.train.distill_weight)
             loss = loss / divisor
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
