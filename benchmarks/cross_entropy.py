@@ -11,19 +11,24 @@ is what training on GPT-2 tokens uses, 50304 its multiple of 64; bf16 autocast):
    eager and compiled, and the rows kernel alone against its roofline (one read and one write of
    the logits at the measured copy bandwidth; `--sweep`: at other launch parameters too).
    Prints a table; no assertion on time.
+`--kl`: instead, distillation's `linear_kl_divergence` (a teacher of width d too) through its Triton
+kernel against its chunked torch path: the two paths' loss and gradients, and their fwd+bwd time
+and peak memory (the ratio column then compares with the torch path).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+from latentformer.kernels import kl_divergence
 from latentformer.kernels.cross_entropy import BLOCK, NUM_WARPS, cross_entropy_rows_
-from latentformer.model.loss import VOCAB_ALIGN, linear_cross_entropy, plain_linear_cross_entropy
+from latentformer.model.loss import VOCAB_ALIGN, linear_cross_entropy, linear_kl_divergence, plain_linear_cross_entropy
 
 D = 1280
 SWEEP = ((2048, 8), (8192, 16), (4096, 32), (8192, 32), (16384, 32))  # (columns per iteration, warps)
@@ -58,11 +63,29 @@ def fwd_bwd(fn, x, w, t):
     return step
 
 
+def kl_rows(N: int, V: int, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> list[tuple]:
+    """--kl: table rows of linear_kl_divergence fwd+bwd, Triton kernel vs chunked torch path (also checked)."""
+    xt, wt = torch.randn_like(x), 0.02 * torch.randn_like(w)
+    step, times, grads = fwd_bwd(lambda x, w, t: linear_kl_divergence(x, w, xt, wt, t), x, w, t), {}, {}
+    for name, on in (("KL, chunked torch", False), ("KL, Triton kernel", True)):
+        with mock.patch.object(kl_divergence, "supported", lambda device, dtype: on):
+            grads[name] = (step().detach(), x.grad.clone(), w.grad.clone())
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            times[name] = (do_bench(step, warmup=5, rep=50, return_mode="median"),
+                           (torch.cuda.max_memory_allocated() - base) / 1e9)
+    err = [max_rel(g, p) for g, p in zip(grads["KL, Triton kernel"], grads["KL, chunked torch"])]
+    print(f"N={N} V={V}: KL kernel vs torch path: loss {err[0]:.1e}, grad x {err[1]:.1e}, grad W {err[2]:.1e}")
+    return [(N, V, name, f"{ms:.2f}", f"{times['KL, chunked torch'][0] / ms:.2f}x", f"{gb:.1f}")
+            for name, (ms, gb) in times.items()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="65536", help="comma-separated token counts N")
     ap.add_argument("--sweep", action="store_true", help="also time the rows kernel at other launch parameters")
     ap.add_argument("--vocab", default="50257,50304", help="comma-separated vocabulary sizes V")
+    ap.add_argument("--kl", action="store_true", help="time linear_kl_divergence's kernel vs its torch path instead")
     args = ap.parse_args()
     bw = bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
@@ -73,6 +96,9 @@ def main() -> None:
         w = (0.02 * torch.randn(V, D, device="cuda")).requires_grad_()
         t = torch.randint(0, V, (N,), device="cuda")
         t[::7] = -100
+        if args.kl:
+            rows += kl_rows(N, V, x, w, t)
+            continue
 
         # 1. numerics: kernel vs F.cross_entropy on the same bf16 logits
         logits = padded_copy(x.detach().bfloat16() @ w.detach().bfloat16().t())  # [N, Vp]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from latentformer.kernels import decode_gemm
 from latentformer.kernels.cross_entropy import cross_entropy_rows_
+from latentformer.kernels.kl_divergence import kl_rows_
 from latentformer.kernels.mla_decode import latent_decode_attention
 
 
@@ -38,6 +39,67 @@ def check_cross_entropy() -> None:
         untouched = logits.clone()
         torch.testing.assert_close(cross_entropy_rows_(untouched, V, t, -100, n_valid, False, block=block, num_warps=1), rows)
         assert torch.equal(untouched, logits), "write_grad=False must not modify the logits"
+
+
+def check_kl_divergence() -> None:
+    torch.manual_seed(0)
+    # (rows, classes, padded width, dtype, columns per iteration): padding, one and several blocks, fp16/bf16/fp32
+    for N, V, Vp, dtype, block in [(7, 100, 128, torch.float32, 32), (5, 300, 300, torch.bfloat16, 128),
+                                   (6, 1000, 1024, torch.bfloat16, 256), (3, 513, 576, torch.float16, 512),
+                                   (4, 200, 256, torch.float32, 256)]:
+        logits, teacher = torch.zeros(N, Vp, dtype=dtype), torch.zeros(N, Vp, dtype=dtype)
+        logits[:, :V] = (3 * torch.randn(N, V)).to(dtype)
+        teacher[:, :V] = (3 * torch.randn(N, V)).to(dtype)
+        logits[:, V:], teacher[:, V:] = float("inf"), float("-inf")  # padding is ignored, whatever it holds
+        teacher[2, :V] = (teacher[2, :V].float() - 30).to(dtype)
+        teacher[2, V - 1] = 30  # a very peaked teacher, its peak in the last block: the running max rescales A
+        t = torch.randint(0, V, (N,))
+        t[1] = -100
+        n_valid = (t != -100).sum()
+        ref = logits[:, :V].float().requires_grad_()
+        ref_rows = F.kl_div(F.log_softmax(ref, 1), F.log_softmax(teacher[:, :V].float(), 1), log_target=True,
+                            reduction="none").sum(1) * (t != -100)
+        ref_rows.sum().div(n_valid).backward()
+        work, teacher_before = logits.clone(), teacher.clone()
+        rows = kl_rows_(work, teacher, V, t, -100, n_valid, True, block=block, num_warps=1)
+        torch.testing.assert_close(rows, ref_rows.detach(), rtol=1e-5, atol=1e-5)
+        tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]  # one rounding to dtype
+        torch.testing.assert_close(work[:, :V].float(), ref.grad, rtol=0, atol=tol)
+        assert not work[:, V:].any(), "padding columns must be written as 0"
+        assert not work[1].any(), "an ignored row has no gradient"
+        assert torch.equal(teacher, teacher_before), "the teacher's logits are never written"
+        untouched = logits.clone()
+        torch.testing.assert_close(kl_rows_(untouched, teacher, V, t, -100, n_valid, False, block=block, num_warps=1), rows)
+        assert torch.equal(untouched, logits), "write_grad=False must not modify the logits"
+
+
+def check_kl_divergence_op() -> None:
+    """`linear_kl_divergence` through the kernel == its chunked torch path (loss, both gradients), padded
+    vocabulary and an ignored row. The interpreter stands in for the GPU: the kernel is allowed on CPU tensors."""
+    from latentformer.kernels import kl_divergence
+    from latentformer.model.loss import linear_kl_divergence
+
+    torch.manual_seed(0)
+    N, D, DT, V = 21, 24, 40, 100  # V pads to 128
+    x, w = torch.randn(N, D, requires_grad=True), (0.3 * torch.randn(V, D)).requires_grad_()
+    xt, wt = torch.randn(N, DT), 0.3 * torch.randn(V, DT)
+    t = torch.randint(0, V, (N,))
+    t[::4] = -100
+    results, launches, kernel = [], [], kl_divergence.kl_rows_
+
+    def small_blocks(*args, **kw):  # several blocks per row at this vocabulary
+        launches.append(args[0].shape)
+        return kernel(*args, **kw, block=32, num_warps=1)
+
+    kl_divergence.kl_rows_ = small_blocks
+    for kernel_on in (False, True):
+        kl_divergence.supported = lambda device, dtype: kernel_on
+        loss = linear_kl_divergence(x, w, xt, wt, t, chunk_rows=8)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (x, w))))
+    assert launches == [(N, 128)], "the kernel path must run once, on the padded logits"
+    assert results[0][0] > 0.1  # the two distributions differ: the check is not of zeros
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def check_decode() -> None:
@@ -154,6 +216,7 @@ def check_decode_gemm() -> None:
 
 
 if __name__ == "__main__":
-    {"cross_entropy": check_cross_entropy, "decode": check_decode, "decode_new_token": check_decode_new_token,
+    {"cross_entropy": check_cross_entropy, "kl_divergence": check_kl_divergence,
+     "kl_divergence_op": check_kl_divergence_op, "decode": check_decode, "decode_new_token": check_decode_new_token,
      "decode_model": check_decode_model,
      "decode_gemm": check_decode_gemm}[sys.argv[1]]()

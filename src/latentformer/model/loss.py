@@ -12,6 +12,8 @@ path does the same chunk by chunk, on the rows that have a target only (fine-tun
 ignores the prompt's rows, often most of them; finding them needs their count on the host, free on a
 CPU but a synchronization on a GPU, where every row goes through). The whole computation is one
 custom op, opaque to torch.compile, so eager and compiled training run the same code.
+Distillation's KL(teacher || student) works the same way (`linear_kl_divergence`); on CUDA its
+kernel (kernels/kl_divergence.py) reads both models' logits once and overwrites the student's.
 
 Legend: N rows (B*T tokens), d model width, V vocabulary, C rows per chunk.
 """
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx
 
-from latentformer.kernels import cross_entropy
+from latentformer.kernels import cross_entropy, kl_divergence
 
 # Pad the vocabulary dimension of the logits to a multiple of this (16-byte aligned rows, whole tiles).
 VOCAB_ALIGN = 64
@@ -116,12 +118,19 @@ def _fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: 
         x_c, targets = x_c[rows], targets[rows]
     logits = x_c @ w.t()  # [N or n, Vp]; the padding columns are 0 and stay 0
     loss = _rows_(logits, V, targets, ignore_index, n_valid, grad_x or grad_w, chunk_rows) / n_valid
-    dx = x.new_empty(0)  # outputs may not alias: two empties
-    if grad_x:
-        dx = (logits @ w).to(x.dtype)  # [N or n, d]; an ignored row's gradient is 0
-        dx = dx if rows is None else x.new_zeros(x.shape).index_copy_(0, rows, dx)
-    return (loss,  # nan when n_valid == 0, as F.cross_entropy
-            dx, (logits.t() @ x_c)[:V].to(weight.dtype) if grad_w else x.new_empty(0))
+    dx, dw = _linear_grads(logits, x_c, w, x, weight, grad_x, grad_w)  # an ignored row's dx is 0
+    if grad_x and rows is not None:
+        dx = x.new_zeros(x.shape).index_copy_(0, rows, dx)
+    return loss, dx, dw  # loss: nan when n_valid == 0, as F.cross_entropy
+
+
+def _linear_grads(grad_logits: torch.Tensor, x_c: torch.Tensor, w: torch.Tensor, x: torch.Tensor,
+                  weight: torch.Tensor, grad_x: bool, grad_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """An output layer's gradients from its logits' gradient G [n, Vp] (x_c [n, d] and w [Vp, d] its
+    operands in the compute dtype, weight [V, d] unpadded): (G w [n, d] in x's dtype, (G^T x_c)[:V]
+    in weight's dtype), each an empty tensor where not wanted (outputs may not alias: two empties)."""
+    return ((grad_logits @ w).to(x.dtype) if grad_x else x.new_empty(0),
+            (grad_logits.t() @ x_c)[:weight.shape[0]].to(weight.dtype) if grad_w else x.new_empty(0))
 
 
 def _padded_rows(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -173,8 +182,10 @@ def linear_kl_divergence(x: torch.Tensor, weight: torch.Tensor, x_t: torch.Tenso
 
     x: [N, d]; weight: [V, d]; x_t: [N, d_t]; weight_t: [V, d_t]; targets: [N] long (only which rows
     count). Returns a scalar fp32 loss (nan when every row is ignored). As `linear_cross_entropy`: the
-    gradient d loss / d student logits = (p_s - p_t) / n_valid is formed in the forward pass, chunk by
-    chunk (`chunk_rows`, default `default_chunk_rows`): no [N, V] tensor exists, of either model."""
+    gradient d loss / d student logits = (p_s - p_t) / n_valid is formed in the forward pass. On CUDA
+    the Triton kernel does it on both models' full [N, V] logits in the compute dtype; elsewhere the
+    torch path goes chunk by chunk (`chunk_rows`, default `default_chunk_rows`): no [N, V] tensor
+    exists, of either model."""
     arguments = _op_arguments(x, weight, targets, chunk_rows)
     if x_t.shape[0] != x.shape[0] or weight_t.shape != (weight.shape[0], x_t.shape[1]):
         raise ValueError(f"the teacher's x_t must be [{x.shape[0]}, d_t] and weight_t [{weight.shape[0]}, d_t], "
@@ -187,12 +198,18 @@ def linear_kl_divergence(x: torch.Tensor, weight: torch.Tensor, x_t: torch.Tenso
 def _fused_linear_kl(x: torch.Tensor, weight: torch.Tensor, x_t: torch.Tensor, weight_t: torch.Tensor,
                      targets: torch.Tensor, ignore_index: int, chunk_rows: int, dtype: torch.dtype,
                      grad_x: bool, grad_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean KL, d loss/dx [N, d] or [0], d loss/dW [V, d] or [0]); one opaque op, as the cross-entropy's."""
+    """(mean KL, d loss/dx [N, d] or [0], d loss/dW [V, d] or [0]); one opaque op, as the cross-entropy's.
+    On CUDA the kernel reads each model's [N, Vp] logits once and overwrites the student's with their
+    gradient; elsewhere chunks of C rows go through fp32 torch ops."""
     V = weight.shape[0]
     x_c, xt_c = x.to(dtype), x_t.to(dtype)  # [N, d], [N, d_t]
     w, wt = _padded_rows(weight, dtype), _padded_rows(weight_t, dtype)  # [Vp, d], [Vp, d_t]
     valid = targets != ignore_index  # [N]
     n_valid = valid.sum()
+    if kl_divergence.supported(x.device, dtype):
+        logits = x_c @ w.t()  # [N, Vp]; the padding columns are 0
+        row_kl = kl_divergence.kl_rows_(logits, xt_c @ wt.t(), V, targets, ignore_index, n_valid, grad_x or grad_w)
+        return (row_kl.sum() / n_valid, *_linear_grads(logits, x_c, w, x, weight, grad_x, grad_w))
     row_scale = (valid.float() / n_valid.clamp(min=1))[:, None]  # [N, 1]
     loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
     dx = torch.zeros_like(x_c) if grad_x else x.new_empty(0)
