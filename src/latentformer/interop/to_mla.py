@@ -223,29 +223,35 @@ def calibration_stats(model: Transformer, tokens: torch.Tensor, seq_len: int = 5
 def sample_tokens(model: Transformer, start_id: int, n: int, *, seq_len: int = 512, batch: int = 32, seed: int = 0,
                   progress: Progress | None = None) -> torch.Tensor:
     """`n` tokens [n] of text sampled from `model` (temperature 1), in rows of `seq_len` tokens that each
-    begin with `start_id` (a document boundary): calibration text from the model's own distribution."""
+    begin with `start_id` (a document boundary): calibration text from the model's own distribution.
+    Rows are sampled `batch` at a time through one cache and the decode layer (`Decoder`), captured once
+    as a CUDA graph on a GPU (an eager decode step there is launch-bound); a short last batch is
+    sampled full and cut."""
+    from latentformer.infer.cuda_graph import GraphDecodeStep
+    from latentformer.infer.decode import Decoder
+
     seq_len = min(seq_len, model.config.max_seq_len)
     device = model.embed.weight.device
     gen = torch.Generator(device).manual_seed(seed)
     rows, out = -(-n // seq_len), []
     batches = range(0, rows, batch)
     steps = len(batches) * (seq_len - 1)
+    B = min(batch, rows)
     was_training = model.training
     model.eval()
     try:
-        for k, b0 in enumerate(batches):
-            B = min(batch, rows - b0)
-            tokens = torch.full((B, 1), start_id, device=device)
-            cache = model.make_cache(B, seq_len)
-            logits = model(tokens, cache=cache)
-            for t in range(1, seq_len):
-                nxt = torch.multinomial(torch.softmax(logits[:, -1].float(), -1), 1, generator=gen)  # [B, 1]
-                tokens = torch.cat((tokens, nxt), dim=1)
-                if t < seq_len - 1:
-                    logits = model(nxt, cache=cache)
-                if progress is not None:
-                    progress(k * (seq_len - 1) + t, steps)
-            out.append(tokens.cpu())
+        cache = model.make_cache(B, seq_len)
+        with torch.no_grad():
+            step = GraphDecodeStep(model, cache) if device.type == "cuda" else Decoder(model, cache)
+            for k, b0 in enumerate(batches):
+                cache.reset()
+                tokens = [torch.full((B, 1), start_id, device=device)]
+                for t in range(1, seq_len):
+                    logits = step(tokens[-1])[:, -1]  # [B, V]
+                    tokens.append(torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen))  # [B, 1]
+                    if progress is not None:
+                        progress(k * (seq_len - 1) + t, steps)
+                out.append(torch.cat(tokens, dim=1)[:rows - b0].cpu())
     finally:
         model.train(was_training)
     return torch.cat(out).flatten()[:n]
