@@ -65,6 +65,8 @@ from pathlib import Path
 import torch
 
 from latentformer.config import ModelConfig
+from latentformer.infer.cuda_graph import GraphDecodeStep
+from latentformer.infer.decode import Decoder
 from latentformer.model.rope import apply_rope, rope_inv_freq
 from latentformer.model.transformer import Transformer
 
@@ -227,9 +229,6 @@ def sample_tokens(model: Transformer, start_id: int, n: int, *, seq_len: int = 5
     Rows are sampled `batch` at a time through one cache and the decode layer (`Decoder`), captured once
     as a CUDA graph on a GPU (an eager decode step there is launch-bound); a short last batch is
     sampled full and cut."""
-    from latentformer.infer.cuda_graph import GraphDecodeStep
-    from latentformer.infer.decode import Decoder
-
     seq_len = min(seq_len, model.config.max_seq_len)
     device = model.embed.weight.device
     gen = torch.Generator(device).manual_seed(seed)
