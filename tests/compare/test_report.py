@@ -74,7 +74,8 @@ def _variant(name, curve, tokens_per_s, overrides=None):
     over seeds, its final loss (the curve's last point) and its median window speed."""
     return {"name": name, "train_overrides": overrides or {},
             "curve": [{"tokens": t, "loss": report.stat([loss])} for t, loss in curve],
-            "val_loss": report.stat([curve[-1][1]]), "train_tokens_per_s": report.timing([tokens_per_s] * 3)}
+            "val_loss": report.stat([curve[-1][1]]), "train_tokens_per_s": report.timing([tokens_per_s] * 3),
+            "train_device": "NVIDIA H100 80GB HBM3"}
 
 
 def test_tokens_to_a_loss_and_the_loss_at_tokens_interpolate_the_curve():
@@ -106,10 +107,10 @@ def test_a_variant_against_the_reference():
     assert r["tokens_to_reference_loss"] is None and r["tokens_ratio"] is None and r["time_ratio"] is None
     assert r["speed_ratio"] == pytest.approx(1.25)
     assert r["tokens_at_reference_time"] == 40 and r["val_loss_at_reference_time"] == pytest.approx(2.4)
-    # no speed (a cell without windows): only the loss and the tokens
-    ref_unspeeded = {**ref, "train_tokens_per_s": None}
-    r = report.against_reference(fast_learner, ref_unspeeded)
-    assert r["tokens_ratio"] == pytest.approx(0.75) and r["speed_ratio"] is None and r["val_loss_at_reference_time"] is None
+    # no speed (a cell without windows), or speeds of two GPU models: only the loss and the tokens
+    for ref_unspeeded in ({**ref, "train_tokens_per_s": None}, {**ref, "train_device": "NVIDIA H200"}):
+        r = report.against_reference(fast_learner, ref_unspeeded)
+        assert r["tokens_ratio"] == pytest.approx(0.75) and r["speed_ratio"] is None and r["val_loss_at_reference_time"] is None
 
 
 def test_the_reference_is_the_familys_when_compared_else_the_first():

@@ -137,15 +137,16 @@ def against_reference(v: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
     """How `v` fares against `ref` (both `results` variants with curves), on mean curves over seeds:
     its final validation loss minus ref's; the training tokens where its curve reaches ref's final
     loss, and the ratio to ref's tokens; with both training speeds (median window tokens/s, so no
-    compilation or evaluation time), the ratio of the times to that loss, and v's loss after ref's
-    training time (read off v's curve: mid-schedule when v is slower; its final loss when faster)."""
+    compilation or evaluation time; timed on one GPU model), the ratio of the times to that loss, and
+    v's loss after ref's training time (read off v's curve: mid-schedule when v is slower; its final
+    loss when faster)."""
     mine, theirs = _mean_curve(v), _mean_curve(ref)
     target, ref_tokens = ref["val_loss"]["mean"], theirs[-1][0]
     reach = tokens_to_loss(mine, target)
     out = {"reference": ref["name"], "val_loss_delta": v["val_loss"]["mean"] - target, "tokens_to_reference_loss": reach,
            "tokens_ratio": reach / ref_tokens if reach is not None else None,
            "speed_ratio": None, "time_ratio": None, "tokens_at_reference_time": None, "val_loss_at_reference_time": None}
-    if v["train_tokens_per_s"] and ref["train_tokens_per_s"]:
+    if v["train_tokens_per_s"] and ref["train_tokens_per_s"] and v["train_device"] == ref["train_device"]:
         speed = v["train_tokens_per_s"]["median"] / ref["train_tokens_per_s"]["median"]
         tokens = min(ref_tokens * speed, mine[-1][0])  # v's tokens in ref's training time (it stops at its end)
         out.update(speed_ratio=speed, time_ratio=out["tokens_ratio"] / speed if reach is not None else None,
@@ -305,11 +306,11 @@ def reference_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     head = ["variant", "training", f"val loss vs {ref}", f"tokens to {ref}'s final loss", "train tokens/s",
             f"time to {ref}'s final loss", f"val loss after {ref}'s training time"]
     rows = []
+    ratio = lambda x: "–" if x is None else f"{x:.2f}x"  # noqa: E731
     for v in data["variants"]:
         r = v["vs_reference"]
         if r is None:
             continue
-        ratio = lambda x: "–" if x is None else f"{x:.2f}x"  # noqa: E731
         rows.append([v["name"], ", ".join(f"{k}={x}" for k, x in v["train_overrides"].items()) or "common recipe",
                      f"{r['val_loss_delta']:+.4f} ({100 * r['val_loss_delta'] / (v['val_loss']['mean'] - r['val_loss_delta']):+.1f}%)",
                      "not reached" if r["tokens_to_reference_loss"] is None
