@@ -215,6 +215,8 @@ if __name__ == "__main__":
     ap.add_argument("--data", help="prepared GPT-2 data set: adds the transformers generate comparison")
     ap.add_argument("--sizes", default="1x1024,16x8192,64x1024,64x8192,64x32768", help="batch x context points")
     ap.add_argument("--no-checks", action="store_true", help="skip the numerics check and the max-batch probe")
+    ap.add_argument("--presets", default="mla-125m,mha-125m,latentformer-348m",
+                    help="comma-separated presets (MLA ones decode absorbed; the 348m runs unless --quick)")
     args = ap.parse_args()
     quick = args.quick
     print(torch.cuda.get_device_name(), torch.__version__)
@@ -242,9 +244,15 @@ if __name__ == "__main__":
     sizes = [(64, 8192)] if quick else [tuple(int(v) for v in item.split("x")) for item in args.sizes.split(",")]
     for B, ctx in sizes:
         target = (B, ctx) == (64, 8192)
-        points = [("mla-125m", ["absorb graph+compiled"] + ["absorb graph", "absorb eager", "naive graph+compiled"] * target),
-                  ("mha-125m", ["graph+compiled"] + ["graph"] * target)] + [("latentformer-348m", ["absorb graph+compiled"])] * (not quick)
-        for preset, modes in points:
+        for preset in args.presets.split(","):
+            if preset == "latentformer-348m" and quick:
+                continue
+            if ModelConfig.preset(preset).attention != "mla":
+                modes = ["graph+compiled"] + ["graph"] * target
+            elif preset == "mla-125m":
+                modes = ["absorb graph+compiled"] + ["absorb graph", "absorb eager", "naive graph+compiled"] * target
+            else:
+                modes = ["absorb graph+compiled"]
             new_rows = bench(preset, B, ctx, bw, modes)
             for row in new_rows:  # as they come: a cut-off run keeps what it measured
                 print(line(*row), flush=True)

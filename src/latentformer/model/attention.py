@@ -98,9 +98,21 @@ class RowContext(AttnContext):
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
            mask: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T * scale) v with SDPA. q [B,H,T,Dq], k [B,Hk,S,Dq], v [B,Hk,S,Dv] -> [B,H,T,Dv]."""
-    H, Hk = q.shape[1], k.shape[1]
-    causal = mask is None and q.shape[2] > 1
+    """softmax(q k^T * scale) v with SDPA. q [B,H,T,Dq], k [B,Hk,S,Dq], v [B,Hk,S,Dv] -> [B,H,T,Dv].
+
+    Grouped queries (H = G Hk, query head h reads KV head h // G) under a mask or for one new token attend
+    as G T query rows of their KV head, the mask repeated per group: SDPA's `enable_gqa` reaches only the
+    flash kernel (no mask) and the math kernel, which copies K and V per query head on every decode step."""
+    B, H, T, Dq = q.shape
+    Hk = k.shape[1]
+    causal = mask is None and T > 1
+    if H != Hk and not causal:
+        G = H // Hk
+        rows = q.reshape(B, Hk, G * T, Dq)  # row g T + t = head hk G + g, token t
+        if mask is not None and T > 1:
+            mask = torch.cat([mask] * G, dim=-2)  # [B|1, 1, G T, S]
+        out = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        return out.reshape(B, H, T, v.shape[-1])
     if H != Hk and not _SDPA_GQA:
         k = k.repeat_interleave(H // Hk, dim=1)
         v = v.repeat_interleave(H // Hk, dim=1)
