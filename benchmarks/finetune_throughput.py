@@ -4,6 +4,8 @@ rows, sequence length and batch, in one process.
 
 GPU (SmolLM2-135M's architecture: Llama, 30 layers, d_model 576, GQA 9/3 heads, vocabulary 49,152, tied):
     PYTHONPATH=src:wheels python benchmarks/finetune_throughput.py [--compile] [--seq-len 512] [--batch 16] [--lora-rank 16]
+Where our step's GPU time goes (kernels, GPU idle between them), without the reference:
+    PYTHONPATH=src python benchmarks/finetune_throughput.py --compile --runs lora --reference none --profile
 CPU, a tiny model, to show it runs:
     PYTHONPATH=src python benchmarks/finetune_throughput.py --tiny
 
@@ -64,8 +66,9 @@ def write_conversations(path: Path, seq_len: int, count: int) -> None:
 
 
 def ours(ckpt: Path, data: Path, seq_len: int, batch: int, lora_rank: int, compile: bool, steps: int,
-         warmup: int, device: str) -> tuple[dict, list]:
-    """Our trainer's step; returns (result, the rows it trained on)."""
+         warmup: int, device: str, profile: bool = False) -> tuple[dict, list]:
+    """Our trainer's step; returns (result, the rows it trained on). `profile` (CUDA): then prints the
+    kernels of two more steps and the GPU's idle time between them (kernel_table.py)."""
     train = TrainConfig(device=device, seq_len=seq_len, micro_batch_size=batch, batch_tokens=seq_len * batch,
                         max_steps=10**6, max_time_minutes=0, lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=0.0,
                         compile=compile, progress=False, tensorboard=False, lora_rank=lora_rank, lora_alpha=2.0 * max(lora_rank, 1))
@@ -84,6 +87,11 @@ def ours(ckpt: Path, data: Path, seq_len: int, batch: int, lora_rank: int, compi
                 times.append(time.perf_counter() - t0)
         out = {"tokens/s": seq_len * batch / statistics.median(times), "loss": loss, "mem_gb": _peak_gb(device),
                "trainable": sum(p.numel() for p in tr.model.parameters() if p.requires_grad)}
+        if profile and device.startswith("cuda"):
+            from kernel_table import kernel_table
+
+            kernel_table(lambda: [tr.train_step() for _ in range(2)],
+                         f"latentformer, {'LoRA r=%d' % lora_rank if lora_rank else 'every weight'}: two steps", gaps=12)
         del tr
     return out, rows
 
@@ -180,8 +188,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="torch.compile on both sides (train.compile / torch_compile)")
     ap.add_argument("--runs", default="every,lora", help="comma-separated: every (every weight), lora")
-    ap.add_argument("--reference", choices=("sft", "trainer"), default="sft",
-                    help="trl's SFTTrainer (default) or transformers' Trainer, each with peft for LoRA")
+    ap.add_argument("--reference", choices=("sft", "trainer", "none"), default="sft",
+                    help="trl's SFTTrainer (default) or transformers' Trainer, each with peft for LoRA; none: ours alone")
+    ap.add_argument("--profile", action="store_true", help="CUDA: our side's kernels and GPU idle time over two steps")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model, 64 tokens x 4, 3 steps: a CPU check that it runs")
     args = ap.parse_args()
     if not set(args.runs.split(",")) <= {"every", "lora"}:
@@ -203,11 +212,16 @@ def main() -> None:
         write_conversations(data, args.seq_len, 2 * args.batch * (args.warmup + args.steps))
         runs = {"every": ("every weight", 0), "lora": (f"LoRA r={args.lora_rank}", args.lora_rank)}
         for label, rank in (runs[r] for r in args.runs.split(",")):
-            mine, batches = ours(ckpt, data, args.seq_len, args.batch, rank, args.compile, args.steps, args.warmup, device)
+            mine, batches = ours(ckpt, data, args.seq_len, args.batch, rank, args.compile, args.steps, args.warmup, device,
+                                 args.profile)
             print(f"latentformer, {label}: {mine}", flush=True)
+            if args.reference == "none":
+                continue
             ref = reference(ckpt, batches, rank, args.compile, args.warmup, device, args.reference)
             print(f"{theirs}, {label}: {ref}", flush=True)
             rows.append((label, mine, ref))
+    if not rows:
+        return
     print(f"\n| fine-tuning ({name}, {args.batch} x {args.seq_len}{', compiled' if args.compile else ''}) | "
           f"latentformer tokens/s | {theirs} tokens/s | ratio | peak GB (ours / theirs) | trainable parameters |")
     print("| --- | --- | --- | --- | --- | --- |")
