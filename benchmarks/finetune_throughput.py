@@ -35,6 +35,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -42,6 +43,7 @@ from latentformer.checkpoint import read_config, save_checkpoint
 from latentformer.config import ModelConfig
 from latentformer.data.tokenizer import load_tokenizer
 from latentformer.model.transformer import IGNORE_INDEX, Transformer
+from latentformer.train import distributed
 from latentformer.train.config import DataConfig, RunConfig, TrainConfig
 from latentformer.train.trainer import Trainer
 
@@ -66,14 +68,17 @@ def write_conversations(path: Path, seq_len: int, count: int) -> None:
 
 
 def ours(ckpt: Path, data: Path, seq_len: int, batch: int, lora_rank: int, compile: bool, steps: int,
-         warmup: int, device: str, profile: bool = False) -> tuple[dict, list]:
+         warmup: int, device: str, profile: bool = False, compile_mode: str = "default") -> tuple[dict, list]:
     """Our trainer's step; returns (result, the rows it trained on). `profile` (CUDA): then prints the
-    kernels of two more steps and the GPU's idle time between them (kernel_table.py)."""
+    kernels of two more steps and the GPU's idle time between them (kernel_table.py). `compile_mode`: the
+    trainer's whole-model compile in that torch.compile mode (an experiment: "reduce-overhead" replays
+    CUDA graphs)."""
     train = TrainConfig(device=device, seq_len=seq_len, micro_batch_size=batch, batch_tokens=seq_len * batch,
                         max_steps=10**6, max_time_minutes=0, lr=1e-4, min_lr=1e-4, warmup_steps=0, weight_decay=0.0,
                         compile=compile, progress=False, tensorboard=False, lora_rank=lora_rank, lora_alpha=2.0 * max(lora_rank, 1))
     cfg = RunConfig(read_config(ckpt), DataConfig(chat_file=str(data), tokenizer=str(ckpt), chat_val_fraction=0.05), train)
-    with tempfile.TemporaryDirectory() as run:
+    with tempfile.TemporaryDirectory() as run, \
+            mock.patch.object(distributed, "compile_model", lambda model: model.compile(mode=compile_mode)):
         tr = Trainer(cfg, run, vocab_explicit=True, init_from=ckpt)
         it = tr.data.train_batches(batch, seq_len, train.seed)  # the batches our step draws, for the reference
         rows = [next(it) for _ in range(warmup + steps)]
@@ -190,6 +195,7 @@ def main() -> None:
     ap.add_argument("--runs", default="every,lora", help="comma-separated: every (every weight), lora")
     ap.add_argument("--reference", choices=("sft", "trainer", "none"), default="sft",
                     help="trl's SFTTrainer (default) or transformers' Trainer, each with peft for LoRA; none: ours alone")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode of our side (with --compile), e.g. reduce-overhead")
     ap.add_argument("--profile", action="store_true", help="CUDA: our side's kernels and GPU idle time over two steps")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model, 64 tokens x 4, 3 steps: a CPU check that it runs")
     args = ap.parse_args()
@@ -213,7 +219,7 @@ def main() -> None:
         runs = {"every": ("every weight", 0), "lora": (f"LoRA r={args.lora_rank}", args.lora_rank)}
         for label, rank in (runs[r] for r in args.runs.split(",")):
             mine, batches = ours(ckpt, data, args.seq_len, args.batch, rank, args.compile, args.steps, args.warmup, device,
-                                 args.profile)
+                                 args.profile, args.compile_mode)
             print(f"latentformer, {label}: {mine}", flush=True)
             if args.reference == "none":
                 continue
