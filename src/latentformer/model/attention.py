@@ -102,7 +102,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 
     Grouped queries (H = G Hk, query head h reads KV head h // G) under a mask or for one new token attend
     as G T query rows of their KV head, the mask repeated per group: SDPA's `enable_gqa` reaches only the
-    flash kernel (no mask) and the math kernel, which copies K and V per query head on every decode step."""
+    flash kernel (no mask, no fp32) and the math kernel, which copies K and V per query head."""
     B, H, T, Dq = q.shape
     Hk = k.shape[1]
     causal = mask is None and T > 1
