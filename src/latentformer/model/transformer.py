@@ -182,10 +182,8 @@ class Transformer(nn.Module):
         if targets is None:
             return self.head(x)
         h, flat_targets = self._final_norm(x).flatten(0, 1), targets.reshape(-1)
-        if loss_grad:
-            loss = linear_cross_entropy(h, self.lm_head.weight, flat_targets, IGNORE_INDEX)
-        else:
-            loss = linear_cross_entropy(h.detach(), self.lm_head.weight.detach(), flat_targets, IGNORE_INDEX)
+        ce_inputs = (h, self.lm_head.weight) if loss_grad else (h.detach(), self.lm_head.weight.detach())
+        loss = linear_cross_entropy(*ce_inputs, flat_targets, IGNORE_INDEX)
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         mtp = self._mtp_loss(x, tokens, targets) if self.mtp is not None and self.training else None
         distill = None
