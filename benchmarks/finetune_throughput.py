@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -101,8 +102,10 @@ def ours(ckpt: Path, data: Path, seq_len: int, batch: int, lora_rank: int, compi
     return out, rows
 
 
-def reference(ckpt: Path, rows: list, lora_rank: int, compile: bool, warmup: int, device: str, kind: str) -> dict:
-    """trl's SFTTrainer (kind "sft") or transformers.Trainer ("trainer"), + peft, on the same weights and rows."""
+def reference(ckpt: Path, rows: list, lora_rank: int, compile: bool, warmup: int, device: str, kind: str,
+              step_times: bool = False) -> dict:
+    """trl's SFTTrainer (kind "sft") or transformers.Trainer ("trainer"), + peft, on the same weights and rows.
+    `step_times`: print each step's seconds to stderr as it ends (where compilation goes)."""
     from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
     from latentformer.checkpoint import load_model
@@ -133,8 +136,11 @@ def reference(ckpt: Path, rows: list, lora_rank: int, compile: bool, warmup: int
 
         def on_step_end(self, args, state, control, **kw):
             _sync(device)
+            dt = time.perf_counter() - self.t0
+            if step_times:
+                print(f"  {kind} step {state.global_step}: {dt:.3f} s", file=sys.stderr, flush=True)
             if state.global_step > warmup:
-                times.append(time.perf_counter() - self.t0)
+                times.append(dt)
 
     cuda = device.startswith("cuda")
     with tempfile.TemporaryDirectory() as out:
@@ -197,6 +203,7 @@ def main() -> None:
                     help="trl's SFTTrainer (default) or transformers' Trainer, each with peft for LoRA; none: ours alone")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode of our side (with --compile), e.g. reduce-overhead")
     ap.add_argument("--profile", action="store_true", help="CUDA: our side's kernels and GPU idle time over two steps")
+    ap.add_argument("--step-times", action="store_true", help="print each reference step's seconds as it ends")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model, 64 tokens x 4, 3 steps: a CPU check that it runs")
     args = ap.parse_args()
     if not set(args.runs.split(",")) <= {"every", "lora"}:
@@ -223,7 +230,7 @@ def main() -> None:
             print(f"latentformer, {label}: {mine}", flush=True)
             if args.reference == "none":
                 continue
-            ref = reference(ckpt, batches, rank, args.compile, args.warmup, device, args.reference)
+            ref = reference(ckpt, batches, rank, args.compile, args.warmup, device, args.reference, args.step_times)
             print(f"{theirs}, {label}: {ref}", flush=True)
             rows.append((label, mine, ref))
     if not rows:
