@@ -100,13 +100,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
            mask: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T * scale) v with SDPA. q [B,H,T,Dq], k [B,Hk,S,Dq], v [B,Hk,S,Dv] -> [B,H,T,Dv].
 
-    Grouped queries (H = G Hk, query head h reads KV head h // G) under a mask or for one new token attend
-    as G T query rows of their KV head, the mask repeated per group: SDPA's `enable_gqa` reaches only the
-    flash kernel (no mask, no fp32) and the math kernel, which copies K and V per query head."""
+    Grouped queries (H = G Hk, query head h reads KV head h // G) in fp32 under a mask or for one new
+    token attend as G T query rows of their KV head, the mask repeated per group: SDPA's half-precision
+    kernels take `enable_gqa`, but in fp32 it falls to the math kernel, which copies K and V per query
+    head. In bf16 / fp16 the folded rows would cost parallelism (B Hk programs, not B H, each reading
+    all S slots: 1.4-2x slower decode steps on an H100, NOTES.md), so those keep `enable_gqa`."""
     B, H, T, Dq = q.shape
     Hk = k.shape[1]
     causal = mask is None and T > 1
-    if H != Hk and not causal:
+    if H != Hk and not causal and q.dtype not in (torch.float16, torch.bfloat16):
         G = H // Hk
         rows = q.reshape(B, Hk, G * T, Dq)  # row g T + t = head hk G + g, token t
         if mask is not None and T > 1:
