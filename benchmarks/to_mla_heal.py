@@ -26,10 +26,11 @@ windows of 256, 4 Ki tokens per step. Evaluations: windows of 513 tokens, --eval
 
 --distill W trains on (1 - W) x the cross-entropy + W x KL(source || model) (`train.teacher` = the source,
 saved as OUT/source): the converted model is pulled back to the source's predictions rather than
-toward the corpus; with W = 1 (the default), half the cache heals to 1.06x / 1.11x in 40M tokens (RESULTS).
+toward the corpus; with W = 1 (the default), half the cache heals to 1.05x / 1.09x in 60M tokens (RESULTS).
 --samples N mixes N tokens sampled from the source (temperature 1, rows of 512 from end-of-text, as the
-calibration samples) into the --prepare corpus: code alone under the cross-entropy heals code-like text
-and moves prose away (RESULTS, "Conversion to MLA: healing"); the source's own text covers what it knows.
+calibration samples; on a GPU from a bf16 copy of the source unless --sample-fp32) into the --prepare
+corpus: code alone under the cross-entropy heals code-like text and moves prose away (RESULTS,
+"Conversion to MLA: healing"); the source's own text covers what it knows.
 
 CPU check (minutes): python benchmarks/python_corpus.py --packages yaml --no-stdlib --out /tmp/py.jsonl
     python benchmarks/to_mla_heal.py --prepare /tmp/py.jsonl --out /tmp/heal --fractions 0.5 --tokens 20000 \\
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -91,13 +93,18 @@ def read_eval(directory: Path, tokenizer) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.load(directory / f"{name}.npy").astype(np.int64)) for name in meta["tokens"]}
 
 
-def mix_samples(model, tok, n: int, corpus: str, out: Path) -> str:
+def mix_samples(model, tok, n: int, corpus: str, out: Path, fp32: bool = False) -> str:
     """`out`: the documents of the jsonl `corpus`, then `n` tokens sampled from the source `model` (as the
     calibration samples them, another seed), each row cut into documents at end-of-text. The source's own
-    text covers what it knows beyond the corpus' domain. Returns `out` as a string (a `prepare` source)."""
-    batch = 1024 if model.embed.weight.is_cuda else 32  # rows per batch: eager decode steps cost the same up to large batches
-    ids = sample_tokens(model, tok.eot_id, n, seq_len=ROW, batch=batch, seed=1)
-    if model.embed.weight.is_cuda:
+    text covers what it knows beyond the corpus' domain. Returns `out` as a string (a `prepare` source).
+    On a GPU the samples come from a bf16 copy of the source (the teacher runs under bf16 autocast too;
+    half the cache to read and the half-precision attention kernels) unless `fp32`."""
+    cuda = model.embed.weight.is_cuda
+    batch = 1024 if cuda else 32  # rows per batch: eager decode steps cost the same up to large batches
+    sampler = copy.deepcopy(model).to(torch.bfloat16) if cuda and not fp32 else model
+    ids = sample_tokens(sampler, tok.eot_id, n, seq_len=ROW, batch=batch, seed=1)
+    del sampler
+    if cuda:
         torch.cuda.empty_cache()  # the sampling's KV caches: the trainer's memory check counts what is free
     with out.open("w", encoding="utf-8") as fh:
         with open(corpus, encoding="utf-8") as src:
@@ -242,6 +249,8 @@ def main() -> None:
                     help="warm-up steps as a fraction of the steps (default 0.1, MHA2MLA's for SmolLM-135M)")
     ap.add_argument("--samples", type=float, default=0,
                     help="tokens sampled from the source (temperature 1) to mix into the --prepare corpus (default 0)")
+    ap.add_argument("--sample-fp32", action="store_true",
+                    help="sample from the fp32 source on a GPU too (default there: a bf16 copy, several times faster)")
     ap.add_argument("--distill", type=float, default=1.0, metavar="W",
                     help="distill from the source (train.teacher): loss = (1 - W) x cross-entropy + W x KL "
                          "(default 1; 0: the cross-entropy on the corpus alone, no teacher)")
@@ -285,7 +294,7 @@ def main() -> None:
         source_text = args.prepare
         if args.samples:
             t0 = time.time()
-            source_text = mix_samples(model, tok, int(args.samples), args.prepare, args.out / "mix.jsonl")
+            source_text = mix_samples(model, tok, int(args.samples), args.prepare, args.out / "mix.jsonl", args.sample_fp32)
             print(f"sampled {int(args.samples):,} tokens from the source ({time.time() - t0:.0f} s)", flush=True)
         prepare(source_text, str(args.out / "tokenizer"), data, progress=sys.stderr.isatty())
     source = {"kv_bytes_per_token": model.kv_cache_bytes_per_token(torch.bfloat16),
@@ -305,7 +314,8 @@ def main() -> None:
             rows.append({"fraction": f, "rank": rank, "rope_dim": rope_dim, "kv_bytes_per_token": kv_bytes, **p})
     recipe_text = (f"AdamW lr {train.lr:g}, {train.warmup_steps} warmup steps, cosine to {train.min_lr:g}; "
                    f"{train.batch_tokens:,} tokens x {train.max_steps} steps, windows of {train.seq_len}, {train.dtype}"
-                   + (f"; {int(args.samples):,} of the corpus' tokens sampled from the source" if args.samples else "")
+                   + (f"; {int(args.samples):,} of the corpus' tokens sampled from the source"
+                      + (" (bf16)" if cuda and not args.sample_fp32 else "") if args.samples else "")
                    + (f"; distilled from the source, weight {args.distill:g}" if args.distill else ""))
     run = {
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if cuda else "CPU", "recipe": recipe_text,

