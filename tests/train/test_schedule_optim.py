@@ -125,8 +125,66 @@ def test_muon_update_has_the_rms_of_adamw_so_lr_and_decay_carry_over():
     assert update.pow(2).mean().sqrt().item() == pytest.approx(0.2, rel=0.25)  # NS leaves singular values in ~[0.7, 1.2]
 
 
+def _muon_step(scale: float, lr: float, wd: float):
+    """A tiny MLA model after one step of Muon at `train.muon_lr_scale` = scale, the lr set as the
+    trainer sets it (`set_lr`): (optimizer, {name: (before, after)}, names of Muon's parameters)."""
+    import torch
+
+    from latentformer.train.optim import build_optimizer
+    from latentformer.train.schedule import set_lr
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, n_layers=1, d_model=64, n_heads=2, max_seq_len=16, kv_lora_rank=16,
+                                    qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, d_ff=256))
+    opt = build_optimizer(model, TrainConfig(optimizer="muon", lr=1.0, weight_decay=wd, muon_lr_scale=scale), "cpu")
+    set_lr(opt, lr)
+    muon = {id(p) for p in opt.param_groups[0]["params"]}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(1)
+    model(torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))).loss.backward()
+    opt.step()
+    moves = {n: (before[n], p.detach()) for n, p in model.named_parameters()}
+    return opt, moves, {n for n, p in model.named_parameters() if id(p) in muon}
+
+
+def test_muon_lr_scale_scales_muon_steps_only():
+    """`train.muon_lr_scale` k: each Muon matrix moves by k times the update (and k times the decay) of
+    k = 1; the AdamW parameters move exactly as with k = 1; the groups get the schedule's lr times
+    their scale."""
+    import torch
+
+    lr, wd, k = 1e-2, 0.1, 3.0
+    _, base, muon = _muon_step(1.0, lr, wd)
+    opt, scaled, _ = _muon_step(k, lr, wd)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([k * lr, lr, lr])
+    assert muon and set(base) - muon
+    for name, (b0, b1) in base.items():
+        s0, s1 = scaled[name]
+        assert torch.equal(b0, s0)
+        if name in muon:
+            step_1 = (b1 - b0 * (1 - lr * wd)) / lr
+            step_k = (s1 - s0 * (1 - k * lr * wd)) / (k * lr)
+            torch.testing.assert_close(step_k, step_1, atol=1e-6, rtol=1e-4)
+        else:
+            assert torch.equal(b1, s1), name
+
+
+def test_muon_lr_scale_is_the_runs_own_after_a_resume():
+    """Loading an optimizer state saved at another `muon_lr_scale` keeps this run's scale."""
+    from latentformer.train.schedule import set_lr
+
+    saved, _, _ = _muon_step(3.0, 1e-2, 0.1)
+    opt, _, _ = _muon_step(2.0, 1e-2, 0.1)
+    opt.load_state_dict(saved.state_dict())
+    set_lr(opt, 1e-2)
+    assert [g.get("lr_scale") for g in opt.param_groups] == [2.0, None, None]
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-2)
+
+
 def test_bad_optimizer_names_the_field():
     with pytest.raises(ValueError, match="train.optimizer"):
         TrainConfig(optimizer="sgd")
     with pytest.raises(ValueError, match="train.muon_momentum"):
         TrainConfig(muon_momentum=1.0)
+    with pytest.raises(ValueError, match="train.muon_lr_scale"):
+        TrainConfig(muon_lr_scale=0.0)

@@ -93,6 +93,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     decay_embeddings: bool = False
     muon_momentum: float = 0.95  # Muon's (Nesterov) momentum; the AdamW part uses beta1/beta2
+    muon_lr_scale: float = 1.0  # Muon's lr = this x the schedule's lr (after Moonlight's RMS matching)
     # multi-token prediction: loss = main + mtp_weight / D * sum_k loss_k (DeepSeek-V3's lambda;
     # with model.mtp_depth = D > 0)
     mtp_weight: float = 0.3
@@ -155,6 +156,7 @@ class TrainConfig:
         _check(self.optimizer in OPTIMIZERS, "train.optimizer", f"must be adamw or muon, got {self.optimizer!r}")
         _check(0 <= self.distill_weight <= 1, "train.distill_weight", f"must be in [0, 1], got {self.distill_weight}")
         _check(0 <= self.muon_momentum < 1, "train.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
+        _check(self.muon_lr_scale > 0, "train.muon_lr_scale", f"must be positive, got {self.muon_lr_scale}")
         _check(self.lora_alpha > 0, "train.lora_alpha", f"must be positive, got {self.lora_alpha}")
         _check(0 <= self.lora_dropout < 1, "train.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         _check(self.gamma > 0, "train.gamma", "must be positive")

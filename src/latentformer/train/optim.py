@@ -10,7 +10,9 @@ projections and blocks). Embeddings, the output layer, norms, biases, MoE router
 routed-expert tensors stay on AdamW (`torch.optim.Muon` takes 2-D parameters only). With
 Moonlight's update-RMS matching (Liu et al. 2025, "Muon is Scalable for LLM Training":
 adjust_lr_fn="match_rms_adamw", lr x 0.2 sqrt(max(A, B))) the update has AdamW's RMS, so one
-`train.lr` and `train.weight_decay` serve both optimizers.
+`train.lr` and `train.weight_decay` serve both optimizers; `train.muon_lr_scale` multiplies Muon's lr
+(its groups carry `lr_scale`, which `schedule.set_lr` applies every step; the decoupled weight decay,
+lr x weight_decay, scales with it).
 """
 
 from __future__ import annotations
@@ -68,7 +70,12 @@ class MuonAdamW(torch.optim.Optimizer):
         self.muon.state = self.adamw.state = self.state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """The saved state and groups, each group's `lr_scale` kept as this run configures it."""
+        scales = [group.get("lr_scale") for group in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, scale in zip(self.param_groups, scales):
+            if scale is not None:
+                group["lr_scale"] = scale
         self._share()
 
     @torch.no_grad()
@@ -90,6 +97,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(param_groups(model, cfg), **adamw)
     hidden = muon_params(model)
-    return MuonAdamW([{"params": hidden, "weight_decay": cfg.weight_decay}],
+    scale = cfg.muon_lr_scale
+    return MuonAdamW([{"params": hidden, "weight_decay": cfg.weight_decay, "lr": scale * cfg.lr, "lr_scale": scale}],
                      param_groups(model, cfg, exclude={id(p) for p in hidden}),
                      muon=dict(lr=cfg.lr, momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw"), adamw=adamw)

@@ -43,5 +43,6 @@ def lr_at(cfg: TrainConfig, step: int, time_fraction: float = 0.0) -> float:
 
 
 def set_lr(optimizer, lr: float) -> None:
+    """Every group's lr: `lr`, times the group's `lr_scale` where it has one (Muon's, train/optim.py)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

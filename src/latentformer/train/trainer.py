@@ -672,7 +672,8 @@ class Trainer:
                 "diverged": diverged}
 
     def _step_record(self, loss: float, norm: float, tokens_per_s: float) -> dict[str, Any]:
-        record = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm,
+        group = self.optimizer.param_groups[0]
+        record = {"step": self.step, "loss": loss, "lr": group["lr"] / group.get("lr_scale", 1.0), "grad_norm": norm,
                   "tokens_per_s": tokens_per_s, "skipped_steps": self.skipped_steps,
                   "elapsed_s": round(self.train_seconds, 3)}
         if self.distill_loss is not None:
