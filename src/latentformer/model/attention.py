@@ -104,7 +104,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     token attend as G T query rows of their KV head, the mask repeated per group: SDPA's half-precision
     kernels take `enable_gqa`, but in fp32 it falls to the math kernel, which copies K and V per query
     head. In bf16 / fp16 the folded rows would cost parallelism (B Hk programs, not B H, each reading
-    all S slots: 1.4-2x slower decode steps on an H100, NOTES.md), so those keep `enable_gqa`."""
+    all S slots: 1.3-2x slower decode steps on an H100, NOTES.md), so those keep `enable_gqa`."""
     B, H, T, Dq = q.shape
     Hk = k.shape[1]
     causal = mask is None and T > 1
