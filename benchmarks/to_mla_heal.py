@@ -212,7 +212,9 @@ def plot(runs: list[dict], path: Path) -> None:
                 ax.plot(*zip(*pts), "o-" if run.get("distill") else "s--", color=colors.get(f), alpha=1 if run.get("distill") else 0.6,
                         label=run_label(run, f))
         ax.axhline(runs[0]["source"][text], color="k", linewidth=1, label="source (GQA)")
-        ax.axhline(1.1 * runs[0]["source"][text], color="k", linestyle=":", linewidth=1, label="1.1x the source")
+        ax.axhline(1.1 * runs[0]["source"][text], color="k", linestyle=":", linewidth=1, label="1.1x the source (goal at 50%)")
+        if any(r["fraction"] == 0.25 for run in runs for r in run["rows"]):
+            ax.axhline(1.3 * runs[0]["source"][text], color=colors[0.25], linestyle=":", linewidth=1, label="1.3x the source (goal at 25%)")
         ax.set_xscale("symlog", linthresh=1)  # 0, 1, 3, 10, 20, 40M: about even steps (linear below 1M)
         ax.set_xlim(0, last * 1.15)
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
