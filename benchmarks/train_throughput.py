@@ -10,9 +10,12 @@ MFU = flops_per_token(seq_len) x tokens/s / dense bf16 peak (H100 SXM: 989 TFLOP
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import statistics
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
@@ -20,6 +23,7 @@ from kernel_table import kernel_table
 from latentformer import Transformer
 from latentformer.checkpoint import save_checkpoint
 from latentformer.data.tokenizer import load_tokenizer
+from latentformer.train import fp8
 from latentformer.train.config import build_run_config
 from latentformer.train.trainer import Trainer
 
@@ -28,7 +32,32 @@ VARIANTS = {  # name -> config overrides
     "shipped": {}, "fp32-residual": {"train.low_precision_residual": False}, "seed2": {"train.seed": 1338},
     "fp8": {"train.fp8": True}, "fp8-rowwise": {"train.fp8": True, "train.fp8_recipe": "rowwise"},  # torchao float8
     "distill": {},  # train.teacher: a model of the preset's own architecture and size (random weights), written per run
+    # alternatives to train/fp8.py's conversion, measured against it (`fp8_alternative`)
+    "fp8-fastacc": {"train.fp8": True}, "fp8-fastacc-in": {"train.fp8": True}, "fp8-ffn": {"train.fp8": True},
 }
+
+
+@contextlib.contextmanager
+def fp8_alternative(name: str):
+    """While a Trainer is built: `fp8-fastacc` runs all three float8 matmuls with fast (FP8) accumulation,
+    where torchao's tensorwise recipe keeps it for the forward only; `fp8-fastacc-in` also for the
+    input's gradient, not for the weight's (whose sum runs over every token of the batch); `fp8-ffn`
+    leaves attention's projections in bf16 (only the feed-forward layers' matmuls in FP8)."""
+    with contextlib.ExitStack() as stack:
+        if name.startswith("fp8-fastacc"):
+            from torchao.float8.config import Float8GemmConfig
+
+            def fast(recipe, emulate=False, _base=fp8.float8_config):
+                config, fast = _base(recipe, emulate), Float8GemmConfig(use_fast_accum=True)
+                return dataclasses.replace(config, gemm_config_output=fast, gemm_config_grad_input=fast,
+                                           gemm_config_grad_weight=fast if name == "fp8-fastacc" else config.gemm_config_grad_weight)
+            stack.enter_context(mock.patch.object(fp8, "float8_config", fast))
+        elif name == "fp8-ffn":
+            stack.enter_context(mock.patch.object(fp8, "SKIPPED", fp8.SKIPPED + ATTENTION_LINEARS))
+        yield
+
+
+ATTENTION_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj", "o_proj", "qkv_proj")
 
 
 def same_size_teacher(cfg, explicit: bool, data: str, directory: str) -> str:
@@ -52,7 +81,9 @@ def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: 
     with tempfile.TemporaryDirectory() as run, tempfile.TemporaryDirectory() as teacher:
         if name == "distill":  # the teacher's forward and the fused KL are what this variant costs
             cfg.train.teacher = same_size_teacher(cfg, explicit, data, teacher)
-        tr = Trainer(cfg, run, vocab_explicit=explicit)
+        with fp8_alternative(name):
+            tr = Trainer(cfg, run, vocab_explicit=explicit)
+        print(f"{preset} ({name}):", "; ".join(tr.notes) or "no notes", flush=True)
         times, losses = [], []
         for i in range(steps + 5):
             torch.cuda.synchronize()

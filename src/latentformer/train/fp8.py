@@ -73,9 +73,12 @@ def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", emulate: bool =
     if recipe not in FP8_RECIPES:
         raise ValueError(f"train.fp8_recipe must be one of {', '.join(FP8_RECIPES)}, got {recipe!r}")
     float8 = _torchao()
-    config = float8.Float8LinearConfig.from_recipe_name(recipe)
-    if emulate:
-        config = dataclasses.replace(config, emulate=True)
     names = [name for name, module in model.named_modules() if selected(module, name)]
-    float8.convert_to_float8_training(model, config=config, module_filter_fn=selected)
+    float8.convert_to_float8_training(model, config=float8_config(recipe, emulate), module_filter_fn=selected)
     return names
+
+
+def float8_config(recipe: str, emulate: bool = False):
+    """torchao's `Float8LinearConfig` for `recipe` (its own recipe, unchanged)."""
+    config = _torchao().Float8LinearConfig.from_recipe_name(recipe)
+    return dataclasses.replace(config, emulate=True) if emulate else config
