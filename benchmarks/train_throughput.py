@@ -31,33 +31,27 @@ from latentformer.train.trainer import Trainer
 VARIANTS = {  # name -> config overrides
     "shipped": {}, "fp32-residual": {"train.low_precision_residual": False}, "seed2": {"train.seed": 1338},
     "fp8": {"train.fp8": True}, "fp8-rowwise": {"train.fp8": True, "train.fp8_recipe": "rowwise"},  # torchao float8
+    "fp8-all": {"train.fp8": True, "train.fp8_layers": "all"},  # attention's projections too
     "distill": {},  # train.teacher: a model of the preset's own architecture and size (random weights), written per run
-    # alternatives to train/fp8.py's conversion, measured against it (`fp8_alternative`)
-    "fp8-fastacc": {"train.fp8": True}, "fp8-fastacc-in": {"train.fp8": True}, "fp8-ffn": {"train.fp8": True},
+    "fp8-fastacc": {"train.fp8": True},  # an alternative to train/fp8.py's conversion (`fp8_alternative`)
 }
 
 
 @contextlib.contextmanager
 def fp8_alternative(name: str):
-    """While a Trainer is built: `fp8-fastacc` runs all three float8 matmuls with fast (FP8) accumulation,
-    where torchao's tensorwise recipe keeps it for the forward only; `fp8-fastacc-in` also for the
-    input's gradient, not for the weight's (whose sum runs over every token of the batch); `fp8-ffn`
-    leaves attention's projections in bf16 (only the feed-forward layers' matmuls in FP8)."""
-    with contextlib.ExitStack() as stack:
-        if name.startswith("fp8-fastacc"):
-            from torchao.float8.config import Float8GemmConfig
-
-            def fast(recipe, emulate=False, _base=fp8.float8_config):
-                config, fast = _base(recipe, emulate), Float8GemmConfig(use_fast_accum=True)
-                return dataclasses.replace(config, gemm_config_output=fast, gemm_config_grad_input=fast,
-                                           gemm_config_grad_weight=fast if name == "fp8-fastacc" else config.gemm_config_grad_weight)
-            stack.enter_context(mock.patch.object(fp8, "float8_config", fast))
-        elif name == "fp8-ffn":
-            stack.enter_context(mock.patch.object(fp8, "SKIPPED", fp8.SKIPPED + ATTENTION_LINEARS))
+    """While a Trainer is built for `fp8-fastacc`: all three float8 matmuls with fast (FP8)
+    accumulation, where torchao's tensorwise recipe keeps it for the forward only."""
+    if name != "fp8-fastacc":
         yield
+        return
+    from torchao.float8.config import Float8GemmConfig
 
-
-ATTENTION_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj", "o_proj", "qkv_proj")
+    def fast(recipe, emulate=False, _base=fp8.float8_config):
+        fast = Float8GemmConfig(use_fast_accum=True)
+        return dataclasses.replace(_base(recipe, emulate), gemm_config_output=fast, gemm_config_grad_input=fast,
+                                   gemm_config_grad_weight=fast)
+    with mock.patch.object(fp8, "float8_config", fast):
+        yield
 
 
 def same_size_teacher(cfg, explicit: bool, data: str, directory: str) -> str:

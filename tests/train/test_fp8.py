@@ -19,16 +19,17 @@ from .conftest import TINY_MODEL, run_config
 pytest.importorskip("torchao")
 
 
-def test_the_blocks_linears_train_in_fp8_and_the_checkpoint_format_stays():
-    """Every block linear whose widths are multiples of 16 becomes a Float8Linear (kv_a_proj's 32 + 8 =
-    40 outputs do not; the output layer never does); parameter names and values are unchanged, so the
-    state dict loads into a plain model."""
+@pytest.mark.parametrize("layers", ["ffn", "all"])
+def test_the_blocks_linears_train_in_fp8_and_the_checkpoint_format_stays(layers):
+    """`ffn`: the feed-forward linears become Float8Linear; `all`: every block linear whose widths are
+    multiples of 16 (kv_a_proj's 32 + 8 = 40 outputs are not). The output layer never does; parameter
+    names and values are unchanged, so the state dict loads into a plain model."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**TINY_MODEL))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    names = fp8.convert_to_fp8(model, "tensorwise", emulate=True)
+    names = fp8.convert_to_fp8(model, "tensorwise", emulate=True, layers=layers)
     kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    per_layer = ["attn.q_proj", "attn.kv_b_proj", "attn.o_proj", "ffn.gate_proj", "ffn.up_proj", "ffn.down_proj"]
+    per_layer = ["attn.q_proj", "attn.kv_b_proj", "attn.o_proj"] * (layers == "all") + ["ffn.gate_proj", "ffn.up_proj", "ffn.down_proj"]
     assert names == [f"layers.{i}.{n}" for i in range(2) for n in per_layer]
     assert {n for n, kind in kinds.items() if kind == "Float8Linear"} == set(names)
     assert kinds["lm_head"] == "Linear" and kinds["layers.0.attn.kv_a_proj"] == "Linear"
@@ -54,7 +55,7 @@ def test_the_trainer_applies_fp8_and_learns_as_bf16_would(sotu_dir, tmp_path, mo
     within 2% of the same run without FP8, and the saved checkpoint is a plain model's."""
     monkeypatch.setattr(fp8, "check_fp8", lambda device: None)
     convert = fp8.convert_to_fp8
-    monkeypatch.setattr(fp8, "convert_to_fp8", lambda model, recipe: convert(model, recipe, emulate=True))
+    monkeypatch.setattr(fp8, "convert_to_fp8", lambda model, recipe, layers: convert(model, recipe, emulate=True, layers=layers))
     runs = {}
     for on in (False, True):
         cfg = run_config(sotu_dir, max_steps=40, batch_tokens=512, micro_batch_size=16, warmup_steps=4, fp8=on)

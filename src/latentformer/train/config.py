@@ -22,6 +22,7 @@ PARALLEL = ("ddp", "fsdp")
 SCHEDULES = ("cosine", "step", "wsd", "constant")  # implemented in train/schedule.py
 OPTIMIZERS = ("adamw", "muon")  # implemented in train/optim.py
 FP8_RECIPES = ("tensorwise", "rowwise")  # torchao's float8 training recipes (train/fp8.py)
+FP8_LAYERS = ("ffn", "all")  # which of the blocks' linear layers train in FP8 (train/fp8.py)
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 MAX_SEED = 2**32 - 1  # numpy's global seed is 32-bit
 
@@ -61,9 +62,11 @@ class TrainConfig:
     threads: int = 0  # CPU intra-op threads (0 = all cores)
     compile: bool = False
     # FP8 matmuls in the blocks' linear layers (torchao float8 training; GPUs with compute capability
-    # >= 8.9, refused elsewhere): fp8_recipe tensorwise | rowwise scaling (train/fp8.py)
+    # >= 8.9, refused elsewhere): fp8_recipe tensorwise | rowwise scaling; fp8_layers ffn (the
+    # feed-forward layers only) | all (attention's projections too) (train/fp8.py)
     fp8: bool = False
     fp8_recipe: str = "tensorwise"
+    fp8_layers: str = "ffn"
     activation_checkpointing: bool = False
     # refuse, before building the model, a run whose estimated memory (train/memory.py) clearly
     # exceeds what the device has available
@@ -153,6 +156,7 @@ class TrainConfig:
         _check(not (self.fp8 and self.lora_rank), "train.fp8", "cannot be combined with train.lora_rank (LoRA's adapters "
                "and frozen weights in float8 are not built or tested)")
         _check(self.fp8_recipe in FP8_RECIPES, "train.fp8_recipe", f"must be tensorwise or rowwise, got {self.fp8_recipe!r}")
+        _check(self.fp8_layers in FP8_LAYERS, "train.fp8_layers", f"must be ffn or all, got {self.fp8_layers!r}")
         _check(self.optimizer in OPTIMIZERS, "train.optimizer", f"must be adamw or muon, got {self.optimizer!r}")
         _check(0 <= self.distill_weight <= 1, "train.distill_weight", f"must be in [0, 1], got {self.distill_weight}")
         _check(0 <= self.muon_momentum < 1, "train.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")

@@ -11,6 +11,14 @@ recipes on Hopper (`train.fp8_recipe`):
 - `rowwise`: one scale per row of each operand (closer to DeepSeek's fine-grained scaling), more
   robust to outliers, somewhat slower.
 
+Which linears (`train.fp8_layers`): `ffn`, the default, converts the feed-forward layers' (dense
+FFNs, MoE shared experts); `all` adds attention's projections and the MTP modules' input projection.
+Each FP8 matmul pays for its casts: an amax reduction and a cast pass over each operand, the
+activations and their gradients included, which in bf16 are not there. At latentformer-348m's widths
+(d_model 1280) attention's projections lose more to those passes than their matmuls gain: on one H100,
+all layers train at 1.07x bf16's tokens/s, the FFNs alone at 1.10x (benchmarks/RESULTS.md). `all` is
+for wider models, where the matmuls grow faster than the casts.
+
 Left in bf16, as torchtitan leaves them: the output layer (`lm_head`: the fused loss reads its
 weight directly, and the logits' range is where FP8 loses most), the embedding, norms, the MoE
 router (fp32 by design) and the routed experts (grouped weights, not `nn.Linear`), and any linear
@@ -25,7 +33,7 @@ import logging
 import torch
 from torch import nn
 
-from latentformer.train.config import FP8_RECIPES
+from latentformer.train.config import FP8_LAYERS, FP8_RECIPES
 
 SKIPPED = ("lm_head",)  # module names left in bf16 whatever their shape (see the module docstring)
 
@@ -60,21 +68,28 @@ def _torchao():
     return float8
 
 
-def selected(module: nn.Module, name: str) -> bool:
-    """Whether the linear `name` trains in FP8 (see the module docstring)."""
+def selected(module: nn.Module, name: str, layers: str = "ffn") -> bool:
+    """Whether the linear `name` trains in FP8 under `train.fp8_layers` = `layers` (see the module
+    docstring); `ffn` takes the linears inside a block's `ffn` module."""
     return (isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in SKIPPED
+            and (layers == "all" or "ffn" in name.split(".")[:-1])
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
-def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", emulate: bool = False) -> list[str]:
+def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", emulate: bool = False, layers: str = "ffn") -> list[str]:
     """Swap `model`'s selected linears for torchao's Float8Linear in place; returns their names.
     `emulate` computes the float8 matmuls in higher precision (torchao's CPU test mode: same casts
     and scales, no FP8 hardware). Apply before torch.compile and before DDP/FSDP wrapping."""
     if recipe not in FP8_RECIPES:
         raise ValueError(f"train.fp8_recipe must be one of {', '.join(FP8_RECIPES)}, got {recipe!r}")
+    if layers not in FP8_LAYERS:
+        raise ValueError(f"train.fp8_layers must be one of {', '.join(FP8_LAYERS)}, got {layers!r}")
     float8 = _torchao()
-    names = [name for name, module in model.named_modules() if selected(module, name)]
-    float8.convert_to_float8_training(model, config=float8_config(recipe, emulate), module_filter_fn=selected)
+
+    def keep(module: nn.Module, name: str) -> bool:
+        return selected(module, name, layers)
+    names = [name for name, module in model.named_modules() if keep(module, name)]
+    float8.convert_to_float8_training(model, config=float8_config(recipe, emulate), module_filter_fn=keep)
     return names
 
 
