@@ -33,7 +33,7 @@ VARIANTS = {  # name -> config overrides
     "fp8": {"train.fp8": True}, "fp8-rowwise": {"train.fp8": True, "train.fp8_recipe": "rowwise"},  # torchao float8
     "fp8-all": {"train.fp8": True, "train.fp8_layers": "all"},  # attention's projections too
     "distill": {},  # train.teacher: a model of the preset's own architecture and size (random weights), written per run
-    "fp8-fastacc": {"train.fp8": True},  # an alternative to train/fp8.py's conversion (`fp8_alternative`)
+    "fp8-fastacc": {"train.fp8": True, "train.fp8_layers": "all"},  # fp8-all, fast accumulation (`fp8_alternative`)
 }
 
 

@@ -30,6 +30,7 @@ FAST = ["--train.device", "cpu", "--train.threads", "1", "--train.eval_batch_siz
     (["--train.dtype", "fp8"], "train.dtype"),
     (["--train.fp8", "true"], "train.fp8 needs an NVIDIA GPU with FP8 tensor cores"),
     (["--train.fp8_recipe", "blockwise"], "train.fp8_recipe"),
+    (["--train.fp8_layers", "attn"], "train.fp8_layers: must be ffn or all"),
     (["--train.teacher", "/nowhere/teacher"], "train.teacher: no such checkpoint or run directory"),
     (["--train.distill_weight", "1.5"], "train.distill_weight"),
 ])
