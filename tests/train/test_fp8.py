@@ -38,6 +38,19 @@ def test_the_blocks_linears_train_in_fp8_and_the_checkpoint_format_stays(layers)
     Transformer(ModelConfig(**TINY_MODEL)).load_state_dict(after)
 
 
+def test_ffn_takes_the_shared_experts_and_the_dense_layers_not_the_router_or_the_mtp_projection():
+    """In a MoE model with MTP, `ffn` converts the dense layer's FFN, the shared experts and the MTP
+    block's FFN; the router (a Parameter), the routed experts (3-D) and the MTP input projection stay."""
+    cfg = ModelConfig(**{**TINY_MODEL, "n_layers": 2, "n_routed_experts": 4, "n_shared_experts": 1, "moe_d_ff": 32,
+                         "first_k_dense_layers": 1, "mtp_depth": 1})
+    model = Transformer(cfg)
+    names = fp8.convert_to_fp8(model, "tensorwise", emulate=True, layers="ffn")
+    ffn = ["gate_proj", "up_proj", "down_proj"]
+    assert names == [f"{part}.{n}" for part in ("layers.0.ffn", "layers.1.ffn.shared", "mtp.0.block.ffn") for n in ffn]
+    kinds = {name: type(m).__name__ for name, m in model.named_modules()}
+    assert kinds["mtp.0.eh_proj"] == kinds["layers.1.attn.q_proj"] == "Linear" and kinds["layers.1.ffn.router"] == "Router"
+
+
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_emulated_fp8_forward_is_close_to_the_plain_one(recipe):
     """e4m3 keeps 3 mantissa bits: the logits move by a few percent of their spread, not more."""

@@ -11,8 +11,8 @@ recipes on Hopper (`train.fp8_recipe`):
 - `rowwise`: one scale per row of each operand (closer to DeepSeek's fine-grained scaling), more
   robust to outliers, somewhat slower.
 
-Which linears (`train.fp8_layers`): `ffn`, the default, converts the feed-forward layers' (dense
-FFNs, MoE shared experts); `all` adds attention's projections and the MTP modules' input projection.
+Which linears (`train.fp8_layers`): `ffn`, the default, converts those of the feed-forward layers
+(dense FFNs, MoE shared experts, the MTP blocks' FFNs); `all` adds attention's projections and the MTP modules' input projection.
 Each FP8 matmul pays for its casts: an amax reduction and a cast pass over each operand, the
 activations and their gradients included, which in bf16 are not there. At latentformer-348m's widths
 (d_model 1280) attention's projections lose more to those passes than their matmuls gain: on one H100,
