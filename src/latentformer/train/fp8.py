@@ -28,6 +28,7 @@ whose input or output width is not a multiple of 16 (`_scaled_mm`'s constraint).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import torch
@@ -85,9 +86,7 @@ def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", emulate: bool =
     if layers not in FP8_LAYERS:
         raise ValueError(f"train.fp8_layers must be one of {', '.join(FP8_LAYERS)}, got {layers!r}")
     float8 = _torchao()
-
-    def keep(module: nn.Module, name: str) -> bool:
-        return selected(module, name, layers)
+    keep = functools.partial(selected, layers=layers)
     names = [name for name, module in model.named_modules() if keep(module, name)]
     float8.convert_to_float8_training(model, config=float8_config(recipe, emulate), module_filter_fn=keep)
     return names
