@@ -100,7 +100,7 @@ def test_muon_takes_the_hidden_matrices_adamw_the_rest():
                      "layers.1.ffn.experts.gate_up_proj", "layers.1.ffn.experts.down_proj"}
     assert no_decay == set(names.values()) - muon - decay  # norms and the token embedding (decay_embeddings off)
     assert "embed.weight" in no_decay and len(names) == len(muon) + len(decay) + len(no_decay)
-    assert [type(o).__name__ for o in (opt.muon, opt.adamw)] == ["Muon", "AdamW"]
+    assert [type(o).__name__ for o in (opt.muon, opt.adamw)] == ["BatchedMuon", "AdamW"]
     assert opt.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.1, 0.0]
 
@@ -123,6 +123,40 @@ def test_muon_update_has_the_rms_of_adamw_so_lr_and_decay_carry_over():
     opt.step()
     update = (w.detach() - before * (1 - lr * wd)) / lr
     assert update.pow(2).mean().sqrt().item() == pytest.approx(0.2, rel=0.25)  # NS leaves singular values in ~[0.7, 1.2]
+
+
+@pytest.mark.parametrize("adjust_lr_fn", ["match_rms_adamw", "original", None])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_muon_steps_exactly_as_torchs_muon(nesterov, adjust_lr_fn):
+    """BatchedMuon (one Newton-Schulz per shape) against torch.optim.Muon (one per matrix) on
+    repeated, tall, wide and square shapes over 4 steps, one matrix without a gradient in the first,
+    then a state saved by torch's optimizer loaded into a new BatchedMuon for 2 more: parameters and
+    momenta equal bitwise on the CPU."""
+    import copy
+
+    import torch
+
+    from latentformer.train.optim import BatchedMuon
+
+    torch.manual_seed(0)
+    shapes = [(64, 32), (64, 32), (32, 64), (48, 48), (32, 64), (16, 80), (64, 32)]
+    ref = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    hyper = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    opt_ref, opt_ours = torch.optim.Muon(ref, **hyper), BatchedMuon(ours, **hyper)
+    for step in range(6):
+        if step == 4:
+            opt_ours = BatchedMuon(ours, **hyper)
+            opt_ours.load_state_dict(copy.deepcopy(opt_ref.state_dict()))  # as from a checkpoint: no shared buffers
+        for i, (p, q) in enumerate(zip(ref, ours)):
+            p.grad = q.grad = None if (step, i) == (0, 3) else torch.randn_like(p)
+        opt_ref.step()
+        opt_ours.step()
+        assert all(torch.equal(p, q) for p, q in zip(ref, ours))
+        assert len(opt_ours.state) == len(opt_ref.state) == len(shapes) - (step == 0)
+        assert all(torch.equal(opt_ref.state[p]["momentum_buffer"], opt_ours.state[q]["momentum_buffer"])
+                   for p, q in zip(ref, ours) if p in opt_ref.state)
+    assert not torch.equal(ref[0], ours[1])  # the test moved something
 
 
 def _muon_step(scale: float, lr: float, wd: float):

@@ -13,14 +13,23 @@ adjust_lr_fn="match_rms_adamw", lr x 0.2 sqrt(max(A, B))) the update has AdamW's
 `train.lr` and `train.weight_decay` serve both optimizers; `train.muon_lr_scale` multiplies Muon's lr
 (its groups carry `lr_scale`, which `schedule.set_lr` applies every step; the decoupled weight decay,
 lr x weight_decay, scales with it).
+
+`BatchedMuon` is torch's Muon with the same update, state and groups, stepped a shape at a time: the
+momentum of all matrices in one foreach pass, then one Newton-Schulz over the stack of each shape's
+matrices (batched matmuls) instead of one per matrix. A model has a handful of shapes (mla-125m: 84
+matrices, 6 shapes), so the step launches a handful of small kernels where torch's launches ~25 per
+matrix.
 """
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from latentformer.model.moe import Router
 from latentformer.train.config import TrainConfig
@@ -51,14 +60,76 @@ def muon_params(model: nn.Module) -> list[nn.Parameter]:
             if p.requires_grad and p.dim() == 2 and id(p) not in routers]
 
 
+def orthogonalize(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration (Jordan et al. 2024) on a stack of matrices at once.
+    update: [B, m, n] -> [B, m, n] bf16, each matrix's singular values pushed to ~[0.7, 1.2]; per
+    matrix, the same arithmetic as `torch.optim.Muon` (bf16, the wide orientation, Frobenius-normalized)."""
+    a, b, c = coefficients
+    x = update.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """`torch.optim.Muon`'s per-shape lr: Keller Jordan's sqrt(max(1, A/B)) or Moonlight's RMS match 0.2 sqrt(max(A, B))."""
+    rows, cols = shape
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr * math.sqrt(max(1.0, rows / cols))
+
+
+class BatchedMuon(torch.optim.Muon):
+    """`torch.optim.Muon`, stepped a shape at a time (module doc): same hyperparameters, state
+    (`momentum_buffer`) and checkpoints. Sharded parameters (FSDP2's DTensors) take torch's own step,
+    which orthogonalizes the global matrix one at a time."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if any(isinstance(p, DTensor) for group in self.param_groups for p in group["params"]):
+            super().step()
+            return loss
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            momentum, lr = group["momentum"], group["lr"]
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+            shapes = defaultdict(list)
+            for i, p in enumerate(params):
+                shapes[p.shape, p.dtype, p.device].append(i)
+            for (shape, dtype, _), index in shapes.items():
+                same = [params[i] for i in index]
+                ortho = orthogonalize(torch.stack([updates[i] for i in index]), group["ns_coefficients"],
+                                      group["ns_steps"], group["eps"]).to(dtype)
+                torch._foreach_mul_(same, 1 - lr * group["weight_decay"])
+                torch._foreach_add_(same, ortho.unbind(0), alpha=-adjusted_lr(lr, group["adjust_lr_fn"], shape))
+        return loss
+
+
 class MuonAdamW(torch.optim.Optimizer):
-    """`torch.optim.Muon` over `muon_groups` and `torch.optim.AdamW` over `adamw_groups` as ONE
+    """`BatchedMuon` over `muon_groups` and `torch.optim.AdamW` over `adamw_groups` as ONE
     optimizer: one `param_groups` list (the schedule sets every group's lr; GradScaler, LambdaLR and
     the distributed checkpoint's optimizer state dict see one object) and one `state`, which the two
     inner optimizers share, so `state_dict()` / `load_state_dict()` save and restore both exactly."""
 
     def __init__(self, muon_groups: Iterable[dict], adamw_groups: Iterable[dict], *, muon: dict, adamw: dict) -> None:
-        self.muon = torch.optim.Muon(list(muon_groups), **muon)
+        self.muon = BatchedMuon(list(muon_groups), **muon)
         self.adamw = torch.optim.AdamW(list(adamw_groups), **adamw)
         super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
         self._share()
