@@ -23,7 +23,7 @@ from kernel_table import kernel_table
 from latentformer import Transformer
 from latentformer.checkpoint import save_checkpoint
 from latentformer.data.tokenizer import load_tokenizer
-from latentformer.train import fp8
+from latentformer.train import fp8, optim
 from latentformer.train.config import build_run_config
 from latentformer.train.trainer import Trainer
 
@@ -33,14 +33,21 @@ VARIANTS = {  # name -> config overrides
     "fp8": {"train.fp8": True}, "fp8-rowwise": {"train.fp8": True, "train.fp8_recipe": "rowwise"},  # torchao float8
     "fp8-all": {"train.fp8": True, "train.fp8_layers": "all"},  # attention's projections too
     "distill": {},  # train.teacher: a model of the preset's own architecture and size (random weights), written per run
-    "fp8-fastacc": {"train.fp8": True, "train.fp8_layers": "all"},  # fp8-all, fast accumulation (`fp8_alternative`)
+    "fp8-fastacc": {"train.fp8": True, "train.fp8_layers": "all"},  # fp8-all, fast accumulation (`alternative`)
+    "muon": {"train.optimizer": "muon"},  # one Newton-Schulz per shape of matrix (BatchedMuon)
+    "muon-torch": {"train.optimizer": "muon"},  # torch.optim.Muon's step, one matrix at a time (`alternative`)
 }
 
 
 @contextlib.contextmanager
-def fp8_alternative(name: str):
-    """While a Trainer is built for `fp8-fastacc`: all three float8 matmuls with fast (FP8)
-    accumulation, where torchao's tensorwise recipe keeps it for the forward only."""
+def alternative(name: str):
+    """While a Trainer is built and run for `fp8-fastacc`: all three float8 matmuls with fast (FP8)
+    accumulation, where torchao's tensorwise recipe keeps it for the forward only; for `muon-torch`:
+    torch's own Muon in place of BatchedMuon."""
+    if name == "muon-torch":
+        with mock.patch.object(optim, "BatchedMuon", torch.optim.Muon):
+            yield
+        return
     if name != "fp8-fastacc":
         yield
         return
@@ -75,7 +82,7 @@ def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: 
     with tempfile.TemporaryDirectory() as run, tempfile.TemporaryDirectory() as teacher:
         if name == "distill":  # the teacher's forward and the fused KL are what this variant costs
             cfg.train.teacher = same_size_teacher(cfg, explicit, data, teacher)
-        with fp8_alternative(name):
+        with alternative(name):
             tr = Trainer(cfg, run, vocab_explicit=explicit)
         print(f"{preset} ({name}):", "; ".join(tr.notes) or "no notes", flush=True)
         times, losses = [], []
