@@ -2,7 +2,7 @@
 BatchedMuon (one per shape), on the hidden matrices of each preset.
 
 Run on a CUDA machine:  PYTHONPATH=src python benchmarks/muon_step.py [--presets mla-125m,latentformer-348m]
-For each preset: the matrices Muon takes (`muon_params`) with random gradients, Moonlight's lr
+For each preset: the 2-D matrices Muon takes (`muon_groups`) with random gradients, Moonlight's lr
 matching, the trainer's momentum and weight decay. Time: median of CUDA-event-timed steps after
 warm-up. Parity: from the same parameters and gradients, the largest difference between the two
 steps' parameters, as a fraction of the largest single update (bf16 matmuls batched or not may
@@ -18,7 +18,7 @@ import statistics
 import torch
 
 from latentformer import ModelConfig, Transformer
-from latentformer.train.optim import BatchedMuon, muon_params
+from latentformer.train.optim import BatchedMuon, muon_groups
 
 
 def timed_steps(opt: torch.optim.Optimizer, steps: int) -> float:
@@ -39,7 +39,7 @@ def compare(preset: str, steps: int) -> tuple:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Transformer(ModelConfig.preset(preset))
-    params = muon_params(model)
+    params = muon_groups(model)[0][1]  # the 2-D matrices (torch.optim.Muon takes no stacks)
     start = [p.detach().clone() for p in params]
     grads = [torch.randn_like(p) for p in params]
     hyper = dict(lr=1e-3, weight_decay=0.1, momentum=0.95, adjust_lr_fn="match_rms_adamw")

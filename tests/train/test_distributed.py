@@ -1,5 +1,5 @@
 """DDP / FSDP2 on 2 CPU processes (torchrun, gloo) == one process with grad_accum=2 at the same global batch,
-with AdamW, with Muon, and distilling from a teacher."""
+with AdamW, with Muon (on a MoE model too: each rank steps its own routed experts), and distilling from a teacher."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from latentformer import ModelConfig, Transformer
-from latentformer.checkpoint import load_model, save_checkpoint
+from latentformer.checkpoint import load_model, read_config, save_checkpoint
 from latentformer.cli import main
 from latentformer.data.tokenizer import load_tokenizer
 
@@ -24,11 +24,17 @@ ARGS = [*TINY_MODEL_ARGS, "--train.device", "cpu", "--train.eval_batch_size", "6
         "--train.progress", "false", "--train.tensorboard", "false", "--no-sample"]
 
 
+MOE = ["--model.n_routed_experts", "4", "--model.experts_per_token", "2", "--model.moe_d_ff", "32",
+       "--model.first_k_dense_layers", "1"]
+
+
 @pytest.mark.parametrize("parallel,optimizer,teacher", [("ddp", "adamw", False), ("fsdp", "adamw", False), ("ddp", "muon", False),
-                                                       ("fsdp", "muon", False), ("ddp", "adamw", 0.5), ("fsdp", "adamw", 1.0)])
+                                                       ("fsdp", "muon", False), ("fsdp", "muon-moe", False),
+                                                       ("ddp", "adamw", 0.5), ("fsdp", "adamw", 1.0)])
 def test_two_processes_match_one_process(sotu_dir, tmp_path, parallel, optimizer, teacher):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    extra = ["--train.optimizer", optimizer]
+    optimizer, _, moe = optimizer.partition("-")
+    extra = ["--train.optimizer", optimizer, *(MOE if moe else [])]
     if teacher:  # the KL to another model's distributions (a replica on each rank): half the loss, or all of it
         torch.manual_seed(3)
         path = save_checkpoint(tmp_path / "teacher", Transformer(ModelConfig(**{**TINY_MODEL, "init_std": 0.1})),
@@ -50,3 +56,8 @@ def test_two_processes_match_one_process(sotu_dir, tmp_path, parallel, optimizer
     # in bf16; the sharded matmuls round differently): 1.5e-4 measured after 4 steps whose Muon
     # updates are ~4e-4 each; DDP's replicated Muon is exact
     assert diff < (5e-4 if (parallel, optimizer) == ("fsdp", "muon") else 1e-5), diff
+    if moe:  # the routed experts' Muon steps: as in one process, to 2% of how far they moved (measured 1.2%)
+        torch.manual_seed(1337)  # the run's seed: the initial weights
+        init = Transformer(read_config(tmp_path / "one" / "checkpoints" / "step_4")).state_dict()
+        for k in ("layers.1.ffn.experts.gate_up_proj", "layers.1.ffn.experts.down_proj"):
+            assert (a[k] - b[k]).abs().max() < 0.02 * (b[k] - init[k]).abs().max(), k

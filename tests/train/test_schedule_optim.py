@@ -78,7 +78,8 @@ def test_weight_decay_on_matrices_only(decay_embeddings):
 
 def test_muon_takes_the_hidden_matrices_adamw_the_rest():
     """MLA (q_lora) + MoE with router noise, untied head, learned positions, one MTP module: every
-    parameter in exactly one group, and exactly these in Muon."""
+    parameter in exactly one group, and exactly these in Muon: the 2-D hidden matrices, then the
+    routed experts' stacks, each group with the shape of the matrices it holds."""
     from latentformer.train.optim import MuonAdamW, build_optimizer
 
     model = Transformer(ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=2, max_seq_len=16, q_lora_rank=16,
@@ -89,20 +90,21 @@ def test_muon_takes_the_hidden_matrices_adamw_the_rest():
     opt = build_optimizer(model, TrainConfig(optimizer="muon", weight_decay=0.1), "cpu")
     assert isinstance(opt, MuonAdamW)
     names = {id(p): n for n, p in model.named_parameters()}
-    muon, decay, no_decay = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
+    muon, gate_up, down, decay, no_decay = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
+    assert [g.get("matrix") for g in opt.param_groups] == [None, (16, 32), (32, 16), None, None]
+    assert (gate_up, down) == ({"layers.1.ffn.experts.gate_up_proj"}, {"layers.1.ffn.experts.down_proj"})
     attn = ["attn.q_a_proj.weight", "attn.q_b_proj.weight", "attn.kv_a_proj.weight", "attn.kv_b_proj.weight", "attn.o_proj.weight"]
     assert muon == {f"layers.{i}.{n}" for i in (0, 1) for n in attn} | {
         "layers.0.ffn.gate_proj.weight", "layers.0.ffn.up_proj.weight", "layers.0.ffn.down_proj.weight",
         "layers.1.ffn.shared.gate_proj.weight", "layers.1.ffn.shared.up_proj.weight", "layers.1.ffn.shared.down_proj.weight",
         "mtp.0.eh_proj.weight", "mtp.0.block.ffn.gate_proj.weight", "mtp.0.block.ffn.up_proj.weight",
         "mtp.0.block.ffn.down_proj.weight"} | {f"mtp.0.block.{n}" for n in attn}
-    assert decay == {"pos_embed.weight", "lm_head.weight", "layers.1.ffn.router.weight", "layers.1.ffn.router.noise_weight",
-                     "layers.1.ffn.experts.gate_up_proj", "layers.1.ffn.experts.down_proj"}
-    assert no_decay == set(names.values()) - muon - decay  # norms and the token embedding (decay_embeddings off)
-    assert "embed.weight" in no_decay and len(names) == len(muon) + len(decay) + len(no_decay)
+    assert decay == {"pos_embed.weight", "lm_head.weight", "layers.1.ffn.router.weight", "layers.1.ffn.router.noise_weight"}
+    assert no_decay == set(names.values()) - muon - gate_up - down - decay  # norms, the token embedding (decay_embeddings off)
+    assert "embed.weight" in no_decay and len(names) == len(muon) + 2 + len(decay) + len(no_decay)
     assert [type(o).__name__ for o in (opt.muon, opt.adamw)] == ["BatchedMuon", "AdamW"]
     assert opt.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.1, 0.0]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.1, 0.1, 0.1, 0.0]
 
 
 def test_muon_update_has_the_rms_of_adamw_so_lr_and_decay_carry_over():
@@ -157,6 +159,50 @@ def test_batched_muon_steps_exactly_as_torchs_muon(nesterov, adjust_lr_fn):
         assert all(torch.equal(opt_ref.state[p]["momentum_buffer"], opt_ours.state[q]["momentum_buffer"])
                    for p, q in zip(ref, ours) if p in opt_ref.state)
     assert not torch.equal(ref[0], ours[1])  # the test moved something
+
+
+@pytest.mark.parametrize("ffn", ["swiglu", "gelu"])
+def test_muon_steps_each_routed_expert_as_its_own_matrices(ffn):
+    """A routed-experts layer's 3-D stacks under BatchedMuon == torch.optim.Muon on every expert's
+    gate, up and down matrices as separate 2-D parameters (SwiGLU's gate_up_proj holds gate then up
+    rows per expert), bitwise on the CPU over 3 steps, beside a plain 2-D matrix."""
+    import torch
+
+    from latentformer.model.moe import Experts
+    from latentformer.train.optim import BatchedMuon, muon_groups
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, n_layers=1, d_model=32, n_heads=2, max_seq_len=16, kv_lora_rank=16,
+                      qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=3, experts_per_token=2,
+                      moe_d_ff=16, first_k_dense_layers=0, ffn=ffn)
+    model = Transformer(cfg)
+    groups = muon_groups(model)
+    experts = next(m for m in model.modules() if isinstance(m, Experts))
+    f = 16
+    assert [(m, [p.shape for p in ps]) for m, ps in groups[1:]] == [
+        ((f, 32), [experts.gate_up_proj.shape]), ((32, f), [experts.down_proj.shape])]
+    hyper = dict(lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw")
+    ours = BatchedMuon([{"params": ps, **({"matrix": m} if m else {})} for m, ps in groups], **hyper)
+    # the reference: each matrix of the stacks a parameter of its own (in the stacks' row order)
+    stacks = [p for _, ps in groups[1:] for p in ps]
+    pieces = [[torch.nn.Parameter(m.detach().clone()) for m in p.detach().reshape(-1, *shape)]
+              for (shape, _), p in zip(groups[1:], stacks)]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in groups[0][1]]
+    ref = torch.optim.Muon(plain + [m for ms in pieces for m in ms], **hyper)
+    for _ in range(3):
+        for p, q in zip(groups[0][1], plain):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        for (shape, _), p, ms in zip(groups[1:], stacks, pieces):
+            p.grad = torch.randn_like(p)
+            for m, g in zip(ms, p.grad.reshape(-1, *shape)):
+                m.grad = g.clone()
+        ours.step()
+        ref.step()
+        for (shape, _), p, ms in zip(groups[1:], stacks, pieces):
+            assert torch.equal(p.detach().reshape(-1, *shape), torch.stack([m.detach() for m in ms]))
+        assert all(torch.equal(p, q) for p, q in zip(groups[0][1], plain))
+    assert len(pieces[0]) == 3 * (2 if ffn == "swiglu" else 1)
 
 
 def _muon_step(scale: float, lr: float, wd: float):

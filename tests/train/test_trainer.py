@@ -41,9 +41,12 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("optimizer,teacher", [("adamw", False), ("muon", False), ("adamw", True)])
+@pytest.mark.parametrize("optimizer,teacher", [("adamw", False), ("muon", False), ("muon-moe", False), ("adamw", True)])
 def test_kill_and_resume_is_bit_identical(sotu_dir, tmp_path, optimizer, teacher):
+    optimizer, _, moe = optimizer.partition("-")
     cfg = run_config(sotu_dir, max_steps=10, checkpoint_interval=4, eval_interval=5, optimizer=optimizer)
+    if moe:  # Muon's routed-expert stacks (3-D momenta) resume too
+        cfg.model = cfg.model.replace(n_routed_experts=4, experts_per_token=2, moe_d_ff=32, first_k_dense_layers=1)
     if teacher:  # the resumed run loads the teacher again
         cfg.train.teacher = str(save_checkpoint(tmp_path / "teacher", Transformer(ModelConfig(**{**TINY_MODEL, "init_std": 0.1})),
                                                 load_tokenizer(sotu_dir)))
@@ -70,6 +73,7 @@ def test_kill_and_resume_is_bit_identical(sotu_dir, tmp_path, optimizer, teacher
     assert all(sa["state"][i].keys() == sb["state"][i].keys() and all(torch.equal(v, sb["state"][i][k]) for k, v in sa["state"][i].items())
                for i in sa["state"])
     assert any("momentum_buffer" in s for s in sa["state"].values()) == (optimizer == "muon")
+    assert any(s.get("momentum_buffer", torch.empty(0)).dim() == 3 for s in sa["state"].values()) == bool(moe)
     # keep_last=2: only the newest two step checkpoints remain
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["best", "step_10", "step_8"]
 

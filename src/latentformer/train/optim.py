@@ -4,15 +4,15 @@ AdamW decays weight matrices only: norm gains, biases and (unless `train.decay_e
 embedding tables are excluded; decaying them pulls scales toward zero without regularizing
 anything useful (Loshchilov & Hutter 2019; the nanoGPT/GPT-3 convention).
 
-Muon (Jordan et al. 2024; `torch.optim.Muon`) orthogonalizes the momentum of each 2-D weight
-matrix of the hidden layers (attention and dense/shared-expert FFN projections, the MTP modules'
-projections and blocks). Embeddings, the output layer, norms, biases, MoE routers and the 3-D
-routed-expert tensors stay on AdamW (`torch.optim.Muon` takes 2-D parameters only). With
-Moonlight's update-RMS matching (Liu et al. 2025, "Muon is Scalable for LLM Training":
-adjust_lr_fn="match_rms_adamw", lr x 0.2 sqrt(max(A, B))) the update has AdamW's RMS, so one
-`train.lr` and `train.weight_decay` serve both optimizers; `train.muon_lr_scale` multiplies Muon's lr
-(its groups carry `lr_scale`, which `schedule.set_lr` applies every step; the decoupled weight decay,
-lr x weight_decay, scales with it).
+Muon (Jordan et al. 2024; `torch.optim.Muon`'s update) orthogonalizes the momentum of each weight
+matrix of the hidden layers: attention and dense/shared-expert FFN projections, the MTP modules'
+projections and blocks, and each routed expert's gate, up and down matrices (Moonlight's choice;
+stored as 3-D stacks, `muon_groups`). Embeddings, the output layer, norms, biases and MoE routers stay
+on AdamW. With Moonlight's update-RMS matching (Liu et al. 2025, "Muon is Scalable for LLM Training":
+adjust_lr_fn="match_rms_adamw", lr x 0.2 sqrt(max(A, B)) for an A x B matrix) the update has AdamW's
+RMS, so one `train.lr` and `train.weight_decay` serve both optimizers; `train.muon_lr_scale` multiplies
+Muon's lr (its groups carry `lr_scale`, which `schedule.set_lr` applies every step; the decoupled
+weight decay, lr x weight_decay, scales with it).
 
 `BatchedMuon` is torch's Muon with the same update, state and groups, stepped a shape at a time: the
 momentum of all matrices in one foreach pass, then one Newton-Schulz over the stack of each shape's
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from latentformer.model.moe import Router
+from latentformer.model.moe import Experts, Router
 from latentformer.train.config import TrainConfig
 
 
@@ -51,13 +51,24 @@ def param_groups(model: nn.Module, cfg: TrainConfig, exclude: set[int] = frozens
     ]
 
 
-def muon_params(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters Muon updates: the 2-D matrices of the hidden layers (`model.layers` and the
-    MTP modules), MoE routers excepted (a router is a classifier over experts, not a hidden map)."""
+def muon_groups(model: nn.Module) -> list[tuple[tuple[int, int] | None, list[nn.Parameter]]]:
+    """The parameters Muon updates, as (matrix shape, parameters) groups: first (None, the 2-D
+    matrices of the hidden layers: `model.layers` and the MTP modules, MoE routers excepted, as a
+    router is a classifier over experts, not a hidden map), then one group per shape of the routed
+    experts' 3-D tensors, each a stack of matrices of that shape: `down_proj` [E, d, f] holds E
+    [d, f] matrices, SwiGLU's `gate_up_proj` [E, 2f, d] 2E [f, d] ones (each expert's gate and up
+    apart, as a dense FFN's gate_proj and up_proj; Moonlight orthogonalizes each expert's)."""
     routers = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
     hidden = [model.layers, *([model.mtp] if getattr(model, "mtp", None) is not None else [])]
-    return [p for part in hidden for p in part.parameters()
-            if p.requires_grad and p.dim() == 2 and id(p) not in routers]
+    matrices = [p for part in hidden for p in part.parameters()
+                if p.requires_grad and p.dim() == 2 and id(p) not in routers]
+    stacks = defaultdict(list)
+    for experts in (m for part in hidden for m in part.modules() if isinstance(m, Experts)):
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        for p, rows in ((gate_up, gate_up.shape[1] // (2 if experts.swiglu else 1)), (down, down.shape[1])):
+            if p.requires_grad:
+                stacks[rows, p.shape[2]].append(p)
+    return [(None, matrices), *stacks.items()]
 
 
 def orthogonalize(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
@@ -84,10 +95,27 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
     return lr * math.sqrt(max(1.0, rows / cols))
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (FSDP2 shards dim 0: whole experts of a routed-expert tensor), else `t`."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 class BatchedMuon(torch.optim.Muon):
     """`torch.optim.Muon`, stepped a shape at a time (module doc): same hyperparameters, state
-    (`momentum_buffer`) and checkpoints. Sharded parameters (FSDP2's DTensors) take torch's own step,
-    which orthogonalizes the global matrix one at a time."""
+    (`momentum_buffer`) and checkpoints. A group with a `matrix` key (rows, cols) holds 3-D tensors,
+    each a stack of matrices of that shape (the routed experts: `muon_groups`); such groups come
+    after the plain ones, which torch's constructor checks to be 2-D. Under FSDP2 a 2-D matrix is
+    sharded: plain groups of DTensors take torch's own step, which orthogonalizes the global matrix
+    one at a time; an expert stack is sharded between whole experts, so each rank steps its own."""
+
+    def __init__(self, params: Iterable, **hyper) -> None:
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):  # a plain iterable of 2-D parameters, as torch takes
+            groups = [{"params": groups}]
+        super().__init__([g for g in groups if "matrix" not in g], **hyper)
+        for group in groups:
+            if "matrix" in group:
+                self.add_param_group(group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -95,31 +123,41 @@ class BatchedMuon(torch.optim.Muon):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if any(isinstance(p, DTensor) for group in self.param_groups for p in group["params"]):
-            super().step()
-            return loss
+        sharded = [g for g in self.param_groups if "matrix" not in g and any(isinstance(p, DTensor) for p in g["params"])]
+        if sharded:
+            every, self.param_groups = self.param_groups, sharded
+            try:
+                super().step()
+            finally:
+                self.param_groups = every
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            for p in params:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
-            momentum, lr = group["momentum"], group["lr"]
-            torch._foreach_lerp_(bufs, grads, 1 - momentum)
-            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
-            shapes = defaultdict(list)
-            for i, p in enumerate(params):
-                shapes[p.shape, p.dtype, p.device].append(i)
-            for (shape, dtype, _), index in shapes.items():
-                same = [params[i] for i in index]
-                ortho = orthogonalize(torch.stack([updates[i] for i in index]), group["ns_coefficients"],
-                                      group["ns_steps"], group["eps"]).to(dtype)
-                torch._foreach_mul_(same, 1 - lr * group["weight_decay"])
-                torch._foreach_add_(same, ortho.unbind(0), alpha=-adjusted_lr(lr, group["adjust_lr_fn"], shape))
+            if not any(group is g for g in sharded):
+                self._step_group(group)
         return loss
+
+    def _step_group(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+        local = [_local(p) for p in params]
+        grads = [_local(p.grad) for p in params]
+        bufs = [_local(self.state[p]["momentum_buffer"]) for p in params]
+        momentum, lr = group["momentum"], group["lr"]
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)
+        updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+        buckets = defaultdict(list)  # one Newton-Schulz per (matrix shape, dtype, device)
+        for i, p in enumerate(local):
+            buckets[tuple(group.get("matrix", p.shape)), p.dtype, p.device].append(i)
+        for (shape, dtype, _), index in buckets.items():
+            same = [local[i] for i in index]
+            ortho = orthogonalize(torch.cat([updates[i].reshape(-1, *shape) for i in index]), group["ns_coefficients"],
+                                  group["ns_steps"], group["eps"]).to(dtype)
+            ortho = [o.view_as(p) for o, p in zip(ortho.split([p.numel() // math.prod(shape) for p in same]), same)]
+            torch._foreach_mul_(same, 1 - lr * group["weight_decay"])
+            torch._foreach_add_(same, ortho, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], shape))
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -167,8 +205,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
     adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device_type == "cuda")
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(param_groups(model, cfg), **adamw)
-    hidden = muon_params(model)
     scale = cfg.muon_lr_scale
-    return MuonAdamW([{"params": hidden, "weight_decay": cfg.weight_decay, "lr": scale * cfg.lr, "lr_scale": scale}],
-                     param_groups(model, cfg, exclude={id(p) for p in hidden}),
+    muon = [{"params": params, "weight_decay": cfg.weight_decay, "lr": scale * cfg.lr, "lr_scale": scale,
+             **({"matrix": matrix} if matrix else {})} for matrix, params in muon_groups(model) if params or not matrix]
+    return MuonAdamW(muon, param_groups(model, cfg, exclude={id(p) for g in muon for p in g["params"]}),
                      muon=dict(lr=cfg.lr, momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw"), adamw=adamw)
