@@ -207,6 +207,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
         return torch.optim.AdamW(param_groups(model, cfg), **adamw)
     scale = cfg.muon_lr_scale
     muon = [{"params": params, "weight_decay": cfg.weight_decay, "lr": scale * cfg.lr, "lr_scale": scale,
-             **({"matrix": matrix} if matrix else {})} for matrix, params in muon_groups(model) if params or not matrix]
+             **({"matrix": matrix} if matrix else {})} for matrix, params in muon_groups(model)]
     return MuonAdamW(muon, param_groups(model, cfg, exclude={id(p) for g in muon for p in g["params"]}),
                      muon=dict(lr=cfg.lr, momentum=cfg.muon_momentum, adjust_lr_fn="match_rms_adamw"), adamw=adamw)
