@@ -52,12 +52,12 @@ def test_two_processes_match_one_process(sotu_dir, tmp_path, parallel, optimizer
     a = load_model(tmp_path / "ddp" / "checkpoints" / "step_4").state_dict()
     b = load_model(tmp_path / "one" / "checkpoints" / "step_4").state_dict()
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    # FSDP2 + Muon: Newton-Schulz on the sharded DTensor is the global iteration (torch's Muon runs it
-    # in bf16; the sharded matmuls round differently): 1.5e-4 measured after 4 steps whose Muon
-    # updates are ~4e-4 each; DDP's replicated Muon is exact
+    # FSDP2 + Muon: torch's Newton-Schulz on the sharded DTensor is the global iteration, in bf16; one
+    # CPU process runs it in fp32 (BatchedMuon's CPU default): 2.0e-4 measured after 4 steps whose
+    # Muon updates are ~4e-4 each; DDP's replicated Muon is exact
     assert diff < (5e-4 if (parallel, optimizer) == ("fsdp", "muon") else 1e-5), diff
-    if moe:  # the routed experts' Muon steps: as in one process, to 2% of how far they moved (measured 1.2%)
+    if moe:  # the routed experts' Muon steps (each rank its own): as in one process, to 1% of how far they moved (measured 0.03%)
         torch.manual_seed(1337)  # the run's seed: the initial weights
         init = Transformer(read_config(tmp_path / "one" / "checkpoints" / "step_4")).state_dict()
         for k in ("layers.1.ffn.experts.gate_up_proj", "layers.1.ffn.experts.down_proj"):
-            assert (a[k] - b[k]).abs().max() < 0.02 * (b[k] - init[k]).abs().max(), k
+            assert (a[k] - b[k]).abs().max() < 0.01 * (b[k] - init[k]).abs().max(), k

@@ -71,12 +71,13 @@ def muon_groups(model: nn.Module) -> list[tuple[tuple[int, int] | None, list[nn.
     return [(None, matrices), *stacks.items()]
 
 
-def orthogonalize(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+def orthogonalize(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Muon's quintic Newton-Schulz iteration (Jordan et al. 2024) on a stack of matrices at once.
-    update: [B, m, n] -> [B, m, n] bf16, each matrix's singular values pushed to ~[0.7, 1.2]; per
-    matrix, the same arithmetic as `torch.optim.Muon` (bf16, the wide orientation, Frobenius-normalized)."""
+    update: [B, m, n] -> [B, m, n] in `dtype`, each matrix's singular values pushed to ~[0.7, 1.2]; per
+    matrix, in bf16 the same arithmetic as `torch.optim.Muon` (the wide orientation, Frobenius-normalized)."""
     a, b, c = coefficients
-    x = update.bfloat16()
+    x = update.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
@@ -106,9 +107,13 @@ class BatchedMuon(torch.optim.Muon):
     each a stack of matrices of that shape (the routed experts: `muon_groups`); such groups come
     after the plain ones, which torch's constructor checks to be 2-D. Under FSDP2 a 2-D matrix is
     sharded: plain groups of DTensors take torch's own step, which orthogonalizes the global matrix
-    one at a time; an expert stack is sharded between whole experts, so each rank steps its own."""
+    one at a time; an expert stack is sharded between whole experts, so each rank steps its own.
 
-    def __init__(self, params: Iterable, **hyper) -> None:
+    `ns_dtype`: the Newton-Schulz dtype; by default bf16 on GPUs, as torch's, and fp32 elsewhere: a CPU
+    without bf16 matrix units emulates bf16 matmuls (22x slower than fp32 on the development CPU)."""
+
+    def __init__(self, params: Iterable, ns_dtype: torch.dtype | None = None, **hyper) -> None:
+        self.ns_dtype = ns_dtype
         groups = list(params)
         if groups and not isinstance(groups[0], dict):  # a plain iterable of 2-D parameters, as torch takes
             groups = [{"params": groups}]
@@ -151,10 +156,11 @@ class BatchedMuon(torch.optim.Muon):
         buckets = defaultdict(list)  # one Newton-Schulz per (matrix shape, dtype, device)
         for i, p in enumerate(local):
             buckets[tuple(group.get("matrix", p.shape)), p.dtype, p.device].append(i)
-        for (shape, dtype, _), index in buckets.items():
+        for (shape, dtype, device), index in buckets.items():
             same = [local[i] for i in index]
+            ns_dtype = self.ns_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
             ortho = orthogonalize(torch.cat([updates[i].reshape(-1, *shape) for i in index]), group["ns_coefficients"],
-                                  group["ns_steps"], group["eps"]).to(dtype)
+                                  group["ns_steps"], group["eps"], ns_dtype).to(dtype)
             ortho = [o.view_as(p) for o, p in zip(ortho.split([p.numel() // math.prod(shape) for p in same]), same)]
             torch._foreach_mul_(same, 1 - lr * group["weight_decay"])
             torch._foreach_add_(same, ortho, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], shape))
