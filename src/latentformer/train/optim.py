@@ -96,6 +96,14 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
     return lr * math.sqrt(max(1.0, rows / cols))
 
 
+def closure_loss(closure) -> torch.Tensor | None:
+    """An optimizer step's `closure` run with gradients on (it recomputes the loss), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's shard on this rank (FSDP2 shards dim 0: whole experts of a routed-expert tensor), else `t`."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -124,10 +132,7 @@ class BatchedMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         sharded = [g for g in self.param_groups if "matrix" not in g and any(isinstance(p, DTensor) for p in g["params"])]
         if sharded:
             every, self.param_groups = self.param_groups, sharded
@@ -196,10 +201,7 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One step of both; `closure` (Lightning passes one) recomputes the loss first, as in torch's optimizers."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self.muon.step()
         self.adamw.step()
         return loss
