@@ -41,7 +41,7 @@ VARIANTS = {  # name -> config overrides
 
 @contextlib.contextmanager
 def alternative(name: str):
-    """While a Trainer is built and run for `fp8-fastacc`: all three float8 matmuls with fast (FP8)
+    """While a Trainer is built for `fp8-fastacc`: all three float8 matmuls with fast (FP8)
     accumulation, where torchao's tensorwise recipe keeps it for the forward only; for `muon-torch`:
     torch's own Muon in place of BatchedMuon."""
     if name == "muon-torch":
