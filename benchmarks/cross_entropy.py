@@ -11,6 +11,10 @@ is what training on GPT-2 tokens uses, 50304 its multiple of 64; bf16 autocast):
    eager and compiled, and the rows kernel alone against its roofline (one read and one write of
    the logits at the measured copy bandwidth; `--sweep`: at other launch parameters too).
    Prints a table; no assertion on time.
+`--fp8`: instead, the FP8 output layer (`linear_cross_entropy(..., fp8=True)`, train.fp8_output): its
+kernels against torch (the float8 cast bitwise; the float8 gradient against F.cross_entropy's), the
+op's loss and gradients against the bf16 op, and the fwd+bwd time of the bf16 op, the FP8 op and the
+FP8 op with bf16 logits (FP8 gradients only); the ratio column then compares with the bf16 op.
 `--kl`: instead, distillation's `linear_kl_divergence` (a teacher of width d too) through its Triton
 kernel against its chunked torch path: the two paths' loss and gradients, and their fwd+bwd time
 and peak memory (the ratio column then compares with the torch path).
@@ -26,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from latentformer.kernels import kl_divergence
-from latentformer.kernels.cross_entropy import BLOCK, NUM_WARPS, cross_entropy_rows_
+from latentformer.kernels import float8, kl_divergence
+from latentformer.kernels.cross_entropy import BLOCK, NUM_WARPS, cross_entropy_rows_, cross_entropy_rows_fp8
+from latentformer.model import loss as loss_module
 from latentformer.model.loss import VOCAB_ALIGN, linear_cross_entropy, linear_kl_divergence, plain_linear_cross_entropy
 
 D = 1280
@@ -80,12 +85,57 @@ def kl_rows(N: int, V: int, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -
             for name, (ms, gb) in times.items()]
 
 
+def fp8_rows(N: int, V: int, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, bw: float) -> list[tuple]:
+    """--fp8: check the FP8 output layer's kernels and op, then time it against the bf16 op."""
+    e4m3, e5m2, S = torch.float8_e4m3fn, torch.float8_e5m2, loss_module.FP8_GRAD_SCALE
+    xb = x.detach().bfloat16()
+    scale = float8.scale_of(xb, e4m3)
+    q, q_t = float8.cast(xb, scale, e4m3, rows=True, cols=True)
+    want = (xb.float() * scale).clamp(-448, 448).to(e4m3)
+    cast_ok = torch.equal(q.view(torch.uint8), want.view(torch.uint8)) and torch.equal(q_t.view(torch.uint8), want.t().contiguous().view(torch.uint8))
+    logits = padded_copy(xb @ w.detach().bfloat16().t())  # [N, Vp]
+    rows_loss, g8, g8_t = cross_entropy_rows_fp8(logits, V, t, -100, S, e5m2, True, True)
+    n = 8192  # the reference in fp32 for the first n rows (memory)
+    ref = logits[:n, :V].float().requires_grad_()
+    ref_rows = F.cross_entropy(ref, t[:n], ignore_index=-100, reduction="none")
+    ref_rows.sum().backward()  # softmax - onehot, 0 on ignored rows
+    loss_err = max_rel(rows_loss[:n], ref_rows.detach())
+    want_g = (ref.grad * S).to(e5m2)
+    same = (g8[:n, :V].view(torch.uint8) == want_g.view(torch.uint8)).sum().item() / want_g.numel()
+    g_err = max_rel(g8[:n, :V].float() / S, ref.grad)
+    transposed = torch.equal(g8_t.view(torch.uint8), g8.t().contiguous().view(torch.uint8))
+    del ref, ref_rows, want_g, g8, g8_t, logits
+    grads, times = {}, {}
+    variants = (("bf16 op", False, True), ("fp8 op", True, True), ("fp8 op, bf16 logits", True, False))
+    for name, fp8, logits_fp8 in variants:
+        with mock.patch.object(loss_module, "FP8_LOGITS", logits_fp8):
+            step = fwd_bwd(lambda x, w, t: linear_cross_entropy(x, w, t, fp8=fp8), x, w, t)
+            grads[name] = (step().detach(), x.grad.clone(), w.grad.clone())
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            times[name] = (do_bench(step, warmup=5, rep=50, return_mode="median"),
+                           (torch.cuda.max_memory_allocated() - base) / 1e9)
+    print(f"N={N} V={V}: float8 cast == torch's: {cast_ok}; fp8 rows kernel: loss {loss_err:.1e} of max, gradient "
+          f"{same:.4%} of entries == torch's e5m2 cast, {g_err:.1e} of max from fp32, transposed copy equal: {transposed}")
+    for name, _, _ in variants[1:]:
+        err = [max_rel(g, p) for g, p in zip(grads[name], grads["bf16 op"])]
+        print(f"N={N} V={V}: {name} vs bf16 op: loss {err[0]:.1e}, grad x {err[1]:.1e}, grad W {err[2]:.1e}")
+    n_valid = (t != -100).sum()
+    logits = torch.randn(N, -(-V // VOCAB_ALIGN) * VOCAB_ALIGN, device="cuda", dtype=torch.bfloat16)
+    kernel_ms = do_bench(lambda: cross_entropy_rows_fp8(logits, V, t, -100, S, e5m2, True, True), warmup=5, rep=50,
+                         return_mode="median")
+    roof_ms = (2 * 2 + 2 * 1) * logits.numel() / bw * 1e3  # two reads in bf16, two writes in float8
+    return [(N, V, name, f"{ms:.2f}", f"{times['bf16 op'][0] / ms:.2f}x", f"{gb:.1f}") for name, (ms, gb) in times.items()] + [
+        (N, V, "fp8 rows kernel only", f"{kernel_ms:.2f}", f"{kernel_ms / roof_ms:.2f}x roofline", "")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="65536", help="comma-separated token counts N")
     ap.add_argument("--sweep", action="store_true", help="also time the rows kernel at other launch parameters")
     ap.add_argument("--vocab", default="50257,50304", help="comma-separated vocabulary sizes V")
     ap.add_argument("--kl", action="store_true", help="time linear_kl_divergence's kernel vs its torch path instead")
+    ap.add_argument("--fp8", action="store_true", help="check and time the FP8 output layer against the bf16 op instead")
     args = ap.parse_args()
     bw = bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
@@ -96,8 +146,8 @@ def main() -> None:
         w = (0.02 * torch.randn(V, D, device="cuda")).requires_grad_()
         t = torch.randint(0, V, (N,), device="cuda")
         t[::7] = -100
-        if args.kl:
-            rows += kl_rows(N, V, x, w, t)
+        if args.kl or args.fp8:
+            rows += kl_rows(N, V, x, w, t) if args.kl else fp8_rows(N, V, x, w, t, bw)
             continue
 
         # 1. numerics: kernel vs F.cross_entropy on the same bf16 logits

@@ -23,6 +23,7 @@ from kernel_table import kernel_table
 from latentformer import Transformer
 from latentformer.checkpoint import save_checkpoint
 from latentformer.data.tokenizer import load_tokenizer
+from latentformer.model import loss as fused_loss
 from latentformer.train import fp8, optim
 from latentformer.train.config import build_run_config
 from latentformer.train.trainer import Trainer
@@ -31,6 +32,8 @@ from latentformer.train.trainer import Trainer
 VARIANTS = {  # name -> config overrides
     "shipped": {}, "fp32-residual": {"train.low_precision_residual": False}, "seed2": {"train.seed": 1338},
     "fp8": {"train.fp8": True}, "fp8-rowwise": {"train.fp8": True, "train.fp8_recipe": "rowwise"},  # torchao float8
+    "fp8-ffn": {"train.fp8": True, "train.fp8_output": False},  # the output layer in bf16
+    "fp8-grads": {"train.fp8": True},  # the output layer's logits in bf16, its gradients in FP8 (`alternative`)
     "fp8-all": {"train.fp8": True, "train.fp8_layers": "all"},  # attention's projections too
     "distill": {},  # train.teacher: a model of the preset's own architecture and size (random weights), written per run
     "fp8-fastacc": {"train.fp8": True, "train.fp8_layers": "all"},  # fp8-all, fast accumulation (`alternative`)
@@ -41,11 +44,13 @@ VARIANTS = {  # name -> config overrides
 
 @contextlib.contextmanager
 def alternative(name: str):
-    """While a Trainer is built for `fp8-fastacc`: all three float8 matmuls with fast (FP8)
+    """While a run of `fp8-fastacc` builds and trains: all three float8 matmuls with fast (FP8)
     accumulation, where torchao's tensorwise recipe keeps it for the forward only; for `muon-torch`:
-    torch's own Muon in place of BatchedMuon."""
-    if name == "muon-torch":
-        with mock.patch.object(optim, "BatchedMuon", torch.optim.Muon):
+    torch's own Muon in place of BatchedMuon; for `fp8-grads`: the FP8 output layer's logits from a
+    bf16 matmul."""
+    if name in ("muon-torch", "fp8-grads"):
+        with (mock.patch.object(optim, "BatchedMuon", torch.optim.Muon) if name == "muon-torch"
+              else mock.patch.object(fused_loss, "FP8_LOGITS", False)):
             yield
         return
     if name != "fp8-fastacc":
@@ -84,17 +89,17 @@ def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: 
             cfg.train.teacher = same_size_teacher(cfg, explicit, data, teacher)
         with alternative(name):
             tr = Trainer(cfg, run, vocab_explicit=explicit)
-        print(f"{preset} ({name}):", "; ".join(tr.notes) or "no notes", flush=True)
-        times, losses = [], []
-        for i in range(steps + 5):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            losses.append(tr.train_step()[0])  # ends in a host sync (the loss)
-            if i >= 5:
-                times.append(time.perf_counter() - t0)
-        if profile:
-            kernel_table(lambda: [tr.train_step() for _ in range(2)], f"{preset} T{seq_len} ({name}): two optimizer steps",
-                         gaps=12)
+            print(f"{preset} ({name}):", "; ".join(tr.notes) or "no notes", flush=True)
+            times, losses = [], []
+            for i in range(steps + 5):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                losses.append(tr.train_step()[0])  # ends in a host sync (the loss)
+                if i >= 5:
+                    times.append(time.perf_counter() - t0)
+            if profile:
+                kernel_table(lambda: [tr.train_step() for _ in range(2)],
+                             f"{preset} T{seq_len} ({name}): two optimizer steps", gaps=12)
         tps = seq_len * micro * accum / statistics.median(times)
         mfu = tr.flops_per_token * tps / tr.peak if tr.peak else float("nan")
         # the last step's loss and the mean of the last 20 (every variant sees the same batches in the same order)

@@ -41,6 +41,61 @@ def check_cross_entropy() -> None:
         assert torch.equal(untouched, logits), "write_grad=False must not modify the logits"
 
 
+def fp8_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """got: a float8 tensor from a kernel, want: the fp32 values it should hold. Triton's interpreter
+    rounds to float8 with two bugs of its own: a mantissa that rounds up to the next power of two does
+    not carry into the exponent, and subnormals flush to 0. So entries equal torch's cast wherever
+    that cast is a normal number and not a power of two, and elsewhere lie within half of |want| (or
+    the smallest normal). The GPU check (benchmarks/cross_entropy.py --fp8) wants every entry equal."""
+    tiny = torch.finfo(got.dtype).smallest_normal
+    cast = want.to(got.dtype)
+    err = (got.float() - want).abs()
+    assert (err <= 0.5 * want.abs() + tiny).all(), f"largest error {err.max():.3g}"
+    mantissa = torch.frexp(cast.float().abs())[0]
+    exact = (cast.float().abs() >= tiny) & (mantissa != 0.5)  # normal and not a power of two
+    assert exact.sum() > 0.5 * (want != 0).sum(), "the check needs entries to check"
+    assert torch.equal(got.view(torch.uint8)[exact], cast.view(torch.uint8)[exact]), "an entry differs from torch's cast"
+
+
+def check_fp8_cross_entropy() -> None:
+    """The FP8 output layer's rows kernel: the row losses as cross_entropy_rows_'s, and (softmax -
+    onehot) * scale in e5m2 in both layouts; the float8 cast in both layouts."""
+    from latentformer.kernels import float8
+    from latentformer.kernels.cross_entropy import cross_entropy_rows_fp8
+
+    torch.manual_seed(0)
+    S = 2.0**15
+    # (rows, classes, padded width, rows per program, columns per iteration): a partial row tile,
+    # padding, one and several column blocks
+    for N, V, Vp, tile, block in [(7, 100, 128, 4, 32), (16, 300, 320, 8, 64), (21, 1000, 1024, 16, 256)]:
+        logits = torch.zeros(N, Vp, dtype=torch.bfloat16)
+        logits[:, :V] = (3 * torch.randn(N, V)).bfloat16()
+        t = torch.randint(0, V, (N,))
+        t[1] = -100
+        ref = logits[:, :V].float().requires_grad_()
+        ref_rows = F.cross_entropy(ref, t, ignore_index=-100, reduction="none")
+        ref_rows.sum().backward()
+        before = logits.clone()
+        rows, g, g_t = cross_entropy_rows_fp8(logits, V, t, -100, S, torch.float8_e5m2, True, True, tile_rows=tile,
+                                              block=block, num_warps=1)
+        assert torch.equal(logits, before), "the logits are read only"
+        torch.testing.assert_close(rows, ref_rows.detach(), rtol=1e-5, atol=1e-5)
+        want = F.pad(ref.grad * S, (0, Vp - V))  # [N, Vp]: 0 on the ignored row and the padding columns
+        fp8_close(g, want)
+        fp8_close(g_t, want.t())
+        assert torch.equal(g_t.view(torch.uint8), g.t().contiguous().view(torch.uint8))
+        only_t = cross_entropy_rows_fp8(logits, V, t, -100, S, torch.float8_e5m2, False, True, tile_rows=tile,
+                                        block=block, num_warps=1)
+        assert only_t[1] is None and torch.equal(only_t[2].view(torch.uint8), g_t.view(torch.uint8))
+    for M, K, tile in [(5, 40, 16), (70, 33, 32)]:  # partial tiles, strided rows
+        x = torch.randn(M, 2 * K)[:, :K].bfloat16()
+        scale = float8.scale_of(x, torch.float8_e4m3fn)
+        assert torch.isclose(scale, 448 / x.float().abs().max())
+        q, q_t = float8.cast(x, scale, torch.float8_e4m3fn, rows=True, cols=True, tile=tile, num_warps=1)
+        fp8_close(q, x.float() * scale)
+        assert torch.equal(q_t.view(torch.uint8), q.t().contiguous().view(torch.uint8))
+
+
 def check_kl_divergence() -> None:
     torch.manual_seed(0)
     # (rows, classes, padded width, dtype, columns per iteration): padding, one and several blocks, fp16/bf16/fp32
@@ -216,7 +271,7 @@ def check_decode_gemm() -> None:
 
 
 if __name__ == "__main__":
-    {"cross_entropy": check_cross_entropy, "kl_divergence": check_kl_divergence,
+    {"cross_entropy": check_cross_entropy, "fp8_cross_entropy": check_fp8_cross_entropy, "kl_divergence": check_kl_divergence,
      "kl_divergence_op": check_kl_divergence_op, "decode": check_decode, "decode_new_token": check_decode_new_token,
      "decode_model": check_decode_model,
      "decode_gemm": check_decode_gemm}[sys.argv[1]]()

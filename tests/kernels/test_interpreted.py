@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("check", ["cross_entropy", "kl_divergence", "kl_divergence_op", "decode", "decode_new_token",
+@pytest.mark.parametrize("check", ["cross_entropy", "fp8_cross_entropy", "kl_divergence", "kl_divergence_op", "decode", "decode_new_token",
                                    "decode_model", "decode_gemm"])
 def test_kernel_matches_reference_in_interpreter(check):
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -19,19 +19,21 @@ from .conftest import TINY_MODEL, run_config
 pytest.importorskip("torchao")
 
 
-@pytest.mark.parametrize("layers", ["ffn", "all"])
-def test_the_blocks_linears_train_in_fp8_and_the_checkpoint_format_stays(layers):
+@pytest.mark.parametrize("layers,output", [("ffn", True), ("all", False)])
+def test_the_blocks_linears_train_in_fp8_and_the_checkpoint_format_stays(layers, output):
     """`ffn`: the feed-forward linears become Float8Linear; `all`: every block linear whose widths are
-    multiples of 16 (kv_a_proj's 32 + 8 = 40 outputs are not). The output layer never does; parameter
-    names and values are unchanged, so the state dict loads into a plain model."""
+    multiples of 16 (kv_a_proj's 32 + 8 = 40 outputs are not). The output layer stays a Linear: with
+    `output` the fused loss runs its matmuls in float8 (model.fp8_output). Parameter names and values
+    are unchanged, so the state dict loads into a plain model."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**TINY_MODEL))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    names = fp8.convert_to_fp8(model, "tensorwise", emulate=True, layers=layers)
+    names = fp8.convert_to_fp8(model, "tensorwise", emulate=True, layers=layers, output=output)
     kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     per_layer = ["attn.q_proj", "attn.kv_b_proj", "attn.o_proj"] * (layers == "all") + ["ffn.gate_proj", "ffn.up_proj", "ffn.down_proj"]
-    assert names == [f"layers.{i}.{n}" for i in range(2) for n in per_layer]
-    assert {n for n, kind in kinds.items() if kind == "Float8Linear"} == set(names)
+    blocks = [f"layers.{i}.{n}" for i in range(2) for n in per_layer]
+    assert names == blocks + ["lm_head"] * output and model.fp8_output == output
+    assert {n for n, kind in kinds.items() if kind == "Float8Linear"} == set(blocks)
     assert kinds["lm_head"] == "Linear" and kinds["layers.0.attn.kv_a_proj"] == "Linear"
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
@@ -68,12 +70,14 @@ def test_the_trainer_applies_fp8_and_learns_as_bf16_would(sotu_dir, tmp_path, mo
     within 2% of the same run without FP8, and the saved checkpoint is a plain model's."""
     monkeypatch.setattr(fp8, "check_fp8", lambda device: None)
     convert = fp8.convert_to_fp8
-    monkeypatch.setattr(fp8, "convert_to_fp8", lambda model, recipe, layers: convert(model, recipe, emulate=True, layers=layers))
+    monkeypatch.setattr(fp8, "convert_to_fp8", lambda model, recipe, layers, output: convert(
+        model, recipe, emulate=True, layers=layers, output=output))
     runs = {}
     for on in (False, True):
         cfg = run_config(sotu_dir, max_steps=40, batch_tokens=512, micro_batch_size=16, warmup_steps=4, fp8=on)
         trainer = Trainer(cfg, tmp_path / f"fp8-{on}")
         assert any(type(m).__name__ == "Float8Linear" for m in trainer.model.modules()) == on
+        assert trainer.model.fp8_output == on  # train.fp8_output's default
         runs[on] = trainer.fit()["val"]["loss"]
     assert runs[True] == pytest.approx(runs[False], rel=0.02)
     model, _ = load(tmp_path / "fp8-True")

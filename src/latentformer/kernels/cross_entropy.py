@@ -81,3 +81,70 @@ def cross_entropy_rows_(logits: torch.Tensor, n_classes: int, targets: torch.Ten
         _rows_kernel[(N,)](logits, logits.stride(0), targets, row_loss, n_valid, n_classes, V_pad, ignore_index,
                            BLOCK=block, WRITE_GRAD=write_grad, num_warps=num_warps)
     return row_loss
+
+
+# -- the FP8 output layer's variant: the gradient in float8, in both layouts --------------------
+FP8_ROWS = 64  # rows per program: each transposed store writes 64 contiguous bytes
+FP8_BLOCK = 128  # columns per iteration
+FP8_WARPS = 8
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rows_fp8_kernel(logits, stride_row, targets, row_loss, grad, grad_t, N, V, V_pad, ignore_index,
+                         grad_scale, ROWS: tl.constexpr, BLOCK: tl.constexpr, WRITE: tl.constexpr,
+                         WRITE_T: tl.constexpr):
+        # As _rows_kernel, for a tile of ROWS rows: pass 1 the row losses, pass 2 (softmax - onehot) *
+        # grad_scale in float8, stored row-major into grad [N, V_pad] and column-major into grad_t [V_pad, N].
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_in = rows < N
+        target = tl.load(targets + rows, mask=row_in, other=ignore_index)
+        valid = (target != ignore_index) & row_in
+        base = logits + rows[:, None].to(tl.int64) * stride_row  # [ROWS, 1] pointers
+        cols = tl.arange(0, BLOCK)
+        m = tl.full((ROWS,), float("-inf"), tl.float32)
+        s = tl.zeros((ROWS,), tl.float32)
+        for start in range(0, V_pad, BLOCK):
+            c = start + cols
+            x = tl.load(base + c[None, :], mask=row_in[:, None] & (c[None, :] < V_pad), other=0.0).to(tl.float32)
+            x = tl.where(c[None, :] < V, x, float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, 1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
+            m = m_new
+        lse = m + tl.log(s)
+        in_range = valid & (target >= 0) & (target < V)
+        x_t = tl.load(logits + rows.to(tl.int64) * stride_row + target, mask=in_range, other=0.0).to(tl.float32)
+        tl.store(row_loss + rows, tl.where(valid, lse - x_t, 0.0), mask=row_in)
+        keep = tl.where(valid, grad_scale, 0.0)  # [ROWS]: an ignored row's gradient is 0
+        for start in range(0, V_pad, BLOCK):
+            c = start + cols
+            inside = row_in[:, None] & (c[None, :] < V_pad)
+            x = tl.load(base + c[None, :], mask=inside, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse[:, None]) - tl.where(c[None, :] == target[:, None], 1.0, 0.0)
+            g = tl.where(c[None, :] < V, g * keep[:, None], 0.0)
+            if WRITE:
+                q = g.to(grad.dtype.element_ty)
+                tl.store(grad + rows[:, None].to(tl.int64) * V_pad + c[None, :], q, mask=inside)
+            if WRITE_T:
+                q_t = tl.trans(g.to(grad_t.dtype.element_ty))
+                tl.store(grad_t + c[:, None].to(tl.int64) * N + rows[None, :], q_t, mask=tl.trans(inside))
+
+
+def cross_entropy_rows_fp8(logits: torch.Tensor, n_classes: int, targets: torch.Tensor, ignore_index: int,
+                           grad_scale: float, dtype: torch.dtype, rows: bool, cols: bool, tile_rows: int = FP8_ROWS,
+                           block: int = FP8_BLOCK, num_warps: int = FP8_WARPS):
+    """logits: [N, V_pad] as for `cross_entropy_rows_` (read only). Returns (row losses [N] fp32, G [N,
+    V_pad] if `rows`, G^T [V_pad, N] contiguous if `cols`), G = (softmax - onehot) * grad_scale in the
+    float8 `dtype` (0 on ignored rows and padding columns; a layout not asked for is None). Unlike
+    `cross_entropy_rows_` the gradient is not divided by the count of targets: the matmul's scale does it."""
+    N, V_pad = logits.shape
+    row_loss = torch.empty(N, dtype=torch.float32, device=logits.device)
+    grad = torch.empty((N, V_pad), dtype=dtype, device=logits.device) if rows else None
+    grad_t = torch.empty((V_pad, N), dtype=dtype, device=logits.device) if cols else None
+    if N:
+        _rows_fp8_kernel[(triton.cdiv(N, tile_rows),)](
+            logits, logits.stride(0), targets, row_loss, grad if rows else grad_t, grad_t if cols else grad, N,
+            n_classes, V_pad, ignore_index, grad_scale, ROWS=tile_rows, BLOCK=block, WRITE=rows, WRITE_T=cols,
+            num_warps=num_warps)
+    return row_loss, grad, grad_t

@@ -15,6 +15,14 @@ custom op, opaque to torch.compile, so eager and compiled training run the same 
 Distillation's KL(teacher || student) works the same way (`linear_kl_divergence`); on CUDA its
 kernel (kernels/kl_divergence.py) reads both models' logits once and overwrites the student's.
 
+With `fp8` (`train.fp8_output`) the three matmuls run on the FP8 tensor cores (`torch._scaled_mm`):
+x and W in e4m3 with tensorwise amax scales (torchao's `tensorwise` recipe; kernels/float8.py casts
+each once into the layouts its matmuls need), and the gradient G in e5m2 with a static scale. A
+softmax minus a one-hot lies in [-1, 1], so G * 2**15 fits e5m2's range (57,344) without an amax
+pass: the kernel that forms G writes it straight to float8, in both layouts (the weight gradient's
+matmul reduces over the tokens and needs G transposed), and 1 / (2**15 n_valid) goes in the matmul's
+scale. On a CPU the same casts run in torch (`torch._scaled_mm` computes in higher precision there).
+
 Legend: N rows (B*T tokens), d model width, V vocabulary, C rows per chunk.
 """
 
@@ -24,12 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx
 
-from latentformer.kernels import cross_entropy, kl_divergence
+from latentformer.kernels import cross_entropy, float8, kl_divergence
 
 # Pad the vocabulary dimension of the logits to a multiple of this (16-byte aligned rows, whole tiles).
 VOCAB_ALIGN = 64
 # One chunk of rows is converted to fp32 at a time: ~2**27 values, 512 MB.
 CHUNK_VALUES = 2**27
+# FP8 output layer (module doc): the static scale of the logits' gradient, |softmax - onehot| <= 1
+FP8_GRAD_SCALE = 2.0**15
+# FP8 output layer: whether the forward's logits come from the FP8 matmul too, or stay bf16 (NOTES)
+FP8_LOGITS = True
 
 
 def default_chunk_rows(n_rows: int, vocab: int) -> int:
@@ -47,7 +59,7 @@ def plain_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: t
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100, chunk_rows: int | None = None) -> torch.Tensor:
+                         ignore_index: int = -100, chunk_rows: int | None = None, fp8: bool = False) -> torch.Tensor:
     """Mean cross-entropy of logits = x @ weight^T over the targets != ignore_index, as
     `F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=ignore_index)` gives
     (nan when every target is ignored).
@@ -55,9 +67,10 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     x: [N, d]; weight: [V, d]; targets: [N] long. Returns a scalar fp32 loss. The logits are
     computed in the autocast dtype when autocast is enabled for x's device type, else in x's dtype.
     `chunk_rows` bounds the torch path's fp32 working memory (default: `default_chunk_rows`);
-    on CUDA the Triton kernel needs none.
+    on CUDA the Triton kernel needs none. `fp8`: the matmuls in float8 (module doc).
     """
-    loss, _, _ = _fused_linear_cross_entropy(x, weight, targets, ignore_index, *_op_arguments(x, weight, targets, chunk_rows))
+    loss, _, _ = _fused_linear_cross_entropy(x, weight, targets, ignore_index, fp8,
+                                             *_op_arguments(x, weight, targets, chunk_rows))
     return loss
 
 
@@ -102,26 +115,75 @@ def _rows_(logits: torch.Tensor, n_classes: int, targets: torch.Tensor, ignore_i
 
 @torch.library.custom_op("latentformer::fused_linear_cross_entropy", mutates_args=())
 def _fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                ignore_index: int, chunk_rows: int, dtype: torch.dtype,
+                                ignore_index: int, fp8: bool, chunk_rows: int, dtype: torch.dtype,
                                 grad_x: bool, grad_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean loss, d loss/dx [N, d] or [0], d loss/dW [V, d] or [0]).
 
     One opaque op, so torch.compile keeps its memory plan: the [N, V] logits exist once, in the
-    compute dtype, and become their own gradient before the two gradient matmuls."""
+    compute dtype, and become their own gradient before the two gradient matmuls (with `fp8`: are
+    read once more into the gradient in float8, module doc)."""
     V = weight.shape[0]
     x_c = x.to(dtype)  # [N, d]: cast once, as autocast would
     w = _padded_rows(weight, dtype)  # [Vp, d]
     valid = targets != ignore_index  # [N]
     n_valid = valid.sum()
-    rows = valid.nonzero().squeeze(1) if x.device.type == "cpu" and not bool(valid.all()) else None  # [n] (module doc)
+    # [n] (module doc); FP8 keeps every row, as on a GPU: its scales are the amax of the whole of x
+    rows = valid.nonzero().squeeze(1) if x.device.type == "cpu" and not fp8 and not bool(valid.all()) else None
     if rows is not None:
         x_c, targets = x_c[rows], targets[rows]
-    logits = x_c @ w.t()  # [N or n, Vp]; the padding columns are 0 and stay 0
-    loss = _rows_(logits, V, targets, ignore_index, n_valid, grad_x or grad_w, chunk_rows) / n_valid
-    dx, dw = _linear_grads(logits, x_c, w, x, weight, grad_x, grad_w)  # an ignored row's dx is 0
+    if fp8:
+        loss, dx, dw = _fp8_output_layer(x_c, w, V, targets, ignore_index, n_valid, grad_x, grad_w, chunk_rows)
+        dx = dx.to(x.dtype) if grad_x else x.new_empty(0)  # outputs may not alias: two empties
+        dw = dw[:V].to(weight.dtype) if grad_w else x.new_empty(0)
+    else:
+        logits = x_c @ w.t()  # [N or n, Vp]; the padding columns are 0 and stay 0
+        loss = _rows_(logits, V, targets, ignore_index, n_valid, grad_x or grad_w, chunk_rows) / n_valid
+        dx, dw = _linear_grads(logits, x_c, w, x, weight, grad_x, grad_w)  # an ignored row's dx is 0
     if grad_x and rows is not None:
         dx = x.new_zeros(x.shape).index_copy_(0, rows, dx)
     return loss, dx, dw  # loss: nan when n_valid == 0, as F.cross_entropy
+
+
+def _fp8_output_layer(x_c: torch.Tensor, w: torch.Tensor, V: int, targets: torch.Tensor, ignore_index: int,
+                      n_valid: torch.Tensor, grad_x: bool, grad_w: bool,
+                      chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss, dx [n, d], dW [Vp, d]) in the compute dtype (empty where not wanted), the matmuls in
+    float8 (module doc). x_c [n, d], w [Vp, d]: the operands in the compute dtype."""
+    n = x_c.shape[0]
+    pad = -n % 16  # _scaled_mm's dimensions are multiples of 16: zero rows, targets ignored
+    if pad:
+        x_c, targets = F.pad(x_c, (0, 0, 0, pad)), F.pad(targets, (0, pad), value=ignore_index)
+    e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
+    sx, sw = float8.scale_of(x_c, e4m3), float8.scale_of(w, e4m3)
+    x8, x8_t = float8.cast(x_c, sx, e4m3, rows=FP8_LOGITS, cols=grad_w)  # [n, d], [d, n]
+    w8, w8_t = float8.cast(w, sw, e4m3, rows=FP8_LOGITS, cols=grad_x)  # [Vp, d], [d, Vp]
+    if FP8_LOGITS:  # fast accumulation in the forward only, as torchao's tensorwise recipe
+        logits = torch._scaled_mm(x8, w8.t(), scale_a=1 / sx, scale_b=1 / sw, out_dtype=x_c.dtype, use_fast_accum=True)
+    else:
+        logits = x_c @ w.t()  # [n, Vp]
+    empty = x_c.new_empty(0)
+    if not (grad_x or grad_w):
+        return _rows_(logits, V, targets, ignore_index, n_valid, False, chunk_rows) / n_valid, empty, empty
+    loss_sum, g8, g8_t = _fp8_grad(logits, V, targets, ignore_index, n_valid, grad_x, grad_w, chunk_rows)
+    del logits
+    sg = 1 / (FP8_GRAD_SCALE * n_valid.clamp(min=1).float())
+    dx = torch._scaled_mm(g8, w8_t.t(), scale_a=sg, scale_b=1 / sw, out_dtype=x_c.dtype)[:n] if grad_x else empty
+    dw = torch._scaled_mm(g8_t, x8_t.t(), scale_a=sg, scale_b=1 / sx, out_dtype=x_c.dtype) if grad_w else empty
+    return loss_sum / n_valid, dx, dw
+
+
+def _fp8_grad(logits: torch.Tensor, V: int, targets: torch.Tensor, ignore_index: int, n_valid: torch.Tensor,
+              rows: bool, cols: bool, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(loss sum, G [n, Vp] if rows, G^T [Vp, n] if cols): G = (softmax - onehot) * FP8_GRAD_SCALE in
+    e5m2, 0 on ignored rows. On CUDA one kernel reads the logits and writes both; elsewhere the torch
+    path forms the gradient in place and casts it."""
+    if cross_entropy.supported(logits):
+        row_loss, g8, g8_t = cross_entropy.cross_entropy_rows_fp8(logits, V, targets, ignore_index, FP8_GRAD_SCALE,
+                                                                  torch.float8_e5m2, rows, cols)
+        return row_loss.sum(), g8, g8_t
+    loss_sum = _rows_(logits, V, targets, ignore_index, n_valid.new_ones(()), True, chunk_rows)  # G, in place
+    g8, g8_t = float8.cast(logits, torch.tensor(FP8_GRAD_SCALE), torch.float8_e5m2, rows, cols)
+    return loss_sum, g8, g8_t
 
 
 def _linear_grads(grad_logits: torch.Tensor, x_c: torch.Tensor, w: torch.Tensor, x: torch.Tensor,
@@ -169,8 +231,8 @@ def _register_autograd(op, n_inputs: int) -> None:
 
 
 _fused_linear_cross_entropy.register_fake(
-    lambda x, weight, targets, ignore_index, chunk_rows, dtype, grad_x, grad_w: _fake_outputs(x, weight, grad_x, grad_w))
-_register_autograd(_fused_linear_cross_entropy, 8)
+    lambda x, weight, targets, ignore_index, fp8, chunk_rows, dtype, grad_x, grad_w: _fake_outputs(x, weight, grad_x, grad_w))
+_register_autograd(_fused_linear_cross_entropy, 9)
 
 
 # -- distillation: KL(teacher || student) through both output layers ---------------------------

@@ -110,6 +110,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.fp8_output = False  # the loss's output-layer matmuls in float8 (train.fp8_output, model/loss.py)
         # built on the meta device (no random draws) and registered last: reset_parameters gives the
         # main parameters the same initial values with or without MTP, then initializes the modules
         self.mtp = None
@@ -183,7 +184,7 @@ class Transformer(nn.Module):
             return self.head(x)
         h, flat_targets = self._final_norm(x).flatten(0, 1), targets.reshape(-1)
         ce_inputs = (h, self.lm_head.weight) if loss_grad else (h.detach(), self.lm_head.weight.detach())
-        loss = linear_cross_entropy(*ce_inputs, flat_targets, IGNORE_INDEX)
+        loss = linear_cross_entropy(*ce_inputs, flat_targets, IGNORE_INDEX, fp8=self.fp8_output)
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         mtp = self._mtp_loss(x, tokens, targets) if self.mtp is not None and self.training else None
         distill = None
@@ -212,7 +213,7 @@ class Transformer(nn.Module):
     def _mtp_loss(self, x: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """1/D sum_k CE(module k's logits at i, token i+k+1 = targets[:, i+k])."""
         losses = [linear_cross_entropy(module.final_norm(h).flatten(0, 1), self.lm_head.weight,
-                                       targets[:, k:].reshape(-1), IGNORE_INDEX)
+                                       targets[:, k:].reshape(-1), IGNORE_INDEX, fp8=self.fp8_output)
                   for k, (module, h) in enumerate(zip(self.mtp, self.mtp_hidden(x, tokens)), start=1)]
         return torch.stack(losses).mean()
 

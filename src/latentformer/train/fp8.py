@@ -77,10 +77,12 @@ def selected(module: nn.Module, name: str, layers: str = "ffn") -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
-def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", emulate: bool = False, layers: str = "ffn") -> list[str]:
+def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", emulate: bool = False, layers: str = "ffn",
+                   output: bool = False) -> list[str]:
     """Swap `model`'s selected linears for torchao's Float8Linear in place; returns their names.
     `emulate` computes the float8 matmuls in higher precision (torchao's CPU test mode: same casts
-    and scales, no FP8 hardware). Apply before torch.compile and before DDP/FSDP wrapping."""
+    and scales, no FP8 hardware). `output`: the fused loss's output layer in float8 too (`lm_head` is
+    then among the names; model/loss.py). Apply before torch.compile and before DDP/FSDP wrapping."""
     if recipe not in FP8_RECIPES:
         raise ValueError(f"train.fp8_recipe must be one of {', '.join(FP8_RECIPES)}, got {recipe!r}")
     if layers not in FP8_LAYERS:
@@ -89,6 +91,9 @@ def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", emulate: bool =
     keep = functools.partial(selected, layers=layers)
     names = [name for name, module in model.named_modules() if keep(module, name)]
     float8.convert_to_float8_training(model, config=float8_config(recipe, emulate), module_filter_fn=keep)
+    if output:
+        model.fp8_output = True
+        names.append("lm_head")
     return names
 
 

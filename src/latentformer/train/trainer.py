@@ -188,8 +188,9 @@ class Trainer:
         self.teacher, self.teacher_hidden = self._load_teacher() if t.teacher else (None, None)
         self.distill_loss: float | None = None  # the latest step's KL to the teacher
         if t.fp8:  # before compile and wrapping, as torchao asks
-            converted = fp8.convert_to_fp8(self.model, t.fp8_recipe, layers=t.fp8_layers)
-            self.notes.append(f"fp8 ({t.fp8_recipe} scaling) in {len(converted)} linear layers ({t.fp8_layers})")
+            converted = fp8.convert_to_fp8(self.model, t.fp8_recipe, layers=t.fp8_layers, output=t.fp8_output)
+            self.notes.append(f"fp8 ({t.fp8_recipe} scaling) in {len(converted)} linear layers ({t.fp8_layers}"
+                              f"{', the output layer' if t.fp8_output else ''})")
         if t.low_precision_residual and self.dtype == "bf16":
             D.cast_residual_stream(self.model, torch.bfloat16)
         if t.activation_checkpointing:
