@@ -126,9 +126,10 @@ if triton is not None:
             if WRITE:
                 q = g.to(grad.dtype.element_ty)
                 tl.store(grad + rows[:, None].to(tl.int64) * V_pad + c[None, :], q, mask=inside)
-            if WRITE_T:
-                q_t = tl.trans(g.to(grad_t.dtype.element_ty))
-                tl.store(grad_t + c[:, None].to(tl.int64) * N + rows[None, :], q_t, mask=tl.trans(inside))
+            if WRITE_T:  # transposed in fp32, then cast: [BLOCK, ROWS]
+                q_t = tl.trans(g).to(grad_t.dtype.element_ty)
+                tl.store(grad_t + c[:, None].to(tl.int64) * N + rows[None, :], q_t,
+                         mask=(c[:, None] < V_pad) & row_in[None, :])
 
 
 def cross_entropy_rows_fp8(logits: torch.Tensor, n_classes: int, targets: torch.Tensor, ignore_index: int,

@@ -64,8 +64,8 @@ if triton is not None:
         x = tl.load(src + rows[:, None].to(tl.int64) * stride_src + cols[None, :], mask=mask, other=0.0)
         q = tl.minimum(tl.maximum(x.to(tl.float32) * tl.load(scale), -fmax), fmax)
         if ROWS:
-            q = q.to(dst.dtype.element_ty)
-            tl.store(dst + rows[:, None].to(tl.int64) * K + cols[None, :], q, mask=mask)
-        if COLS:
-            q_t = tl.trans(q.to(dst_t.dtype.element_ty))
-            tl.store(dst_t + cols[:, None].to(tl.int64) * M + rows[None, :], q_t, mask=tl.trans(mask))
+            tl.store(dst + rows[:, None].to(tl.int64) * K + cols[None, :], q.to(dst.dtype.element_ty), mask=mask)
+        if COLS:  # transposed in fp32, then cast: [TILE (columns), TILE (rows)]
+            q_t = tl.trans(q).to(dst_t.dtype.element_ty)
+            tl.store(dst_t + cols[:, None].to(tl.int64) * M + rows[None, :], q_t,
+                     mask=(cols[:, None] < K) & (rows[None, :] < M))
