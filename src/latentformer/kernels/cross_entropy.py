@@ -84,9 +84,9 @@ def cross_entropy_rows_(logits: torch.Tensor, n_classes: int, targets: torch.Ten
 
 
 # -- the FP8 output layer's variant: the gradient in float8, in both layouts --------------------
-FP8_ROWS = 64  # rows per program: each transposed store writes 64 contiguous bytes
-FP8_BLOCK = 128  # columns per iteration
-FP8_WARPS = 8
+# (rows per program, columns per iteration, warps), timed at the first launch for each padded vocabulary
+# (the kernel only reads its input, so trial launches change nothing); the best differs between GPUs
+FP8_CONFIGS = ((64, 128, 8), (32, 256, 8), (64, 256, 8), (128, 64, 8), (32, 128, 4), (16, 256, 4))
 
 
 if triton is not None:
@@ -132,20 +132,28 @@ if triton is not None:
                          mask=(c[:, None] < V_pad) & row_in[None, :])
 
 
+    _rows_fp8_tuned = triton.autotune([triton.Config({"ROWS": r, "BLOCK": b}, num_warps=w) for r, b, w in FP8_CONFIGS],
+                                      key=["V_pad", "WRITE", "WRITE_T"])(_rows_fp8_kernel)
+
+
 def cross_entropy_rows_fp8(logits: torch.Tensor, n_classes: int, targets: torch.Tensor, ignore_index: int,
-                           grad_scale: float, dtype: torch.dtype, rows: bool, cols: bool, tile_rows: int = FP8_ROWS,
-                           block: int = FP8_BLOCK, num_warps: int = FP8_WARPS):
+                           grad_scale: float, dtype: torch.dtype, rows: bool, cols: bool, tile_rows: int | None = None,
+                           block: int | None = None, num_warps: int | None = None):
     """logits: [N, V_pad] as for `cross_entropy_rows_` (read only). Returns (row losses [N] fp32, G [N,
     V_pad] if `rows`, G^T [V_pad, N] contiguous if `cols`), G = (softmax - onehot) * grad_scale in the
     float8 `dtype` (0 on ignored rows and padding columns; a layout not asked for is None). Unlike
-    `cross_entropy_rows_` the gradient is not divided by the count of targets: the matmul's scale does it."""
+    `cross_entropy_rows_` the gradient is not divided by the count of targets: the matmul's scale does it.
+    tile_rows, block, num_warps: launch parameters, all three or none (then FP8_CONFIGS' fastest)."""
     N, V_pad = logits.shape
     row_loss = torch.empty(N, dtype=torch.float32, device=logits.device)
     grad = torch.empty((N, V_pad), dtype=dtype, device=logits.device) if rows else None
     grad_t = torch.empty((V_pad, N), dtype=dtype, device=logits.device) if cols else None
     if N:
-        _rows_fp8_kernel[(triton.cdiv(N, tile_rows),)](
-            logits, logits.stride(0), targets, row_loss, grad if rows else grad_t, grad_t if cols else grad, N,
-            n_classes, V_pad, ignore_index, grad_scale, ROWS=tile_rows, BLOCK=block, WRITE=rows, WRITE_T=cols,
-            num_warps=num_warps)
+        args = (logits, logits.stride(0), targets, row_loss, grad if rows else grad_t, grad_t if cols else grad, N,
+                n_classes, V_pad, ignore_index, grad_scale)
+        if tile_rows is None:
+            _rows_fp8_tuned[lambda meta: (triton.cdiv(N, meta["ROWS"]),)](*args, WRITE=rows, WRITE_T=cols)
+        else:
+            _rows_fp8_kernel[(triton.cdiv(N, tile_rows),)](*args, ROWS=tile_rows, BLOCK=block, WRITE=rows, WRITE_T=cols,
+                                                           num_warps=num_warps)
     return row_loss, grad, grad_t

@@ -132,9 +132,10 @@ def _fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: 
     if rows is not None:
         x_c, targets = x_c[rows], targets[rows]
     if fp8:
-        loss, dx, dw = _fp8_output_layer(x_c, w, V, targets, ignore_index, n_valid, grad_x, grad_w, chunk_rows)
-        dx = dx.to(x.dtype) if grad_x else x.new_empty(0)  # outputs may not alias: two empties
-        dw = dw[:V].to(weight.dtype) if grad_w else x.new_empty(0)
+        loss, dx, dw = _fp8_output_layer(x_c, w, V, targets, ignore_index, n_valid, grad_x, grad_w, chunk_rows,
+                                         x.dtype, weight.dtype)
+        dx = dx if grad_x else x.new_empty(0)  # outputs may not alias: two empties
+        dw = dw[:V] if grad_w else x.new_empty(0)
     else:
         logits = x_c @ w.t()  # [N or n, Vp]; the padding columns are 0 and stay 0
         loss = _rows_(logits, V, targets, ignore_index, n_valid, grad_x or grad_w, chunk_rows) / n_valid
@@ -145,10 +146,10 @@ def _fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: 
 
 
 def _fp8_output_layer(x_c: torch.Tensor, w: torch.Tensor, V: int, targets: torch.Tensor, ignore_index: int,
-                      n_valid: torch.Tensor, grad_x: bool, grad_w: bool,
-                      chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean loss, dx [n, d], dW [Vp, d]) in the compute dtype (empty where not wanted), the matmuls in
-    float8 (module doc). x_c [n, d], w [Vp, d]: the operands in the compute dtype."""
+                      n_valid: torch.Tensor, grad_x: bool, grad_w: bool, chunk_rows: int, dx_dtype: torch.dtype,
+                      dw_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss, dx [n, d] in dx_dtype, dW [Vp, d] in dw_dtype), each empty where not wanted, the
+    matmuls in float8 (module doc). x_c [n, d], w [Vp, d]: the operands in the compute dtype."""
     n = x_c.shape[0]
     pad = -n % 16  # _scaled_mm's dimensions are multiples of 16: zero rows, targets ignored
     if pad:
@@ -167,8 +168,8 @@ def _fp8_output_layer(x_c: torch.Tensor, w: torch.Tensor, V: int, targets: torch
     loss_sum, g8, g8_t = _fp8_grad(logits, V, targets, ignore_index, n_valid, grad_x, grad_w, chunk_rows)
     del logits
     sg = 1 / (FP8_GRAD_SCALE * n_valid.clamp(min=1).float())
-    dx = torch._scaled_mm(g8, w8_t.t(), scale_a=sg, scale_b=1 / sw, out_dtype=x_c.dtype)[:n] if grad_x else empty
-    dw = torch._scaled_mm(g8_t, x8_t.t(), scale_a=sg, scale_b=1 / sx, out_dtype=x_c.dtype) if grad_w else empty
+    dx = torch._scaled_mm(g8, w8_t.t(), scale_a=sg, scale_b=1 / sw, out_dtype=dx_dtype)[:n] if grad_x else empty
+    dw = torch._scaled_mm(g8_t, x8_t.t(), scale_a=sg, scale_b=1 / sx, out_dtype=dw_dtype) if grad_w else empty
     return loss_sum / n_valid, dx, dw
 
 
