@@ -182,6 +182,8 @@ if __name__ == "__main__":
                 rows.append((f"latentformer {preset}", T, f"{B}x{A}", mode, r["tokens/s"], r["mfu"], r["mem_gb"]))
                 print(rows[-1], f"loss {r['loss']:.4f} (last 20 steps {r['loss20']:.4f}), reserved {r['reserved_gb']:.1f} GB, "
                       f"allocator retries {r['alloc_retries']}", flush=True)
+                if args.curve:  # as the table at the end prints them: kept if a later variant fails
+                    print("  loss every 20 steps:", " ".join(f"{v:.4f}" for v in r["losses"][19::20]), flush=True)
     for mode in filter(None, args.hf.split(",")):
         try:
             r = transformers_v3("mla-125m", 1024, 32, args.accum, mode == "compiled", args.steps)
