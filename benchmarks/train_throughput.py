@@ -75,7 +75,7 @@ def same_size_teacher(cfg, explicit: bool, data: str, directory: str) -> str:
 
 
 def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: bool, steps: int,
-         profile: bool = False, name: str = "shipped") -> dict:
+         profile: bool = False, name: str = "shipped", echo_every: int = 0) -> dict:
     overrides = {"data.dir": data, "train.seq_len": seq_len, "train.micro_batch_size": micro,
                  "train.batch_tokens": seq_len * micro * accum, "train.compile": compile, "train.progress": False,
                  "train.tensorboard": False, "train.warmup_steps": 10, "model.max_seq_len": max(seq_len, 1024),
@@ -97,6 +97,8 @@ def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: 
                 losses.append(tr.train_step()[0])  # ends in a host sync (the loss)
                 if i >= 5:
                     times.append(time.perf_counter() - t0)
+                if echo_every and (i + 1) % echo_every == 0:  # a run cut short still shows its curve
+                    print(f"  step {i + 1}: loss {losses[-1]:.4f}, {seq_len * micro * accum / statistics.median(times or [1]):,.0f} tok/s", flush=True)
             if profile:
                 kernel_table(lambda: [tr.train_step() for _ in range(2)],
                              f"{preset} T{seq_len} ({name}): two optimizer steps", gaps=12)
@@ -176,7 +178,7 @@ if __name__ == "__main__":
     for preset, T, B, A in runs:
         for name in args.variants.split(","):
             for comp in [m == "compiled" for m in args.modes.split(",")]:
-                r = ours(preset, args.data, T, B, A, comp, args.curve or args.steps, args.profile, name)
+                r = ours(preset, args.data, T, B, A, comp, args.curve or args.steps, args.profile, name, 20 * bool(args.curve))
                 curves[f"{preset} {name}"] = r["losses"]
                 mode = ("compiled" if comp else "eager") + ("" if name == "shipped" else f", {name}")
                 rows.append((f"latentformer {preset}", T, f"{B}x{A}", mode, r["tokens/s"], r["mfu"], r["mem_gb"]))
