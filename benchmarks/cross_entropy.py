@@ -94,7 +94,7 @@ def fp8_rows(N: int, V: int, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, 
     want = (xb.float() * scale).clamp(-448, 448).to(e4m3)
     cast_ok = torch.equal(q.view(torch.uint8), want.view(torch.uint8)) and torch.equal(q_t.view(torch.uint8), want.t().contiguous().view(torch.uint8))
     logits = padded_copy(xb @ w.detach().bfloat16().t())  # [N, Vp]
-    rows_loss, g8, g8_t = cross_entropy_rows_fp8(logits, V, t, -100, S, e5m2, True, True)
+    rows_loss, g8 = cross_entropy_rows_fp8(logits, V, t, -100, S, e5m2)
     n = 8192  # the reference in fp32 for the first n rows (memory)
     ref = logits[:n, :V].float().requires_grad_()
     ref_rows = F.cross_entropy(ref, t[:n], ignore_index=-100, reduction="none")
@@ -103,8 +103,7 @@ def fp8_rows(N: int, V: int, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, 
     want_g = (ref.grad * S).to(e5m2)
     same = (g8[:n, :V].view(torch.uint8) == want_g.view(torch.uint8)).sum().item() / want_g.numel()
     g_err = max_rel(g8[:n, :V].float() / S, ref.grad)
-    transposed = torch.equal(g8_t.view(torch.uint8), g8.t().contiguous().view(torch.uint8))
-    del ref, ref_rows, want_g, g8, g8_t, logits
+    del ref, ref_rows, want_g, g8, logits
     grads, times = {}, {}
     variants = (("bf16 op", False, True), ("fp8 op", True, True), ("fp8 op, bf16 logits", True, False))
     for name, fp8, logits_fp8 in variants:
@@ -116,15 +115,15 @@ def fp8_rows(N: int, V: int, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, 
             times[name] = (do_bench(step, warmup=5, rep=50, return_mode="median"),
                            (torch.cuda.max_memory_allocated() - base) / 1e9)
     print(f"N={N} V={V}: float8 cast == torch's: {cast_ok}; fp8 rows kernel: loss {loss_err:.1e} of max, gradient "
-          f"{same:.4%} of entries == torch's e5m2 cast, {g_err:.1e} of max from fp32, transposed copy equal: {transposed}")
+          f"{same:.4%} of entries == torch's e5m2 cast, {g_err:.1e} of max from fp32")
     for name, _, _ in variants[1:]:
         err = [max_rel(g, p) for g, p in zip(grads[name], grads["bf16 op"])]
         print(f"N={N} V={V}: {name} vs bf16 op: loss {err[0]:.1e}, grad x {err[1]:.1e}, grad W {err[2]:.1e}")
     n_valid = (t != -100).sum()
     logits = torch.randn(N, -(-V // VOCAB_ALIGN) * VOCAB_ALIGN, device="cuda", dtype=torch.bfloat16)
-    kernel_ms = do_bench(lambda: cross_entropy_rows_fp8(logits, V, t, -100, S, e5m2, True, True), warmup=5, rep=50,
+    kernel_ms = do_bench(lambda: cross_entropy_rows_fp8(logits, V, t, -100, S, e5m2), warmup=5, rep=50,
                          return_mode="median")
-    roof_ms = (2 * 2 + 2 * 1) * logits.numel() / bw * 1e3  # two reads in bf16, two writes in float8
+    roof_ms = (2 * 2 + 1) * logits.numel() / bw * 1e3  # two reads in bf16, one write in float8
     return [(N, V, name, f"{ms:.2f}", f"{times['bf16 op'][0] / ms:.2f}x", f"{gb:.1f}") for name, (ms, gb) in times.items()] + [
         (N, V, "fp8 rows kernel only", f"{kernel_ms:.2f}", f"{kernel_ms / roof_ms:.2f}x roofline", "")]
 

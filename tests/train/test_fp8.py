@@ -74,10 +74,11 @@ def test_the_trainer_applies_fp8_and_learns_as_bf16_would(sotu_dir, tmp_path, mo
         model, recipe, emulate=True, layers=layers, output=output))
     runs = {}
     for on in (False, True):
-        cfg = run_config(sotu_dir, max_steps=40, batch_tokens=512, micro_batch_size=16, warmup_steps=4, fp8=on)
+        cfg = run_config(sotu_dir, max_steps=40, batch_tokens=512, micro_batch_size=16, warmup_steps=4, fp8=on,
+                         fp8_output=on)
         trainer = Trainer(cfg, tmp_path / f"fp8-{on}")
         assert any(type(m).__name__ == "Float8Linear" for m in trainer.model.modules()) == on
-        assert trainer.model.fp8_output == on  # train.fp8_output's default
+        assert trainer.model.fp8_output == on
         runs[on] = trainer.fit()["val"]["loss"]
     assert runs[True] == pytest.approx(runs[False], rel=0.02)
     model, _ = load(tmp_path / "fp8-True")

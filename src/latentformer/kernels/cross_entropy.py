@@ -83,20 +83,19 @@ def cross_entropy_rows_(logits: torch.Tensor, n_classes: int, targets: torch.Ten
     return row_loss
 
 
-# -- the FP8 output layer's variant: the gradient in float8, in both layouts --------------------
+# -- the FP8 output layer's variant: the gradient in float8, into its own buffer -----------------
 # (rows per program, columns per iteration, warps), timed at the first launch for each padded vocabulary
 # (the kernel only reads its input, so trial launches change nothing); the best differs between GPUs
-FP8_CONFIGS = ((64, 128, 8), (32, 256, 8), (64, 256, 8), (128, 64, 8), (32, 128, 4), (16, 256, 4))
+FP8_CONFIGS = ((64, 128, 8), (32, 256, 8), (128, 64, 8), (32, 128, 4))
 
 
 if triton is not None:
 
     @triton.jit
-    def _rows_fp8_kernel(logits, stride_row, targets, row_loss, grad, grad_t, N, V, V_pad, ignore_index,
-                         grad_scale, ROWS: tl.constexpr, BLOCK: tl.constexpr, WRITE: tl.constexpr,
-                         WRITE_T: tl.constexpr):
+    def _rows_fp8_kernel(logits, stride_row, targets, row_loss, grad, N, V, V_pad, ignore_index, grad_scale,
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
         # As _rows_kernel, for a tile of ROWS rows: pass 1 the row losses, pass 2 (softmax - onehot) *
-        # grad_scale in float8, stored row-major into grad [N, V_pad] and column-major into grad_t [V_pad, N].
+        # grad_scale in float8 into grad [N, V_pad].
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         row_in = rows < N
         target = tl.load(targets + rows, mask=row_in, other=ignore_index)
@@ -123,37 +122,27 @@ if triton is not None:
             x = tl.load(base + c[None, :], mask=inside, other=0.0).to(tl.float32)
             g = tl.exp(x - lse[:, None]) - tl.where(c[None, :] == target[:, None], 1.0, 0.0)
             g = tl.where(c[None, :] < V, g * keep[:, None], 0.0)
-            if WRITE:
-                q = g.to(grad.dtype.element_ty)
-                tl.store(grad + rows[:, None].to(tl.int64) * V_pad + c[None, :], q, mask=inside)
-            if WRITE_T:  # transposed in fp32, then cast: [BLOCK, ROWS]
-                q_t = tl.trans(g).to(grad_t.dtype.element_ty)
-                tl.store(grad_t + c[:, None].to(tl.int64) * N + rows[None, :], q_t,
-                         mask=(c[:, None] < V_pad) & row_in[None, :])
-
+            tl.store(grad + rows[:, None].to(tl.int64) * V_pad + c[None, :], g.to(grad.dtype.element_ty), mask=inside)
 
     _rows_fp8_tuned = triton.autotune([triton.Config({"ROWS": r, "BLOCK": b}, num_warps=w) for r, b, w in FP8_CONFIGS],
-                                      key=["V_pad", "WRITE", "WRITE_T"])(_rows_fp8_kernel)
+                                      key=["V_pad"])(_rows_fp8_kernel)
 
 
 def cross_entropy_rows_fp8(logits: torch.Tensor, n_classes: int, targets: torch.Tensor, ignore_index: int,
-                           grad_scale: float, dtype: torch.dtype, rows: bool, cols: bool, tile_rows: int | None = None,
-                           block: int | None = None, num_warps: int | None = None):
+                           grad_scale: float, dtype: torch.dtype, tile_rows: int | None = None,
+                           block: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [N, V_pad] as for `cross_entropy_rows_` (read only). Returns (row losses [N] fp32, G [N,
-    V_pad] if `rows`, G^T [V_pad, N] contiguous if `cols`), G = (softmax - onehot) * grad_scale in the
-    float8 `dtype` (0 on ignored rows and padding columns; a layout not asked for is None). Unlike
-    `cross_entropy_rows_` the gradient is not divided by the count of targets: the matmul's scale does it.
-    tile_rows, block, num_warps: launch parameters, all three or none (then FP8_CONFIGS' fastest)."""
+    V_pad]), G = (softmax - onehot) * grad_scale in the float8 `dtype` (0 on ignored rows and padding
+    columns). Unlike `cross_entropy_rows_` the gradient is not divided by the count of targets: the
+    matmul's scale does it. tile_rows, block, num_warps: launch parameters, all three or none (then
+    FP8_CONFIGS' fastest)."""
     N, V_pad = logits.shape
     row_loss = torch.empty(N, dtype=torch.float32, device=logits.device)
-    grad = torch.empty((N, V_pad), dtype=dtype, device=logits.device) if rows else None
-    grad_t = torch.empty((V_pad, N), dtype=dtype, device=logits.device) if cols else None
+    grad = torch.empty((N, V_pad), dtype=dtype, device=logits.device)
     if N:
-        args = (logits, logits.stride(0), targets, row_loss, grad if rows else grad_t, grad_t if cols else grad, N,
-                n_classes, V_pad, ignore_index, grad_scale)
+        args = (logits, logits.stride(0), targets, row_loss, grad, N, n_classes, V_pad, ignore_index, grad_scale)
         if tile_rows is None:
-            _rows_fp8_tuned[lambda meta: (triton.cdiv(N, meta["ROWS"]),)](*args, WRITE=rows, WRITE_T=cols)
+            _rows_fp8_tuned[lambda meta: (triton.cdiv(N, meta["ROWS"]),)](*args)
         else:
-            _rows_fp8_kernel[(triton.cdiv(N, tile_rows),)](*args, ROWS=tile_rows, BLOCK=block, WRITE=rows, WRITE_T=cols,
-                                                           num_warps=num_warps)
-    return row_loss, grad, grad_t
+            _rows_fp8_kernel[(triton.cdiv(N, tile_rows),)](*args, ROWS=tile_rows, BLOCK=block, num_warps=num_warps)
+    return row_loss, grad

@@ -19,9 +19,9 @@ With `fp8` (`train.fp8_output`) the three matmuls run on the FP8 tensor cores (`
 x and W in e4m3 with tensorwise amax scales (torchao's `tensorwise` recipe; kernels/float8.py casts
 each once into the layouts its matmuls need), and the gradient G in e5m2 with a static scale. A
 softmax minus a one-hot lies in [-1, 1], so G * 2**15 fits e5m2's range (57,344) without an amax
-pass: the kernel that forms G writes it straight to float8, in both layouts (the weight gradient's
-matmul reduces over the tokens and needs G transposed), and 1 / (2**15 n_valid) goes in the matmul's
-scale. On a CPU the same casts run in torch (`torch._scaled_mm` computes in higher precision there).
+pass: the kernel that forms G writes it straight to float8, and 1 / (2**15 n_valid) goes in the
+matmul's scale. The weight gradient's matmul reduces over the tokens, so it takes a transposed copy
+of G (torch's; a transposed store from the kernel wrote wrong bytes on an H100, NOTES). On a CPU the same casts run in torch (`torch._scaled_mm` computes in higher precision there).
 
 Legend: N rows (B*T tokens), d model width, V vocabulary, C rows per chunk.
 """
@@ -165,8 +165,9 @@ def _fp8_output_layer(x_c: torch.Tensor, w: torch.Tensor, V: int, targets: torch
     empty = x_c.new_empty(0)
     if not (grad_x or grad_w):
         return _rows_(logits, V, targets, ignore_index, n_valid, False, chunk_rows) / n_valid, empty, empty
-    loss_sum, g8, g8_t = _fp8_grad(logits, V, targets, ignore_index, n_valid, grad_x, grad_w, chunk_rows)
+    loss_sum, g8 = _fp8_grad(logits, V, targets, ignore_index, n_valid, chunk_rows)
     del logits
+    g8_t = g8.t().contiguous() if grad_w else None  # [Vp, n]: the weight gradient reduces over the rows
     sg = 1 / (FP8_GRAD_SCALE * n_valid.clamp(min=1).float())
     dx = torch._scaled_mm(g8, w8_t.t(), scale_a=sg, scale_b=1 / sw, out_dtype=dx_dtype)[:n] if grad_x else empty
     dw = torch._scaled_mm(g8_t, x8_t.t(), scale_a=sg, scale_b=1 / sx, out_dtype=dw_dtype) if grad_w else empty
@@ -174,17 +175,17 @@ def _fp8_output_layer(x_c: torch.Tensor, w: torch.Tensor, V: int, targets: torch
 
 
 def _fp8_grad(logits: torch.Tensor, V: int, targets: torch.Tensor, ignore_index: int, n_valid: torch.Tensor,
-              rows: bool, cols: bool, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(loss sum, G [n, Vp] if rows, G^T [Vp, n] if cols): G = (softmax - onehot) * FP8_GRAD_SCALE in
-    e5m2, 0 on ignored rows. On CUDA one kernel reads the logits and writes both; elsewhere the torch
-    path forms the gradient in place and casts it."""
+              chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, G [n, Vp]): G = (softmax - onehot) * FP8_GRAD_SCALE in e5m2, 0 on ignored rows. On
+    CUDA one kernel reads the logits and writes G; elsewhere the torch path forms the gradient in
+    place and casts it."""
     if cross_entropy.supported(logits):
-        row_loss, g8, g8_t = cross_entropy.cross_entropy_rows_fp8(logits, V, targets, ignore_index, FP8_GRAD_SCALE,
-                                                                  torch.float8_e5m2, rows, cols)
-        return row_loss.sum(), g8, g8_t
+        row_loss, g8 = cross_entropy.cross_entropy_rows_fp8(logits, V, targets, ignore_index, FP8_GRAD_SCALE,
+                                                            torch.float8_e5m2)
+        return row_loss.sum(), g8
     loss_sum = _rows_(logits, V, targets, ignore_index, n_valid.new_ones(()), True, chunk_rows)  # G, in place
-    g8, g8_t = float8.cast(logits, torch.tensor(FP8_GRAD_SCALE), torch.float8_e5m2, rows, cols)
-    return loss_sum, g8, g8_t
+    g8, _ = float8.cast(logits, torch.tensor(FP8_GRAD_SCALE), torch.float8_e5m2, rows=True, cols=False)
+    return loss_sum, g8
 
 
 def _linear_grads(grad_logits: torch.Tensor, x_c: torch.Tensor, w: torch.Tensor, x: torch.Tensor,
