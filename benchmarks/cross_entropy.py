@@ -92,7 +92,8 @@ def fp8_rows(N: int, V: int, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, 
     scale = float8.scale_of(xb, e4m3)
     q, q_t = float8.cast(xb, scale, e4m3, rows=True, cols=True)
     want = (xb.float() * scale).clamp(-448, 448).to(e4m3)
-    cast_ok = torch.equal(q.view(torch.uint8), want.view(torch.uint8)) and torch.equal(q_t.view(torch.uint8), want.t().contiguous().view(torch.uint8))
+    cast_ok = (torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+               and torch.equal(q_t.view(torch.uint8), want.t().contiguous().view(torch.uint8)))
     logits = padded_copy(xb @ w.detach().bfloat16().t())  # [N, Vp]
     rows_loss, g8 = cross_entropy_rows_fp8(logits, V, t, -100, S, e5m2)
     n = 8192  # the reference in fp32 for the first n rows (memory)

@@ -98,7 +98,8 @@ def ours(preset: str, data: str, seq_len: int, micro: int, accum: int, compile: 
                 if i >= 5:
                     times.append(time.perf_counter() - t0)
                 if echo_every and (i + 1) % echo_every == 0:  # a run cut short still shows its curve
-                    print(f"  step {i + 1}: loss {losses[-1]:.4f}, {seq_len * micro * accum / statistics.median(times or [1]):,.0f} tok/s", flush=True)
+                    tps = seq_len * micro * accum / statistics.median(times or [1])
+                    print(f"  step {i + 1}: loss {losses[-1]:.4f}, {tps:,.0f} tok/s", flush=True)
             if profile:
                 kernel_table(lambda: [tr.train_step() for _ in range(2)],
                              f"{preset} T{seq_len} ({name}): two optimizer steps", gaps=12)
