@@ -57,6 +57,12 @@ def fp8_close(got: torch.Tensor, want: torch.Tensor) -> None:
     assert torch.equal(got.view(torch.uint8)[exact], cast.view(torch.uint8)[exact]), "an entry differs from torch's cast"
 
 
+def fp8_values(M: int, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """[M, K] of `dtype`'s finite values, every exponent and sign (random bytes, NaN/inf bytes dropped)."""
+    raw = torch.randint(0, 256, (M, K), dtype=torch.uint8).view(dtype)
+    return torch.where(raw.float().isfinite(), raw.float(), 0.0).to(dtype)
+
+
 def check_fp8_cross_entropy() -> None:
     """The FP8 output layer's rows kernel: the row losses as cross_entropy_rows_'s, and (softmax -
     onehot) * scale in e5m2; the float8 cast in both layouts."""
@@ -90,6 +96,10 @@ def check_fp8_cross_entropy() -> None:
         assert torch.equal(q_t.view(torch.uint8), q.t().contiguous().view(torch.uint8))
         only_t = float8.cast(x, scale, torch.float8_e4m3fn, rows=False, cols=True, tile=tile, num_warps=1)
         assert only_t[0] is None and torch.equal(only_t[1].view(torch.uint8), q_t.view(torch.uint8))
+        # the weight gradient's G^T: an e5m2 matrix transposed by the same kernel at scale 1, bit for bit
+        g = fp8_values(M, K, torch.float8_e5m2)
+        _, g_t = float8.cast(g, torch.ones(()), torch.float8_e5m2, rows=False, cols=True, tile=tile, num_warps=1)
+        assert torch.equal(g_t.view(torch.uint8), g.t().contiguous().view(torch.uint8))
 
 
 def check_kl_divergence() -> None:
