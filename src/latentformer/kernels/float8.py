@@ -3,7 +3,8 @@
 `torch._scaled_mm` takes its first operand row-major and its second column-major, both contiguous
 along the reduced dimension. The output layer reduces over d in the forward and the input
 gradient, and over the tokens in the weight gradient, so x [N, d] and W [V, d] are each needed in
-float8 in both layouts. One Triton pass reads a bf16 matrix once and writes either layout or both.
+float8 in both layouts. One Triton pass reads a bf16 matrix once and writes either layout or both;
+at scale 1 it also transposes the float8 logits' gradient for the weight gradient (exactly).
 Scales are tensorwise from the amax (torchao's `tensorwise` recipe): float8 value = clamp(value *
 scale), and `_scaled_mm` multiplies its result by the two inverse scales.
 """
