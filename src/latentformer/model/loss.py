@@ -21,7 +21,8 @@ each once into the layouts its matmuls need), and the gradient G in e5m2 with a 
 softmax minus a one-hot lies in [-1, 1], so G * 2**15 fits e5m2's range (57,344) without an amax
 pass: the kernel that forms G writes it straight to float8, and 1 / (2**15 n_valid) goes in the
 matmul's scale. The weight gradient's matmul reduces over the tokens, so it takes a transposed copy
-of G (torch's; a transposed store from the kernel wrote wrong bytes on an H100, NOTES). On a CPU
+of G from the cast kernel at scale 1 (a transposed store from the rows kernel wrote wrong bytes on an
+H100, and torch's copy of a transposed 1-byte tensor is slow: NOTES). On a CPU
 the same casts run in torch (`torch._scaled_mm` takes float8 there too).
 
 Legend: N rows (B*T tokens), d model width, V vocabulary, C rows per chunk.

@@ -21,8 +21,9 @@ for wider models, where the matmuls grow faster than the casts.
 
 The output layer (`train.fp8_output`, off until it trains faster than the FFNs alone) is not a
 `Float8Linear`: the fused loss reads its weight directly, so `convert_to_fp8` sets the model's
-`fp8_output` and the loss runs its three matmuls in float8 itself (model/loss.py). Its gradient needs no amax pass: a softmax minus a one-hot
-is bounded, so one static scale serves, and the kernel that forms it writes float8 directly.
+`fp8_output` and the loss runs its three matmuls in float8 itself (model/loss.py). Its gradient
+needs no amax pass: a softmax minus a one-hot is bounded, so one static scale serves, and the kernel
+that forms it writes float8 directly.
 
 Left in bf16, as torchtitan leaves them: the embedding, norms, the MoE router (fp32 by design) and
 the routed experts (grouped weights, not `nn.Linear`), and any linear whose input or output width
