@@ -14,7 +14,8 @@ is what training on GPT-2 tokens uses, 50304 its multiple of 64; bf16 autocast):
 `--fp8`: instead, the FP8 output layer (`linear_cross_entropy(..., fp8=True)`, train.fp8_output): its
 kernels against torch (the float8 cast bitwise; the float8 gradient against F.cross_entropy's), the
 op's loss and gradients against the bf16 op, and the fwd+bwd time of the bf16 op, the FP8 op and the
-FP8 op with bf16 logits (FP8 gradients only); the ratio column then compares with the bf16 op.
+FP8 op with bf16 logits (FP8 gradients only); the ratio column then compares with the bf16 op; and
+the weight gradient's transposition of G by `float8.transpose` and by torch, against their roofline.
 `--kl`: instead, distillation's `linear_kl_divergence` (a teacher of width d too) through its Triton
 kernel against its chunked torch path: the two paths' loss and gradients, and their fwd+bwd time
 and peak memory (the ratio column then compares with the torch path).
@@ -125,8 +126,17 @@ def fp8_rows(N: int, V: int, x: torch.Tensor, w: torch.Tensor, t: torch.Tensor, 
     kernel_ms = do_bench(lambda: cross_entropy_rows_fp8(logits, V, t, -100, S, e5m2), warmup=5, rep=50,
                          return_mode="median")
     roof_ms = (2 * 2 + 1) * logits.numel() / bw * 1e3  # two reads in bf16, one write in float8
+    _, g8 = cross_entropy_rows_fp8(logits, V, t, -100, S, e5m2)
+    del logits
+    same_t = torch.equal(float8.transpose(g8).view(torch.uint8), g8.t().contiguous().view(torch.uint8))
+    print(f"N={N} V={V}: G^T by float8.transpose == torch's transposed copy: {same_t}")
+    t_roof_ms = 2 * g8.numel() / bw * 1e3  # one read and one write of G, one byte each
+    transposes = [(f"G^T, float8.transpose ({float8.TRANSPOSE_TILE}-wide tiles)", lambda: float8.transpose(g8)),
+                  ("G^T, torch's g.t().contiguous()", lambda: g8.t().contiguous())]
     return [(N, V, name, f"{ms:.2f}", f"{times['bf16 op'][0] / ms:.2f}x", f"{gb:.1f}") for name, (ms, gb) in times.items()] + [
-        (N, V, "fp8 rows kernel only", f"{kernel_ms:.2f}", f"{kernel_ms / roof_ms:.2f}x roofline", "")]
+        (N, V, "fp8 rows kernel only", f"{kernel_ms:.2f}", f"{kernel_ms / roof_ms:.2f}x roofline", "")] + [
+        (N, V, name, f"{ms:.2f}", f"{ms / t_roof_ms:.2f}x roofline", "")
+        for name, fn in transposes for ms in [do_bench(fn, warmup=5, rep=50, return_mode="median")]]
 
 
 def main() -> None:

@@ -20,6 +20,8 @@ except ImportError:  # CPU installs: torch casts
     triton = None
 
 TILE = 64  # rows and columns per program
+# `transpose`'s tile: on [65536, 50304] in e5m2 (H100), 128 x 128 ran in 2.32 ms, 64 x 64 in 2.89
+TRANSPOSE_TILE = 128
 
 
 def max_value(dtype: torch.dtype) -> float:
@@ -52,6 +54,13 @@ def cast(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, rows: bool, c
             t, t.stride(0), out if rows else out_t, out_t if cols else out, scale, M, K, max_value(dtype),
             ROWS=rows, COLS=cols, TILE=tile, num_warps=num_warps)
     return out, out_t
+
+
+def transpose(t: torch.Tensor, tile: int = TRANSPOSE_TILE, num_warps: int = 4) -> torch.Tensor:
+    """t [M, K] of finite float8 values -> its transpose [K, M] contiguous, bit for bit: `cast` at scale
+    1 (float8 -> fp32 -> float8 is exact). torch's copy of a transposed 1-byte tensor runs far below
+    the memory bandwidth (benchmarks/cross_entropy.py --fp8)."""
+    return cast(t, torch.ones((), device=t.device), t.dtype, rows=False, cols=True, tile=tile, num_warps=num_warps)[1]
 
 
 if triton is not None:

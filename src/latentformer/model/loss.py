@@ -21,8 +21,8 @@ each once into the layouts its matmuls need), and the gradient G in e5m2 with a 
 softmax minus a one-hot lies in [-1, 1], so G * 2**15 fits e5m2's range (57,344) without an amax
 pass: the kernel that forms G writes it straight to float8, and 1 / (2**15 n_valid) goes in the
 matmul's scale. The weight gradient's matmul reduces over the tokens, so it takes a transposed copy
-of G from the cast kernel at scale 1 (a transposed store from the rows kernel wrote wrong bytes on an
-H100, and torch's copy of a transposed 1-byte tensor is slow: NOTES). On a CPU
+of G from `float8.transpose`, the cast kernel at scale 1 (a transposed store from the rows kernel
+wrote wrong bytes on an H100, and torch's copy of a transposed 1-byte tensor is slow: NOTES). On a CPU
 the same casts run in torch (`torch._scaled_mm` takes float8 there too).
 
 Legend: N rows (B*T tokens), d model width, V vocabulary, C rows per chunk.
@@ -156,7 +156,7 @@ def _fp8_output_layer(x_c: torch.Tensor, w: torch.Tensor, V: int, targets: torch
     pad = -n % 16  # _scaled_mm's dimensions are multiples of 16: zero rows, targets ignored
     if pad:
         x_c, targets = F.pad(x_c, (0, 0, 0, pad)), F.pad(targets, (0, pad), value=ignore_index)
-    e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
+    e4m3 = torch.float8_e4m3fn
     sx, sw = float8.scale_of(x_c, e4m3), float8.scale_of(w, e4m3)
     x8, x8_t = float8.cast(x_c, sx, e4m3, rows=FP8_LOGITS, cols=grad_w)  # [n, d], [d, n]
     w8, w8_t = float8.cast(w, sw, e4m3, rows=FP8_LOGITS, cols=grad_x)  # [Vp, d], [d, Vp]
@@ -169,9 +169,7 @@ def _fp8_output_layer(x_c: torch.Tensor, w: torch.Tensor, V: int, targets: torch
         return _rows_(logits, V, targets, ignore_index, n_valid, False, chunk_rows) / n_valid, empty, empty
     loss_sum, g8 = _fp8_grad(logits, V, targets, ignore_index, n_valid, chunk_rows)
     del logits
-    # [Vp, n]: the weight gradient reduces over the rows. The cast kernel's transposed store at scale 1 is
-    # exact (e5m2 -> fp32 -> e5m2); torch's copy of a transposed 1-byte tensor is far below bandwidth (NOTES)
-    g8_t = float8.cast(g8, g8.new_ones((), dtype=torch.float32), e5m2, rows=False, cols=True)[1] if grad_w else None
+    g8_t = float8.transpose(g8) if grad_w else None  # [Vp, n]: the weight gradient reduces over the rows
     sg = 1 / (FP8_GRAD_SCALE * n_valid.clamp(min=1).float())
     dx = torch._scaled_mm(g8, w8_t.t(), scale_a=sg, scale_b=1 / sw, out_dtype=dx_dtype)[:n] if grad_x else empty
     dw = torch._scaled_mm(g8_t, x8_t.t(), scale_a=sg, scale_b=1 / sx, out_dtype=dw_dtype) if grad_w else empty

@@ -64,12 +64,12 @@ class TrainConfig:
     # FP8 matmuls in the blocks' linear layers (torchao float8 training; GPUs with compute capability
     # >= 8.9, refused elsewhere): fp8_recipe tensorwise | rowwise scaling; fp8_layers ffn (the
     # feed-forward layers only) | all (attention's projections too); fp8_output: the output layer's
-    # matmuls too, inside the fused loss (tensorwise whatever the recipe; off: not yet measured faster
-    # than FFN-only FP8) (train/fp8.py)
+    # matmuls too, inside the fused loss (tensorwise whatever the recipe; on: faster than the FFNs
+    # alone at the same loss, benchmarks/RESULTS.md) (train/fp8.py)
     fp8: bool = False
     fp8_recipe: str = "tensorwise"
     fp8_layers: str = "ffn"
-    fp8_output: bool = False
+    fp8_output: bool = True
     activation_checkpointing: bool = False
     # refuse, before building the model, a run whose estimated memory (train/memory.py) clearly
     # exceeds what the device has available
